@@ -1,0 +1,124 @@
+"""The one place that emits ONNX nodes: unique names, shared constants, shared sub-expressions.
+
+Every node the converter adds is named ``lrp/<forward node>/<op>_<k>``, so that error messages,
+``inspect`` and profilers can point back at the layer it belongs to.
+"""
+
+from contextlib import contextmanager
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+
+def _freeze(value):
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, gs.Constant):
+        value = value.values
+    if isinstance(value, np.ndarray):
+        return (value.dtype.str, value.shape, value.tobytes())
+    return value
+
+
+class Builder:
+    def __init__(self, graph: gs.Graph):
+        self.graph = graph
+        self._taken = {t.name for t in graph.tensors().values()} | {n.name for n in graph.nodes}
+        self._scope = "lrp"
+        self._counter = 0
+        # Pure ops on the same inputs are emitted once: W+ = Relu(W) is shared by every term that needs it.
+        self._memo = {}
+
+    @contextmanager
+    def scope(self, name):
+        outer = self._scope
+        self._scope = f"lrp/{name}"
+        try:
+            yield
+        finally:
+            self._scope = outer
+
+    def name(self, stem):
+        """A fresh, unique name under the current scope."""
+        while True:
+            self._counter += 1
+            name = f"{self._scope}/{stem}_{self._counter}"
+            if name not in self._taken:
+                self._taken.add(name)
+                return name
+
+    def op(self, op_type, *inputs, outputs=1, **attrs):
+        """Emit one node; returns its output tensor, or a tuple when ``outputs`` > 1."""
+        inputs = [self.const(i) if not isinstance(i, gs.Tensor) and i is not None else i for i in inputs]
+        key = (op_type, tuple(i.name if i is not None else "" for i in inputs), outputs,
+               tuple(sorted((k, _freeze(v)) for k, v in attrs.items())))
+        if key not in self._memo:
+            name = self.name(op_type)
+            outs = [gs.Variable(f"{name}:{k}") for k in range(outputs)]
+            ins = [i if i is not None else gs.Variable.empty() for i in inputs]
+            self.graph.nodes.append(gs.Node(op_type, name=name, attrs=attrs, inputs=ins, outputs=outs))
+            self._memo[key] = outs[0] if outputs == 1 else tuple(outs)
+        return self._memo[key]
+
+    def const(self, value, dtype=np.float32):
+        array = np.asarray(value, dtype=dtype)
+        key = ("const", _freeze(array))
+        if key not in self._memo:
+            self._memo[key] = gs.Constant(self.name("const"), array)
+        return self._memo[key]
+
+    def ints(self, values):
+        return self.const(values, np.int64)
+
+    # --- arithmetic helpers, each one ONNX op unless said otherwise -------------------------------
+
+    def add(self, a, b):
+        return self.op("Add", a, b)
+
+    def sub(self, a, b):
+        return self.op("Sub", a, b)
+
+    def mul(self, a, b):
+        return self.op("Mul", a, b)
+
+    def div(self, a, b):
+        return self.op("Div", a, b)
+
+    def neg(self, a):
+        return self.op("Neg", a)
+
+    def positive(self, a):
+        """a⁺ = max(a, 0)"""
+        return self.op("Relu", a)
+
+    def negative(self, a):
+        """a⁻ = min(a, 0)"""
+        return self.op("Min", a, self.const(0.0))
+
+    def total(self, terms):
+        """Σ terms, with one Sum node for several."""
+        terms = [t for t in terms if t is not None]
+        if len(terms) == 1:
+            return terms[0]
+        return self.op("Sum", *terms)
+
+    def stabilize(self, z, epsilon):
+        """z + ε·sign(z) with sign(0) = +1. ONNX's Sign(0) is 0, so build it from a comparison instead."""
+        return self.op("Where", self.op("GreaterOrEqual", z, self.const(0.0)),
+                       self.add(z, self.const(epsilon)), self.sub(z, self.const(epsilon)))
+
+    def shape(self, t):
+        return self.op("Shape", t)
+
+    def reshape_like(self, r, like):
+        return self.op("Reshape", r, self.shape(like))
+
+    def fill(self, shape, value):
+        """A float tensor of the given (run-time) shape, every element ``value``."""
+        return self.op("ConstantOfShape", shape, value=gs.Constant(f"fill_{value}", np.array([value], np.float32)))
+
+    def fill_like(self, like, value):
+        return self.fill(self.shape(like), value)
+
+    def zeros_like(self, like):
+        return self.fill(self.shape(like), 0.0)

@@ -1,0 +1,116 @@
+"""The ``lrp-onnx`` command line: ``convert`` and ``inspect``.
+
+Exit codes: 0 success; 2 bad input (not ONNX, truncated, unsupported op or output, bad rule
+parameters, output exists without --force); 1 an internal error (a bug: please report it).
+"""
+
+import argparse
+import os
+import sys
+
+from .composites import COMPOSITES
+from .convert import convert, plan
+from .errors import LrpOnnxError
+from .runtime import save_model
+
+EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _floats(text):
+    """A float, or a comma-separated per-channel list."""
+    values = [float(v) for v in text.split(",")]
+    return values[0] if len(values) == 1 else values
+
+
+def _add_rule_flags(p):
+    p.add_argument("--composite", default="alpha-beta", choices=sorted(COMPOSITES),
+                   help="rule assignment (default: alpha-beta, as the seed paper)")
+    p.add_argument("--alpha", type=float, help="alpha-beta: alpha (default 2)")
+    p.add_argument("--beta", type=float, help="alpha-beta: beta (default 1); alpha - beta must be 1")
+    p.add_argument("--epsilon", type=float, help="epsilon rule: epsilon (default 1e-6)")
+    p.add_argument("--gamma", type=float, help="gamma rule: gamma (default 0.25)")
+    p.add_argument("--low", type=_floats, help="zbox: lowest input value, scalar or per-channel list (default 0)")
+    p.add_argument("--high", type=_floats, help="zbox: highest input value, scalar or per-channel list (default 1)")
+    p.add_argument("--stabilizer", type=float, help="denominator stabilizer of the other rules (default 1e-6)")
+    p.add_argument("--rules", metavar="FILE", help="JSON or TOML file: node-name glob or op type -> rule")
+    p.add_argument("--input", dest="input_name", metavar="NAME", help="graph input to explain (default: first float)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _rule_kwargs(args):
+    keys = ("alpha", "beta", "epsilon", "gamma", "low", "high", "stabilizer")
+    return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+
+
+def default_output(model_path):
+    root = model_path[:-5] if model_path.endswith(".onnx") else model_path
+    return root + ".lrp.onnx"
+
+
+def cmd_convert(args):
+    out = args.output or default_output(args.model)
+    if os.path.exists(out) and os.path.samefile(out, args.model):
+        raise LrpOnnxError(f"refusing to overwrite the input model {args.model!r}; choose another -o")
+    if os.path.exists(out) and not args.force:
+        raise LrpOnnxError(f"{out!r} exists; pass --force to overwrite it")
+    explainer = convert(args.model, args.composite, input_name=args.input_name, rules=args.rules,
+                        **_rule_kwargs(args))
+    save_model(explainer, out)
+    print(f"wrote {out} ({args.composite})")
+    return EXIT_OK
+
+
+def cmd_inspect(args):
+    p = plan(args.model, args.composite, input_name=args.input_name, rules=args.rules, **_rule_kwargs(args))
+    problems = {name: reason for name, _, reason in p.problems}
+    print(f"{p.label}: explaining input {p.explained.name!r} {list(p.explained.shape or [])}, "
+          f"relevance from {p.logits.name!r}, composite {p.composite.name}")
+    width = max([len(u.name) for u in p.units] + [4])
+    for unit in p.units:
+        rule = p.rules.get(unit.name)
+        fused = f" (+{', '.join(n.op for n in unit.followers)})" if unit.followers else ""
+        what = f"UNSUPPORTED: {problems[unit.name]}" if unit.name in problems else \
+            (rule.describe() if rule is not None else "route")
+        print(f"  {unit.name:<{width}}  {unit.op + fused:<28}  {what}")
+    if p.problems:
+        print(f"{len(p.problems)} unsupported node(s): " + ", ".join(f"{n} ({op})" for n, op, _ in p.problems))
+        return EXIT_BAD_INPUT
+    print("all nodes supported")
+    return EXIT_OK
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="lrp-onnx", description="LRP explainer graphs for ONNX classifiers")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("convert", help="write the explainer graph of MODEL")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", help="output path (default: MODEL.lrp.onnx beside the model)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    _add_rule_flags(p)
+    p.set_defaults(run=cmd_convert)
+    p = sub.add_parser("inspect", help="print each node with the rule it would get; list unsupported nodes")
+    p.add_argument("model")
+    _add_rule_flags(p)
+    p.set_defaults(run=cmd_inspect)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except LrpOnnxError as e:
+        if args.debug:
+            raise
+        print(f"lrp-onnx: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as e:  # anything else is our bug: still one line, unless --debug
+        if args.debug:
+            raise
+        print(f"lrp-onnx: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+              "(rerun with --debug for the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Build the explainer: seed = logit ⊙ onehot(target), then one reverse walk over the units.
+
+file → canonical graph (load.py) → units (graph.py) → rule per unit (composites.py)
+     → explainer graph (propagators in ops/) → checked ModelProto
+"""
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .builder import Builder
+from .composites import Composite, make_composite
+from .errors import LrpOnnxError, RuleError, UnsupportedModelError, UnsupportedOpError
+from .graph import find_units
+from .load import import_graph, load_model
+from .registry import lookup
+
+TARGET = "target"
+RELEVANCE = "relevance"
+RELEVANCE_SEED = "relevance_seed"
+SOFTMAX_OPS = ("Softmax", "LogSoftmax")
+FLOAT_TYPES = (np.float32, np.float16, np.float64)
+META_PREFIX = "lrp_onnx."
+
+
+@dataclass
+class Plan:
+    """What the converter decided, before emitting anything: shown by ``inspect``."""
+    graph: gs.Graph
+    label: str
+    explained: gs.Variable
+    logits: gs.Tensor
+    units: list             # units upstream of the logits, topological order
+    rules: dict             # unit name -> Rule or None
+    roles: dict             # unit name -> role
+    problems: list          # [(node name, op, reason)]
+    composite: Composite
+
+
+def _is_float(t):
+    return t.dtype is not None and np.dtype(t.dtype) in [np.dtype(f) for f in FLOAT_TYPES]
+
+
+def pick_input(graph, label, input_name=None):
+    if input_name is not None:
+        match = [t for t in graph.inputs if t.name == input_name]
+        if not match:
+            raise UnsupportedModelError(f"{label}: no graph input named {input_name!r}; inputs are "
+                                        f"{[t.name for t in graph.inputs]}")
+        if not _is_float(match[0]):
+            raise UnsupportedModelError(f"{label}: input {input_name!r} is not a float tensor")
+        return match[0]
+    floats = [t for t in graph.inputs if _is_float(t)]
+    if not floats:
+        raise UnsupportedModelError(f"{label}: the graph has no float input to explain; inputs are "
+                                    f"{[(t.name, str(t.dtype)) for t in graph.inputs]}")
+    return floats[0]
+
+
+def find_logits(graph, label):
+    """The score output [N, classes] and the tensor relevance starts from (before a final softmax)."""
+    floats = [t for t in graph.outputs if _is_float(t)]
+    if not floats:
+        raise UnsupportedModelError(f"{label}: the graph has no float output to explain")
+    score = floats[0]
+    if score.shape is not None and len(score.shape) != 2:
+        raise UnsupportedModelError(f"{label}: output {score.name!r} has shape {list(score.shape)}; "
+                                    "lrp-onnx explains a [N, classes] score tensor")
+    logits = score
+    while logits.inputs and logits.inputs[0].op in SOFTMAX_OPS + ("Identity",):
+        logits = logits.inputs[0].inputs[0]
+    return score, logits
+
+
+def _upstream_of(units, logits):
+    """Units whose outputs can reach the logits; the others (e.g. a final Softmax) get no relevance."""
+    needed, keep = {logits.name}, []
+    for unit in reversed(units):
+        if any(t.name in needed for t in unit.outputs):
+            keep.append(unit)
+            needed.update(t.name for t, rel in zip(unit.inputs, unit.relevant) if rel)
+    return keep[::-1]
+
+
+def plan(model, composite="alpha-beta", *, input_name=None, rules=None, **rule_params):
+    """Load the model and decide every unit's rule, listing every node that cannot be explained."""
+    composite = make_composite(composite, **rule_params)
+    if rules:
+        composite = composite.with_overrides(rules)
+    proto, label = load_model(model)
+    graph = import_graph(proto)
+    explained = pick_input(graph, label, input_name)
+    _, logits = find_logits(graph, label)
+    units = _upstream_of(find_units(graph, explained, graph.outputs), logits)
+    rules_by_unit, roles, problems = {}, {}, []
+    first_seen = False
+    for unit in units:
+        prop = lookup(unit)
+        if prop is None:
+            problems.append((unit.name, unit.op, "no propagator for this op"))
+            continue
+        reason = prop.problem(unit)
+        if reason:
+            problems.append((unit.name, unit.op, reason))
+            continue
+        role = roles[unit.name] = prop.role_of(unit)
+        is_first = role in ("conv", "dense") and not first_seen
+        first_seen = first_seen or is_first
+        rules_by_unit[unit.name] = composite.rule_for(unit, role, is_first)
+    _check_overrides(composite, units)
+    return Plan(graph, label, explained, logits, units, rules_by_unit, roles, problems, composite)
+
+
+def _check_overrides(composite, units):
+    import fnmatch
+    for pattern, _ in composite.overrides:
+        if not any(pattern == u.op or fnmatch.fnmatchcase(u.name, pattern) for u in units):
+            raise RuleError(f"rule override {pattern!r} matches no explained node name or op type")
+
+
+def convert(model, composite="alpha-beta", *, input_name=None, rules=None, seed_input=False,
+            **rule_params) -> onnx.ModelProto:
+    """The explainer of ``model`` (a path, bytes or ModelProto) as a checked ModelProto.
+
+    Inputs: the original inputs plus ``target`` (int64 [N], -1 = predicted class); with
+    ``seed_input=True`` a float ``relevance_seed`` shaped like the scores replaces the one-hot seed.
+    Outputs: the original outputs plus ``relevance`` (float32, the explained input's shape).
+    """
+    p = plan(model, composite, input_name=input_name, rules=rules, **rule_params)
+    if p.problems:
+        raise UnsupportedOpError(p.problems)
+    graph = p.graph
+    for name in (TARGET, RELEVANCE, RELEVANCE_SEED):
+        if name in graph.tensors():
+            raise UnsupportedModelError(f"{p.label}: the model already has a tensor named {name!r}")
+    b = Builder(graph)
+    with b.scope("seed"):
+        seed, extra_inputs = _seed(b, p.logits, seed_input)
+    relevance = reverse_walk(b, p, seed)
+    relevance_out = gs.Variable(RELEVANCE, dtype=np.float32, shape=p.explained.shape)
+    graph.nodes.append(gs.Node("Identity", name="lrp/relevance", inputs=[relevance], outputs=[relevance_out]))
+    graph.inputs.extend(extra_inputs)
+    graph.outputs.append(relevance_out)
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    out = gs.export_onnx(graph, do_type_check=False)
+    out.ir_version = max(out.ir_version, 8)
+    meta = {"explained_input": p.explained.name, "composite": p.composite.name,
+            "score_output": find_logits(graph, p.label)[0].name}
+    for key, value in meta.items():
+        out.metadata_props.add(key=META_PREFIX + key, value=value)
+    onnx.checker.check_model(out, full_check=True)
+    return out
+
+
+def _seed(b, logits, seed_input):
+    """R at the logits: logits ⊙ onehot(target), target -1 meaning argmax; or a given seed tensor."""
+    batch = logits.shape[0] if logits.shape is not None else "N"
+    if seed_input:
+        seed = gs.Variable(RELEVANCE_SEED, dtype=np.float32, shape=logits.shape)
+        return seed, [seed]
+    target = gs.Variable(TARGET, dtype=np.int64, shape=[batch])
+    predicted = b.op("ArgMax", logits, axis=1, keepdims=0)
+    chosen = b.op("Where", b.op("Less", target, b.ints(0)), predicted, target)
+    classes = b.op("Gather", b.shape(logits), b.ints([1]))
+    onehot = b.op("OneHot", chosen, classes, b.const([0.0, 1.0]), axis=-1)
+    return b.mul(logits, onehot), [target]
+
+
+def reverse_walk(b, p, seed):
+    """Visit units in reverse topological order; sum each tensor's fan-out relevance once."""
+    contributions = defaultdict(list)
+    contributions[p.logits.name].append(seed)
+    for unit in reversed(p.units):
+        relevance_out = [b.total(contributions.pop(t.name)) if t.name in contributions else None
+                         for t in unit.outputs]
+        if all(r is None for r in relevance_out):
+            continue
+        unit.role = p.roles[unit.name]
+        with b.scope(unit.name):
+            try:
+                relevance_in = lookup(unit).fn(b, unit, relevance_out, p.rules[unit.name])
+            except LrpOnnxError:
+                raise
+            except Exception as e:  # a propagator bug must still name the node it failed on
+                raise UnsupportedModelError(f"node {unit.name!r} ({unit.op}): {type(e).__name__}: {e}") from e
+        for t, r, rel in zip(unit.inputs, relevance_in, unit.relevant):
+            if r is not None and rel:
+                contributions[t.name].append(r)
+    found = contributions.get(p.explained.name)
+    return b.total(found) if found else b.zeros_like(p.explained)

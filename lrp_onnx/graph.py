@@ -1,0 +1,126 @@
+"""Group the forward graph into *units*, the things rules are assigned to.
+
+A unit is one node, or a linear node together with the per-channel affine nodes that follow it
+(bias Add/Sub, scale Mul/Div, an unmerged BatchNormalization). Grouping is exactly Zennit's
+canonisation ("merge BatchNorm into the linear layer"), done without rewriting the forward graph:
+the explainer's original outputs come from the original nodes, bit for bit, and the merged
+weights are derived in the graph from the original initializers.
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+LINEAR_HEADS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+AFFINE_FOLLOWERS = ("Add", "Sub", "Mul", "Div", "BatchNormalization")
+
+
+@dataclass
+class Unit:
+    head: gs.Node
+    followers: list = field(default_factory=list)
+    relevant: list = field(default_factory=list)  # per head input: does it depend on the explained input?
+
+    @property
+    def name(self):
+        return self.head.name
+
+    @property
+    def op(self):
+        return self.head.op
+
+    @property
+    def inputs(self):
+        return self.head.inputs
+
+    @property
+    def outputs(self):
+        return (self.followers[-1] if self.followers else self.head).outputs
+
+    @property
+    def nodes(self):
+        return [self.head] + self.followers
+
+    def relevant_inputs(self):
+        return [t for t, r in zip(self.inputs, self.relevant) if r]
+
+
+def is_constant(t):
+    return isinstance(t, gs.Constant)
+
+
+def channel_count(node):
+    """Number of output channels of a linear head, read from its weight."""
+    w = node.inputs[1].values
+    if node.op == "Conv":
+        return w.shape[0]
+    if node.op == "ConvTranspose":
+        return w.shape[1] * node.attrs.get("group", 1)
+    if node.op == "Gemm":
+        return w.shape[0] if node.attrs.get("transB", 0) else w.shape[1]
+    return w.shape[-1]
+
+
+def per_channel(value, node):
+    """``value`` as a length-C vector if it broadcasts over the head's output channels only, else None."""
+    if not is_constant(value):
+        return None
+    v = np.asarray(value.values, np.float64)
+    c = channel_count(node)
+    axis = 1 if node.op in ("Conv", "ConvTranspose") else -1
+    out_rank = len(node.outputs[0].shape) if node.outputs[0].shape is not None else None
+    if v.ndim == 0 or v.size == 1:
+        return np.full(c, v.reshape(-1)[0])
+    if out_rank is None or v.ndim > out_rank:
+        return None
+    shape = [1] * (out_rank - v.ndim) + list(v.shape)
+    others = [d for i, d in enumerate(shape) if i != (axis % out_rank)]
+    if any(d != 1 for d in others) or shape[axis] not in (1, c):
+        return None
+    return np.broadcast_to(v.reshape(-1), (c,)).copy()
+
+
+def _is_linear_head(node):
+    return node.op in LINEAR_HEADS and len(node.inputs) >= 2 and is_constant(node.inputs[1]) \
+        and not (node.op == "Gemm" and node.attrs.get("transA", 0))
+
+
+def _absorbable(follower, head, y):
+    """Can ``follower`` be folded into the head's weights as y ↦ s·y + t, s and t per channel?"""
+    if follower.op == "BatchNormalization":
+        return follower.inputs[0] is y and all(per_channel(t, head) is not None for t in follower.inputs[1:5]) \
+            and not follower.attrs.get("training_mode", 0)
+    if len(follower.inputs) != 2:
+        return False
+    other = follower.inputs[1] if follower.inputs[0] is y else follower.inputs[0]
+    if follower.op in ("Sub", "Div") and follower.inputs[0] is not y:
+        return False  # c - y and c / y are not of the form s·y + t we fold
+    return per_channel(other, head) is not None
+
+
+def find_units(graph, explained, outputs):
+    """Units of the nodes that depend on ``explained``, in topological order.
+
+    A follower is absorbed only if its input feeds nothing else and is not a graph output, so
+    folding it never hides a tensor some other unit needs.
+    """
+    graph_outputs = {t.name for t in outputs}
+    relevant = {explained.name}
+    units, absorbed = [], set()
+    for node in graph.nodes:
+        if id(node) in absorbed or not any(t.name in relevant for t in node.inputs):
+            continue
+        unit = Unit(node, relevant=[t.name in relevant for t in node.inputs])
+        if _is_linear_head(node) and unit.relevant[0] and not any(unit.relevant[1:]):
+            y = node.outputs[0]
+            while len(y.outputs) == 1 and y.name not in graph_outputs and _absorbable(y.outputs[0], node, y):
+                follower = y.outputs[0]
+                if any(t.name in relevant for t in follower.inputs if t is not y):
+                    break
+                unit.followers.append(follower)
+                absorbed.add(id(follower))
+                y = follower.outputs[0]
+        relevant.update(t.name for t in unit.outputs)
+        units.append(unit)
+    return units

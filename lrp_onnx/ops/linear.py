@@ -1,0 +1,284 @@
+"""Linear maps z = F(x; W, b) with their transposes, and the propagator of every linear layer.
+
+A ``LinearMap`` knows how to emit F(x'; W', b') for modified inputs and weights, and
+Fᵀ(g; W') = ∂⟨F(x; W'), g⟩/∂x. Every rule in ``rules.py`` is written once against it.
+"""
+
+import numpy as np
+
+from ..errors import RuleError, UnsupportedModelError
+from ..graph import is_constant, per_channel
+from ..registry import propagator
+from ..rules import Pass
+
+
+class LinearMap:
+    """Base: ``x`` the layer input, ``output`` the forward output, ``weight``/``bias`` graph tensors."""
+    weight = None
+    bias = None
+
+    def __init__(self, unit):
+        self.unit = unit
+        self.x = unit.inputs[0]
+        self.output = unit.outputs[0]
+        self.input_rank = len(self.x.shape) if self.x.shape is not None else 2
+
+    def forward(self, b, x, weight, bias=None):
+        # The layer's own pre-activation already exists in the forward graph: reuse it.
+        if x is self.x and weight is self.weight and bias is self.bias:
+            return self.output
+        return self.emit_forward(b, x, weight, bias)
+
+    def emit_forward(self, b, x, weight, bias):
+        raise NotImplementedError
+
+    def transpose(self, b, g, weight):
+        raise NotImplementedError
+
+
+def folded_affine(unit, scale=None, bias=None):
+    """Compose the head's own bias with its followers: y ↦ s·y + t per output channel.
+
+    Returns (scale, bias) as float64 vectors, or None where nothing applies. Folding BatchNorm:
+    s = γ/√(σ²+ε), t = β − μ·s, exactly Zennit's MergeBatchNorm.
+    """
+    head = unit.head
+    y = head.outputs[0]
+    for node in unit.followers:
+        if node.op == "BatchNormalization":
+            gamma, beta, mean, var = (per_channel(t, head) for t in node.inputs[1:5])
+            s = gamma / np.sqrt(var + node.attrs.get("epsilon", 1e-5))
+            t = beta - mean * s
+        else:
+            c = per_channel(node.inputs[1] if node.inputs[0] is y else node.inputs[0], head)
+            s, t = {"Add": (None, c), "Sub": (None, -c), "Mul": (c, None), "Div": (1.0 / c, None)}[node.op]
+        if s is not None:
+            scale = s if scale is None else scale * s
+            bias = None if bias is None else bias * s
+        if t is not None:
+            bias = t if bias is None else bias + t
+        y = node.outputs[0]
+    return scale, bias
+
+
+class _WeightedMap(LinearMap):
+    """A layer with an initializer weight; followers and Gemm's alpha/beta are folded in."""
+
+    def __init__(self, b, unit, weight_layout_scale, base_scale=1.0, bias_input=None, bias_factor=1.0):
+        super().__init__(unit)
+        head = unit.head
+        weight = head.inputs[1]
+        own_bias = bias_input if bias_input is not None and bias_input.name else None
+        base_bias = None
+        if own_bias is not None:
+            base_bias = np.broadcast_to(np.asarray(own_bias.values, np.float64).reshape(-1) * bias_factor,
+                                        (self.channels,))
+        scale, bias = folded_affine(unit, None if base_scale == 1.0 else np.full(self.channels, base_scale), base_bias)
+        self.weight = weight if scale is None else b.mul(weight, b.const(weight_layout_scale(scale)))
+        if bias is None:
+            self.bias = None
+        elif not unit.followers and bias_factor == 1.0 and own_bias.values.ndim == 1:
+            self.bias = own_bias  # unchanged: use the original initializer, no copy
+        else:
+            self.bias = b.const(bias)
+
+
+class ConvMap(_WeightedMap):
+    """Conv: Fᵀ is ConvTranspose with the same weight, pads, strides and an output_padding that lands
+    exactly on the input's spatial size (a strided Conv drops trailing rows the transpose must restore)."""
+
+    def __init__(self, b, unit):
+        head = unit.head
+        w = head.inputs[1].values
+        self.channels = w.shape[0]
+        self.spatial = w.ndim - 2
+        self.attrs = conv_attrs(unit)
+        super().__init__(b, unit, lambda s: s.reshape([-1] + [1] * (w.ndim - 1)),
+                         bias_input=head.inputs[2] if len(head.inputs) > 2 else None)
+
+    def emit_forward(self, b, x, weight, bias):
+        return b.op("Conv", x, weight, bias, **self.attrs)
+
+    def transpose(self, b, g, weight):
+        return b.op("ConvTranspose", g, weight, **self.attrs, output_padding=transpose_output_padding(self.unit))
+
+
+class ConvTransposeMap(_WeightedMap):
+    """ConvTranspose: Fᵀ is a Conv with the same weight, strides, pads and dilations."""
+
+    def __init__(self, b, unit):
+        head = unit.head
+        w = head.inputs[1].values
+        group = head.attrs.get("group", 1)
+        self.channels = w.shape[1] * group
+        spatial = w.ndim - 2
+        self.attrs = {"strides": head.attrs.get("strides", [1] * spatial),
+                      "pads": head.attrs.get("pads", [0] * 2 * spatial),
+                      "dilations": head.attrs.get("dilations", [1] * spatial), "group": group}
+        self.forward_attrs = dict(self.attrs, output_padding=head.attrs.get("output_padding", [0] * spatial))
+
+        def layout(s):  # weight [C_in, C_out/group, k...]; output channel o = group_index·C_out/group + j
+            c_in, per_group = w.shape[0], w.shape[1]
+            per_input = s.reshape(group, per_group)[np.arange(c_in) // (c_in // group)]
+            return per_input.reshape([c_in, per_group] + [1] * spatial)
+        super().__init__(b, unit, layout, bias_input=head.inputs[2] if len(head.inputs) > 2 else None)
+
+    def emit_forward(self, b, x, weight, bias):
+        return b.op("ConvTranspose", x, weight, bias, **self.forward_attrs)
+
+    def transpose(self, b, g, weight):
+        return b.op("Conv", g, weight, **self.attrs)
+
+
+class GemmMap(_WeightedMap):
+    """Gemm y = α·x·W' + β·C, with α folded into W and β into the bias. Fᵀ(g) = g·W'ᵀ."""
+
+    def __init__(self, b, unit):
+        head = unit.head
+        self.trans_b = head.attrs.get("transB", 0)
+        w = head.inputs[1].values
+        self.channels = w.shape[0] if self.trans_b else w.shape[1]
+        super().__init__(b, unit, lambda s: s.reshape(-1, 1) if self.trans_b else s,
+                         base_scale=head.attrs.get("alpha", 1.0),
+                         bias_input=head.inputs[2] if len(head.inputs) > 2 else None,
+                         bias_factor=head.attrs.get("beta", 1.0))
+
+    def emit_forward(self, b, x, weight, bias):
+        return b.op("Gemm", x, weight, bias, transB=self.trans_b)
+
+    def transpose(self, b, g, weight):
+        return b.op("Gemm", g, weight, transB=1 - self.trans_b)
+
+
+class MatMulMap(_WeightedMap):
+    """MatMul x·W with a constant 2-D W, plus the bias Add that follows it. Fᵀ(g) = g·Wᵀ."""
+
+    def __init__(self, b, unit):
+        self.channels = unit.head.inputs[1].values.shape[-1]
+        super().__init__(b, unit, lambda s: s)
+
+    def emit_forward(self, b, x, weight, bias):
+        z = b.op("MatMul", x, weight)
+        return z if bias is None else b.add(z, bias)
+
+    def transpose(self, b, g, weight):
+        return b.op("MatMul", g, b.op("Transpose", weight, perm=[1, 0]))
+
+
+class ChannelAffineMap(LinearMap):
+    """An unmerged BatchNormalization as the per-channel map y = s·x + t (channel axis 1)."""
+
+    def __init__(self, b, unit):
+        super().__init__(unit)
+        node = unit.head
+        gamma, beta, mean, var = (np.asarray(t.values, np.float64) for t in node.inputs[1:5])
+        s = gamma / np.sqrt(var + node.attrs.get("epsilon", 1e-5))
+        trailing = [1] * max(self.input_rank - 2, 0)
+        self.weight = b.const(s.reshape([-1] + trailing))
+        self.bias = b.const((beta - mean * s).reshape([-1] + trailing))
+
+    def emit_forward(self, b, x, weight, bias):
+        z = b.mul(x, weight)
+        return z if bias is None else b.add(z, bias)
+
+    def transpose(self, b, g, weight):
+        return b.mul(g, weight)
+
+
+def conv_attrs(unit):
+    """Explicit Conv attributes; auto_pad SAME_* is resolved to pads from the static input shape."""
+    head = unit.head
+    w = head.inputs[1].values
+    spatial = w.ndim - 2
+    kernel = list(w.shape[2:])
+    strides = head.attrs.get("strides", [1] * spatial)
+    dilations = head.attrs.get("dilations", [1] * spatial)
+    pads = list(head.attrs.get("pads", [0] * 2 * spatial))
+    auto_pad = head.attrs.get("auto_pad", "NOTSET")
+    if isinstance(auto_pad, bytes):
+        auto_pad = auto_pad.decode()
+    if auto_pad == "VALID":
+        pads = [0] * 2 * spatial
+    elif auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        sizes = static_spatial(unit)
+        pads = [0] * 2 * spatial
+        for i, (n, s, k, d) in enumerate(zip(sizes, strides, kernel, dilations)):
+            total = max((-(-n // s) - 1) * s + (k - 1) * d + 1 - n, 0)
+            small, large = total // 2, total - total // 2
+            pads[i], pads[i + spatial] = (small, large) if auto_pad == "SAME_UPPER" else (large, small)
+    return {"strides": list(strides), "pads": pads, "dilations": list(dilations), "group": head.attrs.get("group", 1),
+            "kernel_shape": kernel}
+
+
+def static_spatial(unit):
+    shape = unit.inputs[0].shape
+    if shape is None or not all(isinstance(d, int) for d in shape[2:]):
+        raise UnsupportedModelError(
+            f"node {unit.name!r} ({unit.op}): needs a static spatial input shape (strided or auto_pad), got {shape}")
+    return shape[2:]
+
+
+def transpose_output_padding(unit):
+    """Rows a strided Conv never reads: n + p_begin + p_end − ((k−1)·d + 1) − (out−1)·s, per axis."""
+    attrs = conv_attrs(unit)
+    if all(s == 1 for s in attrs["strides"]):
+        return [0] * len(attrs["strides"])
+    spatial = len(attrs["strides"])
+    padding = []
+    for i, n in enumerate(static_spatial(unit)):
+        span = n + attrs["pads"][i] + attrs["pads"][i + spatial] - ((attrs["kernel_shape"][i] - 1) * attrs["dilations"][i] + 1)
+        padding.append(span % attrs["strides"][i])
+    return padding
+
+
+LINEAR_MAPS = {"Conv": ConvMap, "ConvTranspose": ConvTransposeMap, "Gemm": GemmMap, "MatMul": MatMulMap,
+               "BatchNormalization": ChannelAffineMap}
+
+
+def linear_map(b, unit):
+    return LINEAR_MAPS[unit.op](b, unit)
+
+
+def apply_rule(b, unit, r, rule, layer):
+    """Relevance at the layer's first input by ``rule``; the other inputs (weights) get none."""
+    if isinstance(rule, Pass) and unit.role not in ("activation", "batchnorm"):
+        raise RuleError(f"node {unit.name!r} ({unit.op}): the pass rule only applies to elementwise layers")
+    if rule.needs_weights and layer.weight is None:
+        raise RuleError(f"node {unit.name!r} ({unit.op}): rule {rule.name!r} needs weights; use norm or epsilon")
+    return [rule.propagate(b, layer, layer.x, r)] + [None] * (len(unit.inputs) - 1)
+
+
+def _check_linear(unit):
+    head = unit.head
+    if not is_constant(head.inputs[1]) or any(unit.relevant[1:]):
+        return "the weight is not a constant initializer (only x·W with constant W is a linear layer)"
+    if head.op == "Gemm" and head.attrs.get("transA", 0):
+        return "Gemm with transA=1 is not supported"
+    if head.op == "Gemm" and len(head.inputs) > 2 and head.inputs[2].name and not is_constant(head.inputs[2]):
+        return "Gemm's C input is not a constant bias"
+    if head.op == "MatMul" and head.inputs[1].values.ndim != 2:
+        return "MatMul weight must be 2-D"
+    auto_pad = head.attrs.get("auto_pad", "NOTSET")
+    if head.op == "ConvTranspose" and (head.attrs.get("output_shape") or auto_pad not in ("NOTSET", b"NOTSET")):
+        return "ConvTranspose with output_shape or auto_pad is not supported; give explicit pads"
+    try:
+        if head.op == "Conv":
+            transpose_output_padding(unit)
+    except UnsupportedModelError as e:
+        return str(e).split(": ", 2)[-1]
+    return None
+
+
+@propagator("Conv", "ConvTranspose", role="conv", check=_check_linear)
+@propagator("Gemm", "MatMul", role="dense", check=_check_linear)
+def linear_layer(b, unit, relevance_out, rule):
+    """R_x by the layer's rule, through F and Fᵀ of the (merged) linear map."""
+    return apply_rule(b, unit, relevance_out[0], rule, linear_map(b, unit))
+
+
+@propagator("BatchNormalization", role="batchnorm")
+def batch_norm(b, unit, relevance_out, rule):
+    """A BatchNorm with no linear layer to merge into: a per-channel affine map (Pass by default)."""
+    if isinstance(rule, Pass):
+        return [relevance_out[0]] + [None] * (len(unit.inputs) - 1)
+    return apply_rule(b, unit, relevance_out[0], rule, ChannelAffineMap(b, unit))

@@ -1,0 +1,147 @@
+"""Shape and routing ops: relevance is moved, never mixed. Each returns R in its input's shape."""
+
+import numpy as np
+
+from ..graph import is_constant
+from ..registry import propagator
+
+
+def _inputs_after_first(unit):
+    return [None] * (len(unit.inputs) - 1)
+
+
+@propagator("Identity", "Dropout", "Cast", role="route")
+def unchanged(b, unit, relevance_out, rule):
+    return [relevance_out[0]] + _inputs_after_first(unit)
+
+
+@propagator("Flatten", "Reshape", "Squeeze", "Unsqueeze", role="route")
+def rearranged(b, unit, relevance_out, rule):
+    """Same elements, new shape: give R back the input's shape."""
+    return [b.reshape_like(relevance_out[0], unit.inputs[0])] + _inputs_after_first(unit)
+
+
+@propagator("Transpose", role="route")
+def transposed(b, unit, relevance_out, rule):
+    perm = unit.head.attrs.get("perm")
+    if perm is None:
+        perm = list(reversed(range(len(unit.inputs[0].shape))))
+    return [b.op("Transpose", relevance_out[0], perm=[int(i) for i in np.argsort(perm)])]
+
+
+def _axis(unit):
+    return unit.head.attrs.get("axis", 0)
+
+
+@propagator("Concat", role="route")
+def concatenated(b, unit, relevance_out, rule):
+    """Split R along the axis into the inputs' sizes (read at run time, so dynamic sizes work)."""
+    axis = _axis(unit)
+    sizes = b.op("Concat", *[b.op("Gather", b.shape(x), b.ints([axis])) for x in unit.inputs], axis=0)
+    pieces = b.op("Split", relevance_out[0], sizes, axis=axis, outputs=len(unit.inputs))
+    pieces = pieces if isinstance(pieces, tuple) else (pieces,)
+    return [piece if rel else None for piece, rel in zip(pieces, unit.relevant)]
+
+
+@propagator("Split", role="route")
+def split(b, unit, relevance_out, rule):
+    """Concatenate the pieces' relevance, zeros for pieces that got none."""
+    pieces = [r if r is not None else b.zeros_like(y) for r, y in zip(relevance_out, unit.outputs)]
+    return [b.op("Concat", *pieces, axis=_axis(unit))] + _inputs_after_first(unit)
+
+
+def _static_dims(t):
+    return t.shape is not None and all(isinstance(d, int) for d in t.shape)
+
+
+def _slice_params(unit):
+    x = unit.inputs[0]
+    starts, ends = (np.asarray(unit.inputs[i].values).reshape(-1) for i in (1, 2))
+    rank = len(x.shape)
+    axes = np.asarray(unit.inputs[3].values).reshape(-1) if len(unit.inputs) > 3 and unit.inputs[3].name \
+        else np.arange(len(starts))
+    steps = np.asarray(unit.inputs[4].values).reshape(-1) if len(unit.inputs) > 4 and unit.inputs[4].name \
+        else np.ones(len(starts), np.int64)
+    return starts, ends, [int(a) % rank for a in axes], steps
+
+
+def _check_slice(unit):
+    if not all(is_constant(t) for t in unit.inputs[1:] if t.name):
+        return "Slice starts/ends/axes/steps must be constant"
+    if not _static_dims(unit.inputs[0]):
+        return "Slice needs a static input shape"
+    if any(s != 1 for s in _slice_params(unit)[3]):
+        return "Slice with steps other than 1 is not supported"
+    return None
+
+
+@propagator("Slice", role="route", check=_check_slice)
+def sliced(b, unit, relevance_out, rule):
+    """Put R back where the slice came from: zero-pad by what was cut on each side."""
+    x = unit.inputs[0]
+    starts, ends, axes, _ = _slice_params(unit)
+    pads = [0] * (2 * len(x.shape))
+    for start, end, axis in zip(starts, ends, axes):
+        n = x.shape[axis]
+        begin = min(max(start + n if start < 0 else start, 0), n)
+        stop = min(max(end + n if end < 0 else end, 0), n)
+        pads[axis], pads[axis + len(x.shape)] = int(begin), int(n - max(stop, begin))
+    return [b.op("Pad", relevance_out[0], b.ints(pads))] + _inputs_after_first(unit)
+
+
+def _pad_params(unit):
+    x = unit.inputs[0]
+    rank = len(x.shape)
+    pads = np.asarray(unit.inputs[1].values).reshape(-1)
+    axes = np.asarray(unit.inputs[3].values).reshape(-1) if len(unit.inputs) > 3 and unit.inputs[3].name \
+        else np.arange(rank)
+    full = [0] * (2 * rank)
+    for i, axis in enumerate(axes):
+        full[int(axis) % rank], full[int(axis) % rank + rank] = int(pads[i]), int(pads[i + len(axes)])
+    return full
+
+
+def _check_pad(unit):
+    mode = unit.head.attrs.get("mode", "constant")
+    if mode not in ("constant", b"constant"):
+        return f"Pad mode {mode!r} is not supported (only constant)"
+    if not is_constant(unit.inputs[1]) or unit.inputs[0].shape is None:
+        return "Pad needs constant pads and a known input rank"
+    if any(p < 0 for p in _pad_params(unit)):
+        return "Pad with negative pads (cropping) is not supported"
+    return None
+
+
+@propagator("Pad", role="route", check=_check_pad)
+def padded(b, unit, relevance_out, rule):
+    """Drop the padding: slice R back to the input's extent."""
+    pads = _pad_params(unit)
+    rank = len(pads) // 2
+    ends = [-p if p else np.iinfo(np.int64).max for p in pads[rank:]]
+    return [b.op("Slice", relevance_out[0], b.ints(pads[:rank]), b.ints(ends), b.ints(list(range(rank))))] \
+        + _inputs_after_first(unit)
+
+
+def _check_gather(unit):
+    if not is_constant(unit.inputs[1]) or np.asarray(unit.inputs[1].values).ndim > 1:
+        return "Gather needs constant scalar or 1-D indices"
+    if not _static_dims(unit.inputs[0]):
+        return "Gather needs a static input shape"
+    return None
+
+
+@propagator("Gather", role="route", check=_check_gather)
+def gathered(b, unit, relevance_out, rule):
+    """R_x = R contracted with the one-hot matrix H[l, d] = (indices[l] == d) along the axis."""
+    x = unit.inputs[0]
+    rank = len(x.shape)
+    axis = _axis(unit) % rank
+    indices = np.asarray(unit.inputs[1].values)
+    r = relevance_out[0]
+    if indices.ndim == 0:
+        r = b.op("Unsqueeze", r, b.ints([axis]))
+    n = x.shape[axis]
+    onehot = (indices.reshape(-1, 1) % n == np.arange(n)).astype(np.float32)
+    to_last = [i for i in range(rank) if i != axis] + [axis]
+    moved = b.op("MatMul", b.op("Transpose", r, perm=to_last), b.const(onehot))
+    return [b.op("Transpose", moved, perm=[int(i) for i in np.argsort(to_last)]), None]
