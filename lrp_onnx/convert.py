@@ -76,12 +76,15 @@ def find_logits(graph, label):
 
 
 def _upstream_of(units, logits):
-    """Units whose outputs can reach the logits; the others (e.g. a final Softmax) get no relevance."""
+    """Units that relevance can reach from the logits; the others (a final Softmax, the inside of
+    a gate) get none and need no propagator."""
     needed, keep = {logits.name}, []
     for unit in reversed(units):
         if any(t.name in needed for t in unit.outputs):
             keep.append(unit)
-            needed.update(t.name for t, rel in zip(unit.inputs, unit.relevant) if rel)
+            prop = lookup(unit)
+            receiving = prop.receiving(unit) if prop else unit.relevant
+            needed.update(t.name for t, rel in zip(unit.inputs, receiving) if rel)
     return keep[::-1]
 
 

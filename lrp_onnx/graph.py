@@ -81,6 +81,13 @@ def per_channel(value, node):
     return np.broadcast_to(v.reshape(-1), (c,)).copy()
 
 
+def batch_norm_affine(node):
+    """BatchNormalization (inference) as y = s·x + t per channel: s = γ/√(σ²+ε), t = β − μ·s."""
+    gamma, beta, mean, var = (np.asarray(t.values, np.float64).reshape(-1) for t in node.inputs[1:5])
+    s = gamma / np.sqrt(var + node.attrs.get("epsilon", 1e-5))
+    return s, beta - mean * s
+
+
 def _is_linear_head(node):
     return node.op in LINEAR_HEADS and len(node.inputs) >= 2 and is_constant(node.inputs[1]) \
         and not (node.op == "Gemm" and node.attrs.get("transA", 0))
@@ -89,7 +96,7 @@ def _is_linear_head(node):
 def _absorbable(follower, head, y):
     """Can ``follower`` be folded into the head's weights as y ↦ s·y + t, s and t per channel?"""
     if follower.op == "BatchNormalization":
-        return follower.inputs[0] is y and all(per_channel(t, head) is not None for t in follower.inputs[1:5]) \
+        return follower.inputs[0] is y and all(is_constant(t) for t in follower.inputs[1:5]) \
             and not follower.attrs.get("training_mode", 0)
     if len(follower.inputs) != 2:
         return False

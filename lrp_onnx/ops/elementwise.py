@@ -94,7 +94,12 @@ def _check_product(unit):
     return None
 
 
-@propagator("Mul", "Div", role="route", check=_check_product)
+def _product_receivers(unit):
+    k = gated_input(unit) if sum(unit.relevant) >= 2 else None
+    return list(unit.relevant) if k is None else [i == k for i in range(len(unit.inputs))]
+
+
+@propagator("Mul", "Div", role="route", check=_check_product, receivers=_product_receivers)
 def product(b, unit, relevance_out, rule):
     """x·c, x/c: relevance moves unchanged. A gate x·g(x) (SiLU, GELU, Mish): all of it to x."""
     r = relevance_out[0]

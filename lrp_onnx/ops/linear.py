@@ -7,7 +7,7 @@ Fᵀ(g; W') = ∂⟨F(x; W'), g⟩/∂x. Every rule in ``rules.py`` is written o
 import numpy as np
 
 from ..errors import RuleError, UnsupportedModelError
-from ..graph import is_constant, per_channel
+from ..graph import batch_norm_affine, is_constant, per_channel
 from ..registry import propagator
 from ..rules import Pass
 
@@ -46,9 +46,7 @@ def folded_affine(unit, scale=None, bias=None):
     y = head.outputs[0]
     for node in unit.followers:
         if node.op == "BatchNormalization":
-            gamma, beta, mean, var = (per_channel(t, head) for t in node.inputs[1:5])
-            s = gamma / np.sqrt(var + node.attrs.get("epsilon", 1e-5))
-            t = beta - mean * s
+            s, t = batch_norm_affine(node)
         else:
             c = per_channel(node.inputs[1] if node.inputs[0] is y else node.inputs[0], head)
             s, t = {"Add": (None, c), "Sub": (None, -c), "Mul": (c, None), "Div": (1.0 / c, None)}[node.op]
@@ -170,12 +168,10 @@ class ChannelAffineMap(LinearMap):
 
     def __init__(self, b, unit):
         super().__init__(unit)
-        node = unit.head
-        gamma, beta, mean, var = (np.asarray(t.values, np.float64) for t in node.inputs[1:5])
-        s = gamma / np.sqrt(var + node.attrs.get("epsilon", 1e-5))
+        s, t = batch_norm_affine(unit.head)
         trailing = [1] * max(self.input_rank - 2, 0)
         self.weight = b.const(s.reshape([-1] + trailing))
-        self.bias = b.const((beta - mean * s).reshape([-1] + trailing))
+        self.bias = b.const(t.reshape([-1] + trailing))
 
     def emit_forward(self, b, x, weight, bias):
         z = b.mul(x, weight)

@@ -50,8 +50,8 @@ def split(b, unit, relevance_out, rule):
     return [b.op("Concat", *pieces, axis=_axis(unit))] + _inputs_after_first(unit)
 
 
-def _static_dims(t):
-    return t.shape is not None and all(isinstance(d, int) for d in t.shape)
+def _static_dims(t, axes):
+    return t.shape is not None and all(isinstance(t.shape[a], int) for a in axes)
 
 
 def _slice_params(unit):
@@ -68,8 +68,8 @@ def _slice_params(unit):
 def _check_slice(unit):
     if not all(is_constant(t) for t in unit.inputs[1:] if t.name):
         return "Slice starts/ends/axes/steps must be constant"
-    if not _static_dims(unit.inputs[0]):
-        return "Slice needs a static input shape"
+    if unit.inputs[0].shape is None or not _static_dims(unit.inputs[0], _slice_params(unit)[2]):
+        return "Slice needs static sizes on the sliced axes"
     if any(s != 1 for s in _slice_params(unit)[3]):
         return "Slice with steps other than 1 is not supported"
     return None
@@ -125,8 +125,9 @@ def padded(b, unit, relevance_out, rule):
 def _check_gather(unit):
     if not is_constant(unit.inputs[1]) or np.asarray(unit.inputs[1].values).ndim > 1:
         return "Gather needs constant scalar or 1-D indices"
-    if not _static_dims(unit.inputs[0]):
-        return "Gather needs a static input shape"
+    x = unit.inputs[0]
+    if x.shape is None or not _static_dims(x, [_axis(unit) % len(x.shape)]):
+        return "Gather needs a static size on the gathered axis"
     return None
 
 

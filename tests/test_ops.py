@@ -1,0 +1,383 @@
+"""Each supported op in isolation: a small model converted and run on ONNX Runtime, against a numpy
+re-derivation (numpy_reference.py). One row per op × rule; adding an op is one row here."""
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import lrp_onnx
+import numpy_reference as ref
+
+RNG = np.random.default_rng(7)
+
+
+def _initializers(arrays):
+    """Float arrays as float32, integer arrays (shapes, axes, indices) as int64."""
+    return [numpy_helper.from_array(np.asarray(v, np.float32 if np.asarray(v).dtype.kind == "f" else np.int64), k)
+            for k, v in arrays.items()]
+
+
+def run_explainer(nodes, x, initializers, seed, opset=17, rules=None, composite="epsilon", **params):
+    """Model x -> nodes -> z -> Flatten -> y, converted with ``rules`` and fed ``seed`` as R at y."""
+    graph = helper.make_graph(
+        nodes + [helper.make_node("Flatten", ["z"], ["y"], name="flatten")], "case",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N"] + list(x.shape[1:]))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", seed.shape[1]])],
+        _initializers(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    explainer = lrp_onnx.convert(model, composite, rules=rules, seed_input=True, **params)
+    session = ort.InferenceSession(explainer.SerializeToString(), providers=["CPUExecutionProvider"])
+    y, relevance = session.run(["y", "relevance"], {"x": x, "relevance_seed": seed})
+    original = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    expected = original.run(["y"], {"x": x})[0]  # the forward is untouched, up to ORT's fusion choices
+    assert np.linalg.norm(y - expected) <= 1e-6 * np.linalg.norm(expected)
+    return y, relevance
+
+
+# --- linear layers × rules ------------------------------------------------------------------------
+
+@dataclass
+class Linear:
+    id: str
+    x_shape: tuple
+    nodes: list
+    weights: dict
+    affine: Callable  # numpy z = M x + b for one sample
+    structure: Optional[Callable] = None  # numpy forward with all-ones weights and no bias (flat rule)
+    op: str = "Conv"
+
+
+def _conv_case(id, x_shape, w_shape, attrs=None, bias=True, **np_attrs):
+    w = RNG.standard_normal(w_shape)
+    b = RNG.standard_normal(w_shape[0]) if bias else None
+    inputs = ["x", "w"] + (["b"] if bias else [])
+    weights = {"w": w, **({"b": b} if bias else {})}
+    spatial = len(w_shape) - 2
+
+    def affine(s):
+        z = ref.conv(s, w, **np_attrs)
+        return z + (b.reshape([-1] + [1] * spatial) if bias else 0)
+    return Linear(id, x_shape, [helper.make_node("Conv", inputs, ["z"], name="layer", **(attrs or {}))], weights,
+                  affine, lambda s: ref.conv(s, np.ones_like(w), **np_attrs))
+
+
+def _gemm_case(id, trans_b, alpha=1.0, beta=1.0, bias=True):
+    w = RNG.standard_normal((5, 6) if trans_b else (6, 5))
+    c = RNG.standard_normal(5) if bias else None
+    w_math = w.T if trans_b else w
+
+    def affine(s):
+        return alpha * s @ w_math + (beta * c if bias else 0)
+    node = helper.make_node("Gemm", ["x", "w"] + (["c"] if bias else []), ["z"], name="layer", transB=trans_b,
+                            alpha=alpha, beta=beta)
+    return Linear(id, (6,), [node], {"w": w, **({"c": c} if bias else {})}, affine,
+                  lambda s: s @ np.ones_like(w_math), op="Gemm")
+
+
+CONV = _conv_case("conv2d", (2, 5, 5), (3, 2, 3, 3), {"pads": [1, 1, 1, 1]}, pads=[1, 1, 1, 1])
+GEMM = _gemm_case("gemm-transB-alpha-beta", 1, alpha=0.5, beta=2.0)
+
+LINEAR_CASES = [
+    *[(CONV, rule, {}) for rule in ("epsilon", "alpha-beta", "zplus", "gamma", "flat", "wsquare", "norm")],
+    (CONV, "alpha-beta", {"alpha": 1.5, "beta": 0.5}),
+    (CONV, "gamma", {"gamma": 1.0}),
+    (CONV, "epsilon", {"epsilon": 0.5}),
+    (CONV, "zbox", {"low": -1.0, "high": 2.0}),
+    (CONV, "zbox", {"low": [-1.0, -2.0], "high": [1.0, 0.5]}),
+    *[(GEMM, rule, {}) for rule in ("epsilon", "alpha-beta", "zplus", "gamma", "flat", "wsquare")],
+    (GEMM, "zbox", {"low": -3.0, "high": 3.0}),
+    (_gemm_case("gemm-nobias", 0, bias=False), "zplus", {}),
+    (_conv_case("conv-strided-dilated-grouped", (4, 9, 8), (6, 2, 3, 2), {"strides": [2, 3], "pads": [1, 0, 2, 1],
+                "dilations": [2, 1], "group": 2}, strides=[2, 3], pads=[1, 0, 2, 1], dilations=[2, 1], group=2),
+     "alpha-beta", {}),
+    (_conv_case("conv-depthwise", (3, 6, 6), (3, 1, 3, 3), {"group": 3, "strides": [2, 2]}, group=3,
+                strides=[2, 2]), "epsilon", {}),
+    (_conv_case("conv1d", (2, 11), (4, 2, 3), {"strides": [2], "pads": [1, 1]}, strides=[2], pads=[1, 1]),
+     "alpha-beta", {}),
+    (_conv_case("conv3d", (2, 4, 4, 4), (2, 2, 2, 2, 2), {"pads": [1, 0, 0, 0, 1, 1]}, pads=[1, 0, 0, 0, 1, 1]),
+     "gamma", {}),
+    (_conv_case("conv-same-upper", (2, 7, 7), (3, 2, 3, 3), {"auto_pad": "SAME_UPPER", "strides": [2, 2]},
+                bias=False, strides=[2, 2], pads=[1, 1, 1, 1]), "alpha-beta", {}),
+]
+
+
+def _conv_transpose_case():
+    w = RNG.standard_normal((2, 3, 3, 3))
+    b = RNG.standard_normal(3)
+    attrs = {"strides": [2, 2], "pads": [1, 1, 1, 1], "output_padding": [1, 1]}
+    node = helper.make_node("ConvTranspose", ["x", "w", "b"], ["z"], name="layer", **attrs)
+    return Linear("conv-transpose", (2, 3, 3), [node], {"w": w, "b": b},
+                  lambda s: ref.conv_transpose(s, w, **attrs) + b.reshape(-1, 1, 1),
+                  lambda s: ref.conv_transpose(s, np.ones_like(w), **attrs), op="ConvTranspose")
+
+
+def _matmul_add_case():
+    w, b = RNG.standard_normal((6, 4)), RNG.standard_normal(4)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"], name="layer"),
+             helper.make_node("Add", ["m", "b"], ["z"], name="bias")]
+    return Linear("matmul+add-3d", (3, 6), nodes, {"w": w, "b": b}, lambda s: s @ w + b, op="MatMul")
+
+
+def _conv_bn_case():
+    """Conv, then BatchNorm, then Mul/Add by per-channel constants: all merged into one linear layer."""
+    w, b = RNG.standard_normal((3, 2, 3, 3)), RNG.standard_normal(3)
+    gamma, beta, mean, var = RNG.uniform(0.5, 1.5, 3), RNG.standard_normal(3), RNG.standard_normal(3), \
+        RNG.uniform(0.5, 1.5, 3)
+    scale, shift = RNG.uniform(0.5, 2, (1, 3, 1, 1)), RNG.standard_normal((3, 1, 1))
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="layer"),
+             helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["n"], name="bn",
+                              epsilon=1e-3),
+             helper.make_node("Mul", ["scale", "n"], ["s"], name="scale"),
+             helper.make_node("Sub", ["s", "shift"], ["z"], name="shift")]
+
+    def affine(x):
+        c = ref.conv(x, w) + b.reshape(-1, 1, 1)
+        n = (c - mean.reshape(-1, 1, 1)) / np.sqrt(var.reshape(-1, 1, 1) + 1e-3) * gamma.reshape(-1, 1, 1) \
+            + beta.reshape(-1, 1, 1)
+        return scale[0] * n - shift
+    weights = dict(w=w, b=b, gamma=gamma, beta=beta, mean=mean, var=var, scale=scale, shift=shift)
+    return Linear("conv+bn+mul+sub", (2, 5, 5), nodes, weights, affine)
+
+
+LINEAR_CASES += [(_conv_transpose_case(), rule, {}) for rule in ("epsilon", "alpha-beta", "flat")]
+LINEAR_CASES += [(_matmul_add_case(), rule, {}) for rule in ("epsilon", "alpha-beta")]
+LINEAR_CASES += [(_conv_bn_case(), rule, {}) for rule in ("epsilon", "alpha-beta", "wsquare")]
+
+
+def _bound(value, x_shape):
+    value = np.asarray(value, np.float64)
+    if value.ndim == 1:
+        value = value.reshape([-1] + [1] * (len(x_shape) - 1))
+    return np.broadcast_to(value, x_shape).reshape(-1)
+
+
+@pytest.mark.parametrize("case,rule,params", LINEAR_CASES,
+                         ids=[f"{c.id}-{r}-{p}" if p else f"{c.id}-{r}" for c, r, p in LINEAR_CASES])
+def test_linear_rule_matches_numpy(case, rule, params):
+    x = RNG.standard_normal((2,) + case.x_shape).astype(np.float32)
+    zero = np.zeros(case.x_shape)
+    m = ref.dense_matrix(lambda s: case.affine(s) - case.affine(zero), case.x_shape)
+    bias = case.affine(zero).reshape(-1)
+    seed = RNG.standard_normal((2, m.shape[0])).astype(np.float32)
+    rule_obj = lrp_onnx.make_rule(rule, **params)
+    _, relevance = run_explainer(case.nodes, x, case.weights, seed, rules={case.op: rule_obj})
+    ones = ref.dense_matrix(case.structure, case.x_shape) if case.structure else None
+    for n in range(2):
+        expected = ref.lrp(rule, params, m, x[n].reshape(-1).astype(np.float64), bias, seed[n].astype(np.float64),
+                           ones_matrix=ones, low=_bound(params.get("low", 0.0), case.x_shape),
+                           high=_bound(params.get("high", 1.0), case.x_shape))
+        np.testing.assert_allclose(relevance[n].reshape(-1), expected, rtol=2e-4,
+                                   atol=2e-4 * np.abs(expected).max())
+
+
+def test_conservation_of_bias_free_rules():
+    """Σ R_x = Σ R_z for a bias-free layer on non-negative (post-ReLU) inputs under alpha-beta and zplus.
+    (The ε-rule's conservation is tested on whole ReLU networks, in test_conservation.py.)"""
+    case = _conv_case("conv-nobias", (3, 6, 6), (4, 3, 3, 3), {"pads": [1, 1, 1, 1]}, bias=False)
+    x = np.abs(RNG.standard_normal((2,) + case.x_shape)).astype(np.float32)
+    seed = RNG.uniform(0.1, 1.0, (2, 4 * 36)).astype(np.float32)
+    for rule in (lrp_onnx.AlphaBeta(), lrp_onnx.ZPlus(), lrp_onnx.AlphaBeta(1.5, 0.5)):
+        _, relevance = run_explainer(case.nodes, x, case.weights, seed, rules={"Conv": rule})
+        np.testing.assert_allclose(relevance.reshape(2, -1).sum(1), seed.sum(1), rtol=1e-5)
+
+
+# --- everything else: fixed propagation or the base-map rule --------------------------------------
+
+@dataclass
+class Case:
+    id: str
+    x_shape: tuple
+    nodes: list
+    reference: Callable  # (x one sample, z one sample, R at z one sample) -> R at x
+    weights: dict = field(default_factory=dict)
+    opset: int = 17
+    conserves: bool = True  # Σ R_x = Σ R_z exactly (routing and pass; not the stabilised norm splits)
+
+
+def node(op, inputs, outputs=("z",), **attrs):
+    return helper.make_node(op, list(inputs), list(outputs), name=f"{op.lower()}_{'_'.join(outputs)}", **attrs)
+
+
+def passed(x, z, r):
+    return r.reshape(x.shape)
+
+
+def routed(np_forward):
+    """Reference for a linear routing op: R_x = Jᵀ R_z with J the op's matrix."""
+    def reference(x, z, r):
+        return (ref.dense_matrix(np_forward, x.shape).T @ r.reshape(-1)).reshape(x.shape)
+    return reference
+
+
+def normed(x, z, r):
+    """A sum of activations that are x itself: Σ_k x_k R / z = R·z/stabilize(z)."""
+    return r * z / ref.stabilize(z, 1e-6)
+
+
+def pooled(np_pool):
+    def reference(x, z, r):
+        m = ref.dense_matrix(np_pool, x.shape)
+        return ref.lrp("norm", {}, m, x.reshape(-1), None, r.reshape(-1)).reshape(x.shape)
+    return reference
+
+
+SHAPE = (3, 6, 6)
+ACTIVATION_CASES = [Case(op, SHAPE, [node(op, ["x"], **attrs)], passed, opset=opset) for op, attrs, opset in [
+    ("Relu", {}, 17), ("LeakyRelu", {"alpha": 0.1}, 17), ("Sigmoid", {}, 17), ("Tanh", {}, 17), ("Elu", {}, 17),
+    ("Selu", {}, 17), ("Softplus", {}, 17), ("HardSigmoid", {}, 17), ("HardSwish", {}, 17), ("Softsign", {}, 17),
+    ("Celu", {}, 17), ("Gelu", {}, 20), ("Mish", {}, 18), ("LRN", {"size": 3}, 17)]]
+
+CASES = ACTIVATION_CASES + [
+    Case("Clip", SHAPE, [node("Clip", ["x", "lo", "hi"])], passed, {"lo": np.float32(0), "hi": np.float32(6)}),
+    Case("PRelu", SHAPE, [node("PRelu", ["x", "slope"])], passed, {"slope": np.full((3, 1, 1), 0.2)}),
+    Case("Add-two-activations", SHAPE, [node("Relu", ["x"], ["a"]), node("Sigmoid", ["x"], ["s"]),
+                                        node("Add", ["a", "s"])], normed, conserves=False),
+    Case("Sub-two-activations", SHAPE, [node("Relu", ["x"], ["a"]), node("Sigmoid", ["x"], ["s"]),
+                                        node("Sub", ["a", "s"])], normed, conserves=False),
+    Case("Sum-three", SHAPE, [node("Relu", ["x"], ["a"]), node("Tanh", ["x"], ["t"]), node("Sum", ["a", "t", "x"])],
+         normed, conserves=False),
+    Case("SiLU-pattern", SHAPE, [node("Sigmoid", ["x"], ["g"]), node("Mul", ["x", "g"])], passed),
+    Case("GELU-erf-pattern", SHAPE, [node("Div", ["x", "sqrt2"], ["d"]), node("Erf", ["d"], ["e"]),
+                                     node("Add", ["e", "one"], ["p"]), node("Mul", ["x", "p"], ["m"]),
+                                     node("Mul", ["m", "half"])], passed,
+         {"sqrt2": np.float32(np.sqrt(2)), "one": np.float32(1), "half": np.float32(0.5)}),
+    Case("Add-constant", SHAPE, [node("Add", ["x", "c"])], passed, {"c": RNG.standard_normal(SHAPE)}),
+    Case("Mul-constant", SHAPE, [node("Mul", ["c", "x"])], passed, {"c": RNG.standard_normal((6, 1))}),
+    Case("Div-constant", SHAPE, [node("Div", ["x", "c"])], passed, {"c": np.float32(3)}),
+    Case("BatchNormalization-unmerged", SHAPE, [node("BatchNormalization", ["x", "g", "b", "m", "v"])], passed,
+         {"g": RNG.uniform(0.5, 2, 3), "b": RNG.standard_normal(3), "m": RNG.standard_normal(3), "v": np.ones(3)}),
+    Case("Identity", SHAPE, [node("Identity", ["x"])], passed),
+    Case("Dropout", SHAPE, [node("Dropout", ["x"])], passed),
+    Case("Cast", SHAPE, [node("Cast", ["x"], to=TensorProto.FLOAT)], passed),
+    Case("Reshape", SHAPE, [node("Reshape", ["x", "shape"])], passed, {"shape": np.array([0, 9, -1], np.int64)}),
+    Case("Flatten", SHAPE, [node("Flatten", ["x"])], passed),
+    Case("Squeeze-Unsqueeze", SHAPE, [node("Unsqueeze", ["x", "ax"], ["u"]), node("Squeeze", ["u", "ax"])], passed,
+         {"ax": np.array([2], np.int64)}),
+    Case("Transpose", SHAPE, [node("Transpose", ["x"], perm=[0, 3, 1, 2])],
+         routed(lambda s: s.transpose(2, 0, 1))),
+    Case("Concat", SHAPE, [node("Relu", ["x"], ["a"]), node("Concat", ["a", "x", "a"], axis=2)],
+         lambda x, z, r: r[:, 0:6] + r[:, 6:12] + r[:, 12:18]),
+    Case("Split", SHAPE, [node("Split", ["x", "sizes"], ["p", "q"], axis=2), node("Concat", ["q", "p"], axis=2)],
+         routed(lambda s: np.concatenate([s[:, 2:], s[:, :2]], axis=1)), {"sizes": np.array([2, 4], np.int64)}),
+    Case("Split-one-piece-used", SHAPE, [node("Split", ["x", "sizes"], ["p", "q"], axis=2), node("Relu", ["q"])],
+         routed(lambda s: s[:, 2:]), {"sizes": np.array([2, 4], np.int64)}, conserves=False),
+    Case("Slice", SHAPE, [node("Slice", ["x", "st", "en", "ax"])], routed(lambda s: s[:, 1:-1, -4:]),
+         {"st": np.array([1, -4], np.int64), "en": np.array([-1, 100], np.int64), "ax": np.array([2, 3], np.int64)},
+         conserves=False),
+    Case("Pad", SHAPE, [node("Pad", ["x", "pads"])],
+         routed(lambda s: np.pad(s, [(0, 0), (1, 2), (0, 1)])),
+         {"pads": np.array([0, 0, 1, 0, 0, 0, 2, 1], np.int64)}, conserves=False),
+    Case("Gather-scalar", SHAPE, [node("Gather", ["x", "i"], axis=2)], routed(lambda s: s[:, 4]),
+         {"i": np.array(-2, np.int64)}, conserves=False),
+    Case("Gather-repeated", SHAPE, [node("Gather", ["x", "i"], axis=1)], routed(lambda s: s[[2, 0, 2]]),
+         {"i": np.array([2, 0, 2], np.int64)}, conserves=False),
+    Case("MaxPool-overlapping", SHAPE, [node("MaxPool", ["x"], kernel_shape=[3, 3], strides=[2, 2],
+                                              pads=[1, 1, 1, 1])],
+         lambda x, z, r: ref.max_pool_routing(x, r, [3, 3], [2, 2], [1, 1])),
+    Case("MaxPool-opset13", SHAPE, [node("MaxPool", ["x"], kernel_shape=[2, 2], strides=[2, 2])],
+         lambda x, z, r: ref.max_pool_routing(x, r, [2, 2], [2, 2], [0, 0]), opset=13),
+    Case("GlobalMaxPool", SHAPE, [node("GlobalMaxPool", ["x"])],
+         lambda x, z, r: ref.max_pool_routing(x, r, [6, 6], [1, 1], [0, 0])),
+    Case("AveragePool", SHAPE, [node("AveragePool", ["x"], kernel_shape=[2, 2], strides=[2, 2])],
+         pooled(lambda s: ref.average_pool(s, [2, 2], [2, 2], [0, 0, 0, 0], 1)), conserves=False),
+    Case("AveragePool-pads-exclude", SHAPE, [node("AveragePool", ["x"], kernel_shape=[3, 3], strides=[2, 2],
+                                                  pads=[1, 1, 1, 1])],
+         pooled(lambda s: ref.average_pool(s, [3, 3], [2, 2], [1, 1, 1, 1], 0)), conserves=False),
+    Case("AveragePool-pads-include", SHAPE, [node("AveragePool", ["x"], kernel_shape=[3, 3], strides=[2, 2],
+                                                  pads=[1, 1, 1, 1], count_include_pad=1)],
+         pooled(lambda s: ref.average_pool(s, [3, 3], [2, 2], [1, 1, 1, 1], 1)), conserves=False),
+    Case("GlobalAveragePool", SHAPE, [node("GlobalAveragePool", ["x"])], pooled(lambda s: s.mean((1, 2))), conserves=False),
+    Case("ReduceMean-keepdims0", SHAPE, [node("ReduceMean", ["x"], axes=[2, 3], keepdims=0)],
+         pooled(lambda s: s.mean((1, 2))), conserves=False),
+    Case("ReduceSum-opset18", SHAPE, [node("ReduceSum", ["x", "ax"])], pooled(lambda s: s.sum(2, keepdims=True)),
+         {"ax": np.array([-1], np.int64)}, opset=18, conserves=False),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_op_matches_numpy(case):
+    x = RNG.standard_normal((2,) + case.x_shape).astype(np.float32)
+    model_z = _forward_z(case, x)
+    seed = RNG.uniform(-1, 1, (2, model_z[0].size)).astype(np.float32)
+    _, relevance = run_explainer(case.nodes, x, case.weights, seed, opset=case.opset, composite="alpha-beta")
+    for n in range(2):
+        expected = case.reference(x[n].astype(np.float64), model_z[n].astype(np.float64),
+                                  seed[n].reshape(model_z[n].shape).astype(np.float64))
+        np.testing.assert_allclose(relevance[n], expected, rtol=1e-4, atol=1e-5)
+        if case.conserves:
+            np.testing.assert_allclose(relevance[n].sum(), seed[n].sum(), rtol=1e-4, atol=1e-5)
+
+
+def _forward_z(case, x):
+    """The op's output z, computed by ORT on the original graph."""
+    graph = helper.make_graph(case.nodes, "z", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
+                              _initializers(case.weights))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", case.opset)])
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("op,attrs,x_shape,w_shape", [
+    ("Conv", {"strides": [2, 2], "pads": [1, 0, 2, 1], "dilations": [1, 2], "group": 2}, (1, 4, 9, 10), (6, 2, 3, 3)),
+    ("Conv", {"strides": [3], "pads": [0, 2]}, (1, 2, 13), (3, 2, 4)),
+    ("Conv", {"auto_pad": "SAME_LOWER", "strides": [2, 2]}, (1, 2, 8, 7), (3, 2, 2, 3)),
+    ("ConvTranspose", {"strides": [2, 2], "pads": [1, 0, 0, 1], "output_padding": [1, 0], "group": 2},
+     (1, 4, 4, 5), (4, 1, 3, 3)),
+    ("Gemm", {"transB": 1}, (3, 6), (5, 6)),
+])
+def test_linear_map_adjoint(op, attrs, x_shape, w_shape):
+    """⟨F(x), g⟩ = ⟨x, Fᵀ(g)⟩ for the transposes the converter emits (catches pad/stride/shape slips)."""
+    from lrp_onnx.builder import Builder
+    from lrp_onnx.graph import find_units
+    from lrp_onnx.load import import_graph, load_model
+    from lrp_onnx.ops.linear import linear_map
+    import onnx_graphsurgeon as gs
+    w = RNG.standard_normal(w_shape).astype(np.float32)
+    graph = helper.make_graph([helper.make_node(op, ["x", "w"], ["z"], name="layer", **attrs)], "adj",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [None] * len(x_shape))],
+                              [numpy_helper.from_array(w, "w")])
+    proto, _ = load_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    g = import_graph(proto)
+    (unit,) = find_units(g, g.inputs[0], g.outputs)
+    b = Builder(g)
+    z = g.outputs[0]
+    cotangent = gs.Variable("g", dtype=np.float32, shape=z.shape)
+    out = gs.Variable("xt", dtype=np.float32)
+    transposed = linear_map(b, unit).transpose(b, cotangent, unit.inputs[1])
+    g.nodes.append(gs.Node("Identity", inputs=[transposed], outputs=[out]))
+    g.inputs.append(cotangent)
+    g.outputs = [z, out]
+    session = ort.InferenceSession(gs.export_onnx(g.cleanup().toposort()).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    x = RNG.standard_normal(x_shape).astype(np.float32)
+    gv = RNG.standard_normal(z.shape).astype(np.float32)
+    zv, xt = session.run(None, {"x": x, "g": gv})
+    assert xt.shape == x.shape
+    np.testing.assert_allclose(np.vdot(zv, gv), np.vdot(x, xt), rtol=1e-4)
+
+
+def test_stabilizer_sign_of_zero_is_plus_one():
+    """z = 1·1 + 1·(−1) = 0 exactly: ε-rule gives R_i = x_i w_i R / (0 + ε), not a division by Sign(0)=0."""
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["z"], name="layer")]
+    x = np.array([[1.0, 1.0]], np.float32)
+    seed = np.array([[1e-6]], np.float32)
+    _, relevance = run_explainer(nodes, x, {"w": np.array([[1.0], [-1.0]])}, seed, composite="epsilon")
+    np.testing.assert_allclose(relevance, [[1.0, -1.0]], rtol=1e-5)
+
+
+def test_opset_below_16_is_upgraded_only_for_max_pool():
+    """MaxPool's scatter-add needs opset 16; other opset-13 models keep their opset."""
+    for op, expected in (("MaxPool", 16), ("AveragePool", 13)):
+        graph = helper.make_graph([node(op, ["x"], kernel_shape=[2, 2]), node("Flatten", ["z"], ["y"])], "o",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 4, 4])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 18])])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        explainer = lrp_onnx.convert(model)
+        assert explainer.opset_import[0].version == expected
+        onnx.checker.check_model(explainer, full_check=True)
