@@ -95,3 +95,32 @@ def relative_errors(ours, reference):
     """Per-sample relative L2 error ||ours - ref|| / ||ref||."""
     diff = (ours - reference).reshape(len(ours), -1)
     return np.linalg.norm(diff, axis=1) / np.linalg.norm(reference.reshape(len(ours), -1), axis=1)
+
+
+def distinct_targets(logits):
+    """Sample 0 explains its top class, sample 1 its runner-up (or third, to keep the targets different)."""
+    first = int(np.argsort(logits[0])[-1])
+    ranked = [int(c) for c in np.argsort(logits[1])[::-1][1:]]
+    return np.array([first, next(c for c in ranked if c != first)])
+
+
+def parity_errors(model_name, size, composites, exporters, workdir, epsilon=1e-6):
+    """{(exporter, composite): per-sample relative L2 error of lrp-onnx against Zennit}."""
+    import os
+
+    import lrp_onnx
+    model = torchvision_model(model_name, size)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        targets = distinct_targets(model(x).numpy())
+    references = {c: zennit_relevance(model, x, targets, zennit_composite(c, model_name, eps=epsilon))
+                  for c in composites}
+    errors = {}
+    for exporter in exporters:
+        path = export(model, x, os.path.join(workdir, f"{model_name}-{exporter}.onnx"), exporter == "dynamo")
+        for c in composites:
+            params = dict(our_params(c), **({"epsilon": epsilon} if c == "epsilon" else {}))
+            _, relevance = lrp_onnx.Explainer(path, composite=c, **params).explain(x.numpy(), targets)
+            errors[exporter, c] = relative_errors(relevance, references[c])
+        os.remove(path)
+    return errors
