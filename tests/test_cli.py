@@ -1,0 +1,173 @@
+"""The lrp-onnx command line, run as a real subprocess: conversion, inspect, and every bad-input case
+(one-line error, exit code 2, no traceback, no output file, the input never touched)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import lrp_onnx
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "lrp_onnx.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd)
+
+
+def assert_bad_input(result, *phrases):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lrp-onnx: error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for phrase in phrases:
+        assert phrase in lines[0], lines[0]
+
+
+def only_files(directory):
+    return sorted(os.listdir(directory))
+
+
+@pytest.fixture
+def model(tmp_path, cnn_path):
+    path = tmp_path / "cnn.onnx"
+    path.write_bytes(open(cnn_path, "rb").read())
+    return path
+
+
+def test_convert_writes_a_checked_explainer_beside_the_model(model, images):
+    before = model.read_bytes()
+    result = cli("convert", model, "--composite", "epsilon-gamma-box", "--low", "-3", "--high", "3")
+    assert result.returncode == 0, result.stderr
+    out = model.parent / "cnn.lrp.onnx"
+    assert f"wrote {out}" in result.stdout
+    assert model.read_bytes() == before
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+    _, from_file = lrp_onnx.Explainer(str(out)).explain(images, 1)
+    _, in_memory = lrp_onnx.Explainer(str(model), composite="epsilon-gamma-box", low=-3, high=3).explain(images, 1)
+    np.testing.assert_array_equal(from_file, in_memory)
+    assert only_files(model.parent) == ["cnn.lrp.onnx", "cnn.onnx"]
+
+
+def test_the_checkout_shim_runs_the_same_cli(model):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "cli.py"), "convert", str(model), "-o",
+                             str(model.parent / "shim.onnx")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert (model.parent / "shim.onnx").exists()
+
+
+def test_existing_output_needs_force(model):
+    out = model.parent / "out.onnx"
+    out.write_bytes(b"keep me")
+    assert_bad_input(cli("convert", model, "-o", out), "exists", "--force")
+    assert out.read_bytes() == b"keep me"
+    assert cli("convert", model, "-o", out, "--force").returncode == 0
+    onnx.checker.check_model(onnx.load(str(out)))
+
+
+def test_never_overwrites_the_input(model):
+    before = model.read_bytes()
+    assert_bad_input(cli("convert", model, "-o", model, "--force"), "refusing to overwrite the input")
+    assert model.read_bytes() == before
+
+
+def test_not_onnx(tmp_path):
+    path = tmp_path / "notes.onnx"
+    path.write_bytes(os.urandom(4096))
+    assert_bad_input(cli("convert", path), str(path))
+    assert only_files(tmp_path) == ["notes.onnx"]
+
+
+def test_truncated(tmp_path, cnn_path):
+    data = open(cnn_path, "rb").read()
+    path = tmp_path / "cut.onnx"
+    path.write_bytes(data[: len(data) // 2])
+    assert_bad_input(cli("convert", path), str(path))
+    assert only_files(tmp_path) == ["cut.onnx"]
+
+
+def test_missing_file(tmp_path):
+    assert_bad_input(cli("convert", tmp_path / "nope.onnx"), "no such file")
+
+
+def _save(tmp_path, name, nodes, inputs, outputs, initializers=()):
+    graph = helper.make_graph(nodes, name, inputs, outputs, list(initializers))
+    path = tmp_path / f"{name}.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_unsupported_ops_are_all_listed(tmp_path):
+    nodes = [helper.make_node("Sin", ["x"], ["s"], name="wobble"), helper.make_node("Cos", ["s"], ["c"], name="wave"),
+             helper.make_node("Flatten", ["c"], ["y"], name="flat")]
+    path = _save(tmp_path, "trig", nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
+    assert_bad_input(cli("convert", path), "2 unsupported node(s)", "'wobble' (Sin)", "'wave' (Cos)")
+    assert only_files(tmp_path) == ["trig.onnx"]
+    result = cli("inspect", path)
+    assert result.returncode == 2
+    assert "UNSUPPORTED" in result.stdout and "wobble (Sin), wave (Cos)" in result.stdout
+
+
+def test_no_float_input(tmp_path):
+    nodes = [helper.make_node("Cast", ["x"], ["y"], name="cast", to=TensorProto.FLOAT)]
+    path = _save(tmp_path, "ints", nodes, [helper.make_tensor_value_info("x", TensorProto.INT64, ["N", 4])],
+                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
+    assert_bad_input(cli("convert", path), "no float input")
+
+
+def test_output_that_is_not_a_score_tensor(tmp_path):
+    nodes = [helper.make_node("Relu", ["x"], ["y"], name="relu")]
+    path = _save(tmp_path, "image", nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 8, 8])])
+    assert_bad_input(cli("convert", path), "'y'", "[N, classes]")
+
+
+@pytest.mark.parametrize("flags,phrase", [
+    (["--alpha", "3", "--beta", "1"], "alpha - beta = 1"),
+    (["--alpha", "0.5", "--beta", "-0.5"], "alpha, beta >= 0"),
+    (["--composite", "epsilon-gamma-box", "--gamma", "-1"], "gamma must be"),
+    (["--composite", "epsilon-gamma-box", "--low", "1", "--high", "0"], "low <= high"),
+    (["--composite", "epsilon", "--epsilon", "nan"], "epsilon must be"),
+    (["--composite", "epsilon", "--alpha", "2"], "does not use alpha"),
+    (["--stabilizer", "-1"], "stabilizer must be"),
+])
+def test_rule_parameters_that_break_constraints(model, flags, phrase):
+    assert_bad_input(cli("convert", model, *flags), phrase)
+    assert only_files(model.parent) == ["cnn.onnx"]
+
+
+def test_rules_file_overrides_the_composite(model, tmp_path):
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps({"Gemm": {"rule": "epsilon", "epsilon": 0.5}, "/0/Conv*": "flat"}))
+    result = cli("inspect", model, "--rules", rules)
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line for line in result.stdout.splitlines()[1:-1]}
+    assert "flat" in rows["/0/Conv"] and "epsilon(epsilon=0.5)" in rows["/8/Gemm"]
+    assert "alpha-beta" in rows["/4/Conv"] and "pass" in rows["/2/Relu"] and "route" in rows["/3/MaxPool"]
+    toml = tmp_path / "rules.toml"
+    toml.write_text('Gemm = { rule = "epsilon", epsilon = 0.5 }\n"/0/Conv*" = "flat"\n')
+    assert cli("inspect", model, "--rules", toml).stdout == result.stdout.replace(str(rules), str(toml))
+
+
+@pytest.mark.parametrize("content,phrase", [('{"Conv": "nonsense"}', "unknown rule 'nonsense'"),
+                                            ('{"Conv": {"rule": "gamma", "gama": 1}}', "unknown: ['gama']"),
+                                            ('{"NoSuchNode*": "flat"}', "matches no explained node"),
+                                            ("{not json", "not valid JSON")])
+def test_bad_rules_file(model, tmp_path, content, phrase):
+    rules = tmp_path / "rules.json"
+    rules.write_text(content)
+    assert_bad_input(cli("convert", model, "--rules", rules), phrase)
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    path = tmp_path / "junk.onnx"
+    path.write_bytes(b"\x00junk")
+    result = cli("convert", path, "--debug")
+    assert result.returncode != 0 and "Traceback" in result.stderr
