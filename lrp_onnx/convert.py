@@ -4,6 +4,7 @@ file → canonical graph (load.py) → units (graph.py) → rule per unit (compo
      → explainer graph (propagators in ops/) → checked ModelProto
 """
 
+import fnmatch
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -33,9 +34,8 @@ class Plan:
     label: str
     explained: gs.Variable
     logits: gs.Tensor
-    units: list             # units upstream of the logits, topological order
+    units: list             # units upstream of the logits, topological order, each with its role
     rules: dict             # unit name -> Rule or None
-    roles: dict             # unit name -> role
     problems: list          # [(node name, op, reason)]
     composite: Composite
 
@@ -98,7 +98,7 @@ def plan(model, composite="alpha-beta", *, input_name=None, rules=None, **rule_p
     explained = pick_input(graph, label, input_name)
     _, logits = find_logits(graph, label)
     units = _upstream_of(find_units(graph, explained, graph.outputs), logits)
-    rules_by_unit, roles, problems = {}, {}, []
+    rules_by_unit, problems = {}, []
     first_seen = False
     for unit in units:
         prop = lookup(unit)
@@ -109,16 +109,15 @@ def plan(model, composite="alpha-beta", *, input_name=None, rules=None, **rule_p
         if reason:
             problems.append((unit.name, unit.op, reason))
             continue
-        role = roles[unit.name] = prop.role_of(unit)
+        role = unit.role = prop.role_of(unit)
         is_first = role in ("conv", "dense") and not first_seen
         first_seen = first_seen or is_first
         rules_by_unit[unit.name] = composite.rule_for(unit, role, is_first)
     _check_overrides(composite, units)
-    return Plan(graph, label, explained, logits, units, rules_by_unit, roles, problems, composite)
+    return Plan(graph, label, explained, logits, units, rules_by_unit, problems, composite)
 
 
 def _check_overrides(composite, units):
-    import fnmatch
     for pattern, _ in composite.overrides:
         if not any(pattern == u.op or fnmatch.fnmatchcase(u.name, pattern) for u in units):
             raise RuleError(f"rule override {pattern!r} matches no explained node name or op type")
@@ -181,7 +180,6 @@ def reverse_walk(b, p, seed):
                          for t in unit.outputs]
         if all(r is None for r in relevance_out):
             continue
-        unit.role = p.roles[unit.name]
         with b.scope(unit.name):
             try:
                 relevance_in = lookup(unit).fn(b, unit, relevance_out, p.rules[unit.name])

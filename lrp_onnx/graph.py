@@ -21,6 +21,7 @@ class Unit:
     head: gs.Node
     followers: list = field(default_factory=list)
     relevant: list = field(default_factory=list)  # per head input: does it depend on the explained input?
+    role: str = None  # set by the plan: "conv", "dense", "activation", ... (see registry.py)
 
     @property
     def name(self):
@@ -89,8 +90,7 @@ def batch_norm_affine(node):
 
 
 def _is_linear_head(node):
-    return node.op in LINEAR_HEADS and len(node.inputs) >= 2 and is_constant(node.inputs[1]) \
-        and not (node.op == "Gemm" and node.attrs.get("transA", 0))
+    return node.op in LINEAR_HEADS and len(node.inputs) >= 2 and is_constant(node.inputs[1])
 
 
 def _absorbable(follower, head, y):

@@ -59,6 +59,15 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class _Stabilized(Rule):
+    """A rule whose only parameter is the denominator stabilizer."""
+    stabilizer: float = 1e-6
+
+    def __post_init__(self):
+        _check_stabilizer(self.stabilizer)
+
+
+@dataclass(frozen=True)
 class Epsilon(Rule):
     """LRP-ε (Bach et al. 2015): R_i = x_i Σ_j w_ij R_j / (z_j + ε·sign(z_j))."""
     epsilon: float = 1e-6
@@ -73,14 +82,10 @@ class Epsilon(Rule):
 
 
 @dataclass(frozen=True)
-class Norm(Rule):
+class Norm(_Stabilized):
     """Proportional split by input contribution, as Zennit's Norm: ε-rule with ε only a stabilizer."""
-    stabilizer: float = 1e-6
     name = "norm"
     needs_weights = False
-
-    def __post_init__(self):
-        _check_stabilizer(self.stabilizer)
 
     def propagate(self, b, layer, x, r):
         return proportional(b, layer, [Term(x, layer.weight, layer.bias)], r, self.stabilizer)
@@ -118,13 +123,9 @@ class AlphaBeta(Rule):
 
 
 @dataclass(frozen=True)
-class ZPlus(Rule):
+class ZPlus(_Stabilized):
     """LRP-z⁺ (Montavon et al. 2017) as Zennit implements it: α=1, β=0, negative inputs allowed."""
-    stabilizer: float = 1e-6
     name = "zplus"
-
-    def __post_init__(self):
-        _check_stabilizer(self.stabilizer)
 
     def propagate(self, b, layer, x, r):
         return AlphaBeta(1.0, 0.0, self.stabilizer).propagate(b, layer, x, r)
@@ -164,13 +165,9 @@ class Gamma(Rule):
 
 
 @dataclass(frozen=True)
-class Flat(Rule):
+class Flat(_Stabilized):
     """LRP-flat (Lapuschkin et al. 2019): unit inputs and unit weights, no bias."""
-    stabilizer: float = 1e-6
     name = "flat"
-
-    def __post_init__(self):
-        _check_stabilizer(self.stabilizer)
 
     def propagate(self, b, layer, x, r):
         return proportional(b, layer, [Term(b.fill_like(x, 1.0), b.fill_like(layer.weight, 1.0))], r,
@@ -178,13 +175,9 @@ class Flat(Rule):
 
 
 @dataclass(frozen=True)
-class WSquare(Rule):
+class WSquare(_Stabilized):
     """LRP-w² (Montavon et al. 2017): unit inputs, squared weights and squared bias (as Zennit)."""
-    stabilizer: float = 1e-6
     name = "wsquare"
-
-    def __post_init__(self):
-        _check_stabilizer(self.stabilizer)
 
     def propagate(self, b, layer, x, r):
         square = (lambda t: None if t is None else b.mul(t, t))

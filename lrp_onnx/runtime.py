@@ -1,5 +1,8 @@
 """Run an explainer graph on ONNX Runtime."""
 
+import os
+import tempfile
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -58,8 +61,6 @@ class Explainer:
 
 def save_model(proto: onnx.ModelProto, path):
     """Serialise ``proto`` to ``path`` atomically: a temporary file beside it, then a rename."""
-    import os
-    import tempfile
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".lrp-onnx-", suffix=".tmp", dir=directory)
     try:

@@ -329,6 +329,7 @@ def _forward_z(case, x):
     ("ConvTranspose", {"strides": [2, 2], "pads": [1, 0, 0, 1], "output_padding": [1, 0], "group": 2},
      (1, 4, 4, 5), (4, 1, 3, 3)),
     ("Gemm", {"transB": 1}, (3, 6), (5, 6)),
+    ("Gemm", {"transA": 1, "transB": 1}, (6, 3), (5, 6)),
 ])
 def test_linear_map_adjoint(op, attrs, x_shape, w_shape):
     """⟨F(x), g⟩ = ⟨x, Fᵀ(g)⟩ for the transposes the converter emits (catches pad/stride/shape slips)."""

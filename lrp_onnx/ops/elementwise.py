@@ -2,6 +2,7 @@
 (relevance moves 1:1), and gates x·g(x) (relevance to the gated branch)."""
 
 from ..errors import RuleError
+from ..graph import is_constant
 from ..rules import Epsilon, Norm, Pass
 from ..registry import propagator
 
@@ -13,23 +14,19 @@ GATE_STEPS = ("Sigmoid", "Tanh", "Erf", "Softplus", "HardSigmoid", "Relu", "Clip
               "Add", "Sub", "Mul", "Div")
 
 
-def _unbroadcast(b, r, like):
-    """Sum r over the axes that broadcasting expanded, back to ``like``'s shape (static shapes)."""
-    if r is None or like.shape is None or not all(isinstance(d, int) for d in like.shape):
+def _unbroadcast(b, r, like, out):
+    """Sum r (shaped like ``out``) over the axes that broadcasting expanded, back to ``like``'s shape."""
+    if r is None or like.shape is None or out.shape is None or list(like.shape) == list(out.shape):
         return r
-    out_shape = r.shape if r.shape is not None else None
-    if out_shape is not None and list(out_shape) == list(like.shape):
-        return r
-    rank = len(out_shape) if out_shape is not None else len(like.shape)
-    padded = [1] * (rank - len(like.shape)) + list(like.shape)
-    axes = [i for i, d in enumerate(padded) if d == 1 and (out_shape is None or out_shape[i] != 1)]
+    padded = [1] * (len(out.shape) - len(like.shape)) + list(like.shape)
+    axes = [i for i, (d, o) in enumerate(zip(padded, out.shape)) if d == 1 and o != 1]
     summed = b.op("ReduceSum", r, b.ints(axes), keepdims=1) if axes else r
     return b.reshape_like(summed, like)
 
 
 def _passed(b, unit, r):
     """Relevance to every relevant input unchanged (one relevant input: an affine map or activation)."""
-    return [_unbroadcast(b, r, t) if rel else None for t, rel in zip(unit.inputs, unit.relevant)]
+    return [_unbroadcast(b, r, t, unit.outputs[0]) if rel else None for t, rel in zip(unit.inputs, unit.relevant)]
 
 
 @propagator(*ACTIVATIONS, role="activation")
@@ -63,7 +60,7 @@ def sum_of_activations(b, unit, relevance_out, rule):
         share = b.mul(x, s) if rel else None
         if share is not None and unit.op == "Sub" and k == 1:
             share = b.neg(share)
-        shares.append(_unbroadcast(b, share, x))
+        shares.append(_unbroadcast(b, share, x, unit.outputs[0]))
     return shares
 
 
@@ -80,7 +77,7 @@ def gated_input(unit):
             if len(t.inputs) != 1 or t.inputs[0].op not in GATE_STEPS:
                 continue
             step = t.inputs[0]
-            variable = [i for i in step.inputs if not hasattr(i, "values")]
+            variable = [i for i in step.inputs if not is_constant(i)]
             if len(variable) == 1:
                 frontier.append(variable[0])
     return None
@@ -105,5 +102,5 @@ def product(b, unit, relevance_out, rule):
     r = relevance_out[0]
     if sum(unit.relevant) >= 2:
         k = gated_input(unit)
-        return [_unbroadcast(b, r, unit.inputs[k]) if i == k else None for i in range(2)]
+        return [_unbroadcast(b, r, unit.inputs[k], unit.outputs[0]) if i == k else None for i in range(2)]
     return _passed(b, unit, r)

@@ -129,11 +129,14 @@ class ConvTransposeMap(_WeightedMap):
 
 
 class GemmMap(_WeightedMap):
-    """Gemm y = α·x·W' + β·C, with α folded into W and β into the bias. Fᵀ(g) = g·W'ᵀ."""
+    """Gemm y = α·op(x)·op(W) + β·C, with α folded into W and β into the bias.
+
+    Fᵀ(g) = g·op(W)ᵀ, or (g·op(W)ᵀ)ᵀ = op(W)·gᵀ when x is transposed (transA=1).
+    """
 
     def __init__(self, b, unit):
         head = unit.head
-        self.trans_b = head.attrs.get("transB", 0)
+        self.trans_a, self.trans_b = head.attrs.get("transA", 0), head.attrs.get("transB", 0)
         w = head.inputs[1].values
         self.channels = w.shape[0] if self.trans_b else w.shape[1]
         super().__init__(b, unit, lambda s: s.reshape(-1, 1) if self.trans_b else s,
@@ -142,9 +145,11 @@ class GemmMap(_WeightedMap):
                          bias_factor=head.attrs.get("beta", 1.0))
 
     def emit_forward(self, b, x, weight, bias):
-        return b.op("Gemm", x, weight, bias, transB=self.trans_b)
+        return b.op("Gemm", x, weight, bias, transA=self.trans_a, transB=self.trans_b)
 
     def transpose(self, b, g, weight):
+        if self.trans_a:
+            return b.op("Gemm", weight, g, transA=self.trans_b, transB=1)
         return b.op("Gemm", g, weight, transB=1 - self.trans_b)
 
 
@@ -248,8 +253,6 @@ def _check_linear(unit):
     head = unit.head
     if not is_constant(head.inputs[1]) or any(unit.relevant[1:]):
         return "the weight is not a constant initializer (only x·W with constant W is a linear layer)"
-    if head.op == "Gemm" and head.attrs.get("transA", 0):
-        return "Gemm with transA=1 is not supported"
     if head.op == "Gemm" and len(head.inputs) > 2 and head.inputs[2].name and not is_constant(head.inputs[2]):
         return "Gemm's C input is not a constant bias"
     if head.op == "MatMul" and head.inputs[1].values.ndim != 2:
