@@ -70,7 +70,20 @@ def load_model(model):
 
 
 def import_graph(proto):
-    """The graph with constant sub-graphs (weight Identity chains, shape arithmetic) folded."""
+    """The graph with constant sub-graphs (weight Identity chains, shape arithmetic) folded and
+    every node uniquely named (rules, errors and emitted nodes are keyed by node name)."""
     graph = gs.import_onnx(proto)
     graph.fold_constants(error_ok=True).cleanup().toposort()
+    name_nodes(graph)
     return graph
+
+
+def name_nodes(graph):
+    """Give unnamed nodes ``<op>_<index>`` and make duplicate names unique with a suffix."""
+    seen = set()
+    for index, node in enumerate(graph.nodes):
+        name = node.name or f"{node.op}_{index}"
+        while name in seen:
+            name = f"{name}_{index}"
+        node.name = name
+        seen.add(name)

@@ -45,18 +45,29 @@ class Explainer:
         """
         feeds = dict(x) if isinstance(x, dict) else {self.input_name: x}
         feeds.update(other_inputs)
-        feeds = {k: np.asarray(v) for k, v in feeds.items()}
         unknown = sorted(set(feeds) - set(self.inputs))
         if unknown:
             raise InputError(f"unknown input(s) {unknown}; the model takes {sorted(set(self.inputs) - {TARGET})}")
+        feeds = {k: self._as_input_type(k, v) for k, v in feeds.items()}
         batch = feeds[self.input_name].shape[0] if feeds[self.input_name].ndim else 1
         if target is None:
             target = -1
-        feeds[TARGET] = np.broadcast_to(np.asarray(target, dtype=np.int64), (batch,)).copy()
+        target = np.asarray(target, dtype=np.int64)
+        if target.ndim > 1 or target.size not in (1, batch):
+            raise InputError(f"target must be one class or one per sample ({batch}); got shape {target.shape}")
+        feeds[TARGET] = np.broadcast_to(target.reshape(-1), (batch,)).copy()
         results = self.session.run(None, feeds)
         named = dict(zip([o.name for o in self.session.get_outputs()], results))
         relevance = named.pop(RELEVANCE)
         return {k: named[k] for k in self.output_names}, relevance
+
+
+    def _as_input_type(self, name, value):
+        """Floats are cast to the input's float type (float64 images to float32); nothing else is."""
+        value = np.asarray(value)
+        wanted = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+        dtype = wanted.get(self.inputs[name].type)
+        return value.astype(dtype) if dtype is not None and value.dtype.kind == "f" else value
 
 
 def save_model(proto: onnx.ModelProto, path):

@@ -120,3 +120,18 @@ def test_explain_with_a_plain_classifier_converts_in_memory(cnn_path, images):
     np.testing.assert_array_equal(from_explainer, from_classifier)
     with pytest.raises(lrp_onnx.InputError, match="unknown input"):
         lrp_onnx.Explainer(converted).explain({"nope": images})
+
+
+def test_unnamed_and_duplicate_nodes_get_unique_names():
+    nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Relu", ["a"], ["b"], name="dup"),
+             helper.make_node("Relu", ["b"], ["y"], name="dup")]
+    graph = helper.make_graph(nodes, "unnamed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])])
+    p = lrp_onnx.plan(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    names = [u.name for u in p.units]
+    assert names[0] == "Relu_0" and len(set(names)) == 3
+
+
+def test_target_must_match_the_batch(cnn_path, images):
+    with pytest.raises(lrp_onnx.InputError, match="one per sample"):
+        lrp_onnx.Explainer(cnn_path).explain(images, [1, 2])
