@@ -89,7 +89,6 @@ class ConvMap(_WeightedMap):
         head = unit.head
         w = head.inputs[1].values
         self.channels = w.shape[0]
-        self.spatial = w.ndim - 2
         self.attrs = conv_attrs(unit)
         super().__init__(b, unit, lambda s: s.reshape([-1] + [1] * (w.ndim - 1)),
                          bias_input=head.inputs[2] if len(head.inputs) > 2 else None)
