@@ -22,6 +22,8 @@ from .registry import lookup
 TARGET = "target"
 RELEVANCE = "relevance"
 RELEVANCE_SEED = "relevance_seed"
+EXPLAINED_CLASS = "explained_class"
+EXPLAINED_LOGIT = "explained_logit"
 SOFTMAX_OPS = ("Softmax", "LogSoftmax")
 FLOAT_TYPES = (np.float32, np.float16, np.float64)
 META_PREFIX = "lrp_onnx."
@@ -135,17 +137,19 @@ def convert(model, composite="alpha-beta", *, input_name=None, rules=None, seed_
     if p.problems:
         raise UnsupportedOpError(p.problems)
     graph = p.graph
-    for name in (TARGET, RELEVANCE, RELEVANCE_SEED):
+    for name in (TARGET, RELEVANCE, RELEVANCE_SEED, EXPLAINED_CLASS, EXPLAINED_LOGIT):
         if name in graph.tensors():
             raise UnsupportedModelError(f"{p.label}: the model already has a tensor named {name!r}")
     b = Builder(graph)
     with b.scope("seed"):
-        seed, extra_inputs = _seed(b, p.logits, seed_input)
+        seed, extra_inputs, seed_outputs = _seed(b, p.logits, seed_input)
     relevance = reverse_walk(b, p, seed)
-    relevance_out = gs.Variable(RELEVANCE, dtype=np.float32, shape=p.explained.shape)
-    graph.nodes.append(gs.Node("Identity", name="lrp/relevance", inputs=[relevance], outputs=[relevance_out]))
+    extra_outputs = {RELEVANCE: (relevance, np.float32, p.explained.shape), **seed_outputs}
     graph.inputs.extend(extra_inputs)
-    graph.outputs.append(relevance_out)
+    for name, (tensor, dtype, shape) in extra_outputs.items():
+        out = gs.Variable(name, dtype=dtype, shape=shape)
+        graph.nodes.append(gs.Node("Identity", name=f"lrp/{name}", inputs=[tensor], outputs=[out]))
+        graph.outputs.append(out)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     out = gs.export_onnx(graph, do_type_check=False)
     out.ir_version = max(out.ir_version, 8)
@@ -158,17 +162,24 @@ def convert(model, composite="alpha-beta", *, input_name=None, rules=None, seed_
 
 
 def _seed(b, logits, seed_input):
-    """R at the logits: logits ⊙ onehot(target), target -1 meaning argmax; or a given seed tensor."""
+    """R at the logits: logits ⊙ onehot(target), target -1 meaning argmax; or a given seed tensor.
+
+    Returns the seed, the new graph inputs, and the new outputs besides ``relevance``: the class
+    explained per sample (target with -1 resolved) and its logit, Σ R's reference value.
+    """
     batch = logits.shape[0] if logits.shape is not None else "N"
     if seed_input:
         seed = gs.Variable(RELEVANCE_SEED, dtype=np.float32, shape=logits.shape)
-        return seed, [seed]
+        return seed, [seed], {}
     target = gs.Variable(TARGET, dtype=np.int64, shape=[batch])
     predicted = b.op("ArgMax", logits, axis=1, keepdims=0)
     chosen = b.op("Where", b.op("Less", target, b.ints(0)), predicted, target)
     classes = b.op("Gather", b.shape(logits), b.ints([1]))
     onehot = b.op("OneHot", chosen, classes, b.const([0.0, 1.0]), axis=-1)
-    return b.mul(logits, onehot), [target]
+    seed = b.mul(logits, onehot)
+    chosen_logit = b.op("ReduceSum", seed, b.ints([1]), keepdims=0)
+    return seed, [target], {EXPLAINED_CLASS: (chosen, np.int64, [batch]),
+                            EXPLAINED_LOGIT: (chosen_logit, np.float32, [batch])}
 
 
 def reverse_walk(b, p, seed):

@@ -7,9 +7,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .convert import META_PREFIX, RELEVANCE, TARGET, convert
+from .convert import EXPLAINED_CLASS, EXPLAINED_LOGIT, META_PREFIX, RELEVANCE, TARGET, convert
 from .errors import InputError
+from .explain import explain_samples
+from .inputs import InputSpec, Preprocess, load_samples
 from .load import read_model
+
+EXPLAINER_OUTPUTS = (RELEVANCE, EXPLAINED_CLASS, EXPLAINED_LOGIT)
 
 
 def is_explainer(proto):
@@ -35,14 +39,16 @@ class Explainer:
         self.model = proto
         self.session = ort.InferenceSession(proto.SerializeToString(),
                                             providers=providers or ort.get_available_providers())
-        self.output_names = [o.name for o in self.session.get_outputs() if o.name != RELEVANCE]
         self.inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        self.output_names = [name for name in outputs if name not in EXPLAINER_OUTPUTS]
+        self.score_name = meta.get("score_output") or self.output_names[0]
+        classes = outputs[self.score_name].shape[-1]
+        self.class_count = classes if isinstance(classes, int) else None
+        self.input_spec = InputSpec(list(self.inputs[self.input_name].shape))
 
-    def explain(self, x, target=None, **other_inputs):
-        """Relevance of ``x`` for ``target`` (int, sequence of ints, or None/-1 for the predicted class).
-
-        ``x`` is an array for the explained input, or a dict of every model input.
-        """
+    def run(self, x, target=None, **other_inputs):
+        """Every output by name: the original ones, ``relevance``, ``explained_class``, ``explained_logit``."""
         feeds = dict(x) if isinstance(x, dict) else {self.input_name: x}
         feeds.update(other_inputs)
         unknown = sorted(set(feeds) - set(self.inputs))
@@ -50,17 +56,35 @@ class Explainer:
             raise InputError(f"unknown input(s) {unknown}; the model takes {sorted(set(self.inputs) - {TARGET})}")
         feeds = {k: self._as_input_type(k, v) for k, v in feeds.items()}
         batch = feeds[self.input_name].shape[0] if feeds[self.input_name].ndim else 1
-        if target is None:
-            target = -1
-        target = np.asarray(target, dtype=np.int64)
+        target = np.asarray(-1 if target is None else target, dtype=np.int64)
         if target.ndim > 1 or target.size not in (1, batch):
             raise InputError(f"target must be one class or one per sample ({batch}); got shape {target.shape}")
         feeds[TARGET] = np.broadcast_to(target.reshape(-1), (batch,)).copy()
         results = self.session.run(None, feeds)
-        named = dict(zip([o.name for o in self.session.get_outputs()], results))
-        relevance = named.pop(RELEVANCE)
-        return {k: named[k] for k in self.output_names}, relevance
+        return dict(zip([o.name for o in self.session.get_outputs()], results))
 
+    def explain(self, x, target=None, **other_inputs):
+        """Relevance of ``x`` for ``target`` (int, one int per sample, or None/-1 for the predicted class).
+
+        ``x`` is an array for the explained input, or a dict of every model input.
+        """
+        named = self.run(x, target, **other_inputs)
+        return {k: named[k] for k in self.output_names}, named[RELEVANCE]
+
+    def scores(self, x, **other_inputs):
+        """The score output (the first float output, [N, classes]) for ``x``."""
+        return self.run(x, -1, **other_inputs)[self.score_name]
+
+    def explain_images(self, inputs, target=None, top_k=None, labels=None, preprocess=None, batch_size=32):
+        """Explanations of image files, folders, ``.npy``/``.npz`` files, preprocessed for this model.
+
+        ``preprocess`` is an ``inputs.Preprocess``; ``labels`` a list of class names; ``target`` a class
+        index or label name, ``top_k`` the K highest classes, neither the predicted class.
+        Returns a list of ``explain.Explanation`` (sample, target, predicted, logit, relevance, summary()).
+        """
+        samples = load_samples(inputs if isinstance(inputs, (list, tuple)) else [inputs], self.input_spec,
+                               preprocess or Preprocess())
+        return list(explain_samples(self, samples, target, top_k, labels, batch_size))
 
     def _as_input_type(self, name, value):
         """Floats are cast to the input's float type (float64 images to float32); nothing else is."""

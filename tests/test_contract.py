@@ -27,10 +27,13 @@ def test_inputs_and_outputs(cnn_path, images):
     assert explainer.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
     target = explainer.graph.input[-1].type.tensor_type
     assert target.elem_type == TensorProto.INT64 and len(target.shape.dim) == 1
-    assert [o.name for o in explainer.graph.output] == [o.name for o in original.graph.output] + ["relevance"]
-    relevance = explainer.graph.output[-1].type.tensor_type
-    assert relevance.elem_type == TensorProto.FLOAT
-    assert relevance.shape == original.graph.input[0].type.tensor_type.shape
+    added = ["relevance", "explained_class", "explained_logit"]
+    assert [o.name for o in explainer.graph.output] == [o.name for o in original.graph.output] + added
+    types = {o.name: o.type.tensor_type for o in explainer.graph.output}
+    assert types["relevance"].elem_type == TensorProto.FLOAT
+    assert types["relevance"].shape == original.graph.input[0].type.tensor_type.shape
+    assert types["explained_class"].elem_type == TensorProto.INT64
+    assert types["explained_logit"].elem_type == TensorProto.FLOAT
     onnx.checker.check_model(explainer, full_check=True)
     assert explainer.opset_import == original.opset_import  # opset 20 is kept
 
@@ -51,6 +54,14 @@ def test_target_minus_one_is_the_predicted_class(cnn_path, images):
     np.testing.assert_array_equal(minus_one, explicit)
     _, other = explainer.explain(images, [0, 1, 2])
     assert not np.allclose(other, explicit)
+
+
+def test_explained_class_and_logit(cnn_path, images):
+    run = lrp_onnx.Explainer(cnn_path).run(images, [-1, 3, 0])
+    logits = run["logits"]
+    expected_class = [logits[0].argmax(), 3, 0]
+    np.testing.assert_array_equal(run["explained_class"], expected_class)
+    np.testing.assert_allclose(run["explained_logit"], logits[np.arange(3), expected_class], rtol=1e-6)
 
 
 def test_softmax_output_seeds_the_pre_softmax_logit(tmp_path, images):

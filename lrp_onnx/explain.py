@@ -1,0 +1,162 @@
+"""The ``explain`` pipeline: inputs → batches → explainer → heatmaps, relevance files and a summary."""
+
+import csv
+import io
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from .errors import InputError
+from .heatmap import heatmap
+from .inputs import Preprocess, Sample, batches, load_samples
+
+
+@dataclass
+class Explanation:
+    sample: Sample
+    target: int
+    predicted: int
+    logit: float             # the explained class's logit (pre-softmax): the seed of the relevance
+    relevance: np.ndarray    # one sample, the explained input's shape without the batch axis
+    labels: Optional[list] = None
+
+    def label(self, k):
+        return self.labels[k] if self.labels else str(k)
+
+    def summary(self):
+        """One row: prediction, target, logit, Σ R, conservation Σ R / logit, positive and negative shares."""
+        r = self.relevance.astype(np.float64)
+        positive, negative = r[r > 0].sum(), -r[r < 0].sum()
+        total = positive + negative
+        return {
+            "input": self.sample.name, "source": self.sample.source,
+            "predicted": self.predicted, "predicted_label": self.label(self.predicted),
+            "target": self.target, "target_label": self.label(self.target),
+            "logit": float(self.logit), "relevance_sum": float(r.sum()),
+            "conservation": float(r.sum() / self.logit) if self.logit else float("nan"),
+            "positive_share": float(positive / total) if total else 0.0,
+            "negative_share": float(negative / total) if total else 0.0,
+            "positive_negative_ratio": float(positive / negative) if negative else float("inf"),
+        }
+
+
+def read_labels(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read labels file ({e})") from None
+
+
+def resolve_target(target, labels, classes):
+    """An int class, a label name (with a labels file), or None (the predicted class)."""
+    if target is None:
+        return None
+    if isinstance(target, str) and not target.lstrip("-").isdigit():
+        if not labels or target not in labels:
+            raise InputError(f"target {target!r} is not a class index" +
+                             (" or a label in the labels file" if labels else "; pass --labels to use names"))
+        return labels.index(target)
+    index = int(target)
+    if classes is not None and not 0 <= index < classes:
+        raise InputError(f"target {index} is out of range: the model has {classes} classes (0..{classes - 1})")
+    return index
+
+
+def check_request(explainer, target=None, top_k=None, labels=None):
+    """The target as a class index (or None), after checking it, top-k and labels against the model."""
+    classes = explainer.class_count
+    if labels is not None and classes is not None and len(labels) != classes:
+        raise InputError(f"the labels file has {len(labels)} labels but the model has {classes} classes")
+    if top_k is not None and not (1 <= top_k and (classes is None or top_k <= classes)):
+        raise InputError(f"--top-k {top_k} must be between 1 and the class count ({classes})")
+    if top_k is not None and target is not None:
+        raise InputError("give --target or --top-k, not both")
+    return resolve_target(target, labels, classes)
+
+
+def explain_samples(explainer, samples, target=None, top_k=None, labels=None, batch_size=32, progress=False):
+    """Yield an Explanation per sample and target: the given target, the top-k classes, or the prediction."""
+    target = check_request(explainer, target, top_k, labels)
+    bar = _progress(len(samples) * (top_k or 1), progress)
+    for batch in batches(samples, batch_size):
+        x = np.stack([s.array for s in batch])
+        scores = explainer.scores(x)
+        ranked = np.argsort(-scores, axis=1, kind="stable")
+        for rank in range(top_k or 1):
+            wanted = ranked[:, rank] if top_k else np.full(len(batch), -1 if target is None else target)
+            run = explainer.run(x, wanted)
+            for i, sample in enumerate(batch):
+                yield Explanation(sample, int(run["explained_class"][i]), int(ranked[i, 0]),
+                                  float(run["explained_logit"][i]), run["relevance"][i], labels)
+            bar.update(len(batch))
+    bar.close()
+
+
+def _progress(total, enabled):
+    from tqdm import tqdm
+    return tqdm(total=total, unit="explanation", disable=not (enabled and sys.stderr.isatty() and total > 1))
+
+
+def writable_folder(path):
+    """Create ``path`` if needed and prove it can be written, before anything is computed."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".lrp-onnx-probe-"):
+            pass
+    except OSError as e:
+        raise InputError(f"{path}: cannot write the output folder ({e.strerror or e})") from None
+
+
+def _atomic_write(path, data: bytes):
+    fd, tmp = tempfile.mkstemp(prefix=".lrp-onnx-", suffix=".tmp", dir=os.path.dirname(path) or ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_explanation(e: Explanation, folder, cmap="bwr", overlay=False, channel_axis=0):
+    """<input>_class<k>.png (heatmap) and <input>_class<k>.npy (raw relevance); returns their names."""
+    stem = f"{e.sample.name}_class{e.target}"
+    image = heatmap(e.relevance, cmap, channel_axis, overlay=e.sample.image if overlay else None)
+    png, npy = io.BytesIO(), io.BytesIO()
+    image.save(png, format="PNG")
+    np.save(npy, e.relevance, allow_pickle=False)
+    _atomic_write(os.path.join(folder, stem + ".png"), png.getvalue())
+    _atomic_write(os.path.join(folder, stem + ".npy"), npy.getvalue())
+    return stem + ".png", stem + ".npy"
+
+
+def write_summary(rows, folder, as_json=False):
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    _atomic_write(os.path.join(folder, "summary.csv"), text.getvalue().encode())
+    if as_json:
+        _atomic_write(os.path.join(folder, "summary.json"), json.dumps(rows, indent=2).encode())
+
+
+def explain_to_folder(explainer, inputs, folder, preprocess=None, target=None, top_k=None, labels=None,
+                      batch_size=32, cmap="bwr", overlay=False, as_json=False, progress=True):
+    """The whole CLI job; every input is read and checked before anything is written."""
+    samples = load_samples(inputs, explainer.input_spec, preprocess or Preprocess())
+    check_request(explainer, target, top_k, labels)
+    writable_folder(folder)
+    layout = explainer.input_spec.layout(preprocess.layout if preprocess else None)
+    rows = []
+    for e in explain_samples(explainer, samples, target, top_k, labels, batch_size, progress):
+        png, npy = write_explanation(e, folder, cmap, overlay, channel_axis=0 if layout == "nchw" else -1)
+        rows.append(dict(e.summary(), heatmap=png, relevance_file=npy))
+    write_summary(rows, folder, as_json)
+    return rows

@@ -1,0 +1,57 @@
+"""Relevance maps as pictures: symmetric normalisation around 0 and the usual LRP colormaps."""
+
+import numpy as np
+from PIL import Image
+
+from .errors import InputError
+
+# Each colormap: anchors (position in [0, 1], RGB in [0, 1]), linearly interpolated; 0.5 is relevance 0.
+COLORMAPS = {
+    "gray": [(0.0, (0, 0, 0)), (1.0, (1, 1, 1))],
+    "bwr": [(0.0, (0, 0, 1)), (0.5, (1, 1, 1)), (1.0, (1, 0, 0))],
+    "seismic": [(0.0, (0, 0, 0.3)), (0.25, (0, 0, 1)), (0.5, (1, 1, 1)), (0.75, (1, 0, 0)), (1.0, (0.5, 0, 0))],
+    "coldnhot": [(0.0, (0, 1, 1)), (0.25, (0, 0, 1)), (0.5, (0, 0, 0)), (0.75, (1, 0, 0)), (1.0, (1, 1, 0))],
+    "hot": [(0.0, (0, 0, 0)), (0.375, (1, 0, 0)), (0.75, (1, 1, 0)), (1.0, (1, 1, 1))],
+    "cold": [(0.0, (1, 1, 1)), (0.25, (0, 1, 1)), (0.625, (0, 0, 1)), (1.0, (0, 0, 0))],
+    "wred": [(0.0, (1, 1, 1)), (0.5, (1, 1, 1)), (1.0, (1, 0, 0))],
+    "wblue": [(0.0, (0, 0, 1)), (0.5, (1, 1, 1)), (1.0, (1, 1, 1))],
+}
+
+
+def colormap(values, cmap="bwr"):
+    """Map values in [0, 1] to uint8 RGB through a named colormap."""
+    if cmap not in COLORMAPS:
+        raise InputError(f"unknown colormap {cmap!r}; known: {', '.join(COLORMAPS)}")
+    positions, colors = zip(*COLORMAPS[cmap])
+    channels = [np.interp(values, positions, [c[k] for c in colors]) for k in range(3)]
+    return np.round(np.stack(channels, axis=-1) * 255).astype(np.uint8)
+
+
+def relevance_map(relevance, channel_axis=0):
+    """Relevance of one sample summed over channels, scaled to [-1, 1] by its largest magnitude."""
+    r = np.asarray(relevance, np.float64)
+    if r.ndim == 3:
+        r = r.sum(axis=channel_axis)
+    elif r.ndim == 1:
+        r = r[None, :]
+    elif r.ndim != 2:
+        raise InputError(f"a heatmap needs one sample's relevance of rank 1 to 3, got shape {r.shape}")
+    peak = np.abs(r).max()
+    return r / peak if peak > 0 else r
+
+
+def heatmap(relevance, cmap="bwr", channel_axis=0, overlay=None, alpha=0.5):
+    """A PIL image of one sample's relevance: 0 is the colormap's centre, ±max|R| its ends.
+
+    ``overlay``: an image (PIL, or an array in [0, 1] or [0, 255]) of the same size to blend under it.
+    """
+    normalised = relevance_map(relevance, channel_axis)
+    image = Image.fromarray(colormap((normalised + 1) / 2, cmap), "RGB")
+    if overlay is None:
+        return image
+    if not isinstance(overlay, Image.Image):
+        array = np.asarray(overlay, np.float64)
+        array = array * 255 if array.max() <= 1.0 else array
+        overlay = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8))
+    base = overlay.convert("L").convert("RGB").resize(image.size)
+    return Image.blend(base, image, alpha)

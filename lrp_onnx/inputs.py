@@ -1,0 +1,219 @@
+"""Read inputs for ``explain``: image files and folders (Pillow), ``.npy`` and ``.npz`` arrays.
+
+Images are preprocessed as ImageNet users expect: resize the shorter side and center-crop to
+``size``, convert to grey or RGB, scale to [0, scale], normalise by per-channel mean and std, and
+lay out as NCHW or NHWC. Defaults come from the model's input shape where it is fixed. Arrays
+are taken as model-ready (no preprocessing): one sample, or a batch along axis 0.
+"""
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+from PIL import Image
+
+from .errors import InputError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+ARRAY_SUFFIXES = (".npy", ".npz")
+
+
+@dataclass
+class Sample:
+    name: str                         # unique stem for output files
+    source: str                       # file, with the index or key for arrays
+    array: np.ndarray                 # one model-ready sample, no batch axis
+    image: Optional[np.ndarray] = None  # the picture as seen (H×W or H×W×3 in [0, 1]), for overlays
+
+
+@dataclass
+class Preprocess:
+    size: Optional[Sequence[int]] = None  # (H, W)
+    mean: Optional[Sequence[float]] = None
+    std: Optional[Sequence[float]] = None
+    scale: float = 1.0
+    layout: Optional[str] = None           # "nchw" or "nhwc"
+    grayscale: bool = False
+
+
+@dataclass
+class InputSpec:
+    """What the explained graph input expects: rank, layout, channels, fixed spatial size."""
+    shape: list
+
+    @property
+    def rank(self):
+        return len(self.shape)
+
+    def layout(self, requested=None):
+        if requested:
+            return requested
+        if self.rank == 4 and self.shape[1] in (1, 3):
+            return "nchw"
+        if self.rank == 4 and self.shape[3] in (1, 3):
+            return "nhwc"
+        return "nchw"
+
+    def channels(self, layout):
+        if self.rank != 4:
+            return None
+        c = self.shape[1] if layout == "nchw" else self.shape[3]
+        return c if isinstance(c, int) else None
+
+    def spatial(self, layout):
+        if self.rank != 4:
+            return None
+        hw = self.shape[2:4] if layout == "nchw" else self.shape[1:3]
+        return tuple(hw) if all(isinstance(d, int) for d in hw) else None
+
+
+def expand_paths(paths):
+    """Files named, and the image and array files inside folders (sorted, not recursive)."""
+    files = []
+    for path in paths:
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            inside = sorted(os.path.join(path, f) for f in os.listdir(path)
+                            if f.lower().endswith(IMAGE_SUFFIXES + ARRAY_SUFFIXES))
+            if not inside:
+                raise InputError(f"{path}: folder has no image ({', '.join(IMAGE_SUFFIXES)}) or array files")
+            files.extend(inside)
+        elif not os.path.isfile(path):
+            raise InputError(f"{path}: no such file or folder")
+        elif not path.lower().endswith(IMAGE_SUFFIXES + ARRAY_SUFFIXES):
+            raise InputError(f"{path}: not an image ({', '.join(IMAGE_SUFFIXES)}) or array (.npy, .npz) file")
+        else:
+            files.append(path)
+    return files
+
+
+def load_samples(paths, spec: InputSpec, preprocess: Preprocess):
+    """Every input as model-ready samples; any unreadable or mismatching input is an InputError."""
+    samples = []
+    for path in expand_paths(paths):
+        if path.lower().endswith(ARRAY_SUFFIXES):
+            samples.extend(_array_samples(path, spec))
+        else:
+            samples.append(_image_sample(path, spec, preprocess))
+    return _unique_names(samples)
+
+
+def _unique_names(samples):
+    seen = {}
+    for s in samples:
+        base, n = s.name, seen.get(s.name, 0)
+        seen[base] = n + 1
+        if n:
+            s.name = f"{base}-{n}"
+    return samples
+
+
+def _stem(path):
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def _array_samples(path, spec):
+    try:
+        if path.lower().endswith(".npz"):
+            with np.load(path, allow_pickle=False) as data:
+                arrays = [(f"{_stem(path)}_{key}", f"{path}[{key}]", data[key]) for key in data.files]
+        else:
+            arrays = [(_stem(path), path, np.load(path, allow_pickle=False))]
+    except ValueError as e:
+        if "pickle" in str(e).lower():
+            raise InputError(f"{path}: holds pickled objects; lrp-onnx never loads pickles") from None
+        raise InputError(f"{path}: not a readable numpy array ({e})") from None
+    except OSError as e:
+        raise InputError(f"{path}: not a readable numpy array ({e})") from None
+    samples = []
+    for stem, source, array in arrays:
+        if array.dtype.kind not in "fiub":
+            raise InputError(f"{source}: array of {array.dtype} is not numeric")
+        if array.ndim == spec.rank - 1:
+            array = array[None]
+        if array.ndim != spec.rank:
+            raise InputError(f"{source}: shape {list(array.shape)} does not fit the model input {spec.shape} "
+                             "(one sample, or a batch along axis 0)")
+        for axis, (got, want) in enumerate(zip(array.shape[1:], spec.shape[1:]), start=1):
+            if isinstance(want, int) and got != want:
+                what = "channels" if spec.rank == 4 and axis in (1, 3) and want in (1, 3) else f"axis {axis}"
+                raise InputError(f"{source}: wrong number of {what}: {got}, the model takes {want} "
+                                 f"(input shape {spec.shape})")
+        many = len(array) > 1
+        samples.extend(Sample(f"{stem}_{i}" if many else stem, f"{source}[{i}]" if many else source,
+                              array[i].astype(np.float32)) for i in range(len(array)))
+    return samples
+
+
+def _open_image(path):
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+            image.load()
+        return image
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise InputError(f"{path}: refused, too many pixels ({e})") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise InputError(f"{path}: unreadable or corrupt image ({str(e).splitlines()[0]})") from None
+
+
+def _resize_and_crop(image, size):
+    """Scale so the image covers size (H, W) (the shorter side fits), then center-crop."""
+    height, width = size
+    scale = max(height / image.height, width / image.width)
+    resized = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
+                           Image.BILINEAR)
+    left, top = (resized.width - width) // 2, (resized.height - height) // 2
+    return resized.crop((left, top, left + width, top + height))
+
+
+def _image_sample(path, spec, p: Preprocess):
+    if spec.rank != 4:
+        raise InputError(f"{path}: the model input {spec.shape} is not an image batch (rank 4)")
+    layout = spec.layout(p.layout)
+    channels = spec.channels(layout)
+    if channels not in (1, 3, None):
+        raise InputError(f"{path}: the model takes {channels} channels; images have 1 (grey) or 3 (RGB)")
+    grey = p.grayscale or channels == 1
+    image = _open_image(path).convert("L" if grey else "RGB")
+    fixed = spec.spatial(layout)
+    if p.size is not None:
+        size = tuple(p.size) if len(p.size) == 2 else (p.size[0], p.size[0])
+        if fixed is not None and size != fixed:
+            raise InputError(f"--size {size[0]} {size[1]} does not match the model's fixed input size "
+                             f"{fixed[0]}x{fixed[1]}")
+        image = _resize_and_crop(image, size)
+    elif fixed is not None and (image.height, image.width) != fixed:
+        raise InputError(f"{path}: image is {image.height}x{image.width} (HxW) but the model takes "
+                         f"{fixed[0]}x{fixed[1]}; pass --size to resize and crop")
+    pixels = np.asarray(image, np.float32) / 255.0
+    shown = pixels
+    hwc = pixels[..., None] if pixels.ndim == 2 else pixels
+    if grey and channels == 3:
+        hwc = np.repeat(hwc, 3, axis=2)
+    hwc = hwc * p.scale
+    c = hwc.shape[2]
+    for name, values in (("mean", p.mean), ("std", p.std)):
+        if values is not None and len(values) not in (1, c):
+            raise InputError(f"--{name} has {len(values)} values; the image has {c} channel(s)")
+    if p.mean is not None:
+        hwc = hwc - np.asarray(p.mean, np.float32)
+    if p.std is not None:
+        hwc = hwc / np.asarray(p.std, np.float32)
+    array = hwc.transpose(2, 0, 1) if layout == "nchw" else hwc
+    return Sample(_stem(path), path, np.ascontiguousarray(array, np.float32), shown)
+
+
+def batches(samples, batch_size):
+    """Consecutive samples of equal shape, at most ``batch_size`` at a time."""
+    batch = []
+    for sample in samples:
+        if batch and (len(batch) == batch_size or sample.array.shape != batch[0].array.shape):
+            yield batch
+            batch = []
+        batch.append(sample)
+    if batch:
+        yield batch
