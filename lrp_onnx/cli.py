@@ -1,7 +1,8 @@
-"""The ``lrp-onnx`` command line: ``convert`` and ``inspect``.
+"""The ``lrp-onnx`` command line: ``convert``, ``inspect`` and ``explain``.
 
 Exit codes: 0 success; 2 bad input (not ONNX, truncated, unsupported op or output, bad rule
-parameters, output exists without --force); 1 an internal error (a bug: please report it).
+parameters, output exists without --force, unreadable or mismatching inputs, a target out of range,
+an output folder that cannot be written); 1 an internal error (a bug: please report it).
 """
 
 import argparse
@@ -10,8 +11,11 @@ import sys
 
 from .composites import COMPOSITES
 from .convert import convert, plan
-from .errors import LrpOnnxError
-from .runtime import save_model
+from .errors import InputError, LrpOnnxError
+from .explain import explain_to_folder, read_labels
+from .heatmap import COLORMAPS
+from .inputs import Preprocess
+from .runtime import Explainer, save_model
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -22,8 +26,15 @@ def _floats(text):
     return values[0] if len(values) == 1 else values
 
 
-def _add_rule_flags(p):
-    p.add_argument("--composite", default="alpha-beta", choices=sorted(COMPOSITES),
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _add_rule_flags(p, composite_default="alpha-beta"):
+    p.add_argument("--composite", default=composite_default, choices=sorted(COMPOSITES),
                    help="rule assignment (default: alpha-beta, as the seed paper)")
     p.add_argument("--alpha", type=float, help="alpha-beta: alpha (default 2)")
     p.add_argument("--beta", type=float, help="alpha-beta: beta (default 1); alpha - beta must be 1")
@@ -79,6 +90,27 @@ def cmd_inspect(args):
     return EXIT_OK
 
 
+def cmd_explain(args):
+    if args.size is not None and len(args.size) > 2:
+        raise InputError(f"--size takes S or H W, got {len(args.size)} numbers")
+    rule_params = _rule_kwargs(args)
+    if args.rules or args.input_name:
+        rule_params.update(rules=args.rules, input_name=args.input_name)
+    explainer = Explainer(args.model, composite=args.composite, **rule_params)
+    preprocess = Preprocess(size=args.size, mean=args.mean, std=args.std, scale=args.scale, layout=args.layout,
+                            grayscale=args.grayscale)
+    labels = read_labels(args.labels) if args.labels else None
+    rows = explain_to_folder(explainer, args.inputs, args.output, preprocess, args.target, args.top_k, labels,
+                             args.batch_size, args.cmap, args.overlay, args.json, zoom=args.zoom)
+    print(f"wrote {len(rows)} explanation(s) to {args.output}/ (heatmaps, relevance .npy, summary.csv"
+          f"{', summary.json' if args.json else ''})")
+    return EXIT_OK
+
+
+def _floats_list(text):
+    return [float(v) for v in text.split(",")]
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="lrp-onnx", description="LRP explainer graphs for ONNX classifiers")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -92,6 +124,28 @@ def build_parser():
     p.add_argument("model")
     _add_rule_flags(p)
     p.set_defaults(run=cmd_inspect)
+    p = sub.add_parser("explain", help="explain images, folders or arrays: heatmaps, relevance, summary.csv")
+    p.add_argument("model", help="an explainer graph, or a classifier (converted in memory)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files (PNG, JPEG, BMP), folders, .npy, .npz")
+    p.add_argument("-o", "--output", default="lrp-out", metavar="DIR", help="output folder (default ./lrp-out)")
+    p.add_argument("--target", help="class index, or label name with --labels (default: the predicted class)")
+    p.add_argument("--top-k", type=_positive_int, metavar="K", help="explain the K highest-scoring classes")
+    p.add_argument("--labels", metavar="FILE", help="class names, one per line")
+    p.add_argument("--batch-size", type=_positive_int, default=32, metavar="B")
+    p.add_argument("--size", type=_positive_int, nargs="+", metavar="N",
+                   help="resize the shorter side and center-crop: S, or H W (default: the model's fixed size)")
+    p.add_argument("--mean", type=_floats_list, help="per-channel mean to subtract, comma-separated")
+    p.add_argument("--std", type=_floats_list, help="per-channel std to divide by, comma-separated")
+    p.add_argument("--scale", type=float, default=1.0, choices=[1.0, 255.0],
+                   help="pixel range before mean/std: 1 for [0, 1] (default), 255 for [0, 255]")
+    p.add_argument("--layout", choices=["nchw", "nhwc"], help="default: read from the model's input shape")
+    p.add_argument("--grayscale", action="store_true", help="convert images to grey (repeated if the model wants RGB)")
+    p.add_argument("--cmap", default="bwr", choices=sorted(COLORMAPS), help="heatmap colormap (default bwr)")
+    p.add_argument("--overlay", action="store_true", help="blend the heatmap over the input image")
+    p.add_argument("--zoom", type=_positive_int, default=1, help="enlarge heatmaps N times (for small inputs)")
+    p.add_argument("--json", action="store_true", help="also write summary.json")
+    _add_rule_flags(p, composite_default=None)
+    p.set_defaults(run=cmd_explain)
     return parser
 
 

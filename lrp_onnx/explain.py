@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
+from PIL import Image
 
 from .errors import InputError
 from .heatmap import heatmap
@@ -125,10 +126,12 @@ def _atomic_write(path, data: bytes):
         raise
 
 
-def write_explanation(e: Explanation, folder, cmap="bwr", overlay=False, channel_axis=0):
-    """<input>_class<k>.png (heatmap) and <input>_class<k>.npy (raw relevance); returns their names."""
+def write_explanation(e: Explanation, folder, cmap="bwr", overlay=False, channel_axis=0, zoom=1):
+    """<input>_class<k>.png (heatmap, the input's size × zoom) and <input>_class<k>.npy (raw relevance)."""
     stem = f"{e.sample.name}_class{e.target}"
     image = heatmap(e.relevance, cmap, channel_axis, overlay=e.sample.image if overlay else None)
+    if zoom > 1:
+        image = image.resize((image.width * zoom, image.height * zoom), Image.NEAREST)
     png, npy = io.BytesIO(), io.BytesIO()
     image.save(png, format="PNG")
     np.save(npy, e.relevance, allow_pickle=False)
@@ -148,7 +151,7 @@ def write_summary(rows, folder, as_json=False):
 
 
 def explain_to_folder(explainer, inputs, folder, preprocess=None, target=None, top_k=None, labels=None,
-                      batch_size=32, cmap="bwr", overlay=False, as_json=False, progress=True):
+                      batch_size=32, cmap="bwr", overlay=False, as_json=False, progress=True, zoom=1):
     """The whole CLI job; every input is read and checked before anything is written."""
     samples = load_samples(inputs, explainer.input_spec, preprocess or Preprocess())
     check_request(explainer, target, top_k, labels)
@@ -156,7 +159,7 @@ def explain_to_folder(explainer, inputs, folder, preprocess=None, target=None, t
     layout = explainer.input_spec.layout(preprocess.layout if preprocess else None)
     rows = []
     for e in explain_samples(explainer, samples, target, top_k, labels, batch_size, progress):
-        png, npy = write_explanation(e, folder, cmap, overlay, channel_axis=0 if layout == "nchw" else -1)
+        png, npy = write_explanation(e, folder, cmap, overlay, 0 if layout == "nchw" else -1, zoom)
         rows.append(dict(e.summary(), heatmap=png, relevance_file=npy))
     write_summary(rows, folder, as_json)
     return rows

@@ -8,7 +8,7 @@ import onnx
 import onnxruntime as ort
 
 from .convert import EXPLAINED_CLASS, EXPLAINED_LOGIT, META_PREFIX, RELEVANCE, TARGET, convert
-from .errors import InputError
+from .errors import InputError, RuleError
 from .explain import explain_samples
 from .inputs import InputSpec, Preprocess, load_samples
 from .load import read_model
@@ -24,14 +24,17 @@ class Explainer:
     """``Explainer(model).explain(x, target)`` -> (original outputs by name, relevance).
 
     ``model`` is an explainer graph, or a plain classifier that is converted in memory with
-    ``composite`` and ``rule_params`` (as ``convert``). ``providers`` defaults to every provider
+    ``composite`` (default alpha-beta) and ``rule_params``, as ``convert``. ``providers`` defaults to every provider
     ONNX Runtime has, CUDA first when present.
     """
 
-    def __init__(self, model, providers=None, composite="alpha-beta", **rule_params):
-        proto, _ = read_model(model)
+    def __init__(self, model, providers=None, composite=None, **rule_params):
+        proto, label = read_model(model)
         if not is_explainer(proto):
-            proto = convert(proto, composite, **rule_params)
+            proto = convert(proto, composite or "alpha-beta", **rule_params)
+        elif composite is not None or rule_params:
+            raise RuleError(f"{label} is already an explainer graph; composite and rule parameters apply "
+                            "only to plain classifiers")
         meta = {p.key[len(META_PREFIX):]: p.value for p in proto.metadata_props if p.key.startswith(META_PREFIX)}
         self.input_name = meta.get("explained_input") or next(
             i.name for i in proto.graph.input if i.name != TARGET)

@@ -1,6 +1,7 @@
 """Train the bundled example classifier: a small CNN on scikit-learn's handwritten digits.
 
-    python models/train_digits_cnn.py
+    python models/train_digits_cnn.py                  # train, export, write labels and samples
+    python models/train_digits_cnn.py --samples-only   # rewrite the samples only
 
 8×8 grey images (values 0..16, scaled to 0..1), 10 classes, a seeded 75/25 stratified split. Writes
 models/digits_cnn.onnx (TorchScript exporter, symbolic batch), models/digits_labels.txt and a few
@@ -10,8 +11,11 @@ needed here only, never at run time.
 
 import os
 
+import sys
+
 import numpy as np
 import torch
+from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
@@ -56,11 +60,22 @@ def main():
                       dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
     with open(os.path.join(HERE, "digits_labels.txt"), "w") as f:
         f.write("\n".join(str(d) for d in range(10)) + "\n")
-    os.makedirs(os.path.join(HERE, "samples"), exist_ok=True)
+    save_samples(x_test, y_test)
+
+
+def save_samples(x_test, y_test):
+    """The first held-out image of each digit: samples/digit<d>.png (8×8 grey, 0..255), and all ten,
+    model-ready and in class order 0..9, in digits_samples.npy ([10, 1, 8, 8], float32 in [0, 1])."""
+    folder = os.path.join(HERE, "samples")
+    os.makedirs(folder, exist_ok=True)
     picks = [int(np.flatnonzero(y_test == d)[0]) for d in range(10)]
-    np.save(os.path.join(HERE, "samples", "digits.npy"), x_test[picks])
-    np.save(os.path.join(HERE, "samples", "digits_labels.npy"), y_test[picks])
+    for d, i in enumerate(picks):
+        Image.fromarray(np.round(x_test[i, 0] * 255).astype(np.uint8), "L").save(os.path.join(folder, f"digit{d}.png"))
+    np.save(os.path.join(HERE, "digits_samples.npy"), x_test[picks])
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--samples-only"]:
+        save_samples(*data()[1::2])
+    else:
+        main()

@@ -1,0 +1,166 @@
+"""`lrp-onnx explain` end to end on the bundled models (subprocess), heatmaps, the summary, the Python
+pipeline, and every bad input (one-line error, exit 2, nothing written)."""
+
+import csv
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import lrp_onnx
+from lrp_onnx.heatmap import COLORMAPS, colormap
+from test_cli import ROOT, assert_bad_input, cli
+
+CNN = os.path.join(ROOT, "models", "digits_cnn.onnx")
+MLP = os.path.join(ROOT, "models", "digits_mlp.onnx")
+SAMPLES = os.path.join(ROOT, "models", "samples")
+LABELS = os.path.join(ROOT, "models", "digits_labels.txt")
+
+
+def read_summary(folder):
+    with open(os.path.join(folder, "summary.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def test_explain_the_bundled_cnn_on_its_samples(tmp_path):
+    out = tmp_path / "out"
+    result = cli("explain", CNN, SAMPLES, "-o", out, "--labels", LABELS, "--json")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""  # no progress bar when stderr is not a terminal
+    rows = read_summary(out)
+    assert [r["input"] for r in rows] == [f"digit{d}" for d in range(10)]
+    assert [r["predicted_label"] for r in rows] == [str(d) for d in range(10)]  # all ten samples classified right
+    for row in rows:
+        relevance = np.load(out / row["relevance_file"])
+        assert relevance.shape == (1, 8, 8)
+        assert float(row["relevance_sum"]) == pytest.approx(relevance.sum(), rel=1e-5)
+        assert float(row["conservation"]) == pytest.approx(relevance.sum() / float(row["logit"]), rel=1e-5)
+        positive, negative = relevance[relevance > 0].sum(), -relevance[relevance < 0].sum()
+        assert float(row["positive_share"]) == pytest.approx(positive / (positive + negative), rel=1e-5)
+        assert float(row["positive_share"]) + float(row["negative_share"]) == pytest.approx(1.0)
+        png = np.asarray(Image.open(out / row["heatmap"]).convert("RGB"))
+        assert png.shape == (8, 8, 3)
+        zero = relevance[0] == 0  # background pixels (x = 0) get exactly zero relevance under alpha-beta
+        assert zero.any() and (png[zero] == 255).all()  # bwr's centre is white
+    assert len(os.listdir(out)) == 10 * 2 + 2  # png + npy per input, summary.csv, summary.json
+
+
+def test_strokes_carry_the_relevance(tmp_path):
+    """Most positive relevance lies on the digit's strokes (bright pixels), not on the background."""
+    explanations = lrp_onnx.Explainer(CNN).explain_images(SAMPLES)
+    for e in explanations:
+        image, r = e.sample.array[0], e.relevance[0]
+        assert r[image > 0.25].clip(min=0).sum() > 0.9 * r.clip(min=0).sum()
+
+
+def test_top_k_and_named_targets(tmp_path):
+    out = tmp_path / "top"
+    assert cli("explain", CNN, os.path.join(SAMPLES, "digit3.png"), "-o", out, "--top-k", "3").returncode == 0
+    rows = read_summary(out)
+    assert len(rows) == 3 and rows[0]["target"] == "3" and len({r["target"] for r in rows}) == 3
+    logits = [float(r["logit"]) for r in rows]
+    assert logits == sorted(logits, reverse=True)
+    out = tmp_path / "named"
+    assert cli("explain", CNN, SAMPLES, "-o", out, "--labels", LABELS, "--target", "7").returncode == 0
+    assert {r["target_label"] for r in read_summary(out)} == {"7"}
+
+
+def test_zoom_overlay_and_colormaps(tmp_path):
+    out = tmp_path / "zoom"
+    assert cli("explain", CNN, os.path.join(SAMPLES, "digit0.png"), "-o", out, "--zoom", "4", "--overlay",
+               "--cmap", "coldnhot").returncode == 0
+    assert Image.open(out / "digit0_class0.png").size == (32, 32)
+    for name in COLORMAPS:
+        centre = colormap(np.array([0.5]), name)[0]
+        image = np.asarray(lrp_onnx.heatmap(np.zeros((1, 4, 4)), cmap=name))
+        assert (image == centre).all()
+    assert tuple(colormap(np.array([0.5]), "coldnhot")[0]) == (0, 0, 0)
+    assert tuple(colormap(np.array([0.5]), "bwr")[0]) == (255, 255, 255)
+
+
+def test_mlp_from_skl2onnx_with_npz_arrays(tmp_path):
+    features = np.load(os.path.join(ROOT, "models", "digits_samples.npy")).reshape(10, 64)
+    np.savez(tmp_path / "flat.npz", first=features[:4], rest=features[4:])
+    out = tmp_path / "mlp"
+    result = cli("explain", MLP, tmp_path / "flat.npz", "-o", out, "--composite", "epsilon")
+    assert result.returncode == 0, result.stderr
+    rows = read_summary(out)
+    assert [r["input"] for r in rows][:2] == ["flat_first_0", "flat_first_1"] and len(rows) == 10
+    assert [int(r["predicted"]) for r in rows] == list(range(10))
+    assert Image.open(out / rows[0]["heatmap"]).size == (64, 1)
+
+
+def test_images_are_resized_with_size(tmp_path):
+    big = tmp_path / "big.png"
+    Image.open(os.path.join(SAMPLES, "digit5.png")).resize((40, 32), Image.NEAREST).save(big)
+    assert_bad_input(cli("explain", CNN, big, "-o", tmp_path / "no"), "32x40", "--size")
+    assert not (tmp_path / "no").exists()
+    result = cli("explain", CNN, big, "-o", tmp_path / "yes", "--size", "8")
+    assert result.returncode == 0, result.stderr
+    assert read_summary(tmp_path / "yes")[0]["predicted"] == "5"
+
+
+def _pickled_npy():
+    import io
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    return buffer.getvalue()
+
+
+def _bad_labels(tmp_path):
+    path = tmp_path / "labels.txt"
+    path.write_text("a\nb\nc\n")
+    return str(path)
+
+
+def _bad(tmp_path, name, data):
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("make,args,phrase", [
+    (lambda t: _bad(t, "broken.png", b"\x89PNG\r\n\x1a\nbroken"), [], "unreadable or corrupt image"),
+    (lambda t: np.save(t / "rgb.npy", np.zeros((2, 3, 8, 8), np.float32)) or t / "rgb.npy", [],
+     "wrong number of channels: 3"),
+    (lambda t: _bad(t, "pickled.npy", _pickled_npy()), [], "pickled"),
+    (lambda t: SAMPLES, ["--target", "10"], "target 10 is out of range"),
+    (lambda t: SAMPLES, ["--target", "seven", "--labels", LABELS], "'seven' is not a class index"),
+    (lambda t: SAMPLES, ["--labels", _bad_labels], "3 labels but the model has 10 classes"),
+    (lambda t: SAMPLES, ["--size", "16"], "does not match the model's fixed input size"),
+    (lambda t: SAMPLES, ["--mean", "0.1,0.2"], "--mean has 2 values"),
+    (lambda t: t / "missing.png", [], "no such file"),
+])
+def test_bad_inputs(tmp_path, make, args, phrase):
+    args = [a(tmp_path) if callable(a) else a for a in args]
+    out = tmp_path / "out"
+    assert_bad_input(cli("explain", CNN, make(tmp_path), "-o", out, *args), phrase)
+    assert not out.exists()
+
+
+def test_output_folder_that_cannot_be_written(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert_bad_input(cli("explain", CNN, SAMPLES, "-o", blocker / "out"), "cannot write the output folder")
+
+
+def test_rule_flags_with_an_explainer_graph_are_refused(tmp_path):
+    path = tmp_path / "digits.lrp.onnx"
+    lrp_onnx.save_model(lrp_onnx.convert(CNN), str(path))
+    assert cli("explain", path, SAMPLES, "-o", tmp_path / "ok").returncode == 0
+    assert_bad_input(cli("explain", path, SAMPLES, "-o", tmp_path / "no", "--composite", "epsilon"),
+                     "already an explainer graph")
+
+
+def test_pickle_is_never_loaded(tmp_path):
+    """The refusal happens before unpickling: a payload that would write a file never runs."""
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+    with open(tmp_path / "evil.npy", "wb") as f:
+        np.lib.format.write_array(f, np.array([Payload()], dtype=object), allow_pickle=True)
+    assert_bad_input(cli("explain", CNN, tmp_path / "evil.npy", "-o", tmp_path / "out"), "pickled")
+    assert not marker.exists()
