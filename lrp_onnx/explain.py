@@ -87,11 +87,11 @@ def explain_samples(explainer, samples, target=None, top_k=None, labels=None, ba
     bar = _progress(len(samples) * (top_k or 1), progress)
     for batch in batches(samples, batch_size):
         x = np.stack([s.array for s in batch])
-        scores = explainer.scores(x)
-        ranked = np.argsort(-scores, axis=1, kind="stable")
+        # One run gives the scores and the first explanation (top-1 is the predicted class, -1).
+        first = explainer.run(x, -1 if target is None else target)
+        ranked = np.argsort(-first[explainer.score_name], axis=1, kind="stable")
         for rank in range(top_k or 1):
-            wanted = ranked[:, rank] if top_k else np.full(len(batch), -1 if target is None else target)
-            run = explainer.run(x, wanted)
+            run = first if rank == 0 else explainer.run(x, ranked[:, rank])
             for i, sample in enumerate(batch):
                 yield Explanation(sample, int(run["explained_class"][i]), int(ranked[i, 0]),
                                   float(run["explained_logit"][i]), run["relevance"][i], labels)

@@ -74,10 +74,6 @@ class Explainer:
         named = self.run(x, target, **other_inputs)
         return {k: named[k] for k in self.output_names}, named[RELEVANCE]
 
-    def scores(self, x, **other_inputs):
-        """The score output (the first float output, [N, classes]) for ``x``."""
-        return self.run(x, -1, **other_inputs)[self.score_name]
-
     def explain_images(self, inputs, target=None, top_k=None, labels=None, preprocess=None, batch_size=32):
         """Explanations of image files, folders, ``.npy``/``.npz`` files, preprocessed for this model.
 
