@@ -39,13 +39,6 @@ class Unit:
     def outputs(self):
         return (self.followers[-1] if self.followers else self.head).outputs
 
-    @property
-    def nodes(self):
-        return [self.head] + self.followers
-
-    def relevant_inputs(self):
-        return [t for t, r in zip(self.inputs, self.relevant) if r]
-
 
 def is_constant(t):
     return isinstance(t, gs.Constant)
