@@ -15,7 +15,7 @@ import onnx_graphsurgeon as gs
 from .builder import Builder
 from .composites import Composite, make_composite
 from .errors import LrpOnnxError, RuleError, UnsupportedModelError, UnsupportedOpError
-from .graph import find_units
+from .graph import find_units, nonnegative_tensors
 from .load import import_graph, load_model
 from .registry import lookup
 
@@ -100,6 +100,7 @@ def plan(model, composite="alpha-beta", *, input_name=None, rules=None, **rule_p
     explained = pick_input(graph, label, input_name)
     _, logits = find_logits(graph, label)
     units = _upstream_of(find_units(graph, explained, graph.outputs), logits)
+    nonnegative = nonnegative_tensors(graph)
     rules_by_unit, problems = {}, []
     first_seen = False
     for unit in units:
@@ -112,6 +113,7 @@ def plan(model, composite="alpha-beta", *, input_name=None, rules=None, **rule_p
             problems.append((unit.name, unit.op, reason))
             continue
         role = unit.role = prop.role_of(unit)
+        unit.x_nonnegative = unit.inputs[0].name in nonnegative
         is_first = role in ("conv", "dense") and not first_seen
         first_seen = first_seen or is_first
         rules_by_unit[unit.name] = composite.rule_for(unit, role, is_first)

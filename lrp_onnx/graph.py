@@ -22,6 +22,7 @@ class Unit:
     followers: list = field(default_factory=list)
     relevant: list = field(default_factory=list)  # per head input: does it depend on the explained input?
     role: str = None  # set by the plan: "conv", "dense", "activation", ... (see registry.py)
+    x_nonnegative: bool = False  # set by the plan: the first input is provably >= 0 (e.g. after a Relu)
 
     @property
     def name(self):
@@ -124,3 +125,40 @@ def find_units(graph, explained, outputs):
         relevant.update(t.name for t in unit.outputs)
         units.append(unit)
     return units
+
+
+# Non-negativity, propagated forward so that rules can drop terms of x⁻ = min(x, 0) that are zero.
+MAKE_NONNEGATIVE = ("Relu", "Sigmoid", "Softplus", "HardSigmoid", "Softmax", "Abs", "Exp")
+KEEP_FIRST_INPUT_SIGN = ("MaxPool", "GlobalMaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean", "ReduceSum",
+                         "ReduceMax", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity",
+                         "Dropout", "Slice", "Gather", "Split", "LRN", "Cast")
+KEEP_ALL_INPUTS_SIGN = ("Concat", "Add", "Sum", "Mul", "Min")
+
+
+def nonnegative_tensors(graph):
+    """Names of the tensors that are >= 0 for every input: activations like Relu, non-negative
+    constants, and what pooling, routing, sums and products make of them."""
+    known = {t.name for t in graph.tensors().values() if is_constant(t) and t.values.size and t.values.min() >= 0}
+
+    def nonneg(t):
+        return t.name in known
+
+    for node in graph.nodes:
+        data = [t for t in node.inputs if t.name]
+        if node.op in MAKE_NONNEGATIVE:
+            ok = True
+        elif node.op in KEEP_FIRST_INPUT_SIGN:
+            ok = nonneg(node.inputs[0])
+        elif node.op in KEEP_ALL_INPUTS_SIGN:
+            ok = all(nonneg(t) for t in data)
+        elif node.op == "Max":
+            ok = any(nonneg(t) for t in data)
+        elif node.op == "Clip":
+            ok = nonneg(node.inputs[0]) or (len(node.inputs) > 1 and nonneg(node.inputs[1]))
+        elif node.op == "Pad":
+            ok = nonneg(node.inputs[0]) and (len(node.inputs) < 3 or not node.inputs[2].name or nonneg(node.inputs[2]))
+        else:
+            ok = False
+        if ok:
+            known.update(t.name for t in node.outputs if t.dtype is None or np.dtype(t.dtype).kind == "f")
+    return known

@@ -50,6 +50,17 @@ class Linear:
     affine: Callable  # numpy z = M x + b for one sample
     structure: Optional[Callable] = None  # numpy forward with all-ones weights and no bias (flat rule)
     op: str = "Conv"
+    after_relu: bool = False  # the layer reads Relu(x): the converter's non-negative-input path
+
+
+def after_relu(case):
+    """The same layer reading Relu(x); Relu passes relevance, so R_x is the layer's R at Relu(x)."""
+    relu = helper.make_node("Relu", ["x"], ["x_relu"], name="relu")
+    nodes = [relu] + [helper.make_node(n.op_type, ["x_relu" if i == "x" else i for i in n.input], n.output,
+                                       name=n.name, **{a.name: helper.get_attribute_value(a) for a in n.attribute})
+                      for n in case.nodes]
+    return Linear(case.id + "-after-relu", case.x_shape, nodes, case.weights, case.affine, case.structure, case.op,
+                  after_relu=True)
 
 
 def _conv_case(id, x_shape, w_shape, attrs=None, bias=True, **np_attrs):
@@ -144,6 +155,9 @@ def _conv_bn_case():
     return Linear("conv+bn+mul+sub", (2, 5, 5), nodes, weights, affine)
 
 
+LINEAR_CASES += [(after_relu(case), rule, params) for case, rule, params in [
+    (CONV, "alpha-beta", {}), (CONV, "alpha-beta", {"alpha": 1.5, "beta": 0.5}), (CONV, "zplus", {}),
+    (CONV, "gamma", {}), (CONV, "epsilon", {}), (GEMM, "alpha-beta", {}), (GEMM, "gamma", {"gamma": 0.5})]]
 LINEAR_CASES += [(_conv_transpose_case(), rule, {}) for rule in ("epsilon", "alpha-beta", "flat")]
 LINEAR_CASES += [(_matmul_add_case(), rule, {}) for rule in ("epsilon", "alpha-beta")]
 LINEAR_CASES += [(_conv_bn_case(), rule, {}) for rule in ("epsilon", "alpha-beta", "wsquare")]
@@ -167,8 +181,10 @@ def test_linear_rule_matches_numpy(case, rule, params):
     rule_obj = lrp_onnx.make_rule(rule, **params)
     _, relevance = run_explainer(case.nodes, x, case.weights, seed, rules={case.op: rule_obj})
     ones = ref.dense_matrix(case.structure, case.x_shape) if case.structure else None
+    layer_input = np.maximum(x, 0) if case.after_relu else x
     for n in range(2):
-        expected = ref.lrp(rule, params, m, x[n].reshape(-1).astype(np.float64), bias, seed[n].astype(np.float64),
+        expected = ref.lrp(rule, params, m, layer_input[n].reshape(-1).astype(np.float64), bias,
+                           seed[n].astype(np.float64),
                            ones_matrix=ones, low=_bound(params.get("low", 0.0), case.x_shape),
                            high=_bound(params.get("high", 1.0), case.x_shape))
         np.testing.assert_allclose(relevance[n].reshape(-1), expected, rtol=2e-4,
@@ -325,6 +341,8 @@ def _forward_z(case, x):
 @pytest.mark.parametrize("op,attrs,x_shape,w_shape", [
     ("Conv", {"strides": [2, 2], "pads": [1, 0, 2, 1], "dilations": [1, 2], "group": 2}, (1, 4, 9, 10), (6, 2, 3, 3)),
     ("Conv", {"strides": [3], "pads": [0, 2]}, (1, 2, 13), (3, 2, 4)),
+    ("Conv", {"pads": [1, 2, 0, 1], "dilations": [2, 1], "group": 2}, (1, 4, 7, 6), (6, 2, 3, 3)),
+    ("Conv", {"pads": [3, 0], "dilations": [1]}, (1, 2, 9), (3, 2, 2)),
     ("Conv", {"auto_pad": "SAME_LOWER", "strides": [2, 2]}, (1, 2, 8, 7), (3, 2, 2, 3)),
     ("ConvTranspose", {"strides": [2, 2], "pads": [1, 0, 0, 1], "output_padding": [1, 0], "group": 2},
      (1, 4, 4, 5), (4, 1, 3, 3)),

@@ -22,6 +22,7 @@ class LinearMap:
         self.x = unit.inputs[0]
         self.output = unit.outputs[0]
         self.input_rank = len(self.x.shape) if self.x.shape is not None else 2
+        self.x_nonnegative = unit.x_nonnegative
 
     def forward(self, b, x, weight, bias=None):
         # The layer's own pre-activation already exists in the forward graph: reuse it.
@@ -97,7 +98,26 @@ class ConvMap(_WeightedMap):
         return b.op("Conv", x, weight, bias, **self.attrs)
 
     def transpose(self, b, g, weight):
-        return b.op("ConvTranspose", g, weight, **self.attrs, output_padding=transpose_output_padding(self.unit))
+        a = self.attrs
+        spatial = len(a["strides"])
+        reach = [(k - 1) * d for k, d in zip(a["kernel_shape"], a["dilations"])]
+        pads = [reach[i % spatial] - p for i, p in enumerate(a["pads"])]
+        if all(s == 1 for s in a["strides"]) and min(pads) >= 0:
+            # Stride 1: the transpose is a Conv with the kernel flipped and its in/out channels swapped
+            # (per group), padded by (k−1)·d − p. ORT runs Conv faster than ConvTranspose.
+            return b.op("Conv", g, self._flipped(b, weight), **dict(a, pads=pads, kernel_shape=a["kernel_shape"]))
+        return b.op("ConvTranspose", g, weight, **a, output_padding=transpose_output_padding(self.unit))
+
+    def _flipped(self, b, weight):
+        """W[o, i, k] -> W'[i, o, flip(k)], per group; constant-folded by the runtime at load."""
+        c_out, c_in_per_group = self.channels, self.unit.head.inputs[1].values.shape[1]
+        group, kernel = self.attrs["group"], self.attrs["kernel_shape"]
+        grouped = b.op("Reshape", weight, b.ints([group, c_out // group, c_in_per_group] + kernel))
+        swapped = b.op("Transpose", grouped, perm=[0, 2, 1] + list(range(3, 3 + len(kernel))))
+        merged = b.op("Reshape", swapped, b.ints([group * c_in_per_group, c_out // group] + kernel))
+        axes = list(range(2, 2 + len(kernel)))
+        return b.op("Slice", merged, b.ints([-1] * len(kernel)), b.ints([np.iinfo(np.int64).min] * len(kernel)),
+                    b.ints(axes), b.ints([-1] * len(kernel)))
 
 
 class ConvTransposeMap(_WeightedMap):

@@ -1,0 +1,186 @@
+"""Speed and memory of the explainer against the ORT forward pass and against Zennit.
+
+    python benchmarks/bench.py [--models vgg16 resnet50] [--batches 1 8] [--repeats 5] [--threads 2]
+
+For each torchvision model (random init, 224×224, dynamo export) and composite, in one process
+and with the same thread count, the ORT forward pass (A), the explainer on ORT (B) and Zennit on
+the same torch model with the same composite and canonizers (C) run interleaved A B C A B C...
+Peak RSS of the explainer and of Zennit is measured in a subprocess each. Conversion time and
+the explainer file's size are recorded too. Prints the table and writes BENCHMARKS.md (the table,
+the machine and library versions, then benchmarks/LEVERS.md).
+"""
+
+import argparse
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+COMPOSITES = ["alpha-beta", "epsilon-plus-flat"]
+
+
+def session(path, threads):
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def torch_model(name, threads):
+    import torch
+
+    from zennit_reference import torchvision_model
+    torch.set_num_threads(threads)
+    return torchvision_model(name, 224)
+
+
+def zennit_runner(model, name, composite, x):
+    import torch
+
+    from zennit_reference import zennit_composite, zennit_relevance
+    tensor = torch.from_numpy(x)
+    targets = np.zeros(len(x), np.int64)
+    zc = zennit_composite(composite, name)
+    return lambda: zennit_relevance(model, tensor, targets, zc)
+
+
+def peak_rss_mb(args):
+    """Peak RSS of a fresh subprocess running one side of the comparison twice."""
+    result = subprocess.run([sys.executable, __file__, "--rss", *map(str, args)], capture_output=True, text=True,
+                            check=True)
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def rss_child(kind, *args):
+    if kind == "explainer":
+        path, batch, threads = args[0], int(args[1]), int(args[2])
+        s = session(path, threads)
+        x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
+        for _ in range(2):
+            s.run(None, {"input": x, "target": np.full(batch, -1, np.int64)})
+    else:
+        name, composite, batch, threads = args[0], args[1], int(args[2]), int(args[3])
+        x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
+        run = zennit_runner(torch_model(name, threads), name, composite, x)
+        for _ in range(2):
+            run()
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def interleaved(runs, repeats):
+    """Median seconds of each callable, run round-robin after one warm-up each."""
+    for run in runs:
+        run()
+    times = [[] for _ in runs]
+    for _ in range(repeats):
+        for run, bucket in zip(runs, times):
+            start = time.perf_counter()
+            run()
+            bucket.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def bench_model(name, batches, repeats, threads, workdir):
+    import lrp_onnx
+    import torch
+
+    from zennit_reference import export
+    model = torch_model(name, threads)
+    path = export(model, torch.randn(2, 3, 224, 224), os.path.join(workdir, f"{name}.onnx"), dynamo=True)
+    forward = session(path, threads)
+    rows = []
+    for composite in COMPOSITES:
+        start = time.perf_counter()
+        explainer_proto = lrp_onnx.convert(path, composite)
+        convert_s = time.perf_counter() - start
+        explainer_path = os.path.join(workdir, f"{name}-{composite}.lrp.onnx")
+        lrp_onnx.save_model(explainer_proto, explainer_path)
+        del explainer_proto
+        explainer = session(explainer_path, threads)
+        for batch in batches:
+            x = np.random.default_rng(batch).standard_normal((batch, 3, 224, 224)).astype(np.float32)
+            target = np.full(batch, -1, np.int64)
+            t_forward, t_explainer, t_zennit = interleaved([
+                lambda: forward.run(None, {"input": x}),
+                lambda: explainer.run(None, {"input": x, "target": target}),
+                zennit_runner(model, name, composite, x)], repeats)
+            rows.append({
+                "model": name, "batch": batch, "composite": composite, "forward": t_forward,
+                "explainer": t_explainer, "zennit": t_zennit,
+                "rss_explainer": peak_rss_mb(["explainer", explainer_path, batch, threads]),
+                "rss_zennit": peak_rss_mb(["zennit", name, composite, batch, threads]),
+                "convert": convert_s, "size_ratio": os.path.getsize(explainer_path) / os.path.getsize(path)})
+            print(format_row(rows[-1]), flush=True)
+        del explainer
+    return rows
+
+
+HEADER = ("| model | batch | composite | ORT forward (s) | explainer (s) | Zennit (s) | explainer / forward | "
+          "Zennit / explainer | peak RSS explainer (MB) | peak RSS Zennit (MB) | convert (s) | file size / model |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def format_row(r):
+    return (f"| {r['model']} | {r['batch']} | {r['composite']} | {r['forward']:.3f} | {r['explainer']:.3f} | "
+            f"{r['zennit']:.3f} | {r['explainer'] / r['forward']:.2f} | {r['zennit'] / r['explainer']:.2f} | "
+            f"{r['rss_explainer']:.0f} | {r['rss_zennit']:.0f} | {r['convert']:.1f} | {r['size_ratio']:.3f} |")
+
+
+def environment(threads, repeats):
+    import onnxruntime
+    import torch
+    import zennit
+
+    import lrp_onnx
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"- Machine: {cpu}, {os.cpu_count()} cores; {threads} threads for ORT (intra-op) and torch\n"
+            f"- Versions: lrp-onnx {lrp_onnx.__version__}, onnxruntime {onnxruntime.__version__}, "
+            f"torch {torch.__version__}, zennit {zennit.__version__ if hasattr(zennit, '__version__') else '0.5.1'}, "
+            f"numpy {np.__version__}, Python {platform.python_version()}\n"
+            f"- Medians of {repeats} interleaved runs after one warm-up; random-init torchvision models, "
+            "224×224, dynamo export; peak RSS in a fresh subprocess each\n"
+            f"- Generated by `python benchmarks/bench.py` on {time.strftime('%Y-%m-%d')}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["vgg16", "resnet50"])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", default=os.path.join(ROOT, "BENCHMARKS.md"))
+    parser.add_argument("--rss", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.rss:
+        return rss_child(*args.rss)
+    print(HEADER, flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as workdir:
+        for name in args.models:
+            rows += bench_model(name, args.batches, args.repeats, args.threads, workdir)
+    levers = open(os.path.join(HERE, "LEVERS.md")).read()
+    text = "\n".join(["# Benchmarks", "", environment(args.threads, args.repeats), "", HEADER,
+                      *map(format_row, rows), "", levers])
+    with open(args.output, "w") as f:
+        f.write(text)
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
