@@ -13,7 +13,6 @@ the machine and library versions, then benchmarks/LEVERS.md).
 import argparse
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -75,7 +74,17 @@ def rss_child(kind, *args):
         run = zennit_runner(torch_model(name, threads), name, composite, x)
         for _ in range(2):
             run()
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    # VmHWM, not ru_maxrss: the latter keeps the forking parent's peak across exec.
+    with open("/proc/self/status") as f:
+        print(next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024)
+
+
+def model_bytes(path):
+    """The model file plus the external data files it names (the dynamo exporter writes weights there)."""
+    import onnx
+    model = onnx.load(path, load_external_data=False)
+    locations = {entry.value for t in model.graph.initializer for entry in t.external_data if entry.key == "location"}
+    return os.path.getsize(path) + sum(os.path.getsize(os.path.join(os.path.dirname(path), loc)) for loc in locations)
 
 
 def interleaved(runs, repeats):
@@ -120,7 +129,7 @@ def bench_model(name, batches, repeats, threads, workdir):
                 "explainer": t_explainer, "zennit": t_zennit,
                 "rss_explainer": peak_rss_mb(["explainer", explainer_path, batch, threads]),
                 "rss_zennit": peak_rss_mb(["zennit", name, composite, batch, threads]),
-                "convert": convert_s, "size_ratio": os.path.getsize(explainer_path) / os.path.getsize(path)})
+                "convert": convert_s, "size_ratio": model_bytes(explainer_path) / model_bytes(path)})
             print(format_row(rows[-1]), flush=True)
         del explainer
     return rows
