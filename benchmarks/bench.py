@@ -28,11 +28,16 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 COMPOSITES = ["alpha-beta", "epsilon-plus-flat"]
 
 
-def session(path, threads):
+def session(path, threads, explainer=False):
+    """The forward model with ORT's defaults; an explainer with lrp-onnx's session options."""
     import onnxruntime as ort
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
+
+    from lrp_onnx.runtime import session_options
+    if explainer:
+        options = session_options(threads)
+    else:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
@@ -64,7 +69,7 @@ def peak_rss_mb(args):
 def rss_child(kind, *args):
     if kind == "explainer":
         path, batch, threads = args[0], int(args[1]), int(args[2])
-        s = session(path, threads)
+        s = session(path, threads, explainer=True)
         x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
         for _ in range(2):
             s.run(None, {"input": x, "target": np.full(batch, -1, np.int64)})
@@ -116,7 +121,7 @@ def bench_model(name, batches, repeats, threads, workdir):
         explainer_path = os.path.join(workdir, f"{name}-{composite}.lrp.onnx")
         lrp_onnx.save_model(explainer_proto, explainer_path)
         del explainer_proto
-        explainer = session(explainer_path, threads)
+        explainer = session(explainer_path, threads, explainer=True)
         for batch in batches:
             x = np.random.default_rng(batch).standard_normal((batch, 3, 224, 224)).astype(np.float32)
             target = np.full(batch, -1, np.int64)

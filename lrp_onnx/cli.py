@@ -96,7 +96,7 @@ def cmd_explain(args):
     rule_params = _rule_kwargs(args)
     if args.rules or args.input_name:
         rule_params.update(rules=args.rules, input_name=args.input_name)
-    explainer = Explainer(args.model, composite=args.composite, **rule_params)
+    explainer = Explainer(args.model, providers=args.provider, composite=args.composite, **rule_params)
     preprocess = Preprocess(size=args.size, mean=args.mean, std=args.std, scale=args.scale, layout=args.layout,
                             grayscale=args.grayscale)
     labels = read_labels(args.labels) if args.labels else None
@@ -144,6 +144,7 @@ def build_parser():
     p.add_argument("--overlay", action="store_true", help="blend the heatmap over the input image")
     p.add_argument("--zoom", type=_positive_int, default=1, help="enlarge heatmaps N times (for small inputs)")
     p.add_argument("--json", action="store_true", help="also write summary.json")
+    p.add_argument("--provider", choices=["cpu", "cuda"], help="ONNX Runtime device (default: CUDA if available)")
     _add_rule_flags(p, composite_default=None)
     p.set_defaults(run=cmd_explain)
     return parser

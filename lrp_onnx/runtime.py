@@ -20,15 +20,41 @@ def is_explainer(proto):
     return any(o.name == RELEVANCE for o in proto.graph.output) and any(i.name == TARGET for i in proto.graph.input)
 
 
+def session_options(threads=None):
+    """ORT options for explainers. Weight prepacking is off: it keeps a second, packed copy of every
+    Gemm/MatMul weight and of the W⁺/W⁻ derived from it, which cost vgg16 1.1 GB of peak memory for
+    no measured speed (benchmarks/LEVERS.md)."""
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return options
+
+
+PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+
+
+def providers_for(name):
+    """ORT providers for "cpu" or "cuda"; an InputError if this onnxruntime build lacks the device."""
+    if name not in PROVIDERS:
+        raise InputError(f"unknown provider {name!r}; choose {' or '.join(PROVIDERS)}")
+    if PROVIDERS[name][0] not in ort.get_available_providers():
+        raise InputError(f"this onnxruntime has no {PROVIDERS[name][0]} (it has {ort.get_available_providers()}); "
+                         "for CUDA install lrp-onnx[gpu] and remove the CPU onnxruntime")
+    return PROVIDERS[name]
+
+
 class Explainer:
     """``Explainer(model).explain(x, target)`` -> (original outputs by name, relevance).
 
     ``model`` is an explainer graph, or a plain classifier that is converted in memory with
-    ``composite`` (default alpha-beta) and ``rule_params``, as ``convert``. ``providers`` defaults to every provider
-    ONNX Runtime has, CUDA first when present.
+    ``composite`` (default alpha-beta) and ``rule_params``, as ``convert``. ``providers`` is a list of
+    ORT execution providers, or "cpu" / "cuda"; it defaults to every provider ONNX Runtime has, CUDA
+    first when present. ``threads`` sets ORT's intra-op thread count (default: ORT's own choice).
     """
 
-    def __init__(self, model, providers=None, composite=None, **rule_params):
+    def __init__(self, model, providers=None, composite=None, threads=None, **rule_params):
         proto, label = read_model(model)
         if not is_explainer(proto):
             proto = convert(proto, composite or "alpha-beta", **rule_params)
@@ -40,7 +66,9 @@ class Explainer:
             i.name for i in proto.graph.input if i.name != TARGET)
         self.composite = meta.get("composite")
         self.model = proto
-        self.session = ort.InferenceSession(proto.SerializeToString(),
+        if isinstance(providers, str):
+            providers = providers_for(providers)
+        self.session = ort.InferenceSession(proto.SerializeToString(), session_options(threads),
                                             providers=providers or ort.get_available_providers())
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         outputs = {o.name: o for o in self.session.get_outputs()}

@@ -164,3 +164,11 @@ def test_pickle_is_never_loaded(tmp_path):
         np.lib.format.write_array(f, np.array([Payload()], dtype=object), allow_pickle=True)
     assert_bad_input(cli("explain", CNN, tmp_path / "evil.npy", "-o", tmp_path / "out"), "pickled")
     assert not marker.exists()
+
+
+def test_provider_flag(tmp_path):
+    import onnxruntime as ort
+    assert cli("explain", CNN, SAMPLES, "-o", tmp_path / "cpu", "--provider", "cpu").returncode == 0
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        assert_bad_input(cli("explain", CNN, SAMPLES, "-o", tmp_path / "gpu", "--provider", "cuda"),
+                         "no CUDAExecutionProvider")
