@@ -43,6 +43,19 @@ def proportional(b, layer, terms, relevance, stabilizer, gate=None, sign=None):
     return b.total(b.mul(t.input, layer.transpose(b, s, t.weight)) for t in terms)
 
 
+def signed_parts(b, layer, x):
+    """(x⁺, x⁻); x⁻ is None where x is known to be >= 0 (after a Relu, say): its terms vanish, and
+    leaving them out saves two passes of the layer."""
+    if layer.x_nonnegative:
+        return x, None
+    return b.positive(x), b.negative(x)
+
+
+def present(*terms):
+    """The terms whose input exists (see signed_parts)."""
+    return [t for t in terms if t.input is not None]
+
+
 def _check_stabilizer(value, name="stabilizer"):
     if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
         raise RuleError(f"{name} must be a finite number >= 0; got {value!r}")
@@ -115,24 +128,14 @@ class AlphaBeta(Rule):
     def propagate(self, b, layer, x, r):
         w, bias = layer.weight, layer.bias
         w_pos, w_neg = b.positive(w), b.negative(w)
-        alpha, beta = b.const(self.alpha), b.const(self.beta)
-        if layer.x_nonnegative:
-            # x = x⁺: the x⁻ terms vanish, z⁺ = F(x; W⁺, b⁺) >= 0 and z⁻ = F(x; W⁻, b⁻) <= 0.
-            def split(weight, bias_part, sign):
-                z = layer.forward(b, x, weight, _part(b, bias, bias_part))
-                return layer.transpose(b, b.div(r, b.stabilize(z, self.stabilizer, sign)), weight)
-            total = b.mul(split(w_pos, b.positive, +1), alpha)
-            if self.beta:
-                total = b.sub(total, b.mul(split(w_neg, b.negative, -1), beta))
-            return b.mul(x, total)
-        x_pos, x_neg = b.positive(x), b.negative(x)
-        positive = proportional(b, layer, [Term(x_pos, w_pos, _part(b, bias, b.positive)), Term(x_neg, w_neg)],
+        x_pos, x_neg = signed_parts(b, layer, x)
+        positive = proportional(b, layer, present(Term(x_pos, w_pos, _part(b, bias, b.positive)), Term(x_neg, w_neg)),
                                 r, self.stabilizer, sign=+1)
         if self.beta == 0:
-            return positive if self.alpha == 1 else b.mul(positive, alpha)
-        negative = proportional(b, layer, [Term(x_pos, w_neg, _part(b, bias, b.negative)), Term(x_neg, w_pos)],
+            return positive if self.alpha == 1 else b.mul(positive, b.const(self.alpha))
+        negative = proportional(b, layer, present(Term(x_pos, w_neg, _part(b, bias, b.negative)), Term(x_neg, w_pos)),
                                 r, self.stabilizer, sign=-1)
-        return b.sub(b.mul(positive, alpha), b.mul(negative, beta))
+        return b.sub(b.mul(positive, b.const(self.alpha)), b.mul(negative, b.const(self.beta)))
 
 
 @dataclass(frozen=True)
@@ -169,20 +172,11 @@ class Gamma(Rule):
         w_up, w_down = boosted(w, b.positive), boosted(w, b.negative)
         z = layer.forward(b, x, w, bias)
         zero = b.const(0.0)
-        gate_up = b.op("Cast", b.op("Greater", z, zero), to=1)
-        gate_down = b.op("Cast", b.op("Less", z, zero), to=1)
-        if layer.x_nonnegative:
-            # x = x⁺: the x⁻ terms vanish, F(x; W+γW⁺, b+γb⁺) = z + γz⁺ and F(x; W+γW⁻, b+γb⁻) = z + γz⁻.
-            def split(part, weight, gate):
-                z_part = layer.forward(b, x, part(w), _part(b, bias, part))
-                denominator = b.add(z, b.mul(z_part, b.const(self.gamma)))
-                return layer.transpose(b, b.mul(b.div(r, b.stabilize(denominator, self.stabilizer)), gate), weight)
-            return b.mul(x, b.add(split(b.positive, w_up, gate_up), split(b.negative, w_down, gate_down)))
-        x_pos, x_neg = b.positive(x), b.negative(x)
-        up = proportional(b, layer, [Term(x_pos, w_up, boosted(bias, b.positive)), Term(x_neg, w_down)], r,
-                          self.stabilizer, gate=gate_up)
-        down = proportional(b, layer, [Term(x_pos, w_down, boosted(bias, b.negative)), Term(x_neg, w_up)], r,
-                            self.stabilizer, gate=gate_down)
+        x_pos, x_neg = signed_parts(b, layer, x)
+        up = proportional(b, layer, present(Term(x_pos, w_up, boosted(bias, b.positive)), Term(x_neg, w_down)), r,
+                          self.stabilizer, gate=b.op("Cast", b.op("Greater", z, zero), to=1))
+        down = proportional(b, layer, present(Term(x_pos, w_down, boosted(bias, b.negative)), Term(x_neg, w_up)), r,
+                            self.stabilizer, gate=b.op("Cast", b.op("Less", z, zero), to=1))
         return b.add(up, down)
 
 
