@@ -60,7 +60,7 @@ def default_output(model_path):
 
 def cmd_convert(args):
     out = args.output or default_output(args.model)
-    if os.path.exists(out) and os.path.samefile(out, args.model):
+    if os.path.exists(out) and os.path.exists(args.model) and os.path.samefile(out, args.model):
         raise LrpOnnxError(f"refusing to overwrite the input model {args.model!r}; choose another -o")
     if os.path.exists(out) and not args.force:
         raise LrpOnnxError(f"{out!r} exists; pass --force to overwrite it")

@@ -32,10 +32,10 @@ class Composite:
 
     def rule_for(self, unit, role, is_first):
         """The rule of ``unit`` (None for units whose propagation is fixed)."""
-        by_name = [rule for pattern, rule in self.overrides if fnmatch.fnmatchcase(unit.name, pattern)]
-        by_op = [rule for pattern, rule in self.overrides if pattern == unit.op]
         if role == "route":
             return None
+        by_name = [rule for pattern, rule in self.overrides if fnmatch.fnmatchcase(unit.name, pattern)]
+        by_op = [rule for pattern, rule in self.overrides if pattern == unit.op]
         if by_name or by_op:
             return (by_name or by_op)[0]
         if role in ("conv", "dense"):
