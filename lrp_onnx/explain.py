@@ -11,6 +11,7 @@ from typing import Optional
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from .errors import InputError
 from .heatmap import heatmap
@@ -100,7 +101,6 @@ def explain_samples(explainer, samples, target=None, top_k=None, labels=None, ba
 
 
 def _progress(total, enabled):
-    from tqdm import tqdm
     return tqdm(total=total, unit="explanation", disable=not (enabled and sys.stderr.isatty() and total > 1))
 
 
