@@ -136,7 +136,6 @@ def bench_model(name, batches, repeats, threads, workdir):
                 "rss_zennit": peak_rss_mb(["zennit", name, composite, batch, threads]),
                 "convert": convert_s, "size_ratio": model_bytes(explainer_path) / model_bytes(path)})
             print(format_row(rows[-1]), flush=True)
-        del explainer
     return rows
 
 

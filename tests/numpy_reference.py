@@ -55,7 +55,6 @@ def conv_transpose(x, w, strides, pads, output_padding, group=1):
 
 def average_pool(x, kernel, strides, pads, count_include_pad):
     """AveragePool of one sample [C, *S]."""
-    spatial = len(kernel)
     ones = np.ones((x.shape[0], 1) + tuple(kernel))
     total = conv(x, ones, strides, pads, group=x.shape[0])
     if count_include_pad:
