@@ -35,7 +35,8 @@ class Plan:
     graph: gs.Graph
     label: str
     explained: gs.Variable
-    logits: gs.Tensor
+    score: gs.Tensor        # the [N, classes] output
+    logits: gs.Tensor       # where relevance starts: the score, or the input of a final softmax
     units: list             # units upstream of the logits, topological order, each with its role
     rules: dict             # unit name -> Rule or None
     problems: list          # [(node name, op, reason)]
@@ -98,7 +99,7 @@ def plan(model, composite="alpha-beta", *, input_name=None, rules=None, **rule_p
     proto, label = load_model(model)
     graph = import_graph(proto)
     explained = pick_input(graph, label, input_name)
-    _, logits = find_logits(graph, label)
+    score, logits = find_logits(graph, label)
     units = _upstream_of(find_units(graph, explained, graph.outputs), logits)
     nonnegative = nonnegative_tensors(graph)
     rules_by_unit, problems = {}, []
@@ -118,7 +119,7 @@ def plan(model, composite="alpha-beta", *, input_name=None, rules=None, **rule_p
         first_seen = first_seen or is_first
         rules_by_unit[unit.name] = composite.rule_for(unit, role, is_first)
     _check_overrides(composite, units)
-    return Plan(graph, label, explained, logits, units, rules_by_unit, problems, composite)
+    return Plan(graph, label, explained, score, logits, units, rules_by_unit, problems, composite)
 
 
 def _check_overrides(composite, units):
@@ -156,7 +157,7 @@ def convert(model, composite="alpha-beta", *, input_name=None, rules=None, seed_
     out = gs.export_onnx(graph, do_type_check=False)
     out.ir_version = max(out.ir_version, 8)
     meta = {"explained_input": p.explained.name, "composite": p.composite.name,
-            "score_output": find_logits(graph, p.label)[0].name}
+            "score_output": p.score.name}
     for key, value in meta.items():
         out.metadata_props.add(key=META_PREFIX + key, value=value)
     onnx.checker.check_model(out, full_check=True)

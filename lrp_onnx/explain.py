@@ -14,6 +14,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .errors import InputError
+from .files import atomic_write
 from .heatmap import heatmap
 from .inputs import Preprocess, Sample, batches, load_samples
 
@@ -114,18 +115,6 @@ def writable_folder(path):
         raise InputError(f"{path}: cannot write the output folder ({e.strerror or e})") from None
 
 
-def _atomic_write(path, data: bytes):
-    fd, tmp = tempfile.mkstemp(prefix=".lrp-onnx-", suffix=".tmp", dir=os.path.dirname(path) or ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_explanation(e: Explanation, folder, cmap="bwr", overlay=False, channel_axis=0, zoom=1):
     """<input>_class<k>.png (heatmap, the input's size × zoom) and <input>_class<k>.npy (raw relevance)."""
     stem = f"{e.sample.name}_class{e.target}"
@@ -135,8 +124,8 @@ def write_explanation(e: Explanation, folder, cmap="bwr", overlay=False, channel
     png, npy = io.BytesIO(), io.BytesIO()
     image.save(png, format="PNG")
     np.save(npy, e.relevance, allow_pickle=False)
-    _atomic_write(os.path.join(folder, stem + ".png"), png.getvalue())
-    _atomic_write(os.path.join(folder, stem + ".npy"), npy.getvalue())
+    atomic_write(os.path.join(folder, stem + ".png"), png.getvalue())
+    atomic_write(os.path.join(folder, stem + ".npy"), npy.getvalue())
     return stem + ".png", stem + ".npy"
 
 
@@ -145,9 +134,9 @@ def write_summary(rows, folder, as_json=False):
     writer = csv.DictWriter(text, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    _atomic_write(os.path.join(folder, "summary.csv"), text.getvalue().encode())
+    atomic_write(os.path.join(folder, "summary.csv"), text.getvalue().encode())
     if as_json:
-        _atomic_write(os.path.join(folder, "summary.json"), json.dumps(rows, indent=2).encode())
+        atomic_write(os.path.join(folder, "summary.json"), json.dumps(rows, indent=2).encode())
 
 
 def explain_to_folder(explainer, inputs, folder, preprocess=None, target=None, top_k=None, labels=None,

@@ -1,8 +1,5 @@
 """Run an explainer graph on ONNX Runtime."""
 
-import os
-import tempfile
-
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -10,6 +7,7 @@ import onnxruntime as ort
 from .convert import EXPLAINED_CLASS, EXPLAINED_LOGIT, META_PREFIX, RELEVANCE, TARGET, convert
 from .errors import InputError, RuleError
 from .explain import explain_samples
+from .files import atomic_write
 from .inputs import InputSpec, Preprocess, load_samples
 from .load import read_model
 
@@ -123,15 +121,4 @@ class Explainer:
 
 def save_model(proto: onnx.ModelProto, path):
     """Serialise ``proto`` to ``path`` atomically: a temporary file beside it, then a rename."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".lrp-onnx-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(proto.SerializeToString())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, proto.SerializeToString())

@@ -7,13 +7,14 @@ Fᵀ(g; W') = ∂⟨F(x; W'), g⟩/∂x. Every rule in ``rules.py`` is written o
 import numpy as np
 
 from ..errors import RuleError, UnsupportedModelError
-from ..graph import batch_norm_affine, is_constant, per_channel
+from ..graph import batch_norm_affine, channel_count, is_constant, per_channel
 from ..registry import propagator
 from ..rules import Pass
 
 
 class LinearMap:
-    """Base: ``x`` the layer input, ``output`` the forward output, ``weight``/``bias`` graph tensors."""
+    """Base: ``x`` the layer input, ``output`` the forward output, ``weight``/``bias`` graph tensors.
+    Maps without weights (pooling) take only the rules that use F(x) itself, which is ``output``."""
     weight = None
     bias = None
 
@@ -63,11 +64,12 @@ def folded_affine(unit, scale=None, bias=None):
 class _WeightedMap(LinearMap):
     """A layer with an initializer weight; followers and Gemm's alpha/beta are folded in."""
 
-    def __init__(self, b, unit, weight_layout_scale, base_scale=1.0, bias_input=None, bias_factor=1.0):
+    def __init__(self, b, unit, weight_layout_scale, base_scale=1.0, bias_factor=1.0):
         super().__init__(unit)
         head = unit.head
         weight = head.inputs[1]
-        own_bias = bias_input if bias_input is not None and bias_input.name else None
+        self.channels = channel_count(head)
+        own_bias = head.inputs[2] if len(head.inputs) > 2 and head.inputs[2].name else None
         base_bias = None
         if own_bias is not None:
             base_bias = np.broadcast_to(np.asarray(own_bias.values, np.float64).reshape(-1) * bias_factor,
@@ -83,16 +85,14 @@ class _WeightedMap(LinearMap):
 
 
 class ConvMap(_WeightedMap):
-    """Conv: Fᵀ is ConvTranspose with the same weight, pads, strides and an output_padding that lands
-    exactly on the input's spatial size (a strided Conv drops trailing rows the transpose must restore)."""
+    """Conv: Fᵀ is a flipped Conv at stride 1, else ConvTranspose with the same weight, pads, strides
+    and an output_padding that lands exactly on the input's size (a strided Conv drops trailing rows)."""
 
     def __init__(self, b, unit):
         head = unit.head
         w = head.inputs[1].values
-        self.channels = w.shape[0]
         self.attrs = conv_attrs(unit)
-        super().__init__(b, unit, lambda s: s.reshape([-1] + [1] * (w.ndim - 1)),
-                         bias_input=head.inputs[2] if len(head.inputs) > 2 else None)
+        super().__init__(b, unit, lambda s: s.reshape([-1] + [1] * (w.ndim - 1)))
 
     def emit_forward(self, b, x, weight, bias):
         return b.op("Conv", x, weight, bias, **self.attrs)
@@ -127,7 +127,6 @@ class ConvTransposeMap(_WeightedMap):
         head = unit.head
         w = head.inputs[1].values
         group = head.attrs.get("group", 1)
-        self.channels = w.shape[1] * group
         spatial = w.ndim - 2
         self.attrs = {"strides": head.attrs.get("strides", [1] * spatial),
                       "pads": head.attrs.get("pads", [0] * 2 * spatial),
@@ -138,7 +137,7 @@ class ConvTransposeMap(_WeightedMap):
             c_in, per_group = w.shape[0], w.shape[1]
             per_input = s.reshape(group, per_group)[np.arange(c_in) // (c_in // group)]
             return per_input.reshape([c_in, per_group] + [1] * spatial)
-        super().__init__(b, unit, layout, bias_input=head.inputs[2] if len(head.inputs) > 2 else None)
+        super().__init__(b, unit, layout)
 
     def emit_forward(self, b, x, weight, bias):
         return b.op("ConvTranspose", x, weight, bias, **self.forward_attrs)
@@ -156,11 +155,8 @@ class GemmMap(_WeightedMap):
     def __init__(self, b, unit):
         head = unit.head
         self.trans_a, self.trans_b = head.attrs.get("transA", 0), head.attrs.get("transB", 0)
-        w = head.inputs[1].values
-        self.channels = w.shape[0] if self.trans_b else w.shape[1]
         super().__init__(b, unit, lambda s: s.reshape(-1, 1) if self.trans_b else s,
                          base_scale=head.attrs.get("alpha", 1.0),
-                         bias_input=head.inputs[2] if len(head.inputs) > 2 else None,
                          bias_factor=head.attrs.get("beta", 1.0))
 
     def emit_forward(self, b, x, weight, bias):
@@ -176,7 +172,6 @@ class MatMulMap(_WeightedMap):
     """MatMul x·W with a constant 2-D W, plus the bias Add that follows it. Fᵀ(g) = g·Wᵀ."""
 
     def __init__(self, b, unit):
-        self.channels = unit.head.inputs[1].values.shape[-1]
         super().__init__(b, unit, lambda s: s)
 
     def emit_forward(self, b, x, weight, bias):
@@ -238,17 +233,20 @@ def static_spatial(unit):
     return shape[2:]
 
 
+def unread_rows(sizes, attrs):
+    """Rows a strided window never reads, per axis: n + p_begin + p_end − ((k−1)·d + 1) − (out−1)·s.
+    The transpose needs them as output_padding to land exactly on the input's size."""
+    spatial = len(attrs["strides"])
+    dilations = attrs.get("dilations", [1] * spatial)
+    return [(n + attrs["pads"][i] + attrs["pads"][i + spatial] - ((attrs["kernel_shape"][i] - 1) * dilations[i] + 1))
+            % attrs["strides"][i] for i, n in enumerate(sizes)]
+
+
 def transpose_output_padding(unit):
-    """Rows a strided Conv never reads: n + p_begin + p_end − ((k−1)·d + 1) − (out−1)·s, per axis."""
     attrs = conv_attrs(unit)
     if all(s == 1 for s in attrs["strides"]):
         return [0] * len(attrs["strides"])
-    spatial = len(attrs["strides"])
-    padding = []
-    for i, n in enumerate(static_spatial(unit)):
-        span = n + attrs["pads"][i] + attrs["pads"][i + spatial] - ((attrs["kernel_shape"][i] - 1) * attrs["dilations"][i] + 1)
-        padding.append(span % attrs["strides"][i])
-    return padding
+    return unread_rows(static_spatial(unit), attrs)
 
 
 LINEAR_MAPS = {"Conv": ConvMap, "ConvTranspose": ConvTransposeMap, "Gemm": GemmMap, "MatMul": MatMulMap,

@@ -6,7 +6,7 @@ import onnx_graphsurgeon as gs
 
 from ..graph import is_constant
 from ..registry import propagator
-from .linear import LinearMap, apply_rule
+from .linear import LinearMap, apply_rule, unread_rows
 
 
 class AveragePoolMap(LinearMap):
@@ -24,20 +24,13 @@ class AveragePoolMap(LinearMap):
         self.ones = b.const(np.ones([channels, 1] + kernel, np.float32))
         self.conv = dict(self.attrs, group=channels)
 
-    def emit_forward(self, b, x, weight, bias):
-        return b.op("AveragePool", x, count_include_pad=self.count_include_pad, **self.attrs)
-
     def transpose(self, b, g, weight):
         if self.count_include_pad or not any(self.attrs["pads"]):
             divisor = b.const(float(np.prod(self.attrs["kernel_shape"])))
         else:  # border windows average over the in-bounds elements only
             divisor = b.op("Conv", b.fill_like(self.x, 1.0), self.ones, **self.conv)
-        padding = []
-        spatial = len(self.attrs["kernel_shape"])
-        for i, n in enumerate(self.x.shape[2:]):
-            span = n + self.attrs["pads"][i] + self.attrs["pads"][i + spatial] - self.attrs["kernel_shape"][i]
-            padding.append(span % self.attrs["strides"][i])
-        return b.op("ConvTranspose", b.div(g, divisor), self.ones, **self.conv, output_padding=padding)
+        return b.op("ConvTranspose", b.div(g, divisor), self.ones, **self.conv,
+                    output_padding=unread_rows(self.x.shape[2:], self.attrs))
 
 
 class ReduceMap(LinearMap):
@@ -56,10 +49,6 @@ class ReduceMap(LinearMap):
                 self.axes = list(range(self.input_rank))
             self.axes = [a % self.input_rank for a in self.axes]
             self.keepdims = node.attrs.get("keepdims", 1)
-
-    def emit_forward(self, b, x, weight, bias):
-        z = b.op("ReduceSum", x, b.ints(self.axes), keepdims=self.keepdims)
-        return b.mul(z, self._scale(b)) if self.mean else z
 
     def _scale(self, b):
         """1 / (number of reduced elements) = size(output) / size(input)."""
