@@ -43,6 +43,8 @@ def _add_rule_flags(p, composite_default="alpha-beta"):
     p.add_argument("--low", type=_floats, help="zbox: lowest input value, scalar or per-channel list (default 0)")
     p.add_argument("--high", type=_floats, help="zbox: highest input value, scalar or per-channel list (default 1)")
     p.add_argument("--stabilizer", type=float, help="denominator stabilizer of the other rules (default 1e-6)")
+    p.add_argument("--zero-bias", action="store_true",
+                   help="layer rules ignore biases, so relevance is conserved (Zennit's zero_params=['bias'])")
     p.add_argument("--rules", metavar="FILE", help="JSON or TOML file: node-name glob or op type -> rule")
     p.add_argument("--input", dest="input_name", metavar="NAME", help="graph input to explain (default: first float)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -50,7 +52,10 @@ def _add_rule_flags(p, composite_default="alpha-beta"):
 
 def _rule_kwargs(args):
     keys = ("alpha", "beta", "epsilon", "gamma", "low", "high", "stabilizer")
-    return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    kwargs = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    if args.zero_bias:
+        kwargs["zero_params"] = ["bias"]
+    return kwargs
 
 
 def default_output(model_path):

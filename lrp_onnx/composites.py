@@ -9,7 +9,7 @@ and win over the composite; a name match wins over an op-type match.
 
 import fnmatch
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -132,10 +132,13 @@ COMPOSITES = {
 }
 
 
-def make_composite(name="alpha-beta", **params):
-    """A composite by name (Zennit's names, ``-`` or ``_``), with its rule parameters."""
+def make_composite(name="alpha-beta", zero_params=None, **params):
+    """A composite by name (Zennit's names, ``-`` or ``_``), with its rule parameters.
+
+    ``zero_params=["bias"]`` (as Zennit's composites) makes the composite's layer rules ignore
+    biases; overrides keep their own setting."""
     if isinstance(name, Composite):
-        if params:
+        if params or zero_params:
             raise RuleError("rule parameters go to make_composite(name, ...), not to a built Composite")
         return name
     key = str(name).replace("_", "-").lower()
@@ -146,4 +149,9 @@ def make_composite(name="alpha-beta", **params):
     unknown = sorted(k for k, v in params.items() if v is not None and k not in accepted)
     if unknown:
         raise RuleError(f"composite {key!r} takes {', '.join(accepted)}; it does not use {', '.join(unknown)}")
-    return factory(**{k: v for k, v in params.items() if v is not None})
+    composite = factory(**{k: v for k, v in params.items() if v is not None})
+    if zero_params:
+        composite.conv, composite.dense, composite.first = (
+            None if rule is None else replace(rule, zero_params=zero_params)
+            for rule in (composite.conv, composite.dense, composite.first))
+    return composite

@@ -25,6 +25,7 @@ RELEVANCE_SEED = "relevance_seed"
 EXPLAINED_CLASS = "explained_class"
 EXPLAINED_LOGIT = "explained_logit"
 SOFTMAX_OPS = ("Softmax", "LogSoftmax")
+SCORE_RESHAPES = ("Identity", "Reshape", "Flatten", "Squeeze")
 FLOAT_TYPES = (np.float32, np.float16, np.float64)
 META_PREFIX = "lrp_onnx."
 
@@ -69,12 +70,17 @@ def find_logits(graph, label):
     if not floats:
         raise UnsupportedModelError(f"{label}: the graph has no float output to explain")
     score = floats[0]
-    if score.shape is not None and len(score.shape) != 2:
+    if score.shape is not None and (len(score.shape) < 2 or any(d != 1 for d in score.shape[2:])):
         raise UnsupportedModelError(f"{label}: output {score.name!r} has shape {list(score.shape)}; "
-                                    "lrp-onnx explains a [N, classes] score tensor")
-    logits = score
-    while logits.inputs and logits.inputs[0].op in SOFTMAX_OPS + ("Identity",):
-        logits = logits.inputs[0].inputs[0]
+                                    "lrp-onnx explains a [N, classes] score tensor (or [N, classes, 1, ...])")
+    # Relevance starts below a final softmax. Opset upgrades wrap an old 4-D Softmax in
+    # Flatten/Reshape, so walk through shape-only ops too, but stop at the score unless a softmax
+    # lies above them.
+    logits, tensor = score, score
+    while tensor.inputs and tensor.inputs[0].op in SOFTMAX_OPS + SCORE_RESHAPES:
+        op, tensor = tensor.inputs[0].op, tensor.inputs[0].inputs[0]
+        if op in SOFTMAX_OPS:
+            logits = tensor
     return score, logits
 
 
@@ -175,12 +181,17 @@ def _seed(b, logits, seed_input):
         seed = gs.Variable(RELEVANCE_SEED, dtype=np.float32, shape=logits.shape)
         return seed, [seed], {}
     target = gs.Variable(TARGET, dtype=np.int64, shape=[batch])
+    scores = logits  # [N, classes]; Caffe2 models end in [N, classes, 1, 1]
+    if logits.shape is None or len(logits.shape) != 2:
+        logits = b.op("Flatten", logits, axis=1)
     predicted = b.op("ArgMax", logits, axis=1, keepdims=0)
     chosen = b.op("Where", b.op("Less", target, b.ints(0)), predicted, target)
     classes = b.op("Gather", b.shape(logits), b.ints([1]))
     onehot = b.op("OneHot", chosen, classes, b.const([0.0, 1.0]), axis=-1)
     seed = b.mul(logits, onehot)
     chosen_logit = b.op("ReduceSum", seed, b.ints([1]), keepdims=0)
+    if logits is not scores:
+        seed = b.reshape_like(seed, scores)
     return seed, [target], {EXPLAINED_CLASS: (chosen, np.int64, [batch]),
                             EXPLAINED_LOGIT: (chosen_logit, np.float32, [batch])}
 

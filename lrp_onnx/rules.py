@@ -13,7 +13,7 @@ so the explainer file stores no weight copies.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence, Union
 
 import numpy as np
@@ -61,13 +61,25 @@ def _check_stabilizer(value, name="stabilizer"):
         raise RuleError(f"{name} must be a finite number >= 0; got {value!r}")
 
 
+@dataclass(frozen=True)
 class Rule:
-    """Base class. ``propagate(b, layer, x, r)`` returns the relevance at the layer's input x."""
+    """Base class. ``propagate(b, layer, x, r)`` returns the relevance at the layer's input x.
+
+    ``zero_params=("bias",)`` is Zennit's option of the same name: the rule sees the layer without
+    its bias, so the layer hands on all of its relevance (Σ R_in = Σ R_out up to the stabilizer).
+    """
+    zero_params: tuple = field(default=(), kw_only=True)
     name = "rule"
     needs_weights = True
 
+    def __post_init__(self):
+        names = (self.zero_params,) if isinstance(self.zero_params, str) else tuple(self.zero_params or ())
+        if set(names) - {"bias"}:
+            raise RuleError(f"zero_params may only name 'bias'; got {list(names)}")
+        object.__setattr__(self, "zero_params", names)
+
     def params(self):
-        return {k: v for k, v in self.__dict__.items()}
+        return {k: v for k, v in self.__dict__.items() if k != "zero_params" or v}
 
     def describe(self):
         args = ", ".join(f"{k}={v}" for k, v in self.params().items())
@@ -80,6 +92,7 @@ class _Stabilized(Rule):
     stabilizer: float = 1e-6
 
     def __post_init__(self):
+        super().__post_init__()
         _check_stabilizer(self.stabilizer)
 
 
@@ -91,6 +104,7 @@ class Epsilon(Rule):
     needs_weights = False
 
     def __post_init__(self):
+        super().__post_init__()
         _check_stabilizer(self.epsilon, "epsilon")
 
     def propagate(self, b, layer, x, r):
@@ -120,6 +134,7 @@ class AlphaBeta(Rule):
     name = "alpha-beta"
 
     def __post_init__(self):
+        super().__post_init__()
         if not (self.alpha >= 0 and self.beta >= 0 and math.isclose(self.alpha - self.beta, 1.0)):
             raise RuleError(f"alpha-beta needs alpha, beta >= 0 and alpha - beta = 1; "
                             f"got alpha={self.alpha}, beta={self.beta}")
@@ -159,6 +174,7 @@ class Gamma(Rule):
     name = "gamma"
 
     def __post_init__(self):
+        super().__post_init__()
         if not (math.isfinite(self.gamma) and self.gamma >= 0):
             raise RuleError(f"gamma must be a finite number >= 0; got {self.gamma!r}")
         _check_stabilizer(self.stabilizer)
@@ -214,6 +230,7 @@ class ZBox(Rule):
     name = "zbox"
 
     def __post_init__(self):
+        super().__post_init__()
         low, high = (tuple(v) if isinstance(v, (list, tuple)) else (v,) for v in (self.low, self.high))
         if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in low + high):
             raise RuleError(f"zbox bounds must be finite numbers; got low={self.low!r}, high={self.high!r}")

@@ -72,7 +72,7 @@ class Explainer:
         outputs = {o.name: o for o in self.session.get_outputs()}
         self.output_names = [name for name in outputs if name not in EXPLAINER_OUTPUTS]
         self.score_name = meta.get("score_output") or self.output_names[0]
-        classes = outputs[self.score_name].shape[-1]
+        classes = outputs[self.score_name].shape[1]
         self.class_count = classes if isinstance(classes, int) else None
         self.input_spec = InputSpec(list(self.inputs[self.input_name].shape))
 

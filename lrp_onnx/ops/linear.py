@@ -27,9 +27,16 @@ class LinearMap:
 
     def forward(self, b, x, weight, bias=None):
         # The layer's own pre-activation already exists in the forward graph: reuse it.
-        if x is self.x and weight is self.weight and bias is self.bias:
+        if self.output is not None and x is self.x and weight is self.weight and bias is self.bias:
             return self.output
         return self.emit_forward(b, x, weight, bias)
+
+    def drop_bias(self):
+        """Zennit's ``zero_params=["bias"]``: rules see F(x; W) alone. The forward output includes
+        the bias, so it can no longer stand in for F(x; W)."""
+        if self.bias is not None:
+            self.bias = None
+            self.output = None
 
     def emit_forward(self, b, x, weight, bias):
         raise NotImplementedError
@@ -263,6 +270,8 @@ def apply_rule(b, unit, r, rule, layer):
         raise RuleError(f"node {unit.name!r} ({unit.op}): the pass rule only applies to elementwise layers")
     if rule.needs_weights and layer.weight is None:
         raise RuleError(f"node {unit.name!r} ({unit.op}): rule {rule.name!r} needs weights; use norm or epsilon")
+    if "bias" in rule.zero_params:
+        layer.drop_bias()
     return [rule.propagate(b, layer, layer.x, r)] + [None] * (len(unit.inputs) - 1)
 
 
