@@ -15,7 +15,7 @@ import onnx_graphsurgeon as gs
 from .builder import Builder
 from .composites import Composite, make_composite
 from .errors import LrpOnnxError, RuleError, UnsupportedModelError, UnsupportedOpError
-from .graph import find_units, nonnegative_tensors
+from .graph import carries_relevance, find_units, nonnegative_tensors
 from .load import import_graph, load_model
 from .registry import lookup
 
@@ -24,9 +24,10 @@ RELEVANCE = "relevance"
 RELEVANCE_SEED = "relevance_seed"
 EXPLAINED_CLASS = "explained_class"
 EXPLAINED_LOGIT = "explained_logit"
-SOFTMAX_OPS = ("Softmax", "LogSoftmax")
+# Normalisations of the whole score row: relevance starts below them, at the logits. (An
+# elementwise Sigmoid is not one of them: it passes relevance on like any activation.)
+SOFTMAX_OPS = ("Softmax", "LogSoftmax", "Normalizer")
 SCORE_RESHAPES = ("Identity", "Reshape", "Flatten", "Squeeze")
-FLOAT_TYPES = (np.float32, np.float16, np.float64)
 META_PREFIX = "lrp_onnx."
 
 
@@ -42,10 +43,11 @@ class Plan:
     rules: dict             # unit name -> Rule or None
     problems: list          # [(node name, op, reason)]
     composite: Composite
+    output_types: dict      # graph output name -> the original TypeProto (sequence and map types included)
 
 
 def _is_float(t):
-    return t.dtype is not None and np.dtype(t.dtype) in [np.dtype(f) for f in FLOAT_TYPES]
+    return t.dtype is not None and carries_relevance(t)
 
 
 def pick_input(graph, label, input_name=None):
@@ -66,7 +68,9 @@ def pick_input(graph, label, input_name=None):
 
 def find_logits(graph, label):
     """The score output [N, classes] and the tensor relevance starts from (before a final softmax)."""
-    floats = [t for t in graph.outputs if _is_float(t)]
+    # skl2onnx's ZipMap turns the probabilities into a list of {class: p}: explain its input.
+    scores = [t.inputs[0].inputs[0] if t.inputs and t.inputs[0].op == "ZipMap" else t for t in graph.outputs]
+    floats = [t for t in scores if carries_relevance(t)]
     if not floats:
         raise UnsupportedModelError(f"{label}: the graph has no float output to explain")
     score = floats[0]
@@ -125,7 +129,8 @@ def plan(model, composite="alpha-beta", *, input_name=None, rules=None, **rule_p
         first_seen = first_seen or is_first
         rules_by_unit[unit.name] = composite.rule_for(unit, role, is_first)
     _check_overrides(composite, units)
-    return Plan(graph, label, explained, score, logits, units, rules_by_unit, problems, composite)
+    output_types = {o.name: o.type for o in proto.graph.output}
+    return Plan(graph, label, explained, score, logits, units, rules_by_unit, problems, composite, output_types)
 
 
 def _check_overrides(composite, units):
@@ -154,6 +159,11 @@ def convert(model, composite="alpha-beta", *, input_name=None, rules=None, seed_
         seed, extra_inputs, seed_outputs = _seed(b, p.logits, seed_input)
     relevance = reverse_walk(b, p, seed)
     extra_outputs = {RELEVANCE: (relevance, np.float32, p.explained.shape), **seed_outputs}
+    if p.score.name not in {t.name for t in graph.outputs}:
+        # behind a ZipMap: the scores as a tensor too, for ranking classes (ML ops' outputs are float)
+        p.score.dtype = p.score.dtype or np.float32
+        p.score.shape = p.score.shape or p.logits.shape or ["N", "classes"]
+        graph.outputs.append(p.score)
     graph.inputs.extend(extra_inputs)
     for name, (tensor, dtype, shape) in extra_outputs.items():
         out = gs.Variable(name, dtype=dtype, shape=shape)
@@ -162,6 +172,9 @@ def convert(model, composite="alpha-beta", *, input_name=None, rules=None, seed_
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     out = gs.export_onnx(graph, do_type_check=False)
     out.ir_version = max(out.ir_version, 8)
+    for output in out.graph.output:  # graphsurgeon knows only tensor types: restore ZipMap's map type
+        if output.name in p.output_types:
+            output.type.CopyFrom(p.output_types[output.name])
     meta = {"explained_input": p.explained.name, "composite": p.composite.name,
             "score_output": p.score.name}
     for key, value in meta.items():

@@ -41,6 +41,18 @@ class Unit:
         return (self.followers[-1] if self.followers else self.head).outputs
 
 
+def carries_relevance(t):
+    """Float tensors (or of unknown type) carry relevance; shape sub-graphs, indices and masks do not."""
+    return t.dtype is None or _dtype_kind(t.dtype) == "f"
+
+
+def _dtype_kind(dtype):
+    try:
+        return np.dtype(dtype).kind
+    except TypeError:  # sequences and maps (ZipMap) come through with an undefined element type
+        return None
+
+
 def is_constant(t):
     return isinstance(t, gs.Constant)
 
@@ -122,7 +134,10 @@ def find_units(graph, explained, outputs):
                 unit.followers.append(follower)
                 absorbed.add(id(follower))
                 y = follower.outputs[0]
-        relevant.update(t.name for t in unit.outputs)
+        carrying = [t.name for t in unit.outputs if carries_relevance(t)]
+        if not carrying:  # Shape, ArgMax, a comparison: integers and booleans hold no relevance
+            continue
+        relevant.update(carrying)
         units.append(unit)
     return units
 
@@ -138,7 +153,8 @@ KEEP_ALL_INPUTS_SIGN = ("Concat", "Add", "Sum", "Mul", "Min")
 def nonnegative_tensors(graph):
     """Names of the tensors that are >= 0 for every input: activations like Relu, non-negative
     constants, and what pooling, routing, sums and products make of them."""
-    known = {t.name for t in graph.tensors().values() if is_constant(t) and t.values.size and t.values.min() >= 0}
+    known = {t.name for t in graph.tensors().values()
+             if is_constant(t) and _dtype_kind(t.dtype) in "fiub" and t.values.size and t.values.min() >= 0}
 
     def nonneg(t):
         return t.name in known

@@ -1,13 +1,16 @@
-"""Read and validate a model, upgrade old opsets, infer shapes, fold constant sub-graphs."""
+"""Read and validate a model, then canonicalise it: the steps of PROTO_STEPS and GRAPH_STEPS.
+
+Each step leaves the model's outputs unchanged (tests/test_load.py checks every one)."""
 
 import os
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 from onnx import version_converter
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, UnsupportedModelError
 
 MIN_OPSET = 13
 # MaxPool's backward scatter-adds into the input (ScatterElements reduction="add", opset 16).
@@ -45,7 +48,8 @@ def ai_onnx_opset(proto):
 
 
 def load_model(model):
-    """Validated, opset-upgraded, shape-inferred ModelProto and a label for error messages."""
+    """Validated, canonical ModelProto and a label for error messages: the file-level steps of
+    PROTO_STEPS, in order (the graph-level ones follow in ``import_graph``)."""
     proto, label = read_model(model)
     if not proto.graph.node:
         raise ModelLoadError(f"{label}: the model has no nodes (empty, truncated or not an ONNX file)")
@@ -53,29 +57,128 @@ def load_model(model):
         onnx.checker.check_model(proto)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise ModelLoadError(f"{label}: fails the ONNX checker: {_first_line(e)}") from None
+    for step in PROTO_STEPS:
+        proto = step(proto, label)
+    return proto, label
+
+
+def drop_initializer_inputs(proto, label):
+    """IR version 3 files (Caffe2 exports) list every initializer as a graph input too. Those are
+    weights, not inputs: drop them from the inputs so that folding treats them as constants."""
+    weights = {t.name for t in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in weights]
+    if len(inputs) == len(proto.graph.input):
+        return proto
+    proto = _copy(proto)
+    del proto.graph.input[:]
+    proto.graph.input.extend(inputs)
+    proto.ir_version = max(proto.ir_version, 4)  # IR 4 is the first that allows this
+    return proto
+
+
+def upgrade_opset(proto, label):
+    """Convert to opset >= 13 (the opset the propagators are written for), >= 16 with MaxPool."""
     opset = ai_onnx_opset(proto)
     target = max(opset, MIN_OPSET)
     if any(n.op_type == "MaxPool" for n in proto.graph.node):
         target = max(target, MAX_POOL_OPSET)
-    if target != opset:
-        try:
-            proto = version_converter.convert_version(proto, target)
-        except Exception as e:  # the converter raises bare RuntimeErrors and more
-            raise ModelLoadError(f"{label}: cannot upgrade opset {opset} to {target}: {_first_line(e)}") from None
+    if target == opset:
+        return proto
     try:
-        proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+        return version_converter.convert_version(proto, target)
+    except Exception as e:  # the converter raises bare RuntimeErrors and more
+        raise ModelLoadError(f"{label}: cannot upgrade opset {opset} to {target}: {_first_line(e)}") from None
+
+
+def infer_shapes(proto, label):
+    """Shapes and types of every tensor, propagating constant shape values (``data_prop``)."""
+    try:
+        return onnx.shape_inference.infer_shapes(proto, data_prop=True)
     except onnx.shape_inference.InferenceError as e:
         raise ModelLoadError(f"{label}: shape inference failed: {_first_line(e)}") from None
-    return proto, label
+
+
+PROTO_STEPS = (drop_initializer_inputs, upgrade_opset, infer_shapes)
 
 
 def import_graph(proto):
-    """The graph with constant sub-graphs (weight Identity chains, shape arithmetic) folded and
-    every node uniquely named (rules, errors and emitted nodes are keyed by node name)."""
+    """The graph after GRAPH_STEPS: ML classifiers in standard ops, constant sub-graphs (weight
+    chains, ConstantOfShape weights, static shape arithmetic) folded, no-op nodes gone, and every
+    node uniquely named (rules, errors and emitted nodes are keyed by node name)."""
     graph = gs.import_onnx(proto)
-    graph.fold_constants(error_ok=True).cleanup().toposort()
-    name_nodes(graph)
+    for step in GRAPH_STEPS:
+        step(graph)
     return graph
+
+
+def expand_linear_classifiers(graph):
+    """ai.onnx.ml LinearClassifier (skl2onnx's linear models) as standard ops:
+    scores = post(X·Wᵀ + b), label = classlabels[argmax(scores)], so the linear layer is a Gemm
+    a rule can see, and relevance starts at its output, below the post-transform."""
+    for node in [n for n in graph.nodes if n.op == "LinearClassifier"]:
+        x, (label, scores) = node.inputs[0], node.outputs
+        labels = node.attrs.get("classlabels_ints") or node.attrs.get("classlabels_strings")
+        intercepts = np.asarray(node.attrs.get("intercepts", [0.0] * len(labels)), np.float32)
+        weight = np.asarray(node.attrs["coefficients"], np.float32).reshape(len(intercepts), -1)
+        post = node.attrs.get("post_transform", "NONE")
+        post = post.decode() if isinstance(post, bytes) else post
+        if post not in CLASSIFIER_POST_TRANSFORMS or len(intercepts) != len(labels):
+            raise UnsupportedModelError(
+                f"node {node.name!r} (LinearClassifier): post_transform {post} with {len(intercepts)} score "
+                f"column(s) for {len(labels)} labels is not supported; supported: one column per class and "
+                f"post_transform {', '.join(CLASSIFIER_POST_TRANSFORMS)}")
+        name = node.name or label.name
+        logits = gs.Variable(f"{name}/logits", dtype=np.float32)
+        nodes = [gs.Node("Gemm", f"{name}/gemm", {"transB": 1},
+                         [x, gs.Constant(f"{name}/weight", weight), gs.Constant(f"{name}/intercepts", intercepts)],
+                         [logits])]
+        op = CLASSIFIER_POST_TRANSFORMS[post]
+        nodes.append(gs.Node(op or "Identity", f"{name}/post", {"axis": 1} if op == "Softmax" else {},
+                             [logits], [scores]))
+        best = gs.Variable(f"{name}/argmax", dtype=np.int64)
+        nodes.append(gs.Node("ArgMax", f"{name}/argmax", {"axis": 1, "keepdims": 0}, [scores], [best]))
+        nodes.append(gs.Node("Gather", f"{name}/label", {}, [_labels_constant(f"{name}/classlabels", labels), best],
+                             [label]))
+        node.outputs.clear()
+        node.inputs.clear()
+        graph.nodes.extend(nodes)
+    graph.cleanup().toposort()
+
+
+def _labels_constant(name, labels):
+    """Class labels, ints or strings, as a constant (graphsurgeon writes strings only from a TensorProto)."""
+    if isinstance(labels[0], int):
+        return gs.Constant(name, np.array(labels, np.int64))
+    proto = onnx.helper.make_tensor(name, onnx.TensorProto.STRING, [len(labels)], labels)
+    return gs.Constant(name, gs.ir.tensor.LazyValues(proto))
+
+
+# LinearClassifier post_transform -> the standard op that computes it (None: no op)
+CLASSIFIER_POST_TRANSFORMS = {"NONE": None, "SOFTMAX": "Softmax", "LOGISTIC": "Sigmoid"}
+
+
+def fold_constants(graph):
+    """Evaluate every sub-graph that depends on no graph input (run once, by ONNX Runtime)."""
+    graph.fold_constants(error_ok=True).cleanup()
+
+
+def drop_identities(graph):
+    """Identity and inference-mode Dropout compute nothing: their readers read the input instead.
+    One that produces a graph output stays, so that output keeps its name."""
+    outputs = {t.name for t in graph.outputs}
+    for node in [n for n in graph.nodes if n.op in ("Identity", "Dropout")]:
+        y = node.outputs[0]
+        training = node.inputs[2] if node.op == "Dropout" and len(node.inputs) > 2 else None
+        if any(t.name in outputs for t in node.outputs) or any(t.outputs for t in node.outputs[1:]) or \
+                (training is not None and not (isinstance(training, gs.Constant) and not training.values.any())):
+            continue
+        x = node.inputs[0]
+        for reader in list(y.outputs):
+            for i, t in enumerate(reader.inputs):
+                if t is y:
+                    reader.inputs[i] = x
+        node.outputs.clear()
+    graph.cleanup().toposort()
 
 
 def name_nodes(graph):
@@ -87,3 +190,12 @@ def name_nodes(graph):
             name = f"{name}_{index}"
         node.name = name
         seen.add(name)
+
+
+GRAPH_STEPS = (expand_linear_classifiers, fold_constants, drop_identities, name_nodes)
+
+
+def _copy(proto):
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    return copy
