@@ -1,7 +1,8 @@
 """Composites: which rule each unit gets. Kept apart from the rule maths and from graph analysis.
 
 Every composite carries Zennit's base layer map (``layer_map_base``): activations get Pass, sums
-of activations and average pooling get Norm, an unmerged BatchNorm gets Pass. The composites of
+of activations and average pooling get Norm, an unmerged BatchNorm gets Pass. LayerNorm, which
+Zennit has no rule for, gets Norm on its affine part (ops/elementwise.py). The composites of
 Zennit's names assign the same rules as Zennit; "convolution" means Conv/ConvTranspose and
 "dense" means Gemm/MatMul. Overrides (``--rules``) map node-name globs or op types to a rule
 and win over the composite; a name match wins over an op-type match.
@@ -28,7 +29,7 @@ class Composite:
 
     def base(self, role):
         return {"activation": Pass(), "batchnorm": Pass(), "sum": Norm(self.stabilizer),
-                "avgpool": Norm(self.stabilizer)}.get(role)
+                "avgpool": Norm(self.stabilizer), "layernorm": Norm(self.stabilizer)}.get(role)
 
     def rule_for(self, unit, role, is_first):
         """The rule of ``unit`` (None for units whose propagation is fixed)."""

@@ -2,13 +2,16 @@
 
 Each step leaves the model's outputs unchanged (tests/test_load.py checks every one)."""
 
+import contextlib
 import os
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+import onnxruntime as ort
 from google.protobuf.message import DecodeError
 from onnx import version_converter
+from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
 from .errors import ModelLoadError, UnsupportedModelError
 
@@ -91,7 +94,17 @@ def upgrade_opset(proto, label):
 
 
 def infer_shapes(proto, label):
-    """Shapes and types of every tensor, propagating constant shape values (``data_prop``)."""
+    """Shapes and types of every tensor. ONNX Runtime's symbolic inference goes first: it follows
+    shape arithmetic (Shape → Gather → Div → Concat → Reshape, as in a channel shuffle) with a
+    dynamic batch, which keeps channel counts static so that folding can turn such shape
+    sub-graphs into constants. ONNX's own inference (with constant propagation) is the fallback."""
+    try:
+        with _quiet_ort_logs():
+            inferred = SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
+        if inferred is not None:
+            return inferred
+    except Exception:  # it refuses ops it does not know; ONNX's inference still may not
+        pass
     try:
         return onnx.shape_inference.infer_shapes(proto, data_prop=True)
     except onnx.shape_inference.InferenceError as e:
@@ -158,8 +171,20 @@ CLASSIFIER_POST_TRANSFORMS = {"NONE": None, "SOFTMAX": "Softmax", "LOGISTIC": "S
 
 
 def fold_constants(graph):
-    """Evaluate every sub-graph that depends on no graph input (run once, by ONNX Runtime)."""
-    graph.fold_constants(error_ok=True).cleanup()
+    """Evaluate every sub-graph that depends on no graph input (run once, by ONNX Runtime), and
+    shape arithmetic on the static dimensions of dynamic-batch tensors."""
+    with _quiet_ort_logs():
+        graph.fold_constants(error_ok=True).cleanup()
+
+
+@contextlib.contextmanager
+def _quiet_ort_logs():
+    """ORT's optimiser warns about the throw-away sessions that folding runs: not for users."""
+    ort.set_default_logger_severity(3)
+    try:
+        yield
+    finally:
+        ort.set_default_logger_severity(2)
 
 
 def drop_identities(graph):

@@ -9,9 +9,9 @@ from ..registry import propagator
 ACTIVATIONS = ("Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "Tanh", "Elu", "Selu", "Celu", "Softplus",
                "Softsign", "HardSigmoid", "HardSwish", "Gelu", "Mish", "LRN")
 
-# Unary ops a gate g(x) may be built from, and binary ops that are unary once one side is constant.
-GATE_STEPS = ("Sigmoid", "Tanh", "Erf", "Softplus", "HardSigmoid", "Relu", "Clip", "Identity",
-              "Add", "Sub", "Mul", "Div")
+# How far back a gate's inputs are searched for the gated tensor: a squeeze-excitation branch is
+# about ten nodes deep.
+GATE_SEARCH_LIMIT = 64
 
 
 def _unbroadcast(b, r, like, out):
@@ -38,16 +38,30 @@ def activation(b, unit, relevance_out, rule):
 
 
 def _sum_role(unit):
-    return "sum" if sum(unit.relevant) >= 2 else "route"
+    return "sum" if sum(unit.relevant) >= 2 and not _is_centering(unit) else "route"
 
 
-@propagator("Add", "Sub", "Sum", role=_sum_role)
+def _is_centering(unit):
+    """x − mean(x), the first step of a decomposed LayerNorm: the identity rule treats the mean as
+    a constant, so all relevance goes to x."""
+    mean = unit.inputs[1].inputs[0] if unit.op == "Sub" and unit.inputs[1].inputs else None
+    return mean is not None and mean.op == "ReduceMean" and mean.inputs[0] is unit.inputs[0]
+
+
+def _sum_receivers(unit):
+    return [True, False] if _is_centering(unit) else list(unit.relevant)
+
+
+@propagator("Add", "Sub", "Sum", role=_sum_role, receivers=_sum_receivers)
 def sum_of_activations(b, unit, relevance_out, rule):
     """Two or more activations: Norm, R_k = ±x_k · R / stabilize(z) (minus for Sub's second input).
 
-    With one activation (plus a constant or non-explained tensor) relevance moves unchanged.
+    With one activation (plus a constant or non-explained tensor), or x − mean(x), relevance moves
+    unchanged to the activation.
     """
     r = relevance_out[0]
+    if _is_centering(unit):
+        return [r, None]
     if sum(unit.relevant) < 2:
         return _passed(b, unit, r)
     if not isinstance(rule, (Norm, Epsilon)):
@@ -65,29 +79,31 @@ def sum_of_activations(b, unit, relevance_out, rule):
 
 
 def gated_input(unit):
-    """For Mul(a, g) with g computed from a by elementwise steps only, the index of a; else None."""
+    """For Mul(a, g) with g computed from a, the index of a; else None.
+
+    g is a gate: SiLU's sigmoid(x), GELU's Φ(x), or a squeeze-excitation branch
+    sigmoid(W₂·relu(W₁·mean(x))). The product passes relevance to a alone, the usual treatment of
+    gates (as in AttnLRP): the gate scales the signal, it does not carry it.
+    """
     for k in (0, 1):
         a, g = unit.inputs[k], unit.inputs[1 - k]
-        seen, frontier = 0, [g]
-        while frontier and seen < 16:
+        seen, frontier = set(), [g]
+        while frontier and len(seen) < GATE_SEARCH_LIMIT:
             t = frontier.pop()
-            seen += 1
             if t is a:
                 return k
-            if len(t.inputs) != 1 or t.inputs[0].op not in GATE_STEPS:
+            if t.name in seen:
                 continue
-            step = t.inputs[0]
-            variable = [i for i in step.inputs if not is_constant(i)]
-            if len(variable) == 1:
-                frontier.append(variable[0])
+            seen.add(t.name)
+            frontier.extend(i for node in t.inputs for i in node.inputs if not is_constant(i))
     return None
 
 
 def _check_product(unit):
     if unit.op == "Mul" and sum(unit.relevant) >= 2 and gated_input(unit) is None:
-        return "a product of two explained activations that is not a gate x·g(x)"
-    if unit.op == "Div" and unit.relevant[1]:
-        return "division by an explained activation"
+        return "a product of two explained activations, neither computed from the other (not a gate x·g(x))"
+    if unit.op == "Div" and unit.relevant[1] and gated_input(unit) != 0:
+        return "division by an explained activation that is not computed from the numerator (not a norm x/σ(x))"
     return None
 
 
@@ -98,9 +114,34 @@ def _product_receivers(unit):
 
 @propagator("Mul", "Div", role="route", check=_check_product, receivers=_product_receivers)
 def product(b, unit, relevance_out, rule):
-    """x·c, x/c: relevance moves unchanged. A gate x·g(x) (SiLU, GELU, Mish): all of it to x."""
+    """x·c, x/c: relevance moves unchanged. A gate x·g(x) (SiLU, GELU, Mish, squeeze-excitation)
+    and a normalisation x/σ(x) (a decomposed LayerNorm): all of it to x."""
     r = relevance_out[0]
     if sum(unit.relevant) >= 2:
         k = gated_input(unit)
         return [_unbroadcast(b, r, unit.inputs[k], unit.outputs[0]) if i == k else None for i in range(2)]
     return _passed(b, unit, r)
+
+
+def _check_layer_norm(unit):
+    if any(unit.relevant[1:]):
+        return "LayerNormalization's scale and bias must not depend on the explained input"
+    return None
+
+
+@propagator("LayerNormalization", role="layernorm", check=_check_layer_norm)
+def layer_norm(b, unit, relevance_out, rule):
+    """y = γ·n + β with n = (x − mean)/std over the normalised axes.
+
+    The normalisation takes the identity rule (mean and std count as constants: R_n = R_x), the
+    affine part the composite's linear rule for it (Norm) on the diagonal map n ↦ γ·n + β, whose
+    only input share is γ·n = y − β: R_x = (y − β) · R / stabilize(y).
+    """
+    if not isinstance(rule, (Norm, Epsilon)):
+        raise RuleError(f"node {unit.name!r} (LayerNormalization) takes norm or epsilon, not {rule.name!r}")
+    r, y = relevance_out[0], unit.outputs[0]
+    bias = unit.inputs[2] if len(unit.inputs) > 2 and unit.inputs[2].name else None
+    if bias is not None:
+        epsilon = rule.stabilizer if isinstance(rule, Norm) else rule.epsilon
+        r = b.mul(b.sub(y, bias), b.div(r, b.stabilize(y, epsilon)))
+    return [r] + [None] * (len(unit.inputs) - 1)
