@@ -3,6 +3,8 @@
 The CLI maps each class to an exit code (see ``cli.EXIT_CODES`` and the README).
 """
 
+from collections import Counter
+
 
 class LrpOnnxError(Exception):
     """Base class of every error lrp-onnx raises on purpose."""
@@ -21,8 +23,10 @@ class UnsupportedOpError(UnsupportedModelError):
 
     def __init__(self, nodes):
         self.nodes = list(nodes)  # [(node name, op type, reason)]
+        counts = Counter(op for _, op, _ in self.nodes)
+        by_op = ", ".join(f"{op} ×{n}" for op, n in counts.most_common())
         listed = "; ".join(f"{name!r} ({op}): {why}" for name, op, why in self.nodes)
-        super().__init__(f"{len(self.nodes)} unsupported node(s): {listed}")
+        super().__init__(f"{len(self.nodes)} unsupported node(s) ({by_op}): {listed}")
 
 
 class RuleError(LrpOnnxError, ValueError):

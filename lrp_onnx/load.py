@@ -16,8 +16,9 @@ from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 from .errors import ModelLoadError, UnsupportedModelError
 
 MIN_OPSET = 13
-# MaxPool's backward scatter-adds into the input (ScatterElements reduction="add", opset 16).
-MAX_POOL_OPSET = 16
+# The backward of MaxPool, and of a Gather with computed indices, scatter-adds into the input
+# (ScatterElements reduction="add", opset 16).
+SCATTER_OPSET = 16
 
 
 def read_model(model):
@@ -80,11 +81,15 @@ def drop_initializer_inputs(proto, label):
 
 
 def upgrade_opset(proto, label):
-    """Convert to opset >= 13 (the opset the propagators are written for), >= 16 with MaxPool."""
+    """Convert to opset >= 13 (the opset the propagators are written for), >= 16 where a backward
+    pass scatter-adds: MaxPool, or Gather with indices that are computed rather than constant."""
     opset = ai_onnx_opset(proto)
     target = max(opset, MIN_OPSET)
-    if any(n.op_type == "MaxPool" for n in proto.graph.node):
-        target = max(target, MAX_POOL_OPSET)
+    constants = {t.name for t in proto.graph.initializer} | \
+        {o for n in proto.graph.node if n.op_type == "Constant" for o in n.output}
+    if any(n.op_type == "MaxPool" or (n.op_type == "Gather" and n.input[1] not in constants)
+           for n in proto.graph.node):
+        target = max(target, SCATTER_OPSET)
     if target == opset:
         return proto
     try:

@@ -84,6 +84,8 @@ class Explainer:
         if unknown:
             raise InputError(f"unknown input(s) {unknown}; the model takes {sorted(set(self.inputs) - {TARGET})}")
         feeds = {k: self._as_input_type(k, v) for k, v in feeds.items()}
+        for name, value in feeds.items():
+            self._check_shape(name, value)
         batch = feeds[self.input_name].shape[0] if feeds[self.input_name].ndim else 1
         target = np.asarray(-1 if target is None else target, dtype=np.int64)
         if target.ndim > 1 or target.size not in (1, batch):
@@ -110,6 +112,13 @@ class Explainer:
         samples = load_samples(inputs if isinstance(inputs, (list, tuple)) else [inputs], self.input_spec,
                                preprocess or Preprocess())
         return list(explain_samples(self, samples, target, top_k, labels, batch_size))
+
+    def _check_shape(self, name, value):
+        """A one-line InputError instead of ORT's message when a fixed dimension does not match."""
+        expected = self.inputs[name].shape
+        if len(expected) != value.ndim or any(isinstance(d, int) and d != n for d, n in zip(expected, value.shape)):
+            wanted = ["N" if not isinstance(d, int) else d for d in expected]
+            raise InputError(f"input {name!r} takes shape {wanted}; got {list(value.shape)}")
 
     def _as_input_type(self, name, value):
         """Floats are cast to the input's float type (float64 images to float32); nothing else is."""

@@ -105,14 +105,15 @@ def _save(tmp_path, name, nodes, inputs, outputs, initializers=()):
 
 def test_unsupported_ops_are_all_listed(tmp_path):
     nodes = [helper.make_node("Sin", ["x"], ["s"], name="wobble"), helper.make_node("Cos", ["s"], ["c"], name="wave"),
-             helper.make_node("Flatten", ["c"], ["y"], name="flat")]
+             helper.make_node("Sin", ["c"], ["s2"], name="wobble2"), helper.make_node("Flatten", ["s2"], ["y"], name="flat")]
     path = _save(tmp_path, "trig", nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
-    assert_bad_input(cli("convert", path), "2 unsupported node(s)", "'wobble' (Sin)", "'wave' (Cos)")
+    assert_bad_input(cli("convert", path), "3 unsupported node(s) (Sin ×2, Cos ×1)", "'wobble' (Sin)", "'wave' (Cos)",
+                     "'wobble2' (Sin)")
     assert only_files(tmp_path) == ["trig.onnx"]
     result = cli("inspect", path)
     assert result.returncode == 2
-    assert "UNSUPPORTED" in result.stdout and "wobble (Sin), wave (Cos)" in result.stdout
+    assert "UNSUPPORTED" in result.stdout and "wobble (Sin), wave (Cos), wobble2 (Sin)" in result.stdout
 
 
 def test_no_float_input(tmp_path):

@@ -123,7 +123,12 @@ def padded(b, unit, relevance_out, rule):
 
 
 def _check_gather(unit):
-    if not is_constant(unit.inputs[1]) or np.asarray(unit.inputs[1].values).ndim > 1:
+    x = unit.inputs[0]
+    if not is_constant(unit.inputs[1]):
+        if x.shape is None or len(x.shape) != 1:
+            return "Gather with computed indices needs 1-D data"
+        return None
+    if np.asarray(unit.inputs[1].values).ndim > 1:
         return "Gather needs constant scalar or 1-D indices"
     x = unit.inputs[0]
     if x.shape is None or not _static_dims(x, [_axis(unit) % len(x.shape)]):
@@ -133,8 +138,14 @@ def _check_gather(unit):
 
 @propagator("Gather", role="route", check=_check_gather)
 def gathered(b, unit, relevance_out, rule):
-    """R_x = R contracted with the one-hot matrix H[l, d] = (indices[l] == d) along the axis."""
+    """R_x = R contracted with the one-hot matrix H[l, d] = (indices[l] == d) along the axis.
+
+    Computed indices into 1-D data (the dynamo exporter's as_strided): R_x[d] = Σ_{l: idx[l] = d} R[l],
+    a scatter-add."""
     x = unit.inputs[0]
+    if not is_constant(unit.inputs[1]):
+        flat = [b.op("Reshape", t, b.ints([-1])) for t in (unit.inputs[1], relevance_out[0])]
+        return [b.op("ScatterElements", b.zeros_like(x), *flat, axis=0, reduction="add"), None]
     rank = len(x.shape)
     axis = _axis(unit) % rank
     indices = np.asarray(unit.inputs[1].values)

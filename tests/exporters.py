@@ -1,0 +1,110 @@
+"""ONNX files from real exporters, for the coverage table (benchmarks/coverage.py) and the tests.
+
+Each builder writes a model to ``path`` and returns the feeds to explain it on. Random init
+everywhere: coverage is about graph idioms, not accuracy.
+"""
+
+import glob
+import os
+import warnings
+
+import numpy as np
+import onnx
+
+# torchvision classifiers that torch.onnx exports, and the smallest input each takes here
+TORCHVISION = {
+    # their fixed 6×6 / 7×7 adaptive pooling exports only from inputs it divides
+    **{name: 224 for name in ("alexnet", "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19",
+                              "vgg19_bn")},
+    **{name: 64 for name in (
+        "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d",
+        "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2", "densenet121", "densenet161", "densenet169",
+        "densenet201", "googlenet", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
+        "efficientnet_v2_s", "mnasnet0_5", "mnasnet0_75", "mnasnet1_0", "mnasnet1_3", "shufflenet_v2_x0_5",
+        "shufflenet_v2_x1_0", "shufflenet_v2_x1_5", "shufflenet_v2_x2_0", "squeezenet1_0", "squeezenet1_1",
+        "regnet_y_400mf", "regnet_y_800mf", "regnet_y_1_6gf", "regnet_y_3_2gf", "regnet_y_8gf", "regnet_y_16gf",
+        "regnet_y_32gf", "regnet_x_400mf", "regnet_x_800mf", "regnet_x_1_6gf", "regnet_x_3_2gf", "regnet_x_8gf",
+        "regnet_x_16gf", "regnet_x_32gf", "convnext_tiny")},
+    "inception_v3": 96,  # its stem needs at least 75 pixels
+}
+# Left out on purpose: regnet_y_128gf (2.6 GB of weights, over protobuf's 2 GB single-file limit)
+TOO_LARGE = {"regnet_y_128gf": "2.6 GB of weights: over the 2 GB limit of a single-file ONNX model"}
+
+
+def torchvision_classifier(name, path, exporter="torchscript", batch=2, classes=10, seed=0):
+    """A random-init torchvision classifier exported with a dynamic batch axis."""
+    import torch
+    import torchvision
+    torch.manual_seed(seed)
+    extra = {"aux_logits": False, "init_weights": True} if name in ("googlenet", "inception_v3") else {}
+    model = getattr(torchvision.models, name)(num_classes=classes, **extra).eval()
+    size = TORCHVISION[name]
+    x = torch.randn(batch, 3, size, size)
+    export_torch(model, x, path, exporter)
+    return {"x": x.numpy()}
+
+
+def export_torch(model, x, path, exporter):
+    import torch
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            batch = torch.export.Dim("batch", min=1)
+            torch.onnx.export(model, (x,), path, dynamo=True, input_names=["x"], output_names=["logits"],
+                              dynamic_shapes=({0: batch},), verbose=False)
+        else:
+            torch.onnx.export(model, (x,), path, dynamo=False, input_names=["x"], output_names=["logits"],
+                              dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
+
+
+LIGHT_ZOO = ("bvlc_alexnet", "densenet121", "inception_v1", "inception_v2", "resnet50", "shufflenet",
+             "squeezenet", "vgg19", "zfnet512")
+# The backend suite's own tolerances (onnx/backend/test/case/model/__init__.py): rtol, atol
+LIGHT_ZOO_TOLERANCE = {"densenet121": (2e-3, 1e-7)}
+
+
+def light_zoo_path(name):
+    return os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light", f"light_{name}.onnx")
+
+
+def light_zoo(name):
+    """(path, feeds, expected output) of a model-zoo "light" model, fed the suite's own input: the
+    ramp arange(n)/n in the input's shape (onnx.backend.test.runner.generate_dummy_data)."""
+    path = light_zoo_path(name)
+    model = onnx.load(path, load_external_data=False)
+    weights = {t.name for t in model.graph.initializer}
+    data = next(i for i in model.graph.input if i.name not in weights)
+    shape = [d.dim_value or 1 for d in data.type.tensor_type.shape.dim]
+    x = (np.arange(np.prod(shape)).reshape(shape) / np.prod(shape)).astype(np.float32)
+    expected = onnx.numpy_helper.to_array(onnx.load_tensor(path[:-len(".onnx")] + "_output_0.pb"))
+    return path, {data.name: x}, expected
+
+
+def light_zoo_available():
+    return sorted(os.path.basename(p)[len("light_"):-len(".onnx")]
+                  for p in glob.glob(os.path.dirname(light_zoo_path("x")) + "/light_*.onnx"))
+
+
+SKLEARN = ("mlp-relu", "mlp-tanh", "mlp-logistic", "logistic-regression")
+
+
+def sklearn_classifier(name, path, zipmap=True, binary=False):
+    """An MLPClassifier or LogisticRegression on iris (3 classes) or a two-class problem, by skl2onnx."""
+    from skl2onnx import to_onnx
+    from sklearn.datasets import load_breast_cancer, load_iris
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.preprocessing import StandardScaler
+    x, y = (load_breast_cancer if binary else load_iris)(return_X_y=True)
+    x = StandardScaler().fit_transform(x).astype(np.float32)
+    if name == "logistic-regression":
+        model = LogisticRegression(max_iter=1000)
+    else:
+        model = MLPClassifier((16,), activation=name.split("-")[1], max_iter=300, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model.fit(x, y)
+    options = None if zipmap else {id(model): {"zipmap": False}}
+    onnx.save(to_onnx(model, x[:1], options=options, target_opset=17), path)
+    return {"X": x[:7]}

@@ -1,0 +1,151 @@
+"""Each canonicalisation step of lrp_onnx/load.py leaves the model's outputs unchanged."""
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+import exporters
+from lrp_onnx.graph import carries_relevance, find_units
+from lrp_onnx.load import (GRAPH_STEPS, PROTO_STEPS, drop_identities, drop_initializer_inputs,
+                           expand_linear_classifiers, fold_constants, import_graph, infer_shapes, load_model,
+                           name_nodes, upgrade_opset)
+
+
+def run(proto, feeds):
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def run_graph(graph, feeds):
+    return run(gs.export_onnx(graph), feeds)
+
+
+def assert_same_outputs(before, after):
+    assert len(before) == len(after)
+    for b, a in zip(before, after):
+        if isinstance(b, list):  # ZipMap
+            assert b == pytest.approx(a)
+        elif b.dtype.kind in "fc":
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(b).max())
+        else:
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def caffe2_squeezenet():
+    path, feeds, _ = exporters.light_zoo("squeezenet")
+    return onnx.load(path), feeds
+
+
+def test_the_steps_are_listed_in_order():
+    assert PROTO_STEPS == (drop_initializer_inputs, upgrade_opset, infer_shapes)
+    assert GRAPH_STEPS == (expand_linear_classifiers, fold_constants, drop_identities, name_nodes)
+
+
+def test_initializers_leave_the_inputs(caffe2_squeezenet):
+    proto, feeds = caffe2_squeezenet
+    assert len(proto.graph.input) > 1 and proto.ir_version == 3
+    stepped = drop_initializer_inputs(proto, "squeezenet")
+    assert [i.name for i in stepped.graph.input] == list(feeds)
+    assert len(proto.graph.input) > 1, "the caller's model must not change"
+    assert_same_outputs(run(proto, feeds), run(stepped, feeds))
+
+
+def test_opset_upgrade_keeps_outputs(caffe2_squeezenet):
+    proto, feeds = caffe2_squeezenet
+    proto = drop_initializer_inputs(proto, "squeezenet")
+    stepped = upgrade_opset(proto, "squeezenet")
+    assert [o.version for o in stepped.opset_import if o.domain == ""] == [16]  # MaxPool's backward needs 16
+    assert_same_outputs(run(proto, feeds), run(stepped, feeds))
+
+
+def test_shape_inference_keeps_outputs_and_static_channels_of_a_channel_shuffle(tmp_path):
+    path = str(tmp_path / "shufflenet.onnx")
+    feeds = exporters.torchvision_classifier("shufflenet_v2_x0_5", path)
+    proto = onnx.load(path)
+    stepped = infer_shapes(proto, "shufflenet")
+    shapes = {v.name: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim]
+              for v in stepped.graph.value_info}
+    shuffled = [s for name, s in shapes.items() if "Reshape_1_output" in name and len(s) == 4]
+    assert shuffled and all(isinstance(s[1], int) and s[1] > 0 for s in shuffled), shuffled
+    assert_same_outputs(run(proto, feeds), run(stepped, feeds))
+
+
+def test_constant_folding_turns_constantofshape_weights_and_shape_arithmetic_into_constants(tmp_path):
+    path, feeds, _ = exporters.light_zoo("squeezenet")
+    proto, _ = load_model(path)
+    graph = gs.import_onnx(proto)
+    assert any(n.op == "ConstantOfShape" for n in graph.nodes)
+    before = run_graph(graph, feeds)
+    fold_constants(graph)
+    assert not any(n.op == "ConstantOfShape" for n in graph.nodes)
+    assert_same_outputs(before, run_graph(graph, feeds))
+
+    shuffle = str(tmp_path / "shufflenet.onnx")
+    feeds = exporters.torchvision_classifier("shufflenet_v2_x0_5", shuffle)
+    graph = gs.import_onnx(load_model(shuffle)[0])
+    sliced = [n for n in graph.nodes if n.op == "Slice"]
+    assert any(not isinstance(t, gs.Constant) for n in sliced for t in n.inputs[1:])
+    before = run_graph(graph, feeds)
+    fold_constants(graph)
+    assert all(isinstance(t, gs.Constant) for n in graph.nodes if n.op == "Slice" for t in n.inputs[1:])
+    assert_same_outputs(before, run_graph(graph, feeds))
+
+
+def _identity_model():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 3], np.arange(12, dtype=np.float32) / 7 - 0.5)
+    nodes = [helper.make_node("Identity", ["x"], ["a"], name="id1"),
+             helper.make_node("Dropout", ["a"], ["b"], name="drop"),
+             helper.make_node("MatMul", ["b", "w"], ["c"], name="mm"),
+             helper.make_node("Identity", ["c"], ["y"], name="id_out")]
+    return helper.make_model(helper.make_graph(nodes, "ids", [x], [y], [w]),
+                             opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_identity_and_dropout_are_dropped_but_an_output_keeps_its_name():
+    proto = _identity_model()
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)}
+    graph = gs.import_onnx(proto)
+    drop_identities(graph)
+    assert [n.name for n in graph.nodes] == ["mm", "id_out"]
+    assert [t.name for t in graph.outputs] == ["y"]
+    assert_same_outputs(run(proto, feeds), run_graph(graph, feeds))
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_linear_classifier_becomes_gemm_softmax_and_label_gather(tmp_path, binary):
+    path = str(tmp_path / "logreg.onnx")
+    feeds = exporters.sklearn_classifier("logistic-regression", path, zipmap=False, binary=binary)
+    proto = onnx.load(path)
+    graph = gs.import_onnx(proto)
+    expand_linear_classifiers(graph)
+    assert "LinearClassifier" not in {n.op for n in graph.nodes}
+    assert {"Gemm", "ArgMax", "Gather"} <= {n.op for n in graph.nodes}
+    assert_same_outputs(run(proto, feeds), run_graph(graph, feeds))
+
+
+def test_node_names_become_unique():
+    graph = gs.import_onnx(_identity_model())
+    for node in graph.nodes:
+        node.name = ""
+    graph.nodes[1].name = "same"
+    graph.nodes[2].name = "same"
+    name_nodes(graph)
+    names = [n.name for n in graph.nodes]
+    assert len(set(names)) == len(names) and all(names)
+
+
+def test_shape_subgraphs_carry_no_relevance(tmp_path):
+    """torch's channel shuffle and dynamic Reshape compute shapes from Shape(x): no unit may
+    produce an integer tensor, so relevance never flows into one."""
+    path = str(tmp_path / "shufflenet.onnx")
+    exporters.torchvision_classifier("shufflenet_v2_x0_5", path, exporter="dynamo")
+    graph = import_graph(load_model(path)[0])
+    units = find_units(graph, graph.inputs[0], graph.outputs)
+    assert units and all(carries_relevance(t) for u in units for t in u.outputs)
+    assert not any(u.op in ("Shape", "ArgMax", "Equal", "Less") for u in units)
