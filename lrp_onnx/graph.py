@@ -45,6 +45,11 @@ def is_constant(t):
     return isinstance(t, gs.Constant)
 
 
+def is_float(t):
+    """Float tensors (or of unknown type) can carry relevance; shapes, indices and masks never do."""
+    return t.dtype is None or np.dtype(t.dtype).kind == "f"
+
+
 def channel_count(node):
     """Number of output channels of a linear head, read from its weight."""
     w = node.inputs[1].values
@@ -104,13 +109,16 @@ def find_units(graph, explained, outputs):
     """Units of the nodes that depend on ``explained``, in topological order.
 
     A follower is absorbed only if its input feeds nothing else and is not a graph output, so
-    folding it never hides a tensor some other unit needs.
+    folding it never hides a tensor some other unit needs. Integer outputs (Shape, ArgMax, ...)
+    depend on the input but carry no relevance: a node that makes only those is no unit, so
+    shape arithmetic such as Shape → Gather → Concat → Reshape stays out of the reverse walk.
     """
     graph_outputs = {t.name for t in outputs}
     relevant = {explained.name}
     units, absorbed = [], set()
     for node in graph.nodes:
-        if id(node) in absorbed or not any(t.name in relevant for t in node.inputs):
+        if id(node) in absorbed or not any(t.name in relevant for t in node.inputs) \
+                or not any(is_float(t) for t in node.outputs):
             continue
         unit = Unit(node, relevant=[t.name in relevant for t in node.inputs])
         if _is_linear_head(node) and unit.relevant[0] and not any(unit.relevant[1:]):
@@ -122,7 +130,7 @@ def find_units(graph, explained, outputs):
                 unit.followers.append(follower)
                 absorbed.add(id(follower))
                 y = follower.outputs[0]
-        relevant.update(t.name for t in unit.outputs)
+        relevant.update(t.name for t in unit.outputs if is_float(t))
         units.append(unit)
     return units
 
@@ -160,5 +168,5 @@ def nonnegative_tensors(graph):
         else:
             ok = False
         if ok:
-            known.update(t.name for t in node.outputs if t.dtype is None or np.dtype(t.dtype).kind == "f")
+            known.update(t.name for t in node.outputs if is_float(t))
     return known

@@ -272,6 +272,11 @@ CASES = ACTIVATION_CASES + [
     Case("Cast", SHAPE, [node("Cast", ["x"], to=TensorProto.FLOAT)], passed),
     Case("Reshape", SHAPE, [node("Reshape", ["x", "shape"])], passed, {"shape": np.array([0, 9, -1], np.int64)}),
     Case("Flatten", SHAPE, [node("Flatten", ["x"])], passed),
+    # Keras/tf2onnx flatten: the target shape is computed from Shape(x) at run time, and gets no relevance.
+    Case("Reshape-from-Shape", SHAPE, [node("Shape", ["x"], ["s"]), node("Gather", ["s", "first"], ["n"]),
+                                       node("Concat", ["n", "rest"], ["shape"], axis=0),
+                                       node("Reshape", ["x", "shape"])], passed,
+         {"first": np.array([0], np.int64), "rest": np.array([-1], np.int64)}),
     Case("Squeeze-Unsqueeze", SHAPE, [node("Unsqueeze", ["x", "ax"], ["u"]), node("Squeeze", ["u", "ax"])], passed,
          {"ax": np.array([2], np.int64)}),
     Case("Transpose", SHAPE, [node("Transpose", ["x"], perm=[0, 3, 1, 2])],
