@@ -73,9 +73,27 @@ def import_graph(proto):
     """The graph with constant sub-graphs (weight Identity chains, shape arithmetic) folded and
     every node uniquely named (rules, errors and emitted nodes are keyed by node name)."""
     graph = gs.import_onnx(proto)
-    graph.fold_constants(error_ok=True).cleanup().toposort()
+    computed = _computed_nodes(graph)
+    graph.fold_constants(error_ok=True).cleanup()
+    if _computed_nodes(graph) < computed:
+        graph = gs.import_onnx(_infer_folded_shapes(gs.export_onnx(graph)))
+    graph.toposort()
     name_nodes(graph)
     return graph
+
+
+def _computed_nodes(graph):
+    return sum(node.op != "Constant" for node in graph.nodes)
+
+
+def _infer_folded_shapes(proto):
+    """Shapes inferred again after a constant sub-graph was folded. Pads or shapes it computed
+    (torch's ZeroPad2d: ConstantOfShape → Slice → Transpose → Pad) are opaque to the first
+    inference, which leaves every later spatial size unknown; a strided Conv needs them. The
+    stale intermediate shapes are dropped first, or inference would keep them. Only then: on
+    resnet50, inference costs as much as the rest of the conversion."""
+    del proto.graph.value_info[:]
+    return onnx.shape_inference.infer_shapes(proto, data_prop=True)
 
 
 def name_nodes(graph):
