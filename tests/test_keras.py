@@ -11,14 +11,17 @@ import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import pytest  # noqa: E402
 
+import torch  # noqa: E402
+# torchvision (through zennit_reference) loads triton's C extension, which crashes the process if
+# TensorFlow was imported first: the PyTorch side comes first.
+from zennit_reference import export as torch_export  # noqa: E402
+
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 tf2onnx = pytest.importorskip("tf2onnx")
-torch = pytest.importorskip("torch")
 
 import lrp_onnx  # noqa: E402
 from lrp_onnx.verify import verify  # noqa: E402
-from zennit_reference import export as torch_export  # noqa: E402
 
 L = keras.layers
 IMAGE = (16, 16, 3)
