@@ -116,13 +116,16 @@ def find_units(graph, explained, outputs):
     """Units of the nodes that depend on ``explained``, in topological order.
 
     A follower is absorbed only if its input feeds nothing else and is not a graph output, so
-    folding it never hides a tensor some other unit needs.
+    folding it never hides a tensor some other unit needs. Integer outputs (Shape, ArgMax, ...)
+    depend on the input but carry no relevance: a node that makes only those is no unit, so
+    shape arithmetic such as Shape → Gather → Concat → Reshape stays out of the reverse walk.
     """
     graph_outputs = {t.name for t in outputs}
     relevant = {explained.name}
     units, absorbed = [], set()
     for node in graph.nodes:
-        if id(node) in absorbed or not any(t.name in relevant for t in node.inputs):
+        if id(node) in absorbed or not any(t.name in relevant for t in node.inputs) \
+                or not any(carries_relevance(t) for t in node.outputs):
             continue
         unit = Unit(node, relevant=[t.name in relevant for t in node.inputs])
         if _is_linear_head(node) and unit.relevant[0] and not any(unit.relevant[1:]):
@@ -134,10 +137,7 @@ def find_units(graph, explained, outputs):
                 unit.followers.append(follower)
                 absorbed.add(id(follower))
                 y = follower.outputs[0]
-        carrying = [t.name for t in unit.outputs if carries_relevance(t)]
-        if not carrying:  # Shape, ArgMax, a comparison: integers and booleans hold no relevance
-            continue
-        relevant.update(carrying)
+        relevant.update(t.name for t in unit.outputs if carries_relevance(t))
         units.append(unit)
     return units
 
@@ -176,5 +176,5 @@ def nonnegative_tensors(graph):
         else:
             ok = False
         if ok:
-            known.update(t.name for t in node.outputs if t.dtype is None or np.dtype(t.dtype).kind == "f")
+            known.update(t.name for t in node.outputs if carries_relevance(t))
     return known

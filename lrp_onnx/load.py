@@ -103,17 +103,28 @@ def infer_shapes(proto, label):
     shape arithmetic (Shape → Gather → Div → Concat → Reshape, as in a channel shuffle) with a
     dynamic batch, which keeps channel counts static so that folding can turn such shape
     sub-graphs into constants. ONNX's own inference (with constant propagation) is the fallback."""
-    try:
-        with _quiet_ort_logs():
-            inferred = SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
-        if inferred is not None:
-            return inferred
-    except Exception:  # it refuses ops it does not know; ONNX's inference still may not
-        pass
+    inferred = _symbolic_shapes(proto)
+    if inferred is not None:
+        return inferred
     try:
         return onnx.shape_inference.infer_shapes(proto, data_prop=True)
     except onnx.shape_inference.InferenceError as e:
         raise ModelLoadError(f"{label}: shape inference failed: {_first_line(e)}") from None
+
+
+def _symbolic_shapes(proto):
+    """``SymbolicShapeInference.infer_shapes`` without its failure path, which saves the model to
+    ``sym_shape_infer_temp.onnx`` in the working directory; None where it cannot infer every shape."""
+    try:
+        inference = SymbolicShapeInference(int_max=2**31 - 1, auto_merge=True, guess_output_rank=False, verbose=0)
+        inference._preprocess(proto)
+        complete = False
+        while inference.run_:
+            complete = inference._infer_impl()
+        inference._update_output_from_vi()
+    except Exception:  # ops it does not know, or a changed private API: ONNX's inference takes over
+        return None
+    return inference.out_mp_ if complete else None
 
 
 PROTO_STEPS = (drop_initializer_inputs, upgrade_opset, infer_shapes)

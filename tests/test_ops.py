@@ -272,6 +272,11 @@ CASES = ACTIVATION_CASES + [
     Case("Cast", SHAPE, [node("Cast", ["x"], to=TensorProto.FLOAT)], passed),
     Case("Reshape", SHAPE, [node("Reshape", ["x", "shape"])], passed, {"shape": np.array([0, 9, -1], np.int64)}),
     Case("Flatten", SHAPE, [node("Flatten", ["x"])], passed),
+    # Keras/tf2onnx flatten: the target shape is computed from Shape(x) at run time, and gets no relevance.
+    Case("Reshape-from-Shape", SHAPE, [node("Shape", ["x"], ["s"]), node("Gather", ["s", "first"], ["n"]),
+                                       node("Concat", ["n", "rest"], ["shape"], axis=0),
+                                       node("Reshape", ["x", "shape"])], passed,
+         {"first": np.array([0], np.int64), "rest": np.array([-1], np.int64)}),
     Case("Squeeze-Unsqueeze", SHAPE, [node("Unsqueeze", ["x", "ax"], ["u"]), node("Squeeze", ["u", "ax"])], passed,
          {"ax": np.array([2], np.int64)}),
     Case("Transpose", SHAPE, [node("Transpose", ["x"], perm=[0, 3, 1, 2])],
@@ -408,3 +413,19 @@ def test_opset_below_16_is_upgraded_only_for_max_pool():
         explainer = lrp_onnx.convert(model)
         assert explainer.opset_import[0].version == expected
         onnx.checker.check_model(explainer, full_check=True)
+
+
+def test_shapes_computed_by_a_constant_sub_graph_are_known_after_folding():
+    """torch's ZeroPad2d computes its pads by Transpose of a constant, which shape inference cannot
+    see through; the strided Conv after it needs its spatial sizes, known once constants are folded."""
+    pads = np.array([[0, 0, 0, 0], [0, 0, 1, 1]], np.int64).T  # Transpose, then Reshape: [0, 0, 0, 0, 0, 0, 1, 1]
+    nodes = [helper.make_node("Constant", [], ["p2"], name="pads", value=numpy_helper.from_array(pads)),
+             helper.make_node("Transpose", ["p2"], ["pt"], name="transpose", perm=[1, 0]),
+             helper.make_node("Reshape", ["pt", "flat"], ["p"], name="reshape"),
+             helper.make_node("Pad", ["x", "p"], ["xp"], name="pad"),
+             helper.make_node("Conv", ["xp", "w"], ["z"], name="layer", strides=[2, 2])]
+    x = RNG.standard_normal((2, 2, 6, 6)).astype(np.float32)
+    seed = RNG.standard_normal((2, 3 * 3 * 3)).astype(np.float32)
+    weights = {"flat": np.array([-1], np.int64), "w": RNG.standard_normal((3, 2, 3, 3))}
+    _, relevance = run_explainer(nodes, x, weights, seed, composite="epsilon", epsilon=1e-9, stabilizer=1e-9)
+    np.testing.assert_allclose(relevance.reshape(2, -1).sum(1), seed.sum(1), rtol=1e-4)
