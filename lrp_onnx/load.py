@@ -11,7 +11,6 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 from google.protobuf.message import DecodeError
 from onnx import version_converter
-from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
 from .errors import ModelLoadError, UnsupportedModelError
 
@@ -114,15 +113,17 @@ def infer_shapes(proto, label):
 
 def _symbolic_shapes(proto):
     """``SymbolicShapeInference.infer_shapes`` without its failure path, which saves the model to
-    ``sym_shape_infer_temp.onnx`` in the working directory; None where it cannot infer every shape."""
+    ``sym_shape_infer_temp.onnx`` in the working directory; None where it cannot infer every shape,
+    or where sympy, which it needs and onnxruntime does not install, is missing."""
     try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
         inference = SymbolicShapeInference(int_max=2**31 - 1, auto_merge=True, guess_output_rank=False, verbose=0)
         inference._preprocess(proto)
         complete = False
         while inference.run_:
             complete = inference._infer_impl()
         inference._update_output_from_vi()
-    except Exception:  # ops it does not know, or a changed private API: ONNX's inference takes over
+    except Exception:  # no sympy, ops it does not know, a changed private API: ONNX's inference takes over
         return None
     return inference.out_mp_ if complete else None
 

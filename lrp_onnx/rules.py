@@ -167,7 +167,8 @@ class Gamma(Rule):
     """Generalised LRP-γ (Montavon et al. 2019; Andéol et al. 2021), Zennit's form.
 
     Outputs with z > 0 split by F(x⁺; W+γW⁺, b+γb⁺) + F(x⁻; W+γW⁻); outputs with z < 0 split by
-    F(x⁺; W+γW⁻, b+γb⁻) + F(x⁻; W+γW⁺).
+    F(x⁺; W+γW⁻, b+γb⁻) + F(x⁻; W+γW⁺). z is the layer's own output, bias included even under
+    zero_params (as Zennit selects).
     """
     gamma: float = 0.25
     stabilizer: float = 1e-6
@@ -186,7 +187,7 @@ class Gamma(Rule):
             return None if t is None else b.add(t, b.mul(part(t), b.const(self.gamma)))
 
         w_up, w_down = boosted(w, b.positive), boosted(w, b.negative)
-        z = layer.forward(b, x, w, bias)
+        z = layer.output
         zero = b.const(0.0)
         x_pos, x_neg = signed_parts(b, layer, x)
         up = proportional(b, layer, present(Term(x_pos, w_up, boosted(bias, b.positive)), Term(x_neg, w_down)), r,

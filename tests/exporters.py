@@ -85,6 +85,8 @@ def light_zoo_available():
                   for p in glob.glob(os.path.dirname(light_zoo_path("x")) + "/light_*.onnx"))
 
 
+KERAS_MODELS = ("cnn-gap", "cnn-flatten", "mlp", "many-layers")  # built in tests/test_keras.py
+
 SKLEARN = ("mlp-relu", "mlp-tanh", "mlp-logistic", "logistic-regression")
 
 

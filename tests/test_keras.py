@@ -12,6 +12,8 @@ import onnxruntime as ort  # noqa: E402
 import pytest  # noqa: E402
 
 import torch  # noqa: E402
+
+import exporters  # noqa: E402
 # torchvision (through zennit_reference) loads triton's C extension, which crashes the process if
 # TensorFlow was imported first: the PyTorch side comes first.
 from zennit_reference import export as torch_export  # noqa: E402
@@ -93,7 +95,7 @@ def export_tf2onnx(model, path):
 
 
 EXPORTERS = {"keras": export_keras, "tf2onnx": export_tf2onnx}
-MODELS = ("cnn-gap", "cnn-flatten", "mlp", "many-layers")
+MODELS = exporters.KERAS_MODELS
 
 
 @pytest.fixture(scope="module")

@@ -60,21 +60,22 @@ def canonizers(name):
     return [ResNetCanonizer()] if name.startswith("resnet") else [VGGCanonizer()]
 
 
-def zennit_composite(composite, model_name, stabilizer=1e-6, eps=1e-6):
+def zennit_composite(composite, model_name, stabilizer=1e-6, eps=1e-6, zero_params=None):
     """The Zennit composite equal to lrp-onnx's composite of the same name."""
     c = canonizers(model_name)
-    same_rule_everywhere = {"alpha-beta": AlphaBeta(2.0, 1.0, stabilizer), "epsilon": Epsilon(eps),
-                            "zplus": ZPlus(stabilizer)}
+    same_rule_everywhere = {"alpha-beta": AlphaBeta(2.0, 1.0, stabilizer, zero_params=zero_params),
+                            "epsilon": Epsilon(eps, zero_params=zero_params),
+                            "zplus": ZPlus(stabilizer, zero_params=zero_params)}
     if composite in same_rule_everywhere:
         rule = same_rule_everywhere[composite]
         return LayerMapComposite(layer_map_base(stabilizer) + [(Convolution, rule), (torch.nn.Linear, rule)],
                                  canonizers=c)
     if composite == "epsilon-alpha2-beta1":
-        return EpsilonAlpha2Beta1(canonizers=c)
+        return EpsilonAlpha2Beta1(canonizers=c, zero_params=zero_params)
     if composite == "epsilon-plus-flat":
-        return EpsilonPlusFlat(canonizers=c)
+        return EpsilonPlusFlat(canonizers=c, zero_params=zero_params)
     if composite == "epsilon-gamma-box":
-        return EpsilonGammaBox(low=torch.tensor(LOW), high=torch.tensor(HIGH), canonizers=c)
+        return EpsilonGammaBox(low=torch.tensor(LOW), high=torch.tensor(HIGH), canonizers=c, zero_params=zero_params)
     raise KeyError(composite)
 
 
@@ -104,7 +105,7 @@ def distinct_targets(logits):
     return np.array([first, next(c for c in ranked if c != first)])
 
 
-def parity_errors(model_name, size, composites, exporters, workdir, epsilon=1e-6):
+def parity_errors(model_name, size, composites, exporters, workdir, epsilon=1e-6, zero_params=None):
     """{(exporter, composite): per-sample relative L2 error of lrp-onnx against Zennit}."""
     import os
 
@@ -113,13 +114,15 @@ def parity_errors(model_name, size, composites, exporters, workdir, epsilon=1e-6
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         targets = distinct_targets(model(x).numpy())
-    references = {c: zennit_relevance(model, x, targets, zennit_composite(c, model_name, eps=epsilon))
+    references = {c: zennit_relevance(model, x, targets,
+                                      zennit_composite(c, model_name, eps=epsilon, zero_params=zero_params))
                   for c in composites}
     errors = {}
     for exporter in exporters:
         path = export(model, x, os.path.join(workdir, f"{model_name}-{exporter}.onnx"), exporter == "dynamo")
         for c in composites:
-            params = dict(our_params(c), **({"epsilon": epsilon} if c == "epsilon" else {}))
+            params = dict(our_params(c), **({"epsilon": epsilon} if c == "epsilon" else {}),
+                          **({"zero_params": zero_params} if zero_params else {}))
             _, relevance = lrp_onnx.Explainer(path, composite=c, **params).explain(x.numpy(), targets)
             errors[exporter, c] = relative_errors(relevance, references[c])
         os.remove(path)

@@ -17,6 +17,7 @@ class LinearMap:
     Maps without weights (pooling) take only the rules that use F(x) itself, which is ``output``."""
     weight = None
     bias = None
+    dropped_bias = None  # the bias zero_params took out of the rules; ``output`` still includes it
 
     def __init__(self, unit):
         self.unit = unit
@@ -27,16 +28,14 @@ class LinearMap:
 
     def forward(self, b, x, weight, bias=None):
         # The layer's own pre-activation already exists in the forward graph: reuse it.
-        if self.output is not None and x is self.x and weight is self.weight and bias is self.bias:
+        if x is self.x and weight is self.weight and bias is self.bias and self.dropped_bias is None:
             return self.output
         return self.emit_forward(b, x, weight, bias)
 
     def drop_bias(self):
-        """Zennit's ``zero_params=["bias"]``: rules see F(x; W) alone. The forward output includes
-        the bias, so it can no longer stand in for F(x; W)."""
-        if self.bias is not None:
-            self.bias = None
-            self.output = None
+        """Zennit's ``zero_params=["bias"]``: rules see F(x; W) alone. The forward output, which
+        includes the bias, then no longer stands in for F(x; W)."""
+        self.dropped_bias, self.bias = self.bias, None
 
     def emit_forward(self, b, x, weight, bias):
         raise NotImplementedError
