@@ -70,7 +70,7 @@ def cmd_convert(args):
     if os.path.exists(out) and not args.force:
         raise LrpOnnxError(f"{out!r} exists; pass --force to overwrite it")
     explainer = convert(args.model, args.composite, input_name=args.input_name, rules=args.rules,
-                        **_rule_kwargs(args))
+                        layers=args.layer, layer_sum=args.layer_sum, **_rule_kwargs(args))
     save_model(explainer, out)
     print(f"wrote {out} ({args.composite})")
     return EXIT_OK
@@ -123,6 +123,9 @@ def build_parser():
     p.add_argument("model")
     p.add_argument("-o", "--output", help="output path (default: MODEL.lrp.onnx beside the model)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    p.add_argument("--layer", action="append", default=[], metavar="TENSOR",
+                   help="also output the relevance at this tensor as relevance:TENSOR (repeatable)")
+    p.add_argument("--layer-sum", choices=["channel"], help="sum each --layer output per channel: [N, C]")
     _add_rule_flags(p)
     p.set_defaults(run=cmd_convert)
     p = sub.add_parser("inspect", help="print each node with the rule it would get; list unsupported nodes")

@@ -24,6 +24,8 @@ RELEVANCE = "relevance"
 RELEVANCE_SEED = "relevance_seed"
 EXPLAINED_CLASS = "explained_class"
 EXPLAINED_LOGIT = "explained_logit"
+LAYER_PREFIX = "relevance:"  # relevance:NAME, the relevance at tensor NAME (convert(layers=...))
+LAYER_SUMS = ("channel",)
 # Normalisations of the whole score row: relevance starts below them, at the logits. (An
 # elementwise Sigmoid is not one of them: it passes relevance on like any activation.)
 SOFTMAX_OPS = ("Softmax", "LogSoftmax", "Normalizer")
@@ -139,13 +141,15 @@ def _check_overrides(composite, units):
             raise RuleError(f"rule override {pattern!r} matches no explained node name or op type")
 
 
-def convert(model, composite="alpha-beta", *, input_name=None, rules=None, seed_input=False,
-            **rule_params) -> onnx.ModelProto:
+def convert(model, composite="alpha-beta", *, input_name=None, rules=None, seed_input=False, layers=(),
+            layer_sum=None, **rule_params) -> onnx.ModelProto:
     """The explainer of ``model`` (a path, bytes or ModelProto) as a checked ModelProto.
 
     Inputs: the original inputs plus ``target`` (int64 [N], -1 = predicted class); with
     ``seed_input=True`` a float ``relevance_seed`` shaped like the scores replaces the one-hot seed.
-    Outputs: the original outputs plus ``relevance`` (float32, the explained input's shape).
+    Outputs: the original outputs plus ``relevance`` (float32, the explained input's shape), and
+    ``relevance:NAME`` for each tensor NAME in ``layers``, shaped like it or, with
+    ``layer_sum="channel"``, summed to [N, channels].
     """
     p = plan(model, composite, input_name=input_name, rules=rules, **rule_params)
     if p.problems:
@@ -154,11 +158,19 @@ def convert(model, composite="alpha-beta", *, input_name=None, rules=None, seed_
     for name in (TARGET, RELEVANCE, RELEVANCE_SEED, EXPLAINED_CLASS, EXPLAINED_LOGIT):
         if name in graph.tensors():
             raise UnsupportedModelError(f"{p.label}: the model already has a tensor named {name!r}")
+    layers = _check_layers(p, layers, layer_sum)
     b = Builder(graph)
     with b.scope("seed"):
         seed, extra_inputs, seed_outputs = _seed(b, p.logits, seed_input)
-    relevance = reverse_walk(b, p, seed)
+    relevance, at_layers = reverse_walk(b, p, seed, layers)
     extra_outputs = {RELEVANCE: (relevance, np.float32, p.explained.shape), **seed_outputs}
+    with b.scope("layers"):
+        for name, tensor in layers.items():
+            r = at_layers[name] if name in at_layers else b.zeros_like(tensor)
+            if layer_sum == "channel" and len(tensor.shape) > 2:
+                r = b.op("ReduceSum", r, b.ints(list(range(2, len(tensor.shape)))), keepdims=0)
+            shape = tensor.shape[:2] if layer_sum == "channel" else tensor.shape
+            extra_outputs[LAYER_PREFIX + name] = (r, np.float32, shape)
     if p.score.name not in {t.name for t in graph.outputs}:
         # behind a ZipMap: the scores as a tensor too, for ranking classes (ML ops' outputs are float)
         p.score.dtype = p.score.dtype or np.float32
@@ -209,13 +221,42 @@ def _seed(b, logits, seed_input):
                             EXPLAINED_LOGIT: (chosen_logit, np.float32, [batch])}
 
 
-def reverse_walk(b, p, seed):
-    """Visit units in reverse topological order; sum each tensor's fan-out relevance once."""
+def _check_layers(p, names, layer_sum):
+    """{name: tensor} of the requested layers, each a float tensor on the explained path that some
+    unit hands relevance to (not one inside a merged Conv+BatchNorm unit, say)."""
+    if layer_sum not in (None,) + LAYER_SUMS:
+        raise RuleError(f"layer_sum must be one of {LAYER_SUMS} or None; got {layer_sum!r}")
+    reachable = {t.name: t for u in p.units for t in u.outputs}
+    reachable[p.explained.name] = p.explained
+    merged = {t.name: u.name for u in p.units if u.followers for node in [u.head] + u.followers[:-1]
+              for t in node.outputs}
+    layers = {}
+    for name in names:
+        if name in merged:
+            raise UnsupportedModelError(f"{p.label}: layer {name!r} is inside the merged unit {merged[name]!r} "
+                                        "(a linear layer and its BatchNorm or bias); ask for the unit's output")
+        if name not in reachable:
+            where = "no such tensor" if name not in p.graph.tensors() else "not on the explained path"
+            raise UnsupportedModelError(f"{p.label}: layer {name!r}: {where}")
+        tensor = reachable[name]
+        if layer_sum == "channel" and tensor.shape is None:
+            raise UnsupportedModelError(f"{p.label}: layer {name!r} has no known rank to sum per channel")
+        layers[name] = tensor
+    return layers
+
+
+def reverse_walk(b, p, seed, layers=()):
+    """Visit units in reverse topological order; sum each tensor's fan-out relevance once.
+
+    Returns the relevance at the explained input, and at each tensor named in ``layers`` that
+    received any."""
     contributions = defaultdict(list)
     contributions[p.logits.name].append(seed)
+    at_layers = {}
     for unit in reversed(p.units):
         relevance_out = [b.total(contributions.pop(t.name)) if t.name in contributions else None
                          for t in unit.outputs]
+        at_layers.update((t.name, r) for t, r in zip(unit.outputs, relevance_out) if t.name in layers and r is not None)
         if all(r is None for r in relevance_out):
             continue
         with b.scope(unit.name):
@@ -229,4 +270,7 @@ def reverse_walk(b, p, seed):
             if r is not None and rel:
                 contributions[t.name].append(r)
     found = contributions.get(p.explained.name)
-    return b.total(found) if found else b.zeros_like(p.explained)
+    relevance = b.total(found) if found else b.zeros_like(p.explained)
+    if p.explained.name in layers:
+        at_layers[p.explained.name] = relevance
+    return relevance, at_layers

@@ -4,7 +4,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .convert import EXPLAINED_CLASS, EXPLAINED_LOGIT, META_PREFIX, RELEVANCE, TARGET, convert
+from .convert import EXPLAINED_CLASS, EXPLAINED_LOGIT, LAYER_PREFIX, META_PREFIX, RELEVANCE, TARGET, convert
 from .errors import InputError, RuleError
 from .explain import explain_samples
 from .files import atomic_write
@@ -70,7 +70,8 @@ class Explainer:
                                             providers=providers or ort.get_available_providers())
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         outputs = {o.name: o for o in self.session.get_outputs()}
-        self.output_names = [name for name in outputs if name not in EXPLAINER_OUTPUTS]
+        self.output_names = [name for name in outputs
+                             if name not in EXPLAINER_OUTPUTS and not name.startswith(LAYER_PREFIX)]
         self.score_name = meta.get("score_output") or self.output_names[0]
         classes = outputs[self.score_name].shape[1]
         self.class_count = classes if isinstance(classes, int) else None

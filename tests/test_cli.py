@@ -55,6 +55,20 @@ def test_convert_writes_a_checked_explainer_beside_the_model(model, images):
     assert only_files(model.parent) == ["cnn.lrp.onnx", "cnn.onnx"]
 
 
+def test_layer_relevance_and_zero_bias_flags(model, images):
+    layer = lrp_onnx.plan(str(model)).units[1].outputs[0].name  # the first Relu's output
+    out = model.parent / "layers.onnx"
+    result = cli("convert", model, "-o", out, "--composite", "zplus", "--zero-bias", "--layer", layer,
+                 "--layer-sum", "channel")
+    assert result.returncode == 0, result.stderr
+    named = lrp_onnx.Explainer(str(out)).run(images)
+    per_channel = named["relevance:" + layer]
+    assert per_channel.shape == (3, 6)
+    # zplus without biases conserves: the Relu's channels hold what the input holds
+    np.testing.assert_allclose(per_channel.sum(1), named["relevance"].reshape(3, -1).sum(1), rtol=1e-4, atol=1e-6)
+    assert_bad_input(cli("convert", model, "-o", model.parent / "x.onnx", "--layer", "nope"), "layer 'nope'")
+
+
 def test_the_checkout_shim_runs_the_same_cli(model):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "cli.py"), "convert", str(model), "-o",
                              str(model.parent / "shim.onnx")], capture_output=True, text=True)
