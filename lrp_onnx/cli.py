@@ -10,7 +10,7 @@ import os
 import sys
 
 from .composites import COMPOSITES
-from .convert import convert, plan
+from .convert import METHODS, convert, plan
 from .errors import InputError, LrpOnnxError
 from .explain import explain_to_folder, read_labels
 from .heatmap import COLORMAPS
@@ -43,6 +43,8 @@ def _add_rule_flags(p, composite_default="alpha-beta"):
     p.add_argument("--low", type=_floats, help="zbox: lowest input value, scalar or per-channel list (default 0)")
     p.add_argument("--high", type=_floats, help="zbox: highest input value, scalar or per-channel list (default 1)")
     p.add_argument("--stabilizer", type=float, help="denominator stabilizer of the other rules (default 1e-6)")
+    p.add_argument("--method", default="lrp", choices=METHODS,
+                   help="lrp (default), or a baseline: gradient, sensitivity (gradient²), gradient-x-input")
     p.add_argument("--zero-bias", action="store_true",
                    help="layer rules ignore biases, so relevance is conserved (Zennit's zero_params=['bias'])")
     p.add_argument("--rules", metavar="FILE", help="JSON or TOML file: node-name glob or op type -> rule")
@@ -55,6 +57,8 @@ def _rule_kwargs(args):
     kwargs = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     if args.zero_bias:
         kwargs["zero_params"] = ["bias"]
+    if args.method != "lrp":
+        kwargs["method"] = args.method
     return kwargs
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import RuleError
-from .rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, Rule, ZBox, ZPlus, make_rule
+from .rules import AlphaBeta, Epsilon, Flat, Gamma, Gradient, Norm, Pass, Rule, ZBox, ZPlus, make_rule
 
 
 @dataclass
@@ -28,7 +28,7 @@ class Composite:
     overrides: list = field(default_factory=list)  # [(pattern, rule)]
 
     def base(self, role):
-        return {"activation": Pass(), "batchnorm": Pass(), "sum": Norm(self.stabilizer),
+        return {"activation": Pass(), "batchnorm": Pass(), "scale": Pass(), "sum": Norm(self.stabilizer),
                 "avgpool": Norm(self.stabilizer), "layernorm": Norm(self.stabilizer)}.get(role)
 
     def rule_for(self, unit, role, is_first):
@@ -51,6 +51,17 @@ class Composite:
             overrides = read_overrides(overrides)
         parsed = [(pattern, _rule_from_spec(pattern, spec)) for pattern, spec in (overrides or {}).items()]
         return Composite(self.name, self.conv, self.dense, self.first, self.stabilizer, self.overrides + parsed)
+
+
+class GradientComposite(Composite):
+    """Every unit gets the chain rule: the graph of the baseline methods (gradient, sensitivity,
+    gradient × input), built by the same reverse walk as LRP."""
+
+    def __init__(self):
+        super().__init__("gradient", Gradient(), Gradient())
+
+    def base(self, role):
+        return Gradient()
 
 
 def _rule_from_spec(pattern, spec):

@@ -13,7 +13,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .builder import Builder
-from .composites import Composite, make_composite
+from .composites import Composite, GradientComposite, make_composite
 from .errors import LrpOnnxError, RuleError, UnsupportedModelError, UnsupportedOpError
 from .graph import carries_relevance, find_units, nonnegative_tensors
 from .load import import_graph, load_model
@@ -26,6 +26,8 @@ EXPLAINED_CLASS = "explained_class"
 EXPLAINED_LOGIT = "explained_logit"
 LAYER_PREFIX = "relevance:"  # relevance:NAME, the relevance at tensor NAME (convert(layers=...))
 LAYER_SUMS = ("channel",)
+# What the relevance output holds: LRP, or a baseline built by the same walk with the chain rule
+METHODS = ("lrp", "gradient", "sensitivity", "gradient-x-input")
 # Normalisations of the whole score row: relevance starts below them, at the logits. (An
 # elementwise Sigmoid is not one of them: it passes relevance on like any activation.)
 SOFTMAX_OPS = ("Softmax", "LogSoftmax", "Normalizer")
@@ -45,6 +47,7 @@ class Plan:
     rules: dict             # unit name -> Rule or None
     problems: list          # [(node name, op, reason)]
     composite: Composite
+    method: str
     output_types: dict      # graph output name -> the original TypeProto (sequence and map types included)
 
 
@@ -103,11 +106,20 @@ def _upstream_of(units, logits):
     return keep[::-1]
 
 
-def plan(model, composite="alpha-beta", *, input_name=None, rules=None, **rule_params):
-    """Load the model and decide every unit's rule, listing every node that cannot be explained."""
-    composite = make_composite(composite, **rule_params)
-    if rules:
-        composite = composite.with_overrides(rules)
+def plan(model, composite="alpha-beta", *, input_name=None, rules=None, method="lrp", **rule_params):
+    """Load the model and decide every unit's rule, listing every node that cannot be explained.
+
+    ``method`` other than "lrp" replaces the composite by the chain rule everywhere."""
+    if method not in METHODS:
+        raise RuleError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if method == "lrp":
+        composite = make_composite(composite, **rule_params)
+        if rules:
+            composite = composite.with_overrides(rules)
+    elif rules or any(v is not None for v in rule_params.values()):
+        raise RuleError(f"method {method!r} has no rules; composite parameters and rules apply to method lrp")
+    else:
+        composite = GradientComposite()
     proto, label = load_model(model)
     graph = import_graph(proto)
     explained = pick_input(graph, label, input_name)
@@ -132,7 +144,8 @@ def plan(model, composite="alpha-beta", *, input_name=None, rules=None, **rule_p
         rules_by_unit[unit.name] = composite.rule_for(unit, role, is_first)
     _check_overrides(composite, units)
     output_types = {o.name: o.type for o in proto.graph.output}
-    return Plan(graph, label, explained, score, logits, units, rules_by_unit, problems, composite, output_types)
+    return Plan(graph, label, explained, score, logits, units, rules_by_unit, problems, composite, method,
+                output_types)
 
 
 def _check_overrides(composite, units):
@@ -142,7 +155,7 @@ def _check_overrides(composite, units):
 
 
 def convert(model, composite="alpha-beta", *, input_name=None, rules=None, seed_input=False, layers=(),
-            layer_sum=None, **rule_params) -> onnx.ModelProto:
+            layer_sum=None, method="lrp", **rule_params) -> onnx.ModelProto:
     """The explainer of ``model`` (a path, bytes or ModelProto) as a checked ModelProto.
 
     Inputs: the original inputs plus ``target`` (int64 [N], -1 = predicted class); with
@@ -150,8 +163,11 @@ def convert(model, composite="alpha-beta", *, input_name=None, rules=None, seed_
     Outputs: the original outputs plus ``relevance`` (float32, the explained input's shape), and
     ``relevance:NAME`` for each tensor NAME in ``layers``, shaped like it or, with
     ``layer_sum="channel"``, summed to [N, channels].
+
+    ``method``: "lrp", or a baseline in the same output: "gradient" ∂f/∂x, "sensitivity"
+    (∂f/∂x)², "gradient-x-input" x·∂f/∂x (f the target's logit; the seed is the one-hot).
     """
-    p = plan(model, composite, input_name=input_name, rules=rules, **rule_params)
+    p = plan(model, composite, input_name=input_name, rules=rules, method=method, **rule_params)
     if p.problems:
         raise UnsupportedOpError(p.problems)
     graph = p.graph
@@ -161,8 +177,13 @@ def convert(model, composite="alpha-beta", *, input_name=None, rules=None, seed_
     layers = _check_layers(p, layers, layer_sum)
     b = Builder(graph)
     with b.scope("seed"):
-        seed, extra_inputs, seed_outputs = _seed(b, p.logits, seed_input)
+        seed, extra_inputs, seed_outputs = _seed(b, p.logits, seed_input, gradient=method != "lrp")
     relevance, at_layers = reverse_walk(b, p, seed, layers)
+    with b.scope("method"):
+        if method == "sensitivity":
+            relevance = b.mul(relevance, relevance)
+        elif method == "gradient-x-input":
+            relevance = b.mul(relevance, p.explained)
     extra_outputs = {RELEVANCE: (relevance, np.float32, p.explained.shape), **seed_outputs}
     with b.scope("layers"):
         for name, tensor in layers.items():
@@ -188,15 +209,16 @@ def convert(model, composite="alpha-beta", *, input_name=None, rules=None, seed_
         if output.name in p.output_types:
             output.type.CopyFrom(p.output_types[output.name])
     meta = {"explained_input": p.explained.name, "composite": p.composite.name,
-            "score_output": p.score.name}
+            "score_output": p.score.name, "method": method}
     for key, value in meta.items():
         out.metadata_props.add(key=META_PREFIX + key, value=value)
     onnx.checker.check_model(out, full_check=True)
     return out
 
 
-def _seed(b, logits, seed_input):
+def _seed(b, logits, seed_input, gradient=False):
     """R at the logits: logits ⊙ onehot(target), target -1 meaning argmax; or a given seed tensor.
+    For the gradient methods, ∂f/∂logits: onehot(target) itself.
 
     Returns the seed, the new graph inputs, and the new outputs besides ``relevance``: the class
     explained per sample (target with -1 resolved) and its logit, Σ R's reference value.
@@ -213,8 +235,8 @@ def _seed(b, logits, seed_input):
     chosen = b.op("Where", b.op("Less", target, b.ints(0)), predicted, target)
     classes = b.op("Gather", b.shape(logits), b.ints([1]))
     onehot = b.op("OneHot", chosen, classes, b.const([0.0, 1.0]), axis=-1)
-    seed = b.mul(logits, onehot)
-    chosen_logit = b.op("ReduceSum", seed, b.ints([1]), keepdims=0)
+    chosen_logit = b.op("ReduceSum", b.mul(logits, onehot), b.ints([1]), keepdims=0)
+    seed = onehot if gradient else b.mul(logits, onehot)
     if logits is not scores:
         seed = b.reshape_like(seed, scores)
     return seed, [target], {EXPLAINED_CLASS: (chosen, np.int64, [batch]),

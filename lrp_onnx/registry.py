@@ -7,8 +7,9 @@ where none flows (weights, shapes, indices)::
     def rearranged(b, unit, r, rule): ...
 
 ``role`` tells composites which rule family a unit belongs to: "conv" and "dense" (linear
-layers), "activation", "sum", "avgpool", "batchnorm", or "route" for units whose propagation is
-fixed (routing, max pooling), which take no rule. ``role`` may be a function of the unit.
+layers), "activation", "sum", "avgpool", "batchnorm", "layernorm", "scale" (a product with a
+constant or a gate), or "route" for units whose propagation is fixed (routing, max pooling),
+which take no rule. ``role`` may be a function of the unit.
 ``check(unit)`` may return a reason why this particular node cannot be explained, and
 ``receivers(unit)`` which inputs can get relevance (default: every one that depends on the
 explained input), so that nodes feeding only a gate are never asked for a propagator.
@@ -18,8 +19,6 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
 PROPAGATORS = {}
-
-ROLES_WITH_RULES = ("conv", "dense", "activation", "sum", "avgpool", "batchnorm")
 
 
 @dataclass(frozen=True)

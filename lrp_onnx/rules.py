@@ -267,6 +267,17 @@ class Pass(Rule):
         return r
 
 
+@dataclass(frozen=True)
+class Gradient(Rule):
+    """Not LRP: the chain rule, ∂f/∂x = Fᵀ(∂f/∂z), for the baseline methods (``method=``).
+    Elementwise propagators multiply by the derivative instead of passing relevance on."""
+    name = "gradient"
+    needs_weights = False
+
+    def propagate(self, b, layer, x, r):
+        return layer.transpose(b, r, layer.weight)
+
+
 def _part(b, bias, part):
     return None if bias is None else part(bias)
 

@@ -69,6 +69,18 @@ def test_layer_relevance_and_zero_bias_flags(model, images):
     assert_bad_input(cli("convert", model, "-o", model.parent / "x.onnx", "--layer", "nope"), "layer 'nope'")
 
 
+def test_method_flag(model, images):
+    out = model.parent / "gxi.onnx"
+    result = cli("convert", model, "-o", out, "--method", "gradient-x-input")
+    assert result.returncode == 0, result.stderr
+    _, from_file = lrp_onnx.Explainer(str(out)).explain(images, 1)
+    _, gradient = lrp_onnx.Explainer(str(model), method="gradient").explain(images, 1)
+    np.testing.assert_allclose(from_file, gradient * images, rtol=1e-5, atol=1e-7)
+    assert "gradient" in cli("inspect", model, "--method", "gradient").stdout
+    assert_bad_input(cli("convert", model, "-o", model.parent / "x.onnx", "--method", "gradient", "--epsilon", "1"),
+                     "has no rules")
+
+
 def test_the_checkout_shim_runs_the_same_cli(model):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "cli.py"), "convert", str(model), "-o",
                              str(model.parent / "shim.onnx")], capture_output=True, text=True)

@@ -1,9 +1,9 @@
 """Elementwise ops: activations (pass), sums of activations (norm), affine ops with a constant
 (relevance moves 1:1), and gates x·g(x) (relevance to the gated branch)."""
 
-from ..errors import RuleError
+from ..errors import RuleError, UnsupportedModelError
 from ..graph import is_constant
-from ..rules import Epsilon, Norm, Pass
+from ..rules import Epsilon, Gradient, Norm, Pass
 from ..registry import propagator
 
 ACTIVATIONS = ("Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "Tanh", "Elu", "Selu", "Celu", "Softplus",
@@ -29,16 +29,39 @@ def _passed(b, unit, r):
     return [_unbroadcast(b, r, t, unit.outputs[0]) if rel else None for t, rel in zip(unit.inputs, unit.relevant)]
 
 
+# f'(x) of the activations the baseline methods differentiate, from the input x and output y.
+# Clip's is 1 where it left x unchanged, min ≤ x ≤ max (as torch's clamp), and 0 elsewhere.
+DERIVATIVES = {
+    "Relu": lambda b, x, y, node: b.op("Cast", b.op("Greater", x, b.const(0.0)), to=1),
+    "LeakyRelu": lambda b, x, y, node: b.op("Where", b.op("Greater", x, b.const(0.0)), b.const(1.0),
+                                             b.const(node.attrs.get("alpha", 0.01))),
+    "Clip": lambda b, x, y, node: b.op("Cast", b.op("Equal", x, y), to=1),
+    "Sigmoid": lambda b, x, y, node: b.mul(y, b.sub(b.const(1.0), y)),
+    "Tanh": lambda b, x, y, node: b.sub(b.const(1.0), b.mul(y, y)),
+}
+
+
+def _no_gradient(unit, what):
+    return UnsupportedModelError(f"node {unit.name!r} ({unit.op}): the gradient of {what} is not implemented; "
+                                 "explain with method lrp")
+
+
 @propagator(*ACTIVATIONS, role="activation")
 def activation(b, unit, relevance_out, rule):
-    """Activations get Zennit's Pass: R_in = R_out."""
+    """Activations get Zennit's Pass: R_in = R_out. The gradient methods multiply by f'(x)."""
+    r = relevance_out[0]
+    if isinstance(rule, Gradient):
+        if unit.op not in DERIVATIVES:
+            raise _no_gradient(unit, unit.op)
+        x, y = unit.inputs[0], unit.outputs[0]
+        return [b.mul(r, DERIVATIVES[unit.op](b, x, y, unit.head))] + [None] * (len(unit.inputs) - 1)
     if not isinstance(rule, Pass):
         raise RuleError(f"node {unit.name!r} ({unit.op}): activations take the pass rule, not {rule.name!r}")
-    return _passed(b, unit, relevance_out[0])
+    return _passed(b, unit, r)
 
 
 def _sum_role(unit):
-    return "sum" if sum(unit.relevant) >= 2 and not _is_centering(unit) else "route"
+    return "sum" if sum(unit.relevant) >= 2 and not _is_centering(unit) else "scale"
 
 
 def _is_centering(unit):
@@ -60,6 +83,11 @@ def sum_of_activations(b, unit, relevance_out, rule):
     unchanged to the activation.
     """
     r = relevance_out[0]
+    if isinstance(rule, Gradient):
+        if _is_centering(unit):
+            raise _no_gradient(unit, "x − mean(x)")
+        return [_unbroadcast(b, b.neg(r) if unit.op == "Sub" and k == 1 else r, x, unit.outputs[0]) if rel else None
+                for k, (x, rel) in enumerate(zip(unit.inputs, unit.relevant))]
     if _is_centering(unit):
         return [r, None]
     if sum(unit.relevant) < 2:
@@ -112,11 +140,19 @@ def _product_receivers(unit):
     return list(unit.relevant) if k is None else [i == k for i in range(len(unit.inputs))]
 
 
-@propagator("Mul", "Div", role="route", check=_check_product, receivers=_product_receivers)
+@propagator("Mul", "Div", role="scale", check=_check_product, receivers=_product_receivers)
 def product(b, unit, relevance_out, rule):
     """x·c, x/c: relevance moves unchanged. A gate x·g(x) (SiLU, GELU, Mish, squeeze-excitation)
-    and a normalisation x/σ(x) (a decomposed LayerNorm): all of it to x."""
+    and a normalisation x/σ(x) (a decomposed LayerNorm): all of it to x. The gradient of x·c is
+    c·∂, of x/c ∂/c."""
     r = relevance_out[0]
+    if isinstance(rule, Gradient):
+        if sum(unit.relevant) >= 2:
+            raise _no_gradient(unit, "a gate or normalisation")
+        k = unit.relevant.index(True)
+        other = unit.inputs[1 - k]
+        g = b.mul(r, other) if unit.op == "Mul" else b.div(r, other)
+        return [_unbroadcast(b, g, unit.inputs[k], unit.outputs[0]) if i == k else None for i in range(2)]
     if sum(unit.relevant) >= 2:
         k = gated_input(unit)
         return [_unbroadcast(b, r, unit.inputs[k], unit.outputs[0]) if i == k else None for i in range(2)]
@@ -137,6 +173,8 @@ def layer_norm(b, unit, relevance_out, rule):
     affine part the composite's linear rule for it (Norm) on the diagonal map n ↦ γ·n + β, whose
     only input share is γ·n = y − β: R_x = (y − β) · R / stabilize(y).
     """
+    if isinstance(rule, Gradient):
+        raise _no_gradient(unit, "LayerNormalization")
     if not isinstance(rule, (Norm, Epsilon)):
         raise RuleError(f"node {unit.name!r} (LayerNormalization) takes norm or epsilon, not {rule.name!r}")
     r, y = relevance_out[0], unit.outputs[0]

@@ -57,7 +57,9 @@ def folded_affine(unit, scale=None, bias=None):
             s, t = batch_norm_affine(node)
         else:
             c = per_channel(node.inputs[1] if node.inputs[0] is y else node.inputs[0], head)
-            s, t = {"Add": (None, c), "Sub": (None, -c), "Mul": (c, None), "Div": (1.0 / c, None)}[node.op]
+            # lazily: a zero bias is fine to add, not to divide by
+            s, t = {"Add": lambda: (None, c), "Sub": lambda: (None, -c), "Mul": lambda: (c, None),
+                    "Div": lambda: (1.0 / c, None)}[node.op]()
         if s is not None:
             scale = s if scale is None else scale * s
             bias = None if bias is None else bias * s
