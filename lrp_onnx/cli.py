@@ -1,4 +1,4 @@
-"""The ``lrp-onnx`` command line: ``convert``, ``inspect`` and ``explain``.
+"""The ``lrp-onnx`` command line: ``convert``, ``inspect``, ``explain`` and ``evaluate``.
 
 Exit codes: 0 success; 2 bad input (not ONNX, truncated, unsupported op or output, bad rule
 parameters, output exists without --force, unreadable or mismatching inputs, a target out of range,
@@ -9,12 +9,15 @@ import argparse
 import os
 import sys
 
+import numpy as np
+
 from .composites import COMPOSITES
 from .convert import METHODS, convert, plan
 from .errors import InputError, LrpOnnxError
-from .explain import explain_to_folder, read_labels
+from .evaluate import evaluate, parse_method, plot, report, write_json
+from .explain import explain_to_folder, read_labels, writable_folder
 from .heatmap import COLORMAPS
-from .inputs import Preprocess
+from .inputs import InputSpec, Preprocess, load_samples
 from .runtime import Explainer, save_model
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
@@ -100,14 +103,11 @@ def cmd_inspect(args):
 
 
 def cmd_explain(args):
-    if args.size is not None and len(args.size) > 2:
-        raise InputError(f"--size takes S or H W, got {len(args.size)} numbers")
     rule_params = _rule_kwargs(args)
     if args.rules or args.input_name:
         rule_params.update(rules=args.rules, input_name=args.input_name)
     explainer = Explainer(args.model, providers=args.provider, composite=args.composite, **rule_params)
-    preprocess = Preprocess(size=args.size, mean=args.mean, std=args.std, scale=args.scale, layout=args.layout,
-                            grayscale=args.grayscale)
+    preprocess = _preprocess(args)
     labels = read_labels(args.labels) if args.labels else None
     rows = explain_to_folder(explainer, args.inputs, args.output, preprocess, args.target, args.top_k, labels,
                              args.batch_size, args.cmap, args.overlay, args.json, zoom=args.zoom)
@@ -118,6 +118,47 @@ def cmd_explain(args):
 
 def _floats_list(text):
     return [float(v) for v in text.split(",")]
+
+
+def _add_input_flags(p):
+    """How image inputs are made model-ready (explain, evaluate)."""
+    p.add_argument("--size", type=_positive_int, nargs="+", metavar="N",
+                   help="resize the shorter side and center-crop: S, or H W (default: the model's fixed size)")
+    p.add_argument("--mean", type=_floats_list, help="per-channel mean to subtract, comma-separated")
+    p.add_argument("--std", type=_floats_list, help="per-channel std to divide by, comma-separated")
+    p.add_argument("--scale", type=float, default=1.0, choices=[1.0, 255.0],
+                   help="pixel range before mean/std: 1 for [0, 1] (default), 255 for [0, 255]")
+    p.add_argument("--layout", choices=["nchw", "nhwc"], help="default: read from the model's input shape")
+    p.add_argument("--grayscale", action="store_true", help="convert images to grey (repeated if the model wants RGB)")
+
+
+def _preprocess(args):
+    if args.size is not None and len(args.size) > 2:
+        raise InputError(f"--size takes S or H W, got {len(args.size)} numbers")
+    return Preprocess(size=args.size, mean=args.mean, std=args.std, scale=args.scale, layout=args.layout,
+                      grayscale=args.grayscale)
+
+
+def cmd_evaluate(args):
+    methods = args.method or list(DEFAULT_EVALUATION)
+    for spec in methods:
+        parse_method(spec)  # a bad spec fails before any work
+    writable_folder(args.output)
+    spec = InputSpec(list(plan(args.model).explained.shape or []))
+    x = np.stack([s.array for s in load_samples(args.data, spec, _preprocess(args))])
+    results = evaluate(args.model, x, methods, steps=args.steps, region=args.region, repeats=args.repeats,
+                       low=args.low, high=args.high, layout=args.layout, batch_size=args.batch_size, seed=args.seed,
+                       progress=True)
+    settings = {"model": args.model, "samples": len(x), "steps": len(results[0].drops) - 1, "region": args.region,
+                "repeats": args.repeats, "seed": args.seed}
+    write_json(results, os.path.join(args.output, "evaluate.json"), settings)
+    plot(results, os.path.join(args.output, "aopc.png"))
+    print(report(results))
+    print(f"wrote {args.output}/evaluate.json and {args.output}/aopc.png")
+    return EXIT_OK
+
+
+DEFAULT_EVALUATION = ("lrp:alpha-beta", "lrp:epsilon-plus-flat", "sensitivity", "gradient-x-input")
 
 
 def build_parser():
@@ -144,14 +185,7 @@ def build_parser():
     p.add_argument("--top-k", type=_positive_int, metavar="K", help="explain the K highest-scoring classes")
     p.add_argument("--labels", metavar="FILE", help="class names, one per line")
     p.add_argument("--batch-size", type=_positive_int, default=32, metavar="B")
-    p.add_argument("--size", type=_positive_int, nargs="+", metavar="N",
-                   help="resize the shorter side and center-crop: S, or H W (default: the model's fixed size)")
-    p.add_argument("--mean", type=_floats_list, help="per-channel mean to subtract, comma-separated")
-    p.add_argument("--std", type=_floats_list, help="per-channel std to divide by, comma-separated")
-    p.add_argument("--scale", type=float, default=1.0, choices=[1.0, 255.0],
-                   help="pixel range before mean/std: 1 for [0, 1] (default), 255 for [0, 255]")
-    p.add_argument("--layout", choices=["nchw", "nhwc"], help="default: read from the model's input shape")
-    p.add_argument("--grayscale", action="store_true", help="convert images to grey (repeated if the model wants RGB)")
+    _add_input_flags(p)
     p.add_argument("--cmap", default="bwr", choices=sorted(COLORMAPS), help="heatmap colormap (default bwr)")
     p.add_argument("--overlay", action="store_true", help="blend the heatmap over the input image")
     p.add_argument("--zoom", type=_positive_int, default=1, help="enlarge heatmaps N times (for small inputs)")
@@ -159,6 +193,24 @@ def build_parser():
     p.add_argument("--provider", choices=["cpu", "cuda"], help="ONNX Runtime device (default: CUDA if available)")
     _add_rule_flags(p, composite_default=None)
     p.set_defaults(run=cmd_explain)
+    p = sub.add_parser("evaluate", help="perturbation analysis: AOPC of each method against random")
+    p.add_argument("model", help="a classifier")
+    p.add_argument("data", nargs="+", metavar="DATA", help="image files, folders, .npy, .npz (model-ready arrays)")
+    p.add_argument("-o", "--output", default="lrp-eval", metavar="DIR", help="output folder (default ./lrp-eval)")
+    p.add_argument("--method", action="append", metavar="SPEC",
+                   help="lrp:COMPOSITE, gradient, sensitivity or gradient-x-input (repeatable; default: "
+                        f"{', '.join(DEFAULT_EVALUATION)}); random is always included")
+    p.add_argument("--steps", type=_positive_int, default=100, help="perturbation steps L (default 100, at most "
+                   "the number of regions)")
+    p.add_argument("--region", type=_positive_int, help="region side r in pixels (default 9 at 224 px, scaled)")
+    p.add_argument("--repeats", type=_positive_int, default=1, help="noise draws per sample (default 1)")
+    p.add_argument("--low", type=float, help="noise range (default: the data's minimum)")
+    p.add_argument("--high", type=float, help="noise range (default: the data's maximum)")
+    p.add_argument("--batch-size", type=_positive_int, default=256, metavar="B")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    _add_input_flags(p)
+    p.set_defaults(run=cmd_evaluate)
     return parser
 
 

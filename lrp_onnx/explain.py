@@ -86,7 +86,7 @@ def check_request(explainer, target=None, top_k=None, labels=None):
 def explain_samples(explainer, samples, target=None, top_k=None, labels=None, batch_size=32, progress=False):
     """Yield an Explanation per sample and target: the given target, the top-k classes, or the prediction."""
     target = check_request(explainer, target, top_k, labels)
-    bar = _progress(len(samples) * (top_k or 1), progress)
+    bar = progress_bar(len(samples) * (top_k or 1), progress)
     for batch in batches(samples, batch_size):
         x = np.stack([s.array for s in batch])
         # One run gives the scores and the first explanation (top-1 is the predicted class, -1).
@@ -101,7 +101,7 @@ def explain_samples(explainer, samples, target=None, top_k=None, labels=None, ba
     bar.close()
 
 
-def _progress(total, enabled):
+def progress_bar(total, enabled):
     return tqdm(total=total, unit="explanation", disable=not (enabled and sys.stderr.isatty() and total > 1))
 
 
