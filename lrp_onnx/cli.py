@@ -1,4 +1,4 @@
-"""The ``lrp-onnx`` command line: ``convert``, ``inspect``, ``explain`` and ``evaluate``.
+"""The ``lrp-onnx`` command line: ``convert``, ``inspect``, ``explain``, ``evaluate`` and ``compare``.
 
 Exit codes: 0 success; 2 bad input (not ONNX, truncated, unsupported op or output, bad rule
 parameters, output exists without --force, unreadable or mismatching inputs, a target out of range,
@@ -14,7 +14,9 @@ import numpy as np
 from .composites import COMPOSITES
 from .convert import METHODS, convert, plan
 from .errors import InputError, LrpOnnxError
-from .evaluate import evaluate, parse_method, plot, report, write_json
+from .compare import compare, write_grid
+from .compare import write_json as write_comparison
+from .evaluate import context_report, evaluate, parse_method, plot, read_boxes, report, write_json
 from .explain import explain_to_folder, read_labels, writable_folder
 from .heatmap import COLORMAPS
 from .inputs import InputSpec, Preprocess, load_samples
@@ -143,18 +145,40 @@ def cmd_evaluate(args):
     methods = args.method or list(DEFAULT_EVALUATION)
     for spec in methods:
         parse_method(spec)  # a bad spec fails before any work
-    writable_folder(args.output)
     spec = InputSpec(list(plan(args.model).explained.shape or []))
-    x = np.stack([s.array for s in load_samples(args.data, spec, _preprocess(args))])
+    samples = load_samples(args.data, spec, _preprocess(args))
+    boxes = read_boxes(args.boxes, samples) if args.boxes else None
+    writable_folder(args.output)
+    x = np.stack([s.array for s in samples])
     results = evaluate(args.model, x, methods, steps=args.steps, region=args.region, repeats=args.repeats,
                        low=args.low, high=args.high, layout=args.layout, batch_size=args.batch_size, seed=args.seed,
                        progress=True)
     settings = {"model": args.model, "samples": len(x), "steps": len(results[0].drops) - 1, "region": args.region,
                 "repeats": args.repeats, "seed": args.seed}
-    write_json(results, os.path.join(args.output, "evaluate.json"), settings)
+    context = context_report(results, boxes, [s.name for s in samples]) if boxes else None
+    write_json(results, os.path.join(args.output, "evaluate.json"), settings, context)
     plot(results, os.path.join(args.output, "aopc.png"))
     print(report(results))
+    for method, shares in (context or {}).items():
+        print(f"{method}: positive relevance inside the boxes {shares['inside']:.1%}, outside {shares['outside']:.1%}, "
+              f"median ratio outside/inside {shares['ratio']}")
     print(f"wrote {args.output}/evaluate.json and {args.output}/aopc.png")
+    return EXIT_OK
+
+
+def cmd_compare(args):
+    writable_folder(args.output)
+    spec_a, spec_b = (InputSpec(list(plan(m).explained.shape or [])) for m in (args.model_a, args.model_b))
+    layout_a, layout_b = spec_a.layout(args.layout), spec_b.layout()
+    samples = load_samples(args.data, spec_a, _preprocess(args))
+    x = np.stack([s.array for s in samples])
+    result = compare(args.model_a, args.model_b, x, layout_a, layout_b, args.composite, args.aopc_steps)
+    write_grid(result, samples, layout_a, os.path.join(args.output, "compare.png"))
+    write_comparison(result, [s.name for s in samples], os.path.join(args.output, "compare.json"),
+                     args.model_a, args.model_b)
+    for key, value in result.summary().items():
+        print(f"{key}: {value}")
+    print(f"wrote {args.output}/compare.json and {args.output}/compare.png")
     return EXIT_OK
 
 
@@ -208,9 +232,23 @@ def build_parser():
     p.add_argument("--high", type=float, help="noise range (default: the data's maximum)")
     p.add_argument("--batch-size", type=_positive_int, default=256, metavar="B")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--boxes", metavar="CSV", help="input, x0, y0, x1, y1 per input (model-input pixels, end "
+                   "exclusive): report positive relevance inside and outside each box")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     _add_input_flags(p)
     p.set_defaults(run=cmd_evaluate)
+    p = sub.add_parser("compare", help="explain the same inputs with two models and compare the explanations")
+    p.add_argument("model_a")
+    p.add_argument("model_b")
+    p.add_argument("data", nargs="+", metavar="DATA",
+                   help="image files, folders, .npy, .npz (arrays model-ready for MODEL_A; moved to B's layout)")
+    p.add_argument("-o", "--output", default="lrp-compare", metavar="DIR", help="output folder (default ./lrp-compare)")
+    p.add_argument("--composite", default="alpha-beta", choices=sorted(COMPOSITES), help="for both models")
+    p.add_argument("--aopc-steps", type=int, default=100, metavar="L",
+                   help="perturbation steps for each model's AOPC (0: skip)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    _add_input_flags(p)
+    p.set_defaults(run=cmd_compare)
     return parser
 
 

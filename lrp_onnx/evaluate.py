@@ -11,7 +11,9 @@ the AOPC is larger. The ``random`` order is the baseline.
 import io
 import json
 import math
+import os
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -28,10 +30,13 @@ BASELINES = ("gradient", "sensitivity", "gradient-x-input")
 
 @dataclass
 class Perturbation:
-    """Per method: the mean score drop f(x⁽⁰⁾) − f(x⁽ᵏ⁾) after each step k = 0..L, and the AOPC."""
+    """Per method: the mean score drop f(x⁽⁰⁾) − f(x⁽ᵏ⁾) after each step k = 0..L, the AOPC, and
+    the channel-summed relevance of every sample (None for random)."""
     method: str
     drops: np.ndarray  # [L+1]
     aopc: float
+    maps: Optional[np.ndarray] = None  # [N, H, W] or [N, features]
+    classes: Optional[np.ndarray] = None  # the class explained per sample (its prediction)
 
 
 def parse_method(spec):
@@ -132,7 +137,7 @@ def evaluate(model, x, methods, steps=100, region=None, repeats=1, low=None, hig
     bar = progress_bar(len(specs) * repeats * len(x), progress)
     results = []
     for spec in specs:
-        total = np.zeros(steps + 1)
+        total, maps = np.zeros(steps + 1), []
         for start in range(0, len(x), chunk):
             xs, ts = x[start:start + chunk], targets[start:start + chunk]
             if spec == RANDOM:
@@ -140,14 +145,82 @@ def evaluate(model, x, methods, steps=100, region=None, repeats=1, low=None, hig
             else:
                 _, relevance = explainers[spec].explain(xs, ts)
                 order = region_order(relevance, region, layout)
+                channel, _ = spatial_axes(relevance, layout)
+                maps.append(relevance.sum(axis=channel) if channel is not None else relevance)
             for _ in range(repeats):
                 f = scores(scorer, perturbed_inputs(xs, order, steps, region, layout, low, high, rng), ts, batch_size)
                 total += (f[:, :1] - f).sum(axis=0)
                 bar.update(len(xs))
         drops = total / (len(x) * repeats)
-        results.append(Perturbation(spec, drops, float(drops.mean())))
+        results.append(Perturbation(spec, drops, float(drops.mean()), np.concatenate(maps) if maps else None,
+                                    targets))
     bar.close()
     return results
+
+
+def context_shares(maps, boxes):
+    """The seed paper's Figure 1b: per sample, the shares of positive relevance inside and outside
+    its box (x0, y0, x1, y1; pixels, end exclusive) and their ratio outside / inside. A classifier
+    that relies on context puts much of its evidence outside the object."""
+    positive = np.maximum(maps, 0).astype(np.float64)
+    inside = np.array([p[y0:y1, x0:x1].sum() for p, (x0, y0, x1, y1) in zip(positive, boxes)])
+    total = positive.reshape(len(positive), -1).sum(1)
+    share_in = np.where(total > 0, inside / np.where(total > 0, total, 1), 0.0)
+    share_out = np.where(total > 0, 1 - share_in, 0.0)
+    ratio = np.where(share_in > 0, share_out / np.where(share_in > 0, share_in, 1), np.inf)
+    return share_in, share_out, ratio
+
+
+def read_boxes(path, samples):
+    """Boxes from a CSV of input, x0, y0, x1, y1 (a header row is allowed), one per sample in
+    order; the input column names a sample (its name or its file's name)."""
+    import csv
+    try:
+        with open(path, newline="") as f:
+            rows = [r for r in csv.reader(f) if r and not r[0].startswith("#")]
+    except OSError as e:
+        raise InputError(f"{path}: cannot read the boxes file ({e.strerror or e})") from None
+    if rows and rows[0][0].strip().lower() == "input":
+        rows = rows[1:]
+    boxes = {}
+    for row in rows:
+        if len(row) != 5:
+            raise InputError(f"{path}: each row needs input, x0, y0, x1, y1; got {row}")
+        try:
+            box = [int(v) for v in row[1:]]
+        except ValueError:
+            raise InputError(f"{path}: box coordinates must be integers; got {row}") from None
+        if not (0 <= box[0] < box[2] and 0 <= box[1] < box[3]):
+            raise InputError(f"{path}: box {row} needs 0 <= x0 < x1 and 0 <= y0 < y1")
+        boxes[row[0].strip()] = box
+    keys = [s.name if s.name in boxes else os.path.basename(s.source) for s in samples]
+    missing = [k for k in keys if k not in boxes]
+    if missing:
+        raise InputError(f"{path}: no box for {len(missing)} input(s): {', '.join(missing[:5])}")
+    return [boxes[k] for k in keys]
+
+
+def context_report(results, boxes, names):
+    """{method: {"inside", "outside", "ratio", "per_class": {class: ...}, "per_input": [...]}}: mean
+    shares and the median ratio (None where no positive relevance falls inside the boxes)."""
+    summary = {}
+    for r in results:
+        if r.maps is None:
+            continue
+        share_in, share_out, ratio = context_shares(r.maps, boxes)
+
+        def finite(v):
+            return float(v) if np.isfinite(v) else None
+
+        def means(mask):
+            return {"inside": float(share_in[mask].mean()), "outside": float(share_out[mask].mean()),
+                    "ratio": finite(np.median(ratio[mask]))}
+        summary[r.method] = {
+            **means(np.ones(len(ratio), bool)),
+            "per_class": {int(c): means(r.classes == c) for c in np.unique(r.classes)},
+            "per_input": [{"input": n, "class": int(c), "inside": float(i), "outside": float(o), "ratio": finite(q)}
+                          for n, c, i, o, q in zip(names, r.classes, share_in, share_out, ratio)]}
+    return summary
 
 
 def report(results):
@@ -158,10 +231,12 @@ def report(results):
     return "\n".join(lines)
 
 
-def write_json(results, path, settings):
+def write_json(results, path, settings, context=None):
     data = {"settings": settings,
             "methods": [{"method": r.method, "aopc": r.aopc, "mean_drop_per_step": r.drops.tolist()}
                         for r in results]}
+    if context is not None:
+        data["context"] = context
     atomic_write(path, json.dumps(data, indent=1).encode())
 
 

@@ -79,3 +79,29 @@ def test_evaluate_command_writes_json_and_plot(tmp_path):
     assert_bad_input(cli("evaluate", DIGITS_CNN, data, "-o", bad, "--method", "saliency"),
                      "unknown method 'saliency'")
     assert not bad.exists()
+
+
+def test_context_shares_on_synthetic_relevance():
+    from lrp_onnx.evaluate import context_shares
+    maps = np.zeros((2, 4, 4))
+    maps[0, 1, 1], maps[0, 3, 3], maps[0, 0, 3] = 3.0, 1.0, -5.0   # negative relevance does not count
+    maps[1, 0, 0] = 2.0                                            # all outside
+    inside, outside, ratio = context_shares(maps, [(0, 0, 2, 2), (2, 2, 4, 4)])  # x0, y0, x1, y1
+    np.testing.assert_allclose(inside, [0.75, 0.0])
+    np.testing.assert_allclose(outside, [0.25, 1.0])
+    assert ratio[0] == pytest.approx(1 / 3) and ratio[1] == np.inf
+
+
+def test_evaluate_command_with_boxes(tmp_path):
+    data = tmp_path / "digits.npy"
+    np.save(data, np.load(os.path.join(ROOT, "models", "digits_samples.npy"))[:4])
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text("input,x0,y0,x1,y1\n" + "".join(f"digits_{i},2,0,6,8\n" for i in range(4)))
+    out = tmp_path / "eval"
+    result = cli("evaluate", DIGITS_CNN, data, "-o", out, "--method", "lrp:zplus", "--steps", "4", "--boxes", boxes)
+    assert result.returncode == 0, result.stderr
+    context = json.loads((out / "evaluate.json").read_text())["context"]["lrp:zplus"]
+    assert len(context["per_input"]) == 4 and context["inside"] + context["outside"] == pytest.approx(1.0)
+    boxes.write_text("input,x0,y0,x1,y1\ndigits_0,2,0,6,8\n")
+    assert_bad_input(cli("evaluate", DIGITS_CNN, data, "-o", tmp_path / "e2", "--boxes", boxes), "no box for 3 input(s)")
+    assert not (tmp_path / "e2").exists()

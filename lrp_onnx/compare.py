@@ -1,0 +1,146 @@
+"""Compare two classifiers by their explanations of the same inputs: two architectures, or one
+network exported from two frameworks (NCHW and NHWC alike)."""
+
+import io
+import json
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from .evaluate import evaluate
+from .files import atomic_write
+from .heatmap import heatmap
+from .runtime import Explainer
+
+
+@dataclass
+class Comparison:
+    pearson: np.ndarray      # per input, of the two channel-summed relevance maps
+    spearman: np.ndarray
+    gini: tuple              # (A, B) per input: sparsity of |relevance|, 0 even .. 1 one pixel
+    png_bytes: tuple         # (A, B) per input: compressed heatmap size, the complexity measure
+    predictions: tuple       # (A, B) per input
+    aopc: tuple              # (A, B) over all inputs, or None when not measured
+    relevance: tuple         # (A, B): [N, H, W] channel-summed maps
+
+    def summary(self):
+        a_pred, b_pred = self.predictions
+        return {"inputs": len(self.pearson), "pearson": float(self.pearson.mean()),
+                "spearman": float(self.spearman.mean()),
+                "gini": [float(g.mean()) for g in self.gini], "png_bytes": [float(p.mean()) for p in self.png_bytes],
+                "prediction_agreement": float(np.mean(a_pred == b_pred)),
+                "aopc": None if self.aopc is None else list(self.aopc)}
+
+
+def to_layout(x, source, target):
+    """A batch moved between NCHW and NHWC (anything else unchanged)."""
+    if x.ndim != 4 or source == target:
+        return x
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1) if target == "nhwc" else x.transpose(0, 3, 1, 2))
+
+
+def channel_summed(relevance, layout):
+    """[N, H, W] (or [N, features]) relevance, whatever the layout."""
+    if relevance.ndim == 4:
+        return relevance.sum(axis=1 if layout == "nchw" else 3)
+    return relevance
+
+
+def pearson(a, b):
+    a, b = (v.reshape(len(v), -1).astype(np.float64) for v in (a, b))
+    a = a - a.mean(1, keepdims=True)
+    b = b - b.mean(1, keepdims=True)
+    norm = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return np.where(norm > 0, (a * b).sum(1) / np.where(norm > 0, norm, 1), 0.0)
+
+
+def spearman(a, b):
+    """Pearson correlation of the ranks (ties get their mean rank)."""
+    return pearson(_ranks(a), _ranks(b))
+
+
+def _ranks(v):
+    flat = v.reshape(len(v), -1)
+    ranks = np.empty_like(flat, dtype=np.float64)
+    for i, row in enumerate(flat):
+        order = np.argsort(row, kind="stable")
+        ranked = np.empty(len(row))
+        ranked[order] = np.arange(len(row))
+        _, inverse, counts = np.unique(row, return_inverse=True, return_counts=True)
+        sums = np.bincount(inverse, ranked)
+        ranks[i] = (sums / counts)[inverse]
+    return ranks
+
+
+def gini(relevance):
+    """Gini index of |R| per input (Hurley and Rickard's sparsity measure): 0 when every value is
+    equal, towards 1 when all relevance sits in one place."""
+    flat = np.sort(np.abs(relevance.reshape(len(relevance), -1)).astype(np.float64), axis=1)
+    n = flat.shape[1]
+    total = flat.sum(1)
+    weights = (n - np.arange(1, n + 1) + 0.5) / n
+    return np.where(total > 0, 1 - 2 * (flat * weights).sum(1) / np.where(total > 0, total, 1), 0.0)
+
+
+def png_size(relevance_2d):
+    """Bytes of the heatmap as a PNG: the evaluation paper's complexity measure (Table I)."""
+    out = io.BytesIO()
+    heatmap(relevance_2d[None], channel_axis=0).save(out, format="PNG", optimize=True)
+    return len(out.getvalue())
+
+
+def compare(model_a, model_b, x, layout_a, layout_b, composite="alpha-beta", aopc_steps=None):
+    """Explain the batch ``x`` (laid out for A) with both models under ``composite``, each for its
+    own prediction; with ``aopc_steps``, also each model's AOPC (``evaluate``) on the same inputs."""
+    x_b = to_layout(x, layout_a, layout_b)
+    named_a = Explainer(model_a, composite=composite).run(x)
+    named_b = Explainer(model_b, composite=composite).run(x_b)
+    maps = (channel_summed(named_a["relevance"], layout_a), channel_summed(named_b["relevance"], layout_b))
+    aopc = None
+    if aopc_steps:
+        spec = f"lrp:{composite}"
+        aopc = tuple(next(r.aopc for r in evaluate(model, data, [spec], steps=aopc_steps, layout=layout)
+                          if r.method == spec)
+                     for model, data, layout in ((model_a, x, layout_a), (model_b, x_b, layout_b)))
+    return Comparison(pearson(*maps), spearman(*maps), tuple(gini(m) for m in maps),
+                      tuple(np.array([png_size(r) for r in m]) for m in maps),
+                      (named_a["explained_class"], named_b["explained_class"]), aopc, maps)
+
+
+def write_grid(comparison, samples, layout, path, cell=96):
+    """One row per input: the input | A's heatmap | B's heatmap."""
+    a_maps, b_maps = comparison.relevance
+    grid = Image.new("RGB", (3 * cell, cell * len(a_maps)), "white")
+    for row, (sample, a, b) in enumerate(zip(samples, a_maps, b_maps)):
+        tiles = [_input_tile(sample, layout), heatmap(a[None], channel_axis=0), heatmap(b[None], channel_axis=0)]
+        for column, tile in enumerate(tiles):
+            grid.paste(tile.convert("RGB").resize((cell, cell), Image.NEAREST), (column * cell, row * cell))
+    png = io.BytesIO()
+    grid.save(png, format="PNG")
+    atomic_write(path, png.getvalue())
+
+
+def _input_tile(sample, layout):
+    """The picture as seen for image files; a model-ready array with 1 or 3 channels stretched to
+    [0, 1]; a grey square for anything else (feature vectors)."""
+    picture = sample.image
+    if picture is None and sample.array.ndim == 3:
+        channels_last = sample.array.transpose(1, 2, 0) if layout == "nchw" else sample.array
+        if channels_last.shape[2] in (1, 3):
+            lo, hi = channels_last.min(), channels_last.max()
+            picture = ((channels_last - lo) / (hi - lo if hi > lo else 1)).squeeze(2) if channels_last.shape[2] == 1 \
+                else (channels_last - lo) / (hi - lo if hi > lo else 1)
+    if picture is None:
+        return Image.new("RGB", (8, 8), (200, 200, 200))
+    return Image.fromarray((np.clip(picture, 0, 1) * 255).astype(np.uint8))
+
+
+def write_json(comparison, names, path, model_a, model_b):
+    a_pred, b_pred = comparison.predictions
+    rows = [{"input": name, "pearson": float(p), "spearman": float(s), "gini": [float(ga), float(gb)],
+             "png_bytes": [int(pa), int(pb)], "predicted": [int(x), int(y)]}
+            for name, p, s, ga, gb, pa, pb, x, y in zip(names, comparison.pearson, comparison.spearman,
+                                                         *comparison.gini, *comparison.png_bytes, a_pred, b_pred)]
+    data = {"model_a": model_a, "model_b": model_b, "mean": comparison.summary(), "inputs": rows}
+    atomic_write(path, json.dumps(data, indent=1).encode())

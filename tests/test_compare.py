@@ -1,0 +1,79 @@
+"""Comparing two models by their explanations: a model against itself, and NCHW against NHWC
+copies of the same weights."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import small_cnn
+from lrp_onnx.compare import compare, gini, pearson, spearman
+from test_cli import cli
+from zennit_reference import export
+
+
+class ChannelsLast(nn.Module):
+    """The same network taking NHWC input."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x.permute(0, 3, 1, 2))
+
+
+@pytest.fixture(scope="module")
+def twins(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("twins")
+    net = small_cnn()
+    x = torch.randn(5, 3, 12, 12, generator=torch.Generator().manual_seed(7))
+    nchw = export(net, x, str(folder / "nchw.onnx"), dynamo=False)
+    nhwc = export(ChannelsLast(net).eval(), x.permute(0, 2, 3, 1), str(folder / "nhwc.onnx"), dynamo=False)
+    return nchw, nhwc, x.numpy()
+
+
+def test_a_model_against_itself(twins):
+    nchw, _, x = twins
+    result = compare(nchw, nchw, x, "nchw", "nchw", aopc_steps=8)
+    np.testing.assert_allclose(result.pearson, 1.0, rtol=1e-6)
+    np.testing.assert_allclose(result.spearman, 1.0, rtol=1e-6)
+    np.testing.assert_array_equal(*result.gini)
+    assert result.summary()["prediction_agreement"] == 1.0
+    assert result.aopc[0] == result.aopc[1]
+
+
+@pytest.mark.parametrize("composite", ["alpha-beta", "epsilon-plus-flat"])
+def test_nchw_against_nhwc_copies(twins, composite):
+    nchw, nhwc, x = twins
+    result = compare(nchw, nhwc, x, "nchw", "nhwc", composite)
+    a, b = result.relevance
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6 * np.abs(a).max())
+    assert result.pearson.min() > 0.9999
+    np.testing.assert_array_equal(*result.predictions)
+
+
+def test_measures_against_known_values():
+    one_hot, flat = np.zeros((1, 100)), np.ones((1, 100))
+    one_hot[0, 37] = 5.0
+    np.testing.assert_allclose(gini(np.concatenate([one_hot, flat])), [1 - 1 / 100, 0.0], atol=1e-12)
+    from scipy.stats import pearsonr, spearmanr
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 5, (2, 40)).astype(float)  # ties on purpose
+    assert spearman(a[None], b[None])[0] == pytest.approx(spearmanr(a, b).statistic)
+    assert pearson(a[None], b[None])[0] == pytest.approx(pearsonr(a, b).statistic)
+
+
+def test_compare_command(tmp_path, twins):
+    nchw, nhwc, x = twins
+    data = tmp_path / "x.npy"
+    np.save(data, x[:3])
+    out = tmp_path / "cmp"
+    result = cli("compare", nchw, nhwc, data, "-o", out, "--aopc-steps", "0")
+    assert result.returncode == 0, result.stderr
+    saved = json.loads((out / "compare.json").read_text())
+    assert saved["mean"]["prediction_agreement"] == 1.0 and saved["mean"]["pearson"] > 0.9999
+    assert len(saved["inputs"]) == 3
+    assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
