@@ -30,6 +30,9 @@ def session_options(threads=None):
     return options
 
 
+ONNX_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+              "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
 
@@ -86,12 +89,9 @@ class Explainer:
             raise InputError(f"unknown input(s) {unknown}; the model takes {sorted(set(self.inputs) - {TARGET})}")
         feeds = {k: self._as_input_type(k, v) for k, v in feeds.items()}
         for name, value in feeds.items():
-            self._check_shape(name, value)
+            self._check_input(name, value)
         batch = feeds[self.input_name].shape[0] if feeds[self.input_name].ndim else 1
-        target = np.asarray(-1 if target is None else target, dtype=np.int64)
-        if target.ndim > 1 or target.size not in (1, batch):
-            raise InputError(f"target must be one class or one per sample ({batch}); got shape {target.shape}")
-        feeds[TARGET] = np.broadcast_to(target.reshape(-1), (batch,)).copy()
+        feeds[TARGET] = self._targets(target, batch)
         results = self.session.run(None, feeds)
         return dict(zip([o.name for o in self.session.get_outputs()], results))
 
@@ -114,19 +114,41 @@ class Explainer:
                                preprocess or Preprocess())
         return list(explain_samples(self, samples, target, top_k, labels, batch_size))
 
-    def _check_shape(self, name, value):
-        """A one-line InputError instead of ORT's message when a fixed dimension does not match."""
+    def _check_input(self, name, value):
+        """One-line InputErrors instead of ORT's messages, or of silently non-finite relevance: a
+        fixed dimension that does not match, a wrong dtype, NaN or infinite values."""
         expected = self.inputs[name].shape
         if len(expected) != value.ndim or any(isinstance(d, int) and d != n for d, n in zip(expected, value.shape)):
             wanted = ["N" if not isinstance(d, int) else d for d in expected]
             raise InputError(f"input {name!r} takes shape {wanted}; got {list(value.shape)}")
+        wanted = ONNX_TYPES.get(self.inputs[name].type)
+        if wanted is not None and value.dtype != wanted:
+            raise InputError(f"input {name!r} takes {np.dtype(wanted).name}; got {value.dtype}")
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            bad = int(value.size - np.isfinite(value).sum())
+            raise InputError(f"input {name!r} holds {bad} NaN or infinite value(s); relevance would not be finite")
+
+    def _targets(self, target, batch):
+        """int64 [batch]: one class index per sample, -1 meaning the predicted class."""
+        target = np.asarray(-1 if target is None else target)
+        if target.dtype.kind not in "iuf" or (target.dtype.kind == "f" and not np.all(np.mod(target, 1) == 0)):
+            raise InputError(f"target must be integer class indices (or -1 for the predicted class); got {target!r}")
+        target = target.astype(np.int64)
+        if target.ndim > 1 or target.size not in (1, batch):
+            raise InputError(f"target must be one class or one per sample ({batch}); got shape {target.shape}")
+        classes = self.class_count
+        bad = target[(target < -1) | ((target >= classes) if classes is not None else False)]
+        if bad.size:
+            limit = f"0..{classes - 1}" if classes is not None else "0 or more"
+            raise InputError(f"target {int(bad[0])} is out of range: classes are {limit}, or -1 for the predicted class")
+        return np.broadcast_to(target.reshape(-1), (batch,)).copy()
 
     def _as_input_type(self, name, value):
         """Floats are cast to the input's float type (float64 images to float32); nothing else is."""
         value = np.asarray(value)
-        wanted = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
-        dtype = wanted.get(self.inputs[name].type)
-        return value.astype(dtype) if dtype is not None and value.dtype.kind == "f" else value
+        dtype = ONNX_TYPES.get(self.inputs[name].type)
+        return value.astype(dtype) if dtype is not None and np.dtype(dtype).kind == "f" and value.dtype.kind == "f" \
+            else value
 
 
 def save_model(proto: onnx.ModelProto, path):

@@ -10,10 +10,8 @@ import onnxruntime as ort
 
 from .convert import convert
 from .load import read_model
-from .runtime import Explainer, session_options
+from .runtime import ONNX_TYPES, Explainer, session_options
 
-NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
-               "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
 
 
 @dataclass
@@ -33,7 +31,7 @@ def random_feeds(session, batch, seed=0):
     feeds = {}
     for spec in session.get_inputs():
         shape = [d if isinstance(d, int) and d > 0 else batch for d in spec.shape]
-        dtype = NUMPY_TYPES.get(spec.type)
+        dtype = ONNX_TYPES.get(spec.type)
         if dtype is None:
             raise ValueError(f"input {spec.name!r} has type {spec.type}; pass its values explicitly")
         value = rng.standard_normal(shape) if np.dtype(dtype).kind == "f" else np.zeros(shape)
