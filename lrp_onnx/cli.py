@@ -141,15 +141,23 @@ def _preprocess(args):
                       grayscale=args.grayscale)
 
 
+def _input_spec(model):
+    return InputSpec(list(plan(model).explained.shape or []))
+
+
+def _batch(data, spec, args):
+    """The samples of DATA made ready for a model with input ``spec``, and their stacked batch."""
+    samples = load_samples(data, spec, _preprocess(args))
+    return samples, np.stack([s.array for s in samples])
+
+
 def cmd_evaluate(args):
     methods = args.method or list(DEFAULT_EVALUATION)
     for spec in methods:
         parse_method(spec)  # a bad spec fails before any work
-    spec = InputSpec(list(plan(args.model).explained.shape or []))
-    samples = load_samples(args.data, spec, _preprocess(args))
+    samples, x = _batch(args.data, _input_spec(args.model), args)
     boxes = read_boxes(args.boxes, samples) if args.boxes else None
     writable_folder(args.output)
-    x = np.stack([s.array for s in samples])
     results = evaluate(args.model, x, methods, steps=args.steps, region=args.region, repeats=args.repeats,
                        low=args.low, high=args.high, layout=args.layout, batch_size=args.batch_size, seed=args.seed,
                        progress=True)
@@ -167,11 +175,10 @@ def cmd_evaluate(args):
 
 
 def cmd_compare(args):
-    writable_folder(args.output)
-    spec_a, spec_b = (InputSpec(list(plan(m).explained.shape or [])) for m in (args.model_a, args.model_b))
+    spec_a, spec_b = _input_spec(args.model_a), _input_spec(args.model_b)
     layout_a, layout_b = spec_a.layout(args.layout), spec_b.layout()
-    samples = load_samples(args.data, spec_a, _preprocess(args))
-    x = np.stack([s.array for s in samples])
+    samples, x = _batch(args.data, spec_a, args)
+    writable_folder(args.output)
     result = compare(args.model_a, args.model_b, x, layout_a, layout_b, args.composite, args.aopc_steps)
     write_grid(result, samples, layout_a, os.path.join(args.output, "compare.png"))
     write_comparison(result, [s.name for s in samples], os.path.join(args.output, "compare.json"),

@@ -1,15 +1,14 @@
 """Compare two classifiers by their explanations of the same inputs: two architectures, or one
 network exported from two frameworks (NCHW and NHWC alike)."""
 
-import io
 import json
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
-from .evaluate import evaluate
-from .files import atomic_write
+from .evaluate import channel_summed, evaluate
+from .files import atomic_write, png_bytes
 from .heatmap import heatmap
 from .runtime import Explainer
 
@@ -38,13 +37,6 @@ def to_layout(x, source, target):
     if x.ndim != 4 or source == target:
         return x
     return np.ascontiguousarray(x.transpose(0, 2, 3, 1) if target == "nhwc" else x.transpose(0, 3, 1, 2))
-
-
-def channel_summed(relevance, layout):
-    """[N, H, W] (or [N, features]) relevance, whatever the layout."""
-    if relevance.ndim == 4:
-        return relevance.sum(axis=1 if layout == "nchw" else 3)
-    return relevance
 
 
 def pearson(a, b):
@@ -85,9 +77,7 @@ def gini(relevance):
 
 def png_size(relevance_2d):
     """Bytes of the heatmap as a PNG: the evaluation paper's complexity measure (Table I)."""
-    out = io.BytesIO()
-    heatmap(relevance_2d[None], channel_axis=0).save(out, format="PNG", optimize=True)
-    return len(out.getvalue())
+    return len(png_bytes(heatmap(relevance_2d[None], channel_axis=0), optimize=True))
 
 
 def compare(model_a, model_b, x, layout_a, layout_b, composite="alpha-beta", aopc_steps=None):
@@ -116,9 +106,7 @@ def write_grid(comparison, samples, layout, path, cell=96):
         tiles = [_input_tile(sample, layout), heatmap(a[None], channel_axis=0), heatmap(b[None], channel_axis=0)]
         for column, tile in enumerate(tiles):
             grid.paste(tile.convert("RGB").resize((cell, cell), Image.NEAREST), (column * cell, row * cell))
-    png = io.BytesIO()
-    grid.save(png, format="PNG")
-    atomic_write(path, png.getvalue())
+    atomic_write(path, png_bytes(grid))
 
 
 def _input_tile(sample, layout):
@@ -129,8 +117,8 @@ def _input_tile(sample, layout):
         channels_last = sample.array.transpose(1, 2, 0) if layout == "nchw" else sample.array
         if channels_last.shape[2] in (1, 3):
             lo, hi = channels_last.min(), channels_last.max()
-            picture = ((channels_last - lo) / (hi - lo if hi > lo else 1)).squeeze(2) if channels_last.shape[2] == 1 \
-                else (channels_last - lo) / (hi - lo if hi > lo else 1)
+            picture = (channels_last - lo) / (hi - lo if hi > lo else 1)
+            picture = picture[:, :, 0] if picture.shape[2] == 1 else picture
     if picture is None:
         return Image.new("RGB", (8, 8), (200, 200, 200))
     return Image.fromarray((np.clip(picture, 0, 1) * 255).astype(np.uint8))

@@ -8,7 +8,6 @@ A better explanation puts the regions the score depends on first, so the score f
 the AOPC is larger. The ``random`` order is the baseline.
 """
 
-import io
 import json
 import math
 import os
@@ -20,7 +19,7 @@ from PIL import Image, ImageDraw
 
 from .errors import InputError
 from .explain import progress_bar
-from .files import atomic_write
+from .files import atomic_write, png_bytes
 from .runtime import Explainer
 
 RANDOM = "random"
@@ -64,12 +63,17 @@ def spatial_axes(x, layout):
     return None, (1,)  # features: each is a region of its own
 
 
+def channel_summed(relevance, layout):
+    """[N, H, W] (or [N, features]) relevance, whatever the layout."""
+    channel, _ = spatial_axes(relevance, layout)
+    return relevance.sum(axis=channel) if channel is not None else relevance
+
+
 def region_order(relevance, region, layout, rng=None):
     """Regions (flat indices on the region grid), most relevant first, per sample; shuffled when
     ``rng`` is given instead (the random baseline)."""
-    channel, spatial = spatial_axes(relevance, layout)
-    r = relevance.sum(axis=channel) if channel is not None else relevance
-    grid = _region_sums(r, region, len(spatial))
+    r = channel_summed(relevance, layout)
+    grid = _region_sums(r, region, len(spatial_axes(relevance, layout)[1]))
     if rng is not None:
         return np.stack([rng.permutation(grid[0].size) for _ in range(len(r))])
     return np.argsort(-grid.reshape(len(r), -1), axis=1, kind="stable")
@@ -87,7 +91,7 @@ def _region_sums(r, region, spatial_rank):
 
 def perturbed_inputs(x, order, steps, region, layout, low, high, rng):
     """[N, steps+1, ...]: step k has the first k regions of ``order`` replaced by uniform noise."""
-    channel, spatial = spatial_axes(x, layout)
+    _, spatial = spatial_axes(x, layout)
     out = np.repeat(x[:, None], steps + 1, axis=1)
     sizes = [x.shape[a] for a in spatial]
     blocks = [math.ceil(d / region) for d in sizes]
@@ -145,8 +149,7 @@ def evaluate(model, x, methods, steps=100, region=None, repeats=1, low=None, hig
             else:
                 _, relevance = explainers[spec].explain(xs, ts)
                 order = region_order(relevance, region, layout)
-                channel, _ = spatial_axes(relevance, layout)
-                maps.append(relevance.sum(axis=channel) if channel is not None else relevance)
+                maps.append(channel_summed(relevance, layout))
             for _ in range(repeats):
                 f = scores(scorer, perturbed_inputs(xs, order, steps, region, layout, low, high, rng), ts, batch_size)
                 total += (f[:, :1] - f).sum(axis=0)
@@ -274,6 +277,4 @@ def plot(results, path, size=(640, 400)):
         color = COLORS[i % len(COLORS)] if method != RANDOM else (120, 120, 120)
         draw.line([point(k, v) for k, v in enumerate(curve)], fill=color, width=2)
         draw.text((width - right + 10, top + 16 * i), method, fill=color)
-    png = io.BytesIO()
-    image.save(png, format="PNG")
-    atomic_write(path, png.getvalue())
+    atomic_write(path, png_bytes(image))

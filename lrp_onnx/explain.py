@@ -14,7 +14,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .errors import InputError
-from .files import atomic_write
+from .files import atomic_write, png_bytes
 from .heatmap import heatmap
 from .inputs import Preprocess, Sample, batches, load_samples
 
@@ -121,10 +121,9 @@ def write_explanation(e: Explanation, folder, cmap="bwr", overlay=False, channel
     image = heatmap(e.relevance, cmap, channel_axis, overlay=e.sample.image if overlay else None)
     if zoom > 1:
         image = image.resize((image.width * zoom, image.height * zoom), Image.NEAREST)
-    png, npy = io.BytesIO(), io.BytesIO()
-    image.save(png, format="PNG")
+    npy = io.BytesIO()
     np.save(npy, e.relevance, allow_pickle=False)
-    atomic_write(os.path.join(folder, stem + ".png"), png.getvalue())
+    atomic_write(os.path.join(folder, stem + ".png"), png_bytes(image))
     atomic_write(os.path.join(folder, stem + ".npy"), npy.getvalue())
     return stem + ".png", stem + ".npy"
 

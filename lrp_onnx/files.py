@@ -1,7 +1,15 @@
 """Writing files without ever leaving a partial one behind."""
 
+import io
 import os
 import tempfile
+
+
+def png_bytes(image, **options):
+    """A PIL image encoded as PNG, for ``atomic_write`` (or to measure its compressed size)."""
+    out = io.BytesIO()
+    image.save(out, format="PNG", **options)
+    return out.getvalue()
 
 
 def atomic_write(path, data: bytes):
