@@ -1,8 +1,8 @@
 """The ``lrp-onnx`` command line: ``convert``, ``inspect``, ``explain``, ``evaluate`` and ``compare``.
 
-Exit codes: 0 success; 2 bad input (not ONNX, truncated, unsupported op or output, bad rule
-parameters, output exists without --force, unreadable or mismatching inputs, a target out of range,
-an output folder that cannot be written); 1 an internal error (a bug: please report it).
+Exit codes (``EXIT_CODES``, one per class of ``errors``; the README lists them): 0 success, 1 an
+internal error (a bug: please report it), 2 bad input or arguments, 3 a model that cannot be loaded,
+4 an unsafe model, 5 an unsupported model, 6 an output that cannot or may not be written.
 """
 
 import argparse
@@ -13,7 +13,8 @@ import numpy as np
 
 from .composites import COMPOSITES
 from .convert import METHODS, convert, plan
-from .errors import InputError, LrpOnnxError
+from .errors import (InputError, LrpOnnxError, ModelLoadError, OutputError, RuleError, UnsafeModelError,
+                     UnsupportedModelError)
 from .compare import compare, write_grid
 from .compare import write_json as write_comparison
 from .evaluate import context_report, evaluate, parse_method, plot, read_boxes, report, write_json
@@ -22,7 +23,15 @@ from .heatmap import COLORMAPS
 from .inputs import InputSpec, Preprocess, load_samples
 from .runtime import Explainer, save_model
 
-EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_INTERNAL = 0, 1
+# The most specific class first: UnsafeModelError is a ModelLoadError with its own code.
+EXIT_CODES = ((InputError, 2), (RuleError, 2), (UnsafeModelError, 4), (ModelLoadError, 3),
+              (UnsupportedModelError, 5), (OutputError, 6), (LrpOnnxError, 2))
+EXIT_UNSUPPORTED = 5
+
+
+def exit_code(error):
+    return next(code for cls, code in EXIT_CODES if isinstance(error, cls))
 
 
 def _floats(text):
@@ -75,9 +84,9 @@ def default_output(model_path):
 def cmd_convert(args):
     out = args.output or default_output(args.model)
     if os.path.exists(out) and os.path.exists(args.model) and os.path.samefile(out, args.model):
-        raise LrpOnnxError(f"refusing to overwrite the input model {args.model!r}; choose another -o")
+        raise OutputError(f"refusing to overwrite the input model {args.model!r}; choose another -o")
     if os.path.exists(out) and not args.force:
-        raise LrpOnnxError(f"{out!r} exists; pass --force to overwrite it")
+        raise OutputError(f"{out!r} exists; pass --force to overwrite it")
     explainer = convert(args.model, args.composite, input_name=args.input_name, rules=args.rules,
                         layers=args.layer, layer_sum=args.layer_sum, **_rule_kwargs(args))
     save_model(explainer, out)
@@ -99,7 +108,7 @@ def cmd_inspect(args):
         print(f"  {unit.name:<{width}}  {unit.op + fused:<28}  {what}")
     if p.problems:
         print(f"{len(p.problems)} unsupported node(s): " + ", ".join(f"{n} ({op})" for n, op, _ in p.problems))
-        return EXIT_BAD_INPUT
+        return EXIT_UNSUPPORTED
     print("all nodes supported")
     return EXIT_OK
 
@@ -267,7 +276,7 @@ def main(argv=None):
         if args.debug:
             raise
         print(f"lrp-onnx: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return exit_code(e)
     except Exception as e:  # anything else is our bug: still one line, unless --debug
         if args.debug:
             raise

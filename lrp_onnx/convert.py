@@ -14,7 +14,7 @@ import onnx_graphsurgeon as gs
 
 from .builder import Builder
 from .composites import Composite, GradientComposite, make_composite
-from .errors import LrpOnnxError, RuleError, UnsupportedModelError, UnsupportedOpError
+from .errors import InputError, LrpOnnxError, RuleError, UnsupportedModelError, UnsupportedOpError
 from .graph import carries_relevance, find_units, nonnegative_tensors
 from .load import import_graph, load_model
 from .registry import lookup
@@ -255,14 +255,14 @@ def _check_layers(p, names, layer_sum):
     layers = {}
     for name in names:
         if name in merged:
-            raise UnsupportedModelError(f"{p.label}: layer {name!r} is inside the merged unit {merged[name]!r} "
-                                        "(a linear layer and its BatchNorm or bias); ask for the unit's output")
+            raise InputError(f"{p.label}: layer {name!r} is inside the merged unit {merged[name]!r} "
+                             "(a linear layer and its BatchNorm or bias); ask for the unit's output")
         if name not in reachable:
             where = "no such tensor" if name not in p.graph.tensors() else "not on the explained path"
-            raise UnsupportedModelError(f"{p.label}: layer {name!r}: {where}")
+            raise InputError(f"{p.label}: layer {name!r}: {where}")
         tensor = reachable[name]
         if layer_sum == "channel" and tensor.shape is None:
-            raise UnsupportedModelError(f"{p.label}: layer {name!r} has no known rank to sum per channel")
+            raise InputError(f"{p.label}: layer {name!r} has no known rank to sum per channel")
         layers[name] = tensor
     return layers
 

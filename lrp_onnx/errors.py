@@ -1,6 +1,15 @@
 """One exception hierarchy: every error names the file or node it is about.
 
-The CLI maps each class to an exit code (see ``cli.EXIT_CODES`` and the README).
+The CLI maps each class to an exit code (``cli.EXIT_CODES``, listed in the README):
+
+    LrpOnnxError
+    ├── ModelLoadError          3  missing, empty, truncated, random or malformed file
+    │   └── UnsafeModelError    4  the file would make us read outside its folder, or past a file's end
+    ├── UnsupportedModelError   5  valid ONNX that lrp-onnx cannot explain
+    │   └── UnsupportedOpError
+    ├── InputError              2  bad input at explain time, or bad command-line values
+    ├── RuleError               2  rule or composite parameters that break their constraints
+    └── OutputError             6  an output that exists (no --force), is the input, or cannot be written
 """
 
 from collections import Counter
@@ -11,7 +20,12 @@ class LrpOnnxError(Exception):
 
 
 class ModelLoadError(LrpOnnxError):
-    """The file is missing, not ONNX, truncated, or fails the ONNX checker."""
+    """The file is missing, not ONNX, truncated, or malformed (it fails the ONNX checker)."""
+
+
+class UnsafeModelError(ModelLoadError):
+    """The file points outside its folder (external data via ``..``, an absolute path, a symlink,
+    a hardlink or a NUL byte), or at bytes past the end of a file. Refused before anything is read."""
 
 
 class UnsupportedModelError(LrpOnnxError):
@@ -34,4 +48,9 @@ class RuleError(LrpOnnxError, ValueError):
 
 
 class InputError(LrpOnnxError, ValueError):
-    """Bad input at explain time: wrong name, dtype, shape or target."""
+    """Bad input or arguments: at explain time a wrong input name, dtype, shape, value or target; at
+    conversion a requested layer that names no tensor on the explained path."""
+
+
+class OutputError(LrpOnnxError):
+    """An output path that exists (without ``force``), is the input model, or cannot be written."""

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .errors import InputError
+from .errors import InputError, OutputError
 from .files import atomic_write, png_bytes
 from .heatmap import heatmap
 from .inputs import Preprocess, Sample, batches, load_samples
@@ -112,7 +112,7 @@ def writable_folder(path):
         with tempfile.NamedTemporaryFile(dir=path, prefix=".lrp-onnx-probe-"):
             pass
     except OSError as e:
-        raise InputError(f"{path}: cannot write the output folder ({e.strerror or e})") from None
+        raise OutputError(f"{path}: cannot write the output folder ({e.strerror or e})") from None
 
 
 def write_explanation(e: Explanation, folder, cmap="bwr", overlay=False, channel_axis=0, zoom=1):

@@ -1,5 +1,5 @@
 """The lrp-onnx command line, run as a real subprocess: conversion, inspect, and every bad-input case
-(one-line error, exit code 2, no traceback, no output file, the input never touched)."""
+(one-line error, the exit code of its error class, no traceback, no output file, the input never touched)."""
 
 import json
 import os
@@ -21,8 +21,9 @@ def cli(*args, cwd=None):
                           cwd=cwd)
 
 
-def assert_bad_input(result, *phrases):
-    assert result.returncode == 2, result.stderr
+def assert_bad_input(result, *phrases, code=2):
+    """One line on stderr holding every phrase; ``code`` is the error class's exit code (cli.EXIT_CODES)."""
+    assert result.returncode == code, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("lrp-onnx: error: "), result.stderr
     assert "Traceback" not in result.stderr
@@ -91,7 +92,7 @@ def test_the_checkout_shim_runs_the_same_cli(model):
 def test_existing_output_needs_force(model):
     out = model.parent / "out.onnx"
     out.write_bytes(b"keep me")
-    assert_bad_input(cli("convert", model, "-o", out), "exists", "--force")
+    assert_bad_input(cli("convert", model, "-o", out), "exists", "--force", code=6)
     assert out.read_bytes() == b"keep me"
     assert cli("convert", model, "-o", out, "--force").returncode == 0
     onnx.checker.check_model(onnx.load(str(out)))
@@ -99,14 +100,14 @@ def test_existing_output_needs_force(model):
 
 def test_never_overwrites_the_input(model):
     before = model.read_bytes()
-    assert_bad_input(cli("convert", model, "-o", model, "--force"), "refusing to overwrite the input")
+    assert_bad_input(cli("convert", model, "-o", model, "--force"), "refusing to overwrite the input", code=6)
     assert model.read_bytes() == before
 
 
 def test_not_onnx(tmp_path):
     path = tmp_path / "notes.onnx"
     path.write_bytes(os.urandom(4096))
-    assert_bad_input(cli("convert", path), str(path))
+    assert_bad_input(cli("convert", path), str(path), code=3)
     assert only_files(tmp_path) == ["notes.onnx"]
 
 
@@ -114,12 +115,12 @@ def test_truncated(tmp_path, cnn_path):
     data = open(cnn_path, "rb").read()
     path = tmp_path / "cut.onnx"
     path.write_bytes(data[: len(data) // 2])
-    assert_bad_input(cli("convert", path), str(path))
+    assert_bad_input(cli("convert", path), str(path), code=3)
     assert only_files(tmp_path) == ["cut.onnx"]
 
 
 def test_missing_file(tmp_path):
-    assert_bad_input(cli("convert", tmp_path / "nope.onnx"), "no such file")
+    assert_bad_input(cli("convert", tmp_path / "nope.onnx"), "no such file", code=3)
 
 
 def _save(tmp_path, name, nodes, inputs, outputs, initializers=()):
@@ -135,10 +136,10 @@ def test_unsupported_ops_are_all_listed(tmp_path):
     path = _save(tmp_path, "trig", nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
     assert_bad_input(cli("convert", path), "3 unsupported node(s) (Sin ×2, Cos ×1)", "'wobble' (Sin)", "'wave' (Cos)",
-                     "'wobble2' (Sin)")
+                     "'wobble2' (Sin)", code=5)
     assert only_files(tmp_path) == ["trig.onnx"]
     result = cli("inspect", path)
-    assert result.returncode == 2
+    assert result.returncode == 5
     assert "UNSUPPORTED" in result.stdout and "wobble (Sin), wave (Cos), wobble2 (Sin)" in result.stdout
 
 
@@ -146,14 +147,14 @@ def test_no_float_input(tmp_path):
     nodes = [helper.make_node("Cast", ["x"], ["y"], name="cast", to=TensorProto.FLOAT)]
     path = _save(tmp_path, "ints", nodes, [helper.make_tensor_value_info("x", TensorProto.INT64, ["N", 4])],
                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
-    assert_bad_input(cli("convert", path), "no float input")
+    assert_bad_input(cli("convert", path), "no float input", code=5)
 
 
 def test_output_that_is_not_a_score_tensor(tmp_path):
     nodes = [helper.make_node("Relu", ["x"], ["y"], name="relu")]
     path = _save(tmp_path, "image", nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 8, 8])])
-    assert_bad_input(cli("convert", path), "'y'", "[N, classes]")
+    assert_bad_input(cli("convert", path), "'y'", "[N, classes]", code=5)
 
 
 @pytest.mark.parametrize("flags,phrase", [

@@ -142,7 +142,7 @@ def test_bad_inputs(tmp_path, make, args, phrase):
 def test_output_folder_that_cannot_be_written(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    assert_bad_input(cli("explain", CNN, SAMPLES, "-o", blocker / "out"), "cannot write the output folder")
+    assert_bad_input(cli("explain", CNN, SAMPLES, "-o", blocker / "out"), "cannot write the output folder", code=6)
 
 
 def test_rule_flags_with_an_explainer_graph_are_refused(tmp_path):

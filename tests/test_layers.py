@@ -50,5 +50,5 @@ def test_channel_sums(residual_net):
 
 def test_unknown_layer_is_a_clear_error(residual_net):
     path, _, _ = residual_net
-    with pytest.raises(lrp_onnx.UnsupportedModelError, match="layer 'nope': no such tensor"):
+    with pytest.raises(lrp_onnx.InputError, match="layer 'nope': no such tensor"):
         lrp_onnx.convert(path, layers=["nope"])
