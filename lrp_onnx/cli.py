@@ -18,6 +18,7 @@ from .errors import (InputError, LrpOnnxError, ModelLoadError, OutputError, Rule
 from .compare import compare, write_grid
 from .compare import write_json as write_comparison
 from .evaluate import context_report, evaluate, parse_method, plot, read_boxes, report, write_json
+from .external import DATA_SUFFIX, external_files, past_protobuf_limit
 from .explain import explain_to_folder, read_labels, writable_folder
 from .heatmap import COLORMAPS
 from .inputs import InputSpec, Preprocess, load_samples
@@ -81,16 +82,27 @@ def default_output(model_path):
     return root + ".lrp.onnx"
 
 
+def _check_output(path, args, inputs):
+    """``path`` may be written: it is none of the input's files, and exists only with --force."""
+    if os.path.exists(path) and any(os.path.exists(p) and os.path.samefile(path, p) for p in inputs):
+        raise OutputError(f"refusing to overwrite the input model's file {path!r}; choose another -o")
+    if os.path.exists(path) and not args.force:
+        raise OutputError(f"{path!r} exists; pass --force to overwrite it")
+
+
 def cmd_convert(args):
     out = args.output or default_output(args.model)
-    if os.path.exists(out) and os.path.exists(args.model) and os.path.samefile(out, args.model):
-        raise OutputError(f"refusing to overwrite the input model {args.model!r}; choose another -o")
-    if os.path.exists(out) and not args.force:
-        raise OutputError(f"{out!r} exists; pass --force to overwrite it")
+    data = external_files(args.model) if os.path.isfile(args.model) else []
+    inputs = [args.model] + data
+    _check_output(out, args, inputs)
     explainer = convert(args.model, args.composite, input_name=args.input_name, rules=args.rules,
                         layers=args.layer, layer_sum=args.layer_sum, **_rule_kwargs(args))
-    save_model(explainer, out)
-    print(f"wrote {out} ({args.composite})")
+    # A model that keeps its weights beside it gets an explainer that does too: OUT and OUT.data.
+    external = bool(data) or past_protobuf_limit(explainer)
+    if external:
+        _check_output(out + DATA_SUFFIX, args, inputs)
+    save_model(explainer, out, external_data=external)
+    print(f"wrote {out}{f' and {out}{DATA_SUFFIX}' if external else ''} ({args.composite})")
     return EXIT_OK
 
 

@@ -15,8 +15,10 @@ import onnx_graphsurgeon as gs
 from .builder import Builder
 from .composites import Composite, GradientComposite, make_composite
 from .errors import InputError, LrpOnnxError, RuleError, UnsupportedModelError, UnsupportedOpError
+from .external import without_large_weights
 from .graph import carries_relevance, find_units, nonnegative_tensors
 from .load import import_graph, load_model
+from .precision import restore_half_boundary, upcast_types
 from .registry import lookup
 
 TARGET = "target"
@@ -49,6 +51,7 @@ class Plan:
     composite: Composite
     method: str
     output_types: dict      # graph output name -> the original TypeProto (sequence and map types included)
+    upcast: dict            # graph input/output name -> the float16/bfloat16 type it had (precision.py)
 
 
 def _is_float(t):
@@ -145,7 +148,7 @@ def plan(model, composite="alpha-beta", *, input_name=None, rules=None, method="
     _check_overrides(composite, units)
     output_types = {o.name: o.type for o in proto.graph.output}
     return Plan(graph, label, explained, score, logits, units, rules_by_unit, problems, composite, method,
-                output_types)
+                output_types, upcast_types(proto))
 
 
 def _check_overrides(composite, units):
@@ -162,7 +165,8 @@ def convert(model, composite="alpha-beta", *, input_name=None, rules=None, seed_
     ``seed_input=True`` a float ``relevance_seed`` shaped like the scores replaces the one-hot seed.
     Outputs: the original outputs plus ``relevance`` (float32, the explained input's shape), and
     ``relevance:NAME`` for each tensor NAME in ``layers``, shaped like it or, with
-    ``layer_sum="channel"``, summed to [N, channels].
+    ``layer_sum="channel"``, summed to [N, channels]. A float16 or bfloat16 model is explained in
+    float32 (precision.py): float16 inputs and outputs stay float16, bfloat16 ones become float32.
 
     ``method``: "lrp", or a baseline in the same output: "gradient" ∂f/∂x, "sensitivity"
     (∂f/∂x)², "gradient-x-input" x·∂f/∂x (f the target's logit; the seed is the one-hot).
@@ -208,11 +212,12 @@ def convert(model, composite="alpha-beta", *, input_name=None, rules=None, seed_
     for output in out.graph.output:  # graphsurgeon knows only tensor types: restore ZipMap's map type
         if output.name in p.output_types:
             output.type.CopyFrom(p.output_types[output.name])
+    restore_half_boundary(out, p.upcast)
     meta = {"explained_input": p.explained.name, "composite": p.composite.name,
             "score_output": p.score.name, "method": method}
     for key, value in meta.items():
         out.metadata_props.add(key=META_PREFIX + key, value=value)
-    onnx.checker.check_model(out, full_check=True)
+    without_large_weights(lambda shell: onnx.checker.check_model(shell, full_check=True), out)
     return out
 
 

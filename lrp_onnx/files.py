@@ -12,12 +12,15 @@ def png_bytes(image, **options):
     return out.getvalue()
 
 
-def atomic_write(path, data: bytes):
-    """Write ``data`` to a temporary file beside ``path``, flush it to disk, then rename it over ``path``."""
+def atomic_write(path, data):
+    """Write ``data`` (bytes, or a list of byte chunks, so that a large file needs no joined copy) to a
+    temporary file beside ``path``, flush it to disk, then rename it over ``path``."""
     fd, tmp = tempfile.mkstemp(prefix=".lrp-onnx-", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes the file private; the user's umask decides
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for chunk in [data] if isinstance(data, bytes) else data:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -25,3 +28,9 @@ def atomic_write(path, data: bytes):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask():
+    mask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask

@@ -3,6 +3,7 @@
 Each step leaves the model's outputs unchanged (tests/test_load.py checks every one)."""
 
 import contextlib
+import math
 import os
 
 import numpy as np
@@ -13,6 +14,8 @@ from google.protobuf.message import DecodeError
 from onnx import version_converter
 
 from .errors import ModelLoadError, UnsupportedModelError
+from .precision import upcast_to_float32
+from .external import check_tensor_limit, check_tensor_sizes, load_external_data, require_loaded, without_large_weights
 
 MIN_OPSET = 13
 # The backward of MaxPool, and of a Gather with computed indices, scatter-adds into the input
@@ -21,10 +24,12 @@ SCATTER_OPSET = 16
 
 
 def read_model(model):
-    """A ModelProto from a path, bytes or a ModelProto; every failure is one ModelLoadError line."""
+    """A ModelProto from a path, bytes or a ModelProto; every failure is one ModelLoadError line.
+    External data is read only from a path, and only after ``external.load_external_data`` has
+    checked that it lies inside the model's folder (an UnsafeModelError otherwise)."""
     if isinstance(model, onnx.ModelProto):
-        return model, "<model>"
-    if isinstance(model, bytes):
+        proto, label = model, "<model>"
+    elif isinstance(model, bytes):
         label = "<bytes>"
         try:
             proto = onnx.load_from_string(model)
@@ -34,10 +39,14 @@ def read_model(model):
         label = os.fspath(model)
         if not os.path.isfile(label):
             raise ModelLoadError(f"{label}: no such file")
+        if os.path.getsize(label) == 0:  # onnx reads 0 bytes as an empty model, without complaint
+            raise ModelLoadError(f"{label}: the file is empty (0 bytes)")
         try:
-            proto = onnx.load(label)
+            proto = onnx.load(label, load_external_data=False)
         except (DecodeError, RuntimeError, ValueError, OSError) as e:
             raise ModelLoadError(f"{label}: not an ONNX model, or truncated ({_first_line(e)})") from None
+        load_external_data(proto, label)
+    require_loaded(proto, label)
     return proto, label
 
 
@@ -56,13 +65,30 @@ def load_model(model):
     proto, label = read_model(model)
     if not proto.graph.node:
         raise ModelLoadError(f"{label}: the model has no nodes (empty, truncated or not an ONNX file)")
-    try:
-        onnx.checker.check_model(proto)
+    check_tensor_sizes(proto, label)
+    check_tensor_limit(proto, label)
+    check_declared_shapes(proto, label)
+    try:  # the full check infers shapes strictly: declared shapes must agree with the ops and weights
+        without_large_weights(lambda shell: onnx.checker.check_model(shell, full_check=True), proto)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise ModelLoadError(f"{label}: fails the ONNX checker: {_first_line(e)}") from None
     for step in PROTO_STEPS:
         proto = step(proto, label)
     return proto, label
+
+
+INT64_MAX = 2**63 - 1
+
+
+def check_declared_shapes(proto, label):
+    """Declared dims of graph inputs, outputs and value_info are >= 0, and their product fits int64:
+    ONNX Runtime computes buffer sizes from them."""
+    for info in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
+        dims = [d.dim_value for d in info.type.tensor_type.shape.dim if d.HasField("dim_value")]
+        if any(d < 0 for d in dims):
+            raise ModelLoadError(f"{label}: tensor {info.name!r} declares negative dims {dims}")
+        if math.prod(dims) > INT64_MAX:
+            raise ModelLoadError(f"{label}: tensor {info.name!r} declares dims {dims}, whose product overflows int64")
 
 
 def drop_initializer_inputs(proto, label):
@@ -92,7 +118,7 @@ def upgrade_opset(proto, label):
     if target == opset:
         return proto
     try:
-        return version_converter.convert_version(proto, target)
+        return without_large_weights(lambda shell: version_converter.convert_version(shell, target), proto)
     except Exception as e:  # the converter raises bare RuntimeErrors and more
         raise ModelLoadError(f"{label}: cannot upgrade opset {opset} to {target}: {_first_line(e)}") from None
 
@@ -102,9 +128,13 @@ def infer_shapes(proto, label):
     shape arithmetic (Shape → Gather → Div → Concat → Reshape, as in a channel shuffle) with a
     dynamic batch, which keeps channel counts static so that folding can turn such shape
     sub-graphs into constants. ONNX's own inference (with constant propagation) is the fallback."""
-    inferred = _symbolic_shapes(proto)
-    if inferred is not None:
-        return inferred
+    def infer(shell):
+        inferred = _symbolic_shapes(shell)
+        return inferred if inferred is not None else _onnx_shapes(shell, label)
+    return without_large_weights(infer, proto)
+
+
+def _onnx_shapes(proto, label):
     try:
         return onnx.shape_inference.infer_shapes(proto, data_prop=True)
     except onnx.shape_inference.InferenceError as e:
@@ -128,7 +158,7 @@ def _symbolic_shapes(proto):
     return inference.out_mp_ if complete else None
 
 
-PROTO_STEPS = (drop_initializer_inputs, upgrade_opset, infer_shapes)
+PROTO_STEPS = (drop_initializer_inputs, upcast_to_float32, upgrade_opset, infer_shapes)
 
 
 def import_graph(proto):

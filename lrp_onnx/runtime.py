@@ -1,5 +1,8 @@
 """Run an explainer graph on ONNX Runtime."""
 
+import os
+import tempfile
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -7,6 +10,7 @@ import onnxruntime as ort
 from .convert import EXPLAINED_CLASS, EXPLAINED_LOGIT, LAYER_PREFIX, META_PREFIX, RELEVANCE, TARGET, convert
 from .errors import InputError, RuleError
 from .explain import explain_samples
+from .external import past_protobuf_limit, save_with_external_data
 from .files import atomic_write
 from .inputs import InputSpec, Preprocess, load_samples
 from .load import read_model
@@ -69,8 +73,7 @@ class Explainer:
         self.model = proto
         if isinstance(providers, str):
             providers = providers_for(providers)
-        self.session = ort.InferenceSession(proto.SerializeToString(), session_options(threads),
-                                            providers=providers or ort.get_available_providers())
+        self.session = inference_session(proto, session_options(threads), providers or ort.get_available_providers())
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         outputs = {o.name: o for o in self.session.get_outputs()}
         self.output_names = [name for name in outputs
@@ -144,13 +147,40 @@ class Explainer:
         return np.broadcast_to(target.reshape(-1), (batch,)).copy()
 
     def _as_input_type(self, name, value):
-        """Floats are cast to the input's float type (float64 images to float32); nothing else is."""
+        """Floats are cast to the input's float type (float64 images to float32, float32 to a float16
+        model's float16); nothing else is. A finite value past the type's range is an InputError,
+        where the cast would turn it into inf."""
         value = np.asarray(value)
         dtype = ONNX_TYPES.get(self.inputs[name].type)
-        return value.astype(dtype) if dtype is not None and np.dtype(dtype).kind == "f" and value.dtype.kind == "f" \
-            else value
+        if dtype is None or np.dtype(dtype).kind != "f" or value.dtype.kind != "f":
+            return value
+        with np.errstate(over="ignore"):
+            cast = value.astype(dtype)
+        overflow = int((np.isinf(cast) & np.isfinite(value)).sum())
+        if overflow:
+            raise InputError(f"input {name!r} takes {np.dtype(dtype).name}, whose largest value is "
+                             f"{np.finfo(dtype).max:g}; {overflow} value(s) are beyond it")
+        return cast
 
 
-def save_model(proto: onnx.ModelProto, path):
-    """Serialise ``proto`` to ``path`` atomically: a temporary file beside it, then a rename."""
-    atomic_write(path, proto.SerializeToString())
+def inference_session(proto, options, providers):
+    """An ORT session for ``proto``. One past protobuf's 2 GB limit cannot be handed over as bytes:
+    it goes through a graph and data file in a temporary folder, read once as the session starts."""
+    if not past_protobuf_limit(proto):
+        return ort.InferenceSession(proto.SerializeToString(), options, providers=providers)
+    with tempfile.TemporaryDirectory(prefix="lrp-onnx-") as folder:
+        path = os.path.join(folder, "model.onnx")
+        save_with_external_data(proto, path, atomic_write)
+        return ort.InferenceSession(path, options, providers=providers)
+
+
+def save_model(proto: onnx.ModelProto, path, external_data=None):
+    """Serialise ``proto`` to ``path`` atomically: a temporary file beside it, then a rename. With
+    ``external_data`` (by default: when the model is past protobuf's 2 GB limit), initializers over
+    1 MiB go to ``path + ".data"`` beside it, written the same way and first."""
+    if external_data is None:
+        external_data = past_protobuf_limit(proto)
+    if external_data:
+        save_with_external_data(proto, path, atomic_write)
+    else:
+        atomic_write(path, proto.SerializeToString())

@@ -1,0 +1,276 @@
+"""Tensors whose bytes live outside the .onnx file ("external data"), and models past protobuf's 2 GB.
+
+Reading: every external location is checked before a byte is read. It must name a regular file
+inside the model's folder, reached without ``..``, an absolute path, a symlink or a NUL byte, with
+one link only (a hardlink is a second name for a file that may sit anywhere), and its offset and
+length must lie inside that file and match the tensor's dims. The bytes are read through the
+descriptor that was checked, so the file cannot be swapped in between.
+
+Large models: protobuf cannot serialise a message of 2 GB or more, yet the ONNX checker, the
+version converter, shape inference and ONNX Runtime sessions all take serialised models. Steps
+that serialise run on a *shell* of the model (``without_large_weights``); explainers that large
+are saved, and run, with their weights in a data file beside the graph.
+"""
+
+import math
+import os
+import stat
+
+import onnx
+from google.protobuf.message import EncodeError
+from onnx import TensorProto
+
+from .errors import ModelLoadError, UnsafeModelError, UnsupportedModelError
+
+PROTOBUF_LIMIT = 2**31 - 1
+# Tensors above this size leave the graph while a step serialises it, and go to the data file on save.
+LARGE_TENSOR_BYTES = 1 << 20
+DATA_SUFFIX = ".data"
+PACKED_4BIT = {TensorProto.INT4, TensorProto.UINT4, getattr(TensorProto, "FLOAT4E2M1", -1)}
+
+
+def model_tensors(proto):
+    """Every TensorProto of a model: initializers, sparse initializers, node attributes, and those
+    of every subgraph and function."""
+    for graph in _graphs(proto.graph):
+        yield from _graph_tensors(graph)
+    for function in proto.functions:
+        for node in function.node:
+            yield from _attribute_tensors(node)
+
+
+def _graphs(graph):
+    """``graph`` and its subgraphs, iteratively: a hostile file may nest them deeply."""
+    pending = [graph]
+    while pending:
+        graph = pending.pop()
+        yield graph
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    pending.append(attr.g)
+                pending.extend(attr.graphs)
+
+
+def _graph_tensors(graph):
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        yield from _attribute_tensors(node)
+
+
+def _attribute_tensors(node):
+    for attr in node.attribute:
+        if attr.HasField("t"):
+            yield attr.t
+        yield from attr.tensors
+
+
+def is_external(tensor):
+    return tensor.data_location == TensorProto.EXTERNAL
+
+
+def external_files(path):
+    """The files, inside its folder, where the model file at ``path`` keeps tensor bytes (unchecked:
+    for refusing to write over them; reading goes through ``load_external_data``)."""
+    try:
+        proto = onnx.load(path, load_external_data=False)
+    except Exception:  # an unreadable file is refused when it is loaded
+        return []
+    folder = os.path.dirname(os.path.abspath(path))
+    locations = {e.value for t in model_tensors(proto) if is_external(t) for e in t.external_data
+                 if e.key == "location" and "\x00" not in e.value}
+    return [os.path.join(folder, location) for location in sorted(locations)]
+
+
+def tensor_nbytes(tensor, label):
+    """Bytes that ``tensor``'s dims and data type call for; None for strings (no fixed size)."""
+    if any(d < 0 for d in tensor.dims):
+        raise ModelLoadError(f"{label}: tensor {tensor.name!r} has negative dims {list(tensor.dims)}")
+    count = math.prod(tensor.dims)
+    if tensor.data_type == TensorProto.STRING:
+        return None
+    if tensor.data_type in PACKED_4BIT:
+        return (count + 1) // 2
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, ValueError):
+        raise ModelLoadError(f"{label}: tensor {tensor.name!r} has unknown data type {tensor.data_type}") from None
+    return count * itemsize
+
+
+def check_tensor_sizes(proto, label):
+    """Every tensor holds exactly the data its dims call for: a mismatch would make ONNX Runtime
+    read past the buffer, or shape inference and folding disagree with the weights."""
+    for tensor in model_tensors(proto):
+        if is_external(tensor):
+            continue
+        expected = tensor_nbytes(tensor, label)
+        if tensor.HasField("raw_data"):
+            held, unit = len(tensor.raw_data), "bytes"
+        else:
+            field = onnx.helper.tensor_dtype_to_field(tensor.data_type) if expected is not None else "string_data"
+            held, unit = len(getattr(tensor, field)), "values"
+            expected = _field_values(tensor.data_type, math.prod(tensor.dims))
+        if held != expected:
+            raise ModelLoadError(f"{label}: tensor {tensor.name!r} holds {held} {unit} but its dims "
+                                 f"{list(tensor.dims)} call for {expected} (data length does not match dims)")
+
+
+def _field_values(data_type, count):
+    """Values a typed field holds for ``count`` elements: complex numbers take two, 4-bit types half."""
+    if data_type in (TensorProto.COMPLEX64, TensorProto.COMPLEX128):
+        return 2 * count
+    if data_type in PACKED_4BIT:
+        return (count + 1) // 2
+    return count
+
+
+def load_external_data(proto, path):
+    """Read every external tensor of ``proto``, loaded from ``path``, into the proto, after
+    ``external_file`` has checked where its bytes come from."""
+    label = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(label))
+    for tensor in model_tensors(proto):
+        if not is_external(tensor):
+            continue
+        tensor.raw_data = _read_external(tensor, folder, label)
+        del tensor.external_data[:]
+        tensor.data_location = TensorProto.DEFAULT
+
+
+def _read_external(tensor, folder, label):
+    entries = {e.key: e.value for e in tensor.external_data}
+    where = f"{label}: tensor {tensor.name!r}"
+    location = entries.get("location", "")
+    if not location:
+        raise ModelLoadError(f"{where} has external data without a location")
+    if "\x00" in location:
+        raise UnsafeModelError(f"{where}: external data location {location!r} holds a NUL byte")
+    parts = location.replace("\\", "/").split("/")
+    if os.path.isabs(location) or location[:1] in "/\\" or (len(location) > 1 and location[1] == ":"):
+        raise UnsafeModelError(f"{where}: external data location {location!r} is absolute; it must lie in the "
+                               "model's folder")
+    if ".." in parts:
+        raise UnsafeModelError(f"{where}: external data location {location!r} leaves the model's folder")
+    path = folder
+    for part in parts:
+        path = os.path.join(path, part)
+        if os.path.islink(path):
+            raise UnsafeModelError(f"{where}: external data location {location!r} goes through a symlink")
+    try:
+        offset, length = (int(entries[k]) if k in entries else None for k in ("offset", "length"))
+    except ValueError:
+        raise ModelLoadError(f"{where}: external data offset or length is not an integer") from None
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        raise ModelLoadError(f"{where}: external data file {location!r} is missing") from None
+    except OSError as e:
+        raise UnsafeModelError(f"{where}: cannot open external data {location!r} ({e.strerror})") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise UnsafeModelError(f"{where}: external data {location!r} is not a regular file")
+        if info.st_nlink > 1:
+            raise UnsafeModelError(f"{where}: external data {location!r} has {info.st_nlink} hard links; a "
+                                   "hardlink may be a file from outside the model's folder")
+        offset = offset or 0
+        length = info.st_size - offset if length is None else length
+        if offset < 0 or length < 0 or offset + length > info.st_size:
+            raise UnsafeModelError(f"{where}: external data offset {offset} and length {length} fall outside "
+                                   f"{location!r} ({info.st_size} bytes)")
+        expected = tensor_nbytes(tensor, label)
+        if expected is not None and length != expected:
+            raise ModelLoadError(f"{where}: external data holds {length} bytes but dims {list(tensor.dims)} call "
+                                 f"for {expected} (data length does not match dims)")
+        f.seek(offset)
+        return f.read(length)
+
+
+def require_loaded(proto, label):
+    """A model given as bytes or a ModelProto has no folder to read external data from."""
+    stray = next((t for t in model_tensors(proto) if is_external(t)), None)
+    if stray is not None:
+        raise ModelLoadError(f"{label}: tensor {stray.name!r} keeps its data in an external file; pass the "
+                             "model's path so that the file can be found and checked")
+
+
+def past_protobuf_limit(proto):
+    """Whether ``proto`` is too large to serialise. (ByteSize cannot say: it serialises to measure.)"""
+    try:
+        return proto.ByteSize() > PROTOBUF_LIMIT
+    except EncodeError:
+        return True
+
+
+def check_tensor_limit(proto, label):
+    """Each tensor on its own must stay under protobuf's limit: the model's graph is handed around
+    in pieces (a shell here, graphsurgeon's export), but a tensor is never split."""
+    for tensor in model_tensors(proto):
+        if len(tensor.raw_data) > PROTOBUF_LIMIT:
+            raise UnsupportedModelError(f"{label}: tensor {tensor.name!r} alone holds {len(tensor.raw_data)} bytes; "
+                                        "a single tensor past protobuf's 2 GB limit is not supported")
+
+
+def without_large_weights(step, proto):
+    """``step(shell)`` where the shell is ``proto`` with its large initializers turned into typed
+    graph inputs, then those initializers put back. For steps that serialise the model (the
+    checker, the version converter, shape inference): they then cost no copy of the weights, and
+    a model past protobuf's 2 GB limit passes them too. The step's result may be a new proto, or None."""
+    graph = proto.graph
+    large = [t for t in graph.initializer if len(t.raw_data) > LARGE_TENSOR_BYTES]
+    if not large:
+        return step(proto)
+    names = {t.name for t in large}
+    everything = list(graph.initializer)
+    shell = onnx.ModelProto()
+    graph.ClearField("initializer")  # so that copying the model leaves the weights behind
+    try:
+        shell.CopyFrom(proto)
+    finally:
+        graph.initializer.extend(everything)
+    shell.graph.initializer.extend(t for t in everything if t.name not in names)
+    listed = {i.name for i in graph.input}  # IR 3 files list initializers as inputs already
+    added = {t.name for t in large if t.name not in listed}
+    shell.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims)
+                             for t in large if t.name in added)
+    result = step(shell)
+    if result is None:
+        return proto
+    inputs = [i for i in result.graph.input if i.name not in added]
+    result.graph.ClearField("input")
+    result.graph.input.extend(inputs)
+    result.graph.initializer.extend(large)
+    return result
+
+
+def save_with_external_data(proto, path, write):
+    """Write ``proto`` as ``path`` plus ``path + DATA_SUFFIX``, holding every initializer over
+    LARGE_TENSOR_BYTES (aligned to 4 KiB, so a runtime may map it). ``write(path, bytes)`` writes each
+    file (atomically); the data file goes first, so the graph never names bytes that are missing.
+    ``proto`` is left as it was."""
+    data_path = path + DATA_SUFFIX
+    large = [t for t in proto.graph.initializer if len(t.raw_data) > LARGE_TENSOR_BYTES]
+    chunks, offset = [], 0
+    for tensor in large:
+        padding = -offset % 4096
+        chunks.append(b"\0" * padding)
+        offset += padding
+        chunks.append(tensor.raw_data)
+        entries = {"location": os.path.basename(data_path), "offset": str(offset), "length": str(len(tensor.raw_data))}
+        offset += len(tensor.raw_data)
+        tensor.ClearField("raw_data")
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in entries.items():
+            tensor.external_data.add(key=key, value=value)
+    try:
+        write(data_path, chunks)
+        write(path, proto.SerializeToString())
+    finally:
+        for tensor, data in zip(large, chunks[1::2]):
+            del tensor.external_data[:]
+            tensor.data_location = TensorProto.DEFAULT
+            tensor.raw_data = data
