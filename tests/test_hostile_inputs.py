@@ -2,19 +2,22 @@
 never silently non-finite relevance."""
 
 import os
+import struct
+import zlib
 
 import numpy as np
 import pytest
 
 import lrp_onnx
-from test_cli import ROOT
+from test_cli import ROOT, assert_bad_input, cli
 
 SAMPLES = np.load(os.path.join(ROOT, "models", "digits_samples.npy"))
+CNN = os.path.join(ROOT, "models", "digits_cnn.onnx")
 
 
 @pytest.fixture(scope="module")
 def explainer():
-    return lrp_onnx.Explainer(os.path.join(ROOT, "models", "digits_cnn.onnx"), composite="epsilon-plus-flat")
+    return lrp_onnx.Explainer(CNN, composite="epsilon-plus-flat")
 
 
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
@@ -58,3 +61,20 @@ def test_wrong_input_name(explainer):
 def test_empty_batch(explainer):
     outputs, relevance = explainer.explain(SAMPLES[:0])
     assert relevance.shape == (0, 1, 8, 8) and outputs["logits"].shape == (0, 10)
+
+
+def png_header_only(width, height):
+    """A 67-byte PNG that claims width × height grey pixels: what a decompression bomb shows the
+    decoder before it inflates anything."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("side", [10_000, 100_000])  # past Pillow's warning limit (89 M pixels), and far past its error limit
+def test_decompression_bomb_image_is_refused_before_decoding(tmp_path, side):
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_header_only(side, side))
+    assert_bad_input(cli("explain", CNN, bomb, "-o", tmp_path / "out"), "refused, too many pixels")
+    assert not (tmp_path / "out").exists()
