@@ -92,6 +92,10 @@ def _check_output(path, args, inputs):
 
 def cmd_convert(args):
     out = args.output or default_output(args.model)
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise OutputError(f"{out!r}: the folder {folder!r} does not exist")
+    writable_folder(folder)
     data = external_files(args.model) if os.path.isfile(args.model) else []
     inputs = [args.model] + data
     _check_output(out, args, inputs)
@@ -101,7 +105,10 @@ def cmd_convert(args):
     external = bool(data) or past_protobuf_limit(explainer)
     if external:
         _check_output(out + DATA_SUFFIX, args, inputs)
-    save_model(explainer, out, external_data=external)
+    try:
+        save_model(explainer, out, external_data=external)
+    except OSError as e:  # a full disk, say: atomic_write has removed its temporary file
+        raise OutputError(f"{out!r}: cannot write ({e.strerror or e})") from None
     print(f"wrote {out}{f' and {out}{DATA_SUFFIX}' if external else ''} ({args.composite})")
     return EXIT_OK
 

@@ -104,6 +104,26 @@ def test_never_overwrites_the_input(model):
     assert model.read_bytes() == before
 
 
+def test_convert_writes_only_its_output(model, tmp_path):
+    """Nothing in the working directory (no shape-inference scratch file), nothing beside the
+    input, no temporary file left beside the output."""
+    work, out_dir = tmp_path / "cwd", tmp_path / "out"
+    work.mkdir()
+    out_dir.mkdir()
+    before = {p: p.read_bytes() for p in model.parent.iterdir() if p.is_file()}
+    assert cli("convert", model, "-o", out_dir / "explainer.onnx", cwd=work).returncode == 0
+    assert only_files(work) == [] and only_files(out_dir) == ["explainer.onnx"]
+    assert {p: p.read_bytes() for p in model.parent.iterdir() if p.is_file()} == before
+
+
+def test_output_folder_must_exist(model, tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.write_bytes(b"a file, not a folder")
+    assert_bad_input(cli("convert", model, "-o", blocker / "out.onnx"), "does not exist", code=6)
+    assert_bad_input(cli("convert", model, "-o", tmp_path / "missing" / "out.onnx"), "does not exist", code=6)
+    assert not (tmp_path / "missing").exists()
+
+
 def test_not_onnx(tmp_path):
     path = tmp_path / "notes.onnx"
     path.write_bytes(os.urandom(4096))
