@@ -249,8 +249,9 @@ def without_large_weights(step, proto):
 
 def save_with_external_data(proto, path, write):
     """Write ``proto`` as ``path`` plus ``path + DATA_SUFFIX``, holding every initializer over
-    LARGE_TENSOR_BYTES (aligned to 4 KiB, so a runtime may map it). ``write(path, bytes)`` writes each
-    file (atomically); the data file goes first, so the graph never names bytes that are missing.
+    LARGE_TENSOR_BYTES (aligned to 4 KiB, so a runtime may map it). ``write(path, data)``
+    (``files.atomic_write``) writes each file; the data file goes first, so the graph never names
+    bytes that are missing.
     ``proto`` is left as it was."""
     data_path = path + DATA_SUFFIX
     large = [t for t in proto.graph.initializer if len(t.raw_data) > LARGE_TENSOR_BYTES]

@@ -15,6 +15,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import exporters
 import lrp_onnx
 from lrp_onnx.external import DATA_SUFFIX, LARGE_TENSOR_BYTES
 from test_cli import assert_bad_input, cli, only_files
@@ -117,37 +118,10 @@ def _free_gib(kind):
     return shutil.disk_usage(tempfile.gettempdir()).free / 2**30
 
 
-def split_gemm_past_2gb(folder, features=280_000, classes=1000):
-    """x [N, 2F] → Split → two Gemm(transB) with weights [C, F] of 1.12 GB each → Add: 2.24 GB of
-    weights, past protobuf's 2 GiB limit, in one external file written block by block."""
-    block = np.random.default_rng(4).standard_normal((classes, 1000)).astype(np.float32) / 30
-    with open(folder / "weights.bin", "wb") as f:
-        for _ in range(2 * features // 1000):
-            block.tofile(f)
-    size = classes * features * 4
-    weights = []
-    for i in range(2):
-        w = TensorProto(name=f"w{i}", data_type=TensorProto.FLOAT, dims=[classes, features],
-                        data_location=TensorProto.EXTERNAL)
-        for key, value in {"location": "weights.bin", "offset": str(i * size), "length": str(size)}.items():
-            w.external_data.add(key=key, value=value)
-        weights.append(w)
-    nodes = [helper.make_node("Split", ["x", "halves"], ["x0", "x1"], name="split", axis=1),
-             helper.make_node("Gemm", ["x0", "w0"], ["z0"], name="fc0", transB=1),
-             helper.make_node("Gemm", ["x1", "w1"], ["z1"], name="fc1", transB=1),
-             helper.make_node("Add", ["z0", "z1"], ["logits"], name="sum")]
-    graph = helper.make_graph(
-        nodes, "split_gemm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2 * features])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])],
-        weights + [helper.make_tensor("halves", TensorProto.INT64, [2], [features, features])])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(folder / "big.onnx"))
-    return np.memmap(folder / "weights.bin", np.float32, "r").reshape(2, classes, features)
-
-
 @pytest.mark.skipif(_free_gib("memory") < 16 or _free_gib("disk") < 8,
                     reason="needs 16 GiB of free memory (conversion peaks near 14 GiB) and 8 GiB of disk")
 def test_a_model_past_2gb_converts_saves_and_runs(tmp_path):
-    weights = split_gemm_past_2gb(tmp_path)
+    weights = exporters.split_gemm_past_2gb(tmp_path)
     result = cli("convert", tmp_path / "big.onnx", "--composite", "epsilon")
     assert result.returncode == 0, result.stderr
     out = tmp_path / "big.lrp.onnx"
