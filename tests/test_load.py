@@ -12,6 +12,7 @@ from lrp_onnx.graph import carries_relevance, find_units
 from lrp_onnx.load import (GRAPH_STEPS, PROTO_STEPS, drop_identities, drop_initializer_inputs,
                            expand_linear_classifiers, fold_constants, import_graph, infer_shapes, load_model,
                            name_nodes, upgrade_opset)
+from lrp_onnx.precision import upcast_to_float32
 
 
 def run(proto, feeds):
@@ -41,7 +42,7 @@ def caffe2_squeezenet():
 
 
 def test_the_steps_are_listed_in_order():
-    assert PROTO_STEPS == (drop_initializer_inputs, upgrade_opset, infer_shapes)
+    assert PROTO_STEPS == (drop_initializer_inputs, upcast_to_float32, upgrade_opset, infer_shapes)
     assert GRAPH_STEPS == (expand_linear_classifiers, fold_constants, drop_identities, name_nodes)
 
 
