@@ -104,8 +104,8 @@ def _absorbable(follower, head, y):
     if follower.op == "BatchNormalization":
         return follower.inputs[0] is y and all(is_constant(t) for t in follower.inputs[1:5]) \
             and not follower.attrs.get("training_mode", 0)
-    if len(follower.inputs) != 2:
-        return False
+    if follower.op not in AFFINE_FOLLOWERS or len(follower.inputs) != 2:
+        return False  # PRelu, a 1×1 Conv, a Split with constant sizes: two inputs, but not y ↦ s·y + t
     other = follower.inputs[1] if follower.inputs[0] is y else follower.inputs[0]
     if follower.op in ("Sub", "Div") and follower.inputs[0] is not y:
         return False  # c - y and c / y are not of the form s·y + t we fold
