@@ -308,11 +308,14 @@ class _Builder:
                  "LRN": {"size": self.draws.choice([1, 3, 5]), "alpha": 1e-2, "beta": 0.75, "bias": 1.0}}.get(op, {})
         return self.node(op, [x], **attrs)
 
+    def pool_window(self):
+        """A pooling kernel and strides, each [2], drawn the same way for every pool."""
+        return [self.draws.choice([1, 2, 3]) for _ in range(2)], [self.draws.choice([1, 2, 2, 3]) for _ in range(2)]
+
     def max_pool(self, x, shape):
         c, h, w = shape
         draws = self.draws
-        kernel = [draws.choice([1, 2, 3]) for _ in range(2)]
-        strides = [draws.choice([1, 2, 2, 3]) for _ in range(2)]
+        kernel, strides = self.pool_window()
         dilation = _dilation(draws, kernel, [h, w])
         # ORT wants pooling pads below the kernel: a dilated window (wider than its kernel) gets none
         pads = _window_pads(draws, kernel, [h, w]) if dilation == 1 else [0] * 4
@@ -327,8 +330,7 @@ class _Builder:
     def average_pool(self, x, shape):
         c, h, w = shape
         draws = self.draws
-        kernel = [draws.choice([1, 2, 3]) for _ in range(2)]
-        strides = [draws.choice([1, 2, 2, 3]) for _ in range(2)]
+        kernel, strides = self.pool_window()
         pads = _window_pads(draws, kernel, [h, w])
         count_include_pad = draws.integer(0, 1)
         out_shape = (c,) + tuple(_window_out(n, k, s, p0, p1)
