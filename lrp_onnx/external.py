@@ -32,14 +32,14 @@ PACKED_4BIT = {TensorProto.INT4, TensorProto.UINT4, getattr(TensorProto, "FLOAT4
 def model_tensors(proto):
     """Every TensorProto of a model: initializers, sparse initializers, node attributes, and those
     of every subgraph and function."""
-    for graph in _graphs(proto.graph):
-        yield from _graph_tensors(graph)
+    for graph in subgraphs(proto.graph):
+        yield from graph_tensors(graph)
     for function in proto.functions:
         for node in function.node:
             yield from _attribute_tensors(node)
 
 
-def _graphs(graph):
+def subgraphs(graph):
     """``graph`` and its subgraphs, iteratively: a hostile file may nest them deeply."""
     pending = [graph]
     while pending:
@@ -52,7 +52,8 @@ def _graphs(graph):
                 pending.extend(attr.graphs)
 
 
-def _graph_tensors(graph):
+def graph_tensors(graph):
+    """The TensorProtos of ``graph`` itself (not of its subgraphs)."""
     yield from graph.initializer
     for sparse in graph.sparse_initializer:
         yield sparse.values
@@ -66,6 +67,9 @@ def _attribute_tensors(node):
         if attr.HasField("t"):
             yield attr.t
         yield from attr.tensors
+        if attr.HasField("sparse_tensor"):
+            yield attr.sparse_tensor.values
+            yield attr.sparse_tensor.indices
 
 
 def is_external(tensor):

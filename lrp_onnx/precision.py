@@ -26,6 +26,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from .errors import UnsupportedModelError
+from .external import graph_tensors, subgraphs
 
 HALF_TYPES = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
 # Integer attributes of standard ops that name an element type: Cast's ``to``; the ``dtype`` of
@@ -70,36 +71,20 @@ def upcast_types(proto):
 
 def _half_sites(graph, label):
     """Every TensorProto, tensor type and type attribute in ``graph`` and its subgraphs that holds
-    float16 or bfloat16."""
-    yield from _half_tensors(graph.initializer)
-    yield from _half_tensors([s.values for s in graph.sparse_initializer])
-    for value in list(graph.input) + list(graph.output) + list(graph.value_info):
-        yield from _half_types(value.type)
-    for node in graph.node:
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.TENSOR:
-                yield from _half_tensors([a.t])
-            elif a.type == onnx.AttributeProto.TENSORS:
-                yield from _half_tensors(a.tensors)
-            elif a.type == onnx.AttributeProto.SPARSE_TENSOR:
-                yield from _half_tensors([a.sparse_tensor.values])
-            elif a.type == onnx.AttributeProto.GRAPH:
-                yield from _half_sites(a.g, label)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for g in a.graphs:
-                    yield from _half_sites(g, label)
-            elif a.type == onnx.AttributeProto.INT and a.i in HALF_TYPES and a.name in TYPE_ATTRIBUTES:
-                if node.domain not in STANDARD_DOMAINS:
-                    raise UnsupportedModelError(
-                        f"{label}: node {node.name!r} ({node.domain}.{node.op_type}) has a half-precision "
-                        f"attribute {a.name!r}; lrp-onnx upcasts half-precision models to float32 and knows "
-                        "this attribute only on standard ops")
-                yield a
-
-
-def _half_tensors(tensors):
-    """The float16/bfloat16 ones (read_model has already read any external data into them)."""
-    return (t for t in tensors if t.data_type in HALF_TYPES)
+    float16 or bfloat16 (read_model has already read any external data into the tensors)."""
+    for g in subgraphs(graph):
+        yield from (t for t in graph_tensors(g) if t.data_type in HALF_TYPES)
+        for value in list(g.input) + list(g.output) + list(g.value_info):
+            yield from _half_types(value.type)
+        for node in g.node:
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.INT and a.i in HALF_TYPES and a.name in TYPE_ATTRIBUTES:
+                    if node.domain not in STANDARD_DOMAINS:
+                        raise UnsupportedModelError(
+                            f"{label}: node {node.name!r} ({node.domain}.{node.op_type}) has a half-precision "
+                            f"attribute {a.name!r}; lrp-onnx upcasts half-precision models to float32 and knows "
+                            "this attribute only on standard ops")
+                    yield a
 
 
 def _half_types(type_proto):
