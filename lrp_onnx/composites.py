@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
-from .errors import RuleError
+from .errors import RuleError, first_line
 from .rules import AlphaBeta, Epsilon, Flat, Gamma, Gradient, Norm, Pass, Rule, ZBox, ZPlus, make_rule
 
 
@@ -89,7 +89,7 @@ def read_overrides(path):
             data = json.loads(text)
     except ValueError as e:
         raise RuleError(f"rules file {str(path)!r} is not valid {path.suffix.lstrip('.').upper() or 'JSON'}: "
-                        f"{str(e).splitlines()[0]}") from None
+                        f"{first_line(e)}") from None
     if not isinstance(data, dict):
         raise RuleError(f"rules file {str(path)!r} must map node-name globs or op types to rules")
     return data

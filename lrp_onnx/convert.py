@@ -14,10 +14,10 @@ import onnx_graphsurgeon as gs
 
 from .builder import Builder
 from .composites import Composite, GradientComposite, make_composite
-from .errors import InputError, LrpOnnxError, RuleError, UnsupportedModelError, UnsupportedOpError
+from .errors import InputError, LrpOnnxError, RuleError, UnsupportedModelError, UnsupportedOpError, first_line
 from .external import without_large_weights
 from .graph import carries_relevance, find_units, nonnegative_tensors
-from .load import import_graph, load_model
+from .load import import_graph, load_model, strings_must_be_utf8
 from .precision import restore_half_boundary, upcast_types
 from .registry import lookup
 
@@ -109,6 +109,7 @@ def _upstream_of(units, logits):
     return keep[::-1]
 
 
+@strings_must_be_utf8
 def plan(model, composite="alpha-beta", *, input_name=None, rules=None, method="lrp", **rule_params):
     """Load the model and decide every unit's rule, listing every node that cannot be explained.
 
@@ -157,6 +158,7 @@ def _check_overrides(composite, units):
             raise RuleError(f"rule override {pattern!r} matches no explained node name or op type")
 
 
+@strings_must_be_utf8
 def convert(model, composite="alpha-beta", *, input_name=None, rules=None, seed_input=False, layers=(),
             layer_sum=None, method="lrp", **rule_params) -> onnx.ModelProto:
     """The explainer of ``model`` (a path, bytes or ModelProto) as a checked ModelProto.
@@ -217,7 +219,13 @@ def convert(model, composite="alpha-beta", *, input_name=None, rules=None, seed_
             "score_output": p.score.name, "method": method}
     for key, value in meta.items():
         out.metadata_props.add(key=META_PREFIX + key, value=value)
-    without_large_weights(lambda shell: onnx.checker.check_model(shell, full_check=True), out)
+    try:
+        without_large_weights(lambda shell: onnx.checker.check_model(shell, full_check=True), out)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        # The model passed the same check, so its graph holds something the checker missed there
+        # (a weight whose rank contradicts an attribute, say) that the explainer's ops expose.
+        raise UnsupportedModelError(f"{p.label}: the explainer fails the ONNX checker ({first_line(e)}); "
+                                    "the model is likely inconsistent: if ONNX Runtime runs it, please report this") from None
     return out
 
 

@@ -15,6 +15,12 @@ The CLI maps each class to an exit code (``cli.EXIT_CODES``, listed in the READM
 from collections import Counter
 
 
+def first_line(error):
+    """An exception's message cut to its first line, for one-line errors that quote another library."""
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
 class LrpOnnxError(Exception):
     """Base class of every error lrp-onnx raises on purpose."""
 

@@ -151,6 +151,8 @@ def _read_external(tensor, folder, label):
     location = entries.get("location", "")
     if not location:
         raise ModelLoadError(f"{where} has external data without a location")
+    if not isinstance(location, str):  # protobuf hands over a string field that is not UTF-8 as bytes
+        raise ModelLoadError(f"{where}: external data location {location!r} is not UTF-8")
     if "\x00" in location:
         raise UnsafeModelError(f"{where}: external data location {location!r} holds a NUL byte")
     parts = location.replace("\\", "/").split("/")
@@ -168,16 +170,17 @@ def _read_external(tensor, folder, label):
         offset, length = (int(entries[k]) if k in entries else None for k in ("offset", "length"))
     except ValueError:
         raise ModelLoadError(f"{where}: external data offset or length is not an integer") from None
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    try:  # non-blocking: opening a FIFO for reading would otherwise wait for a writer
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
     except FileNotFoundError:
         raise ModelLoadError(f"{where}: external data file {location!r} is missing") from None
     except OSError as e:
         raise UnsafeModelError(f"{where}: cannot open external data {location!r} ({e.strerror})") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):  # a folder, a FIFO, a device: nothing to read weights from
+        os.close(fd)
+        raise UnsafeModelError(f"{where}: external data {location!r} is not a regular file")
     with os.fdopen(fd, "rb") as f:
-        info = os.fstat(f.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise UnsafeModelError(f"{where}: external data {location!r} is not a regular file")
         if info.st_nlink > 1:
             raise UnsafeModelError(f"{where}: external data {location!r} has {info.st_nlink} hard links; a "
                                    "hardlink may be a file from outside the model's folder")

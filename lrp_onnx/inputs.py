@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from .errors import InputError
+from .errors import InputError, first_line
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 ARRAY_SUFFIXES = (".npy", ".npz")
@@ -157,7 +157,7 @@ def _open_image(path):
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise InputError(f"{path}: refused, too many pixels ({e})") from None
     except (OSError, ValueError, SyntaxError) as e:
-        raise InputError(f"{path}: unreadable or corrupt image ({str(e).splitlines()[0]})") from None
+        raise InputError(f"{path}: unreadable or corrupt image ({first_line(e)})") from None
 
 
 def _resize_and_crop(image, size):

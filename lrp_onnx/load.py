@@ -3,6 +3,7 @@
 Each step leaves the model's outputs unchanged (tests/test_load.py checks every one)."""
 
 import contextlib
+import functools
 import math
 import os
 
@@ -13,7 +14,7 @@ import onnxruntime as ort
 from google.protobuf.message import DecodeError
 from onnx import version_converter
 
-from .errors import ModelLoadError, UnsupportedModelError
+from .errors import ModelLoadError, UnsupportedModelError, first_line
 from .precision import upcast_to_float32
 from .external import check_tensor_limit, check_tensor_sizes, load_external_data, require_loaded, without_large_weights
 
@@ -23,20 +24,40 @@ MIN_OPSET = 13
 SCATTER_OPSET = 16
 
 
+def model_label(model):
+    """How errors name ``model``: its path, or what kind of object it was given as."""
+    if isinstance(model, onnx.ModelProto):
+        return "<model>"
+    return "<bytes>" if isinstance(model, bytes) else os.fspath(model)
+
+
+def strings_must_be_utf8(function):
+    """Protobuf checks no string of an ONNX file as UTF-8 while parsing it, so a name that is not
+    fails wherever it is first read (the checker, graphsurgeon, onnx.helper): decorate each entry
+    point ``function(model, ...)`` so that all of those are one ModelLoadError."""
+    @functools.wraps(function)
+    def checked(model, *args, **kwargs):
+        try:
+            return function(model, *args, **kwargs)
+        except UnicodeDecodeError as e:
+            raise ModelLoadError(f"{model_label(model)}: holds a name or string that is not UTF-8 "
+                                 f"({e.reason} at byte {e.start})") from None
+    return checked
+
+
 def read_model(model):
     """A ModelProto from a path, bytes or a ModelProto; every failure is one ModelLoadError line.
     External data is read only from a path, and only after ``external.load_external_data`` has
     checked that it lies inside the model's folder (an UnsafeModelError otherwise)."""
+    label = model_label(model)
     if isinstance(model, onnx.ModelProto):
-        proto, label = model, "<model>"
+        proto = model
     elif isinstance(model, bytes):
-        label = "<bytes>"
         try:
             proto = onnx.load_from_string(model)
         except (DecodeError, RuntimeError, ValueError) as e:
-            raise ModelLoadError(f"{label}: not an ONNX model ({_first_line(e)})") from None
+            raise ModelLoadError(f"{label}: not an ONNX model ({first_line(e)})") from None
     else:
-        label = os.fspath(model)
         if not os.path.isfile(label):
             raise ModelLoadError(f"{label}: no such file")
         if os.path.getsize(label) == 0:  # onnx reads 0 bytes as an empty model, without complaint
@@ -44,15 +65,10 @@ def read_model(model):
         try:
             proto = onnx.load(label, load_external_data=False)
         except (DecodeError, RuntimeError, ValueError, OSError) as e:
-            raise ModelLoadError(f"{label}: not an ONNX model, or truncated ({_first_line(e)})") from None
+            raise ModelLoadError(f"{label}: not an ONNX model, or truncated ({first_line(e)})") from None
         load_external_data(proto, label)
     require_loaded(proto, label)
     return proto, label
-
-
-def _first_line(error):
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
 
 
 def ai_onnx_opset(proto):
@@ -68,10 +84,12 @@ def load_model(model):
     check_tensor_sizes(proto, label)
     check_tensor_limit(proto, label)
     check_declared_shapes(proto, label)
+    check_opset_imports(proto, label)
     try:  # the full check infers shapes strictly: declared shapes must agree with the ops and weights
         without_large_weights(lambda shell: onnx.checker.check_model(shell, full_check=True), proto)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-        raise ModelLoadError(f"{label}: fails the ONNX checker: {_first_line(e)}") from None
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as e:
+        # ValueError: an unknown data type, or (UnicodeDecodeError) a name that is not UTF-8
+        raise ModelLoadError(f"{label}: fails the ONNX checker: {first_line(e)}") from None
     for step in PROTO_STEPS:
         proto = step(proto, label)
     return proto, label
@@ -89,6 +107,15 @@ def check_declared_shapes(proto, label):
             raise ModelLoadError(f"{label}: tensor {info.name!r} declares negative dims {dims}")
         if math.prod(dims) > INT64_MAX:
             raise ModelLoadError(f"{label}: tensor {info.name!r} declares dims {dims}, whose product overflows int64")
+
+
+def check_opset_imports(proto, label):
+    """One version per domain: the checker lets a second import of a domain through, and the
+    opset converter and the explainer would then disagree on which one the model means."""
+    domains = ["" if o.domain == "ai.onnx" else o.domain for o in proto.opset_import]
+    twice = sorted({d for d in domains if domains.count(d) > 1})
+    if twice:
+        raise ModelLoadError(f"{label}: imports opset domain(s) {twice} more than once")
 
 
 def drop_initializer_inputs(proto, label):
@@ -120,7 +147,7 @@ def upgrade_opset(proto, label):
     try:
         return without_large_weights(lambda shell: version_converter.convert_version(shell, target), proto)
     except Exception as e:  # the converter raises bare RuntimeErrors and more
-        raise ModelLoadError(f"{label}: cannot upgrade opset {opset} to {target}: {_first_line(e)}") from None
+        raise ModelLoadError(f"{label}: cannot upgrade opset {opset} to {target}: {first_line(e)}") from None
 
 
 def infer_shapes(proto, label):
@@ -138,13 +165,17 @@ def _onnx_shapes(proto, label):
     try:
         return onnx.shape_inference.infer_shapes(proto, data_prop=True)
     except onnx.shape_inference.InferenceError as e:
-        raise ModelLoadError(f"{label}: shape inference failed: {_first_line(e)}") from None
+        raise ModelLoadError(f"{label}: shape inference failed: {first_line(e)}") from None
 
 
 def _symbolic_shapes(proto):
     """``SymbolicShapeInference.infer_shapes`` without its failure path, which saves the model to
     ``sym_shape_infer_temp.onnx`` in the working directory; None where it cannot infer every shape,
-    or where sympy, which it needs and onnxruntime does not install, is missing."""
+    or where sympy, which it needs and onnxruntime does not install, is missing. Also None for
+    graphs with subgraphs (If, Loop, Scan): it re-infers each body for every pass over its parent,
+    which grows exponentially with the nesting depth (a fuzzed file with 24 nested If bodies hung)."""
+    if any(attr.HasField("g") or attr.graphs for node in proto.graph.node for attr in node.attribute):
+        return None
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
         inference = SymbolicShapeInference(int_max=2**31 - 1, auto_merge=True, guess_output_rank=False, verbose=0)
