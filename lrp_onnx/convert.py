@@ -17,7 +17,7 @@ from .composites import Composite, GradientComposite, make_composite
 from .errors import InputError, LrpOnnxError, RuleError, UnsupportedModelError, UnsupportedOpError, first_line
 from .external import without_large_weights
 from .graph import carries_relevance, find_units, nonnegative_tensors
-from .load import import_graph, load_model, strings_must_be_utf8
+from .load import import_graph, load_model
 from .precision import restore_half_boundary, upcast_types
 from .registry import lookup
 
@@ -109,7 +109,6 @@ def _upstream_of(units, logits):
     return keep[::-1]
 
 
-@strings_must_be_utf8
 def plan(model, composite="alpha-beta", *, input_name=None, rules=None, method="lrp", **rule_params):
     """Load the model and decide every unit's rule, listing every node that cannot be explained.
 
@@ -158,7 +157,6 @@ def _check_overrides(composite, units):
             raise RuleError(f"rule override {pattern!r} matches no explained node name or op type")
 
 
-@strings_must_be_utf8
 def convert(model, composite="alpha-beta", *, input_name=None, rules=None, seed_input=False, layers=(),
             layer_sum=None, method="lrp", **rule_params) -> onnx.ModelProto:
     """The explainer of ``model`` (a path, bytes or ModelProto) as a checked ModelProto.

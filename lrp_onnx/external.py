@@ -151,8 +151,6 @@ def _read_external(tensor, folder, label):
     location = entries.get("location", "")
     if not location:
         raise ModelLoadError(f"{where} has external data without a location")
-    if not isinstance(location, str):  # protobuf hands over a string field that is not UTF-8 as bytes
-        raise ModelLoadError(f"{where}: external data location {location!r} is not UTF-8")
     if "\x00" in location:
         raise UnsafeModelError(f"{where}: external data location {location!r} holds a NUL byte")
     parts = location.replace("\\", "/").split("/")

@@ -3,7 +3,6 @@
 Each step leaves the model's outputs unchanged (tests/test_load.py checks every one)."""
 
 import contextlib
-import functools
 import math
 import os
 
@@ -31,18 +30,27 @@ def model_label(model):
     return "<bytes>" if isinstance(model, bytes) else os.fspath(model)
 
 
-def strings_must_be_utf8(function):
-    """Protobuf checks no string of an ONNX file as UTF-8 while parsing it, so a name that is not
-    fails wherever it is first read (the checker, graphsurgeon, onnx.helper): decorate each entry
-    point ``function(model, ...)`` so that all of those are one ModelLoadError."""
-    @functools.wraps(function)
-    def checked(model, *args, **kwargs):
-        try:
-            return function(model, *args, **kwargs)
-        except UnicodeDecodeError as e:
-            raise ModelLoadError(f"{model_label(model)}: holds a name or string that is not UTF-8 "
-                                 f"({e.reason} at byte {e.start})") from None
-    return checked
+def check_strings(proto, label):
+    """Every string field of the model (names, op types, attributes, shapes' dim_params...) is UTF-8.
+    Protobuf does not check this while parsing and hands over a string that is not as bytes, which
+    the checker, graphsurgeon and onnx.helper each trip over in their own way."""
+    pending = [proto]
+    while pending:
+        message = pending.pop()
+        for field in message.DESCRIPTOR.fields:  # not ListFields: it would copy every tensor's bytes
+            if field.type not in (field.TYPE_STRING, field.TYPE_MESSAGE):
+                continue
+            # protobuf 7 dropped FieldDescriptor.label for is_repeated, which older releases lack
+            if getattr(field, "is_repeated", None) or getattr(field, "label", None) == field.LABEL_REPEATED:
+                values = getattr(message, field.name)
+            else:
+                values = [getattr(message, field.name)] if message.HasField(field.name) else []
+            if field.type == field.TYPE_MESSAGE:
+                pending.extend(values)
+                continue
+            bad = next((v for v in values if not isinstance(v, str)), None)
+            if bad is not None:
+                raise ModelLoadError(f"{label}: {message.DESCRIPTOR.name}.{field.name} {bad!r} is not UTF-8")
 
 
 def read_model(model):
@@ -66,6 +74,8 @@ def read_model(model):
             proto = onnx.load(label, load_external_data=False)
         except (DecodeError, RuntimeError, ValueError, OSError) as e:
             raise ModelLoadError(f"{label}: not an ONNX model, or truncated ({first_line(e)})") from None
+    check_strings(proto, label)
+    if not isinstance(model, (onnx.ModelProto, bytes)):  # a path: its external data lies beside it
         load_external_data(proto, label)
     require_loaded(proto, label)
     return proto, label
