@@ -14,8 +14,8 @@ from google.protobuf.message import DecodeError
 from onnx import version_converter
 
 from .errors import ModelLoadError, UnsupportedModelError, first_line
-from .precision import upcast_to_float32
 from .external import check_tensor_limit, check_tensor_sizes, load_external_data, require_loaded, without_large_weights
+from .precision import upcast_to_float32
 
 MIN_OPSET = 13
 # The backward of MaxPool, and of a Gather with computed indices, scatter-adds into the input
@@ -98,7 +98,7 @@ def load_model(model):
     try:  # the full check infers shapes strictly: declared shapes must agree with the ops and weights
         without_large_weights(lambda shell: onnx.checker.check_model(shell, full_check=True), proto)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as e:
-        # ValueError: an unknown data type, or (UnicodeDecodeError) a name that is not UTF-8
+        # ValueError: an element type that does not exist
         raise ModelLoadError(f"{label}: fails the ONNX checker: {first_line(e)}") from None
     for step in PROTO_STEPS:
         proto = step(proto, label)

@@ -6,6 +6,7 @@ import tempfile
 import numpy as np
 import onnx
 import onnxruntime as ort
+from google.protobuf.message import EncodeError
 
 from .convert import EXPLAINED_CLASS, EXPLAINED_LOGIT, LAYER_PREFIX, META_PREFIX, RELEVANCE, TARGET, convert
 from .errors import InputError, RuleError
@@ -166,8 +167,12 @@ class Explainer:
 def inference_session(proto, options, providers):
     """An ORT session for ``proto``. One past protobuf's 2 GB limit cannot be handed over as bytes:
     it goes through a graph and data file in a temporary folder, read once as the session starts."""
-    if not past_protobuf_limit(proto):
-        return ort.InferenceSession(proto.SerializeToString(), options, providers=providers)
+    try:
+        serialized = proto.SerializeToString()
+    except EncodeError:  # past the limit (ByteSize cannot say beforehand: it serialises to measure)
+        serialized = None
+    if serialized is not None:
+        return ort.InferenceSession(serialized, options, providers=providers)
     with tempfile.TemporaryDirectory(prefix="lrp-onnx-") as folder:
         path = os.path.join(folder, "model.onnx")
         save_with_external_data(proto, path, atomic_write)
