@@ -120,12 +120,15 @@ def check_declared_shapes(proto, label):
 
 
 def check_opset_imports(proto, label):
-    """One version per domain: the checker lets a second import of a domain through, and the
-    opset converter and the explainer would then disagree on which one the model means."""
-    domains = ["" if o.domain == "ai.onnx" else o.domain for o in proto.opset_import]
-    twice = sorted({d for d in domains if domains.count(d) > 1})
-    if twice:
-        raise ModelLoadError(f"{label}: imports opset domain(s) {twice} more than once")
+    """One version per domain: the checker lets a domain imported at two versions through, and the
+    opset converter and the explainer would then disagree on which one the model means. (The
+    same version twice, as skl2onnx writes "" and "ai.onnx", is harmless.)"""
+    versions = {}
+    for o in proto.opset_import:
+        versions.setdefault("" if o.domain == "ai.onnx" else o.domain, set()).add(o.version)
+    ambiguous = sorted(d for d, v in versions.items() if len(v) > 1)
+    if ambiguous:
+        raise ModelLoadError(f"{label}: imports opset domain(s) {ambiguous} at more than one version")
 
 
 def drop_initializer_inputs(proto, label):

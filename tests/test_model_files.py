@@ -206,7 +206,7 @@ MALFORMED = {
     "declared shape against the weights": (_edited(_input_dims("N", FEATURES + 1)), "fails the ONNX checker"),
     "nested subgraphs 200 deep": (nested_graph_bytes(200), "MaxDepth"),
     "opset imported twice": (_edited(lambda proto: proto.opset_import.add(domain="", version=9)),
-                             "imports opset domain(s) [''] more than once"),
+                             "imports opset domain(s) [''] at more than one version"),
     "a node name that is not UTF-8": (dense_classifier().SerializeToString().replace(b"relu", b"r\xffl\xfe"),
                                       "not UTF-8"),
     "unknown element type": (_edited(lambda proto: setattr(proto.graph.output[0].type.tensor_type, "elem_type", 99)),
