@@ -106,8 +106,9 @@ def tensor_nbytes(tensor, label):
 
 
 def check_tensor_sizes(proto, label):
-    """Every tensor holds exactly the data its dims call for: a mismatch would make ONNX Runtime
-    read past the buffer, or shape inference and folding disagree with the weights."""
+    """Every tensor holds exactly the data its dims call for (a mismatch would make ONNX Runtime
+    read past the buffer, or shape inference and folding disagree with the weights), and none is
+    past protobuf's 2 GB limit on its own (UnsupportedModelError)."""
     for tensor in model_tensors(proto):
         if is_external(tensor):
             continue
@@ -121,6 +122,15 @@ def check_tensor_sizes(proto, label):
         if held != expected:
             raise ModelLoadError(f"{label}: tensor {tensor.name!r} holds {held} {unit} but its dims "
                                  f"{list(tensor.dims)} call for {expected} (data length does not match dims)")
+        if unit == "bytes" and held > PROTOBUF_LIMIT:  # the graph travels in pieces, a tensor never does
+            raise UnsupportedModelError(f"{label}: tensor {tensor.name!r} alone holds {held} bytes; a single "
+                                        "tensor past protobuf's 2 GB limit is not supported")
+
+
+def is_large(tensor):
+    """Raw data over LARGE_TENSOR_BYTES, judged by the dims (which ``check_tensor_sizes`` has matched
+    to it): reading ``raw_data`` to measure it would copy the bytes."""
+    return tensor.HasField("raw_data") and (tensor_nbytes(tensor, tensor.name) or 0) > LARGE_TENSOR_BYTES
 
 
 def _field_values(data_type, count):
@@ -211,22 +221,13 @@ def past_protobuf_limit(proto):
         return True
 
 
-def check_tensor_limit(proto, label):
-    """Each tensor on its own must stay under protobuf's limit: the model's graph is handed around
-    in pieces (a shell here, graphsurgeon's export), but a tensor is never split."""
-    for tensor in model_tensors(proto):
-        if len(tensor.raw_data) > PROTOBUF_LIMIT:
-            raise UnsupportedModelError(f"{label}: tensor {tensor.name!r} alone holds {len(tensor.raw_data)} bytes; "
-                                        "a single tensor past protobuf's 2 GB limit is not supported")
-
-
 def without_large_weights(step, proto):
     """``step(shell)`` where the shell is ``proto`` with its large initializers turned into typed
     graph inputs, then those initializers put back. For steps that serialise the model (the
     checker, the version converter, shape inference): they then cost no copy of the weights, and
     a model past protobuf's 2 GB limit passes them too. The step's result may be a new proto, or None."""
     graph = proto.graph
-    large = [t for t in graph.initializer if len(t.raw_data) > LARGE_TENSOR_BYTES]
+    large = [t for t in graph.initializer if is_large(t)]
     if not large:
         return step(proto)
     names = {t.name for t in large}
@@ -259,15 +260,16 @@ def save_with_external_data(proto, path, write):
     bytes that are missing.
     ``proto`` is left as it was."""
     data_path = path + DATA_SUFFIX
-    large = [t for t in proto.graph.initializer if len(t.raw_data) > LARGE_TENSOR_BYTES]
+    large = [t for t in proto.graph.initializer if is_large(t)]
     chunks, offset = [], 0
     for tensor in large:
         padding = -offset % 4096
         chunks.append(b"\0" * padding)
         offset += padding
-        chunks.append(tensor.raw_data)
-        entries = {"location": os.path.basename(data_path), "offset": str(offset), "length": str(len(tensor.raw_data))}
-        offset += len(tensor.raw_data)
+        data = tensor.raw_data
+        chunks.append(data)
+        entries = {"location": os.path.basename(data_path), "offset": str(offset), "length": str(len(data))}
+        offset += len(data)
         tensor.ClearField("raw_data")
         tensor.data_location = TensorProto.EXTERNAL
         for key, value in entries.items():

@@ -14,7 +14,7 @@ from google.protobuf.message import DecodeError
 from onnx import version_converter
 
 from .errors import ModelLoadError, UnsupportedModelError, first_line
-from .external import check_tensor_limit, check_tensor_sizes, load_external_data, require_loaded, without_large_weights
+from .external import check_tensor_sizes, load_external_data, require_loaded, without_large_weights
 from .precision import upcast_to_float32
 
 MIN_OPSET = 13
@@ -92,7 +92,6 @@ def load_model(model):
     if not proto.graph.node:
         raise ModelLoadError(f"{label}: the model has no nodes (empty, truncated or not an ONNX file)")
     check_tensor_sizes(proto, label)
-    check_tensor_limit(proto, label)
     check_declared_shapes(proto, label)
     check_opset_imports(proto, label)
     try:  # the full check infers shapes strictly: declared shapes must agree with the ops and weights
