@@ -17,7 +17,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from lrp_onnx.evaluate import RANDOM, evaluate, plot, region_order, report  # noqa: E402
+from lrp_onnx.analysis.evaluate import RANDOM, evaluate, plot, region_order, report  # noqa: E402
 from lrp_onnx.runtime import Explainer  # noqa: E402
 
 MODEL = os.path.join(ROOT, "models", "digits_cnn.onnx")
@@ -37,7 +37,7 @@ def held_out_digits():
 
 def background_share(x, method, first):
     """Share of pixels that are background (x = 0) among the ``first`` pixels a method flips."""
-    from lrp_onnx.evaluate import parse_method
+    from lrp_onnx.analysis.evaluate import parse_method
     explainer = Explainer(MODEL, **parse_method(method))
     _, relevance = explainer.explain(x)
     order = region_order(relevance, 1, "nchw")[:, :first]

@@ -24,9 +24,9 @@ def main():
     draw = ImageDraw.Draw(figure)
     for row, (title, composite) in enumerate(rows):
         draw.text((4, row * cell + 4 * ZOOM), title, fill="black")
-        explanations = lrp_onnx.Explainer(os.path.join(MODELS, "digits_cnn.onnx"),
-                                          composite=composite or "alpha-beta").explain_images(
-            os.path.join(MODELS, "samples"))
+        explainer = lrp_onnx.Explainer(os.path.join(MODELS, "digits_cnn.onnx"),
+                                       composite=composite or lrp_onnx.DEFAULT_COMPOSITE)
+        explanations = lrp_onnx.explain_images(explainer, os.path.join(MODELS, "samples"))
         for col, e in enumerate(explanations):
             if composite is None:
                 tile = Image.fromarray((e.sample.image * 255).astype("uint8")).convert("RGB")

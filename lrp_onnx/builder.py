@@ -117,6 +117,16 @@ class Builder:
     def shape(self, t):
         return self.op("Shape", t)
 
+    def unbroadcast(self, r, like, out):
+        """Sum r (shaped like ``out``) over the axes that broadcasting expanded ``like`` along, back to
+        ``like``'s shape."""
+        if like.shape is None or out.shape is None or list(like.shape) == list(out.shape):
+            return r
+        padded = [1] * (len(out.shape) - len(like.shape)) + list(like.shape)
+        axes = [i for i, (d, o) in enumerate(zip(padded, out.shape)) if d == 1 and o != 1]
+        summed = self.op("ReduceSum", r, self.ints(axes), keepdims=1) if axes else r
+        return self.reshape_like(summed, like)
+
     def reshape_like(self, r, like):
         return self.op("Reshape", r, self.shape(like))
 

@@ -11,17 +11,20 @@ import sys
 
 import numpy as np
 
-from .composites import COMPOSITES
-from .convert import METHODS, convert, plan
+from .analysis.compare import compare, write_grid
+from .analysis.compare import write_json as write_comparison
+from .analysis.evaluate import context_report, evaluate, parse_method, plot, read_boxes, report, write_json
+from .composites import COMPOSITES, DEFAULT_COMPOSITE, METHODS
+from .emit import convert, is_explainer, read_metadata
 from .errors import (InputError, LrpOnnxError, ModelLoadError, OutputError, RuleError, UnsafeModelError,
                      UnsupportedModelError)
-from .compare import compare, write_grid
-from .compare import write_json as write_comparison
-from .evaluate import context_report, evaluate, parse_method, plot, read_boxes, report, write_json
+from .explain import explain_to_folder, read_labels
 from .external import DATA_SUFFIX, external_files, past_protobuf_limit
-from .explain import explain_to_folder, read_labels, writable_folder
-from .heatmap import COLORMAPS
-from .inputs import InputSpec, Preprocess, load_samples
+from .io.files import writable_folder
+from .io.heatmap import COLORMAPS
+from .io.inputs import InputSpec, Preprocess, load_samples
+from .load import read_model
+from .plan import plan
 from .runtime import Explainer, save_model
 
 EXIT_OK, EXIT_INTERNAL = 0, 1
@@ -36,8 +39,16 @@ def exit_code(error):
 
 
 def _floats(text):
+    """Comma-separated floats (per-channel values)."""
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or comma-separated numbers, got {text!r}") from None
+
+
+def _bound(text):
     """A float, or a comma-separated per-channel list."""
-    values = [float(v) for v in text.split(",")]
+    values = _floats(text)
     return values[0] if len(values) == 1 else values
 
 
@@ -48,33 +59,49 @@ def _positive_int(text):
     return value
 
 
-def _add_rule_flags(p, composite_default="alpha-beta"):
-    p.add_argument("--composite", default=composite_default, choices=sorted(COMPOSITES),
-                   help="rule assignment (default: alpha-beta, as the seed paper)")
+def _add_rule_flags(p, composite_default=DEFAULT_COMPOSITE, bounds=("--low", "--high"), choose=True):
+    """The rule flags, the same in every command. ``bounds``: the names that set zbox's bounds
+    besides --zbox-low/--zbox-high (evaluate gives --low/--high to its noise range). ``choose``:
+    the command takes --composite, --method and --input (evaluate names methods in its own --method)."""
+    if choose:
+        p.add_argument("--composite", default=composite_default, choices=sorted(COMPOSITES),
+                       help=f"rule assignment (default: {DEFAULT_COMPOSITE}, as the seed paper)")
     p.add_argument("--alpha", type=float, help="alpha-beta: alpha (default 2)")
     p.add_argument("--beta", type=float, help="alpha-beta: beta (default 1); alpha - beta must be 1")
     p.add_argument("--epsilon", type=float, help="epsilon rule: epsilon (default 1e-6)")
     p.add_argument("--gamma", type=float, help="gamma rule: gamma (default 0.25)")
-    p.add_argument("--low", type=_floats, help="zbox: lowest input value, scalar or per-channel list (default 0)")
-    p.add_argument("--high", type=_floats, help="zbox: highest input value, scalar or per-channel list (default 1)")
-    p.add_argument("--stabilizer", type=float, help="denominator stabilizer of the other rules (default 1e-6)")
-    p.add_argument("--method", default="lrp", choices=METHODS,
-                   help="lrp (default), or a baseline: gradient, sensitivity (gradient²), gradient-x-input")
+    p.add_argument("--zbox-low", *bounds[:1], dest="zbox_low", type=_bound,
+                   help="zbox: lowest input value, scalar or per-channel list (default 0)")
+    p.add_argument("--zbox-high", *bounds[1:], dest="zbox_high", type=_bound,
+                   help="zbox: highest input value, scalar or per-channel list (default 1)")
+    p.add_argument("--stabilizer", type=float,
+                   help="denominator stabilizer of the other rules, and the epsilon of norm (default 1e-6)")
+    if choose:
+        p.add_argument("--method", default="lrp", choices=METHODS,
+                       help="lrp (default), or a baseline: gradient, sensitivity (gradient²), gradient-x-input")
+        p.add_argument("--input", dest="input_name", metavar="NAME",
+                       help="graph input to explain (default: the first float input)")
     p.add_argument("--zero-bias", action="store_true",
                    help="layer rules ignore biases, so relevance is conserved (Zennit's zero_params=['bias'])")
     p.add_argument("--rules", metavar="FILE", help="JSON or TOML file: node-name glob or op type -> rule")
-    p.add_argument("--input", dest="input_name", metavar="NAME", help="graph input to explain (default: first float)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
-def _rule_kwargs(args):
-    keys = ("alpha", "beta", "epsilon", "gamma", "low", "high", "stabilizer")
-    kwargs = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
-    if args.zero_bias:
-        kwargs["zero_params"] = ["bias"]
-    if args.method != "lrp":
-        kwargs["method"] = args.method
-    return kwargs
+def rule_params(args):
+    """The rule flags as ``convert``'s keyword parameters (RuleParams' fields and the rules file),
+    unset ones left out."""
+    values = {"alpha": args.alpha, "beta": args.beta, "epsilon": args.epsilon, "gamma": args.gamma,
+              "low": args.zbox_low, "high": args.zbox_high, "stabilizer": args.stabilizer,
+              "zero_params": ["bias"] if args.zero_bias else None, "rules": args.rules}
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _conversion(args):
+    """Everything ``convert`` takes from the rule flags that was set: composite, method, rules,
+    input and rule parameters."""
+    values = dict(rule_params(args), composite=args.composite, input_name=args.input_name,
+                  method=None if args.method == "lrp" else args.method)
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def default_output(model_path):
@@ -99,8 +126,7 @@ def cmd_convert(args):
     data = external_files(args.model) if os.path.isfile(args.model) else []
     inputs = [args.model] + data
     _check_output(out, args, inputs)
-    explainer = convert(args.model, args.composite, input_name=args.input_name, rules=args.rules,
-                        layers=args.layer, layer_sum=args.layer_sum, **_rule_kwargs(args))
+    explainer = convert(args.model, layers=args.layer, layer_sum=args.layer_sum, **_conversion(args))
     # A model that keeps its weights beside it gets an explainer that does too: OUT and OUT.data.
     external = bool(data) or past_protobuf_limit(explainer)
     if external:
@@ -114,29 +140,39 @@ def cmd_convert(args):
 
 
 def cmd_inspect(args):
-    p = plan(args.model, args.composite, input_name=args.input_name, rules=args.rules, **_rule_kwargs(args))
-    problems = {name: reason for name, _, reason in p.problems}
+    """The plan of a classifier, node by node; or how an explainer graph was made."""
+    proto, label = read_model(args.model)
+    if is_explainer(proto):
+        print(f"{label}: an lrp-onnx explainer graph")
+        for key, value in read_metadata(proto).items():
+            print(f"  {key}: {value}")
+        return EXIT_OK
+    p = plan(args.model, **_conversion(args))
+    problems = {name: f"UNSUPPORTED: {reason}" for name, _, reason in p.problems}
+    problems.update((name, f"RULE DOES NOT FIT: {reason}") for name, _, reason in p.rule_problems)
     print(f"{p.label}: explaining input {p.explained.name!r} {list(p.explained.shape or [])}, "
-          f"relevance from {p.logits.name!r}, composite {p.composite.name}")
+          f"relevance from {p.logits.name!r}, {'composite ' + p.composite.name if p.method == 'lrp' else p.method}")
     width = max([len(u.name) for u in p.units] + [4])
     for unit in p.units:
         rule = p.rules.get(unit.name)
         fused = f" (+{', '.join(n.op for n in unit.followers)})" if unit.followers else ""
-        what = f"UNSUPPORTED: {problems[unit.name]}" if unit.name in problems else \
-            (rule.describe() if rule is not None else "route")
+        what = problems.get(unit.name) or (rule.describe() if rule is not None else "route")
         print(f"  {unit.name:<{width}}  {unit.op + fused:<28}  {what}")
     if p.problems:
         print(f"{len(p.problems)} unsupported node(s): " + ", ".join(f"{n} ({op})" for n, op, _ in p.problems))
-        return EXIT_UNSUPPORTED
+    if p.rule_problems:
+        print(f"{len(p.rule_problems)} node(s) whose rule does not fit: "
+              + ", ".join(f"{n} ({op})" for n, op, _ in p.rule_problems))
+    try:
+        p.raise_problems()
+    except LrpOnnxError as e:
+        return exit_code(e)
     print("all nodes supported")
     return EXIT_OK
 
 
 def cmd_explain(args):
-    rule_params = _rule_kwargs(args)
-    if args.rules or args.input_name:
-        rule_params.update(rules=args.rules, input_name=args.input_name)
-    explainer = Explainer(args.model, providers=args.provider, composite=args.composite, **rule_params)
+    explainer = Explainer(args.model, providers=args.provider, **_conversion(args))
     preprocess = _preprocess(args)
     labels = read_labels(args.labels) if args.labels else None
     rows = explain_to_folder(explainer, args.inputs, args.output, preprocess, args.target, args.top_k, labels,
@@ -146,16 +182,12 @@ def cmd_explain(args):
     return EXIT_OK
 
 
-def _floats_list(text):
-    return [float(v) for v in text.split(",")]
-
-
 def _add_input_flags(p):
     """How image inputs are made model-ready (explain, evaluate)."""
     p.add_argument("--size", type=_positive_int, nargs="+", metavar="N",
                    help="resize the shorter side and center-crop: S, or H W (default: the model's fixed size)")
-    p.add_argument("--mean", type=_floats_list, help="per-channel mean to subtract, comma-separated")
-    p.add_argument("--std", type=_floats_list, help="per-channel std to divide by, comma-separated")
+    p.add_argument("--mean", type=_floats, help="per-channel mean to subtract, comma-separated")
+    p.add_argument("--std", type=_floats, help="per-channel std to divide by, comma-separated")
     p.add_argument("--scale", type=float, default=1.0, choices=[1.0, 255.0],
                    help="pixel range before mean/std: 1 for [0, 1] (default), 255 for [0, 255]")
     p.add_argument("--layout", choices=["nchw", "nhwc"], help="default: read from the model's input shape")
@@ -186,9 +218,10 @@ def cmd_evaluate(args):
     samples, x = _batch(args.data, _input_spec(args.model), args)
     boxes = read_boxes(args.boxes, samples) if args.boxes else None
     writable_folder(args.output)
+    low, high = _noise_range(args)
     results = evaluate(args.model, x, methods, steps=args.steps, region=args.region, repeats=args.repeats,
-                       low=args.low, high=args.high, layout=args.layout, batch_size=args.batch_size, seed=args.seed,
-                       progress=True)
+                       low=low, high=high, layout=args.layout, batch_size=args.batch_size, seed=args.seed,
+                       progress=True, rule_params=rule_params(args))
     settings = {"model": args.model, "samples": len(x), "steps": len(results[0].drops) - 1, "region": args.region,
                 "repeats": args.repeats, "seed": args.seed}
     context = context_report(results, boxes, [s.name for s in samples]) if boxes else None
@@ -202,12 +235,22 @@ def cmd_evaluate(args):
     return EXIT_OK
 
 
+def _noise_range(args):
+    """--noise-low/--noise-high; evaluate's old --low/--high still set them, with a deprecation note."""
+    if args.low is not None or args.high is not None:
+        print("lrp-onnx: warning: evaluate --low/--high are deprecated: use --noise-low/--noise-high "
+              "(--low/--high are zbox bounds in every other command)", file=sys.stderr)
+    return (args.noise_low if args.noise_low is not None else args.low,
+            args.noise_high if args.noise_high is not None else args.high)
+
+
 def cmd_compare(args):
     spec_a, spec_b = _input_spec(args.model_a), _input_spec(args.model_b)
     layout_a, layout_b = spec_a.layout(args.layout), spec_b.layout()
     samples, x = _batch(args.data, spec_a, args)
     writable_folder(args.output)
-    result = compare(args.model_a, args.model_b, x, layout_a, layout_b, args.composite, args.aopc_steps)
+    result = compare(args.model_a, args.model_b, x, layout_a, layout_b, args.composite, args.aopc_steps,
+                     **rule_params(args))
     write_grid(result, samples, layout_a, os.path.join(args.output, "compare.png"))
     write_comparison(result, [s.name for s in samples], os.path.join(args.output, "compare.json"),
                      args.model_a, args.model_b)
@@ -257,19 +300,22 @@ def build_parser():
     p.add_argument("data", nargs="+", metavar="DATA", help="image files, folders, .npy, .npz (model-ready arrays)")
     p.add_argument("-o", "--output", default="lrp-eval", metavar="DIR", help="output folder (default ./lrp-eval)")
     p.add_argument("--method", action="append", metavar="SPEC",
-                   help="lrp:COMPOSITE, gradient, sensitivity or gradient-x-input (repeatable; default: "
-                        f"{', '.join(DEFAULT_EVALUATION)}); random is always included")
+                   help="lrp (the default composite), lrp:COMPOSITE, gradient, sensitivity or gradient-x-input "
+                        f"(repeatable; default: {', '.join(DEFAULT_EVALUATION)}); random is always included. "
+                        "The rule flags apply to every lrp method")
     p.add_argument("--steps", type=_positive_int, default=100, help="perturbation steps L (default 100, at most "
                    "the number of regions)")
     p.add_argument("--region", type=_positive_int, help="region side r in pixels (default 9 at 224 px, scaled)")
     p.add_argument("--repeats", type=_positive_int, default=1, help="noise draws per sample (default 1)")
-    p.add_argument("--low", type=float, help="noise range (default: the data's minimum)")
-    p.add_argument("--high", type=float, help="noise range (default: the data's maximum)")
+    p.add_argument("--noise-low", type=float, help="noise range (default: the data's minimum)")
+    p.add_argument("--noise-high", type=float, help="noise range (default: the data's maximum)")
+    p.add_argument("--low", type=float, help="deprecated: --noise-low")
+    p.add_argument("--high", type=float, help="deprecated: --noise-high")
     p.add_argument("--batch-size", type=_positive_int, default=256, metavar="B")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--boxes", metavar="CSV", help="input, x0, y0, x1, y1 per input (model-input pixels, end "
                    "exclusive): report positive relevance inside and outside each box")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    _add_rule_flags(p, bounds=(), choose=False)
     _add_input_flags(p)
     p.set_defaults(run=cmd_evaluate)
     p = sub.add_parser("compare", help="explain the same inputs with two models and compare the explanations")
@@ -278,10 +324,10 @@ def build_parser():
     p.add_argument("data", nargs="+", metavar="DATA",
                    help="image files, folders, .npy, .npz (arrays model-ready for MODEL_A; moved to B's layout)")
     p.add_argument("-o", "--output", default="lrp-compare", metavar="DIR", help="output folder (default ./lrp-compare)")
-    p.add_argument("--composite", default="alpha-beta", choices=sorted(COMPOSITES), help="for both models")
+    p.add_argument("--composite", default=DEFAULT_COMPOSITE, choices=sorted(COMPOSITES), help="for both models")
     p.add_argument("--aopc-steps", type=int, default=100, metavar="L",
                    help="perturbation steps for each model's AOPC (0: skip)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    _add_rule_flags(p, choose=False)
     _add_input_flags(p)
     p.set_defaults(run=cmd_compare)
     return parser

@@ -1,78 +1,128 @@
 """Composites: which rule each unit gets. Kept apart from the rule maths and from graph analysis.
 
-Every composite carries Zennit's base layer map (``layer_map_base``): activations get Pass, sums
-of activations and average pooling get Norm, an unmerged BatchNorm gets Pass. LayerNorm, which
-Zennit has no rule for, gets Norm on its affine part (ops/elementwise.py). The composites of
-Zennit's names assign the same rules as Zennit; "convolution" means Conv/ConvTranspose and
-"dense" means Gemm/MatMul. Overrides (``--rules``) map node-name globs or op types to a rule
-and win over the composite; a name match wins over an op-type match.
+A composite names a rule for each *slot*: "conv" (Conv, ConvTranspose), "dense" (Gemm, MatMul),
+"first" (the first linear layer reached from the explained input) and "norm" (sums of
+activations, average pooling, LayerNorm). Every composite carries Zennit's base layer map
+(``layer_map_base``): activations, products with a constant and an unmerged BatchNorm get pass,
+and the "norm" slot is Zennit's Norm, the ε-rule with ε = the stabilizer (``--stabilizer``, not
+``--epsilon``, as Zennit's ``layer_map_base(stabilizer)``). The composites of Zennit's names assign
+the same rules as Zennit. Overrides (``--rules``) map node-name globs or op
+types to a rule and win over the composite; a name match wins over an op-type match.
+
+Rule parameters (``RuleParams``) fill every rule that takes them, the composite's and the
+overrides', unless an override sets its own; ``zero_params`` reaches the layer rules and the
+overrides, not the base map, as in Zennit.
 """
 
 import fnmatch
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from .errors import RuleError, first_line
-from .rules import AlphaBeta, Epsilon, Flat, Gamma, Gradient, Norm, Pass, Rule, ZBox, ZPlus, make_rule
+from .rules import Gradient, Pass, Rule, RuleParams, make_rule, rule_key, rule_parameters
+
+DEFAULT_COMPOSITE = "alpha-beta"
+# What the relevance output holds: LRP with a composite, or a baseline built by the same walk
+# with the chain rule (plan.py).
+METHODS = ("lrp", "gradient", "sensitivity", "gradient-x-input")
+BASELINE_METHODS = METHODS[1:]
+
+LAYER_SLOTS = ("conv", "dense", "first")
+# role (registry.py) -> slot; roles not listed take pass
+ROLE_SLOTS = {"conv": "conv", "dense": "dense", "sum": "norm", "avgpool": "norm", "layernorm": "norm"}
+
+# name -> {slot: rule name, or (rule name, fixed parameters)}; "first" defaults to the layer's own
+# slot and "norm" to Zennit's Norm.
+COMPOSITES = {
+    "alpha-beta": {"conv": "alpha-beta", "dense": "alpha-beta"},
+    "epsilon": {"conv": "epsilon", "dense": "epsilon"},
+    "zplus": {"conv": "zplus", "dense": "zplus"},
+    "epsilon-alpha2-beta1": {"conv": ("alpha-beta", {"alpha": 2.0, "beta": 1.0}), "dense": "epsilon"},
+    "epsilon-plus": {"conv": "zplus", "dense": "epsilon"},
+    "epsilon-plus-flat": {"conv": "zplus", "dense": "epsilon", "first": "flat"},
+    "epsilon-alpha2-beta1-flat": {"conv": ("alpha-beta", {"alpha": 2.0, "beta": 1.0}), "dense": "epsilon",
+                                  "first": "flat"},
+    "epsilon-gamma-box": {"conv": "gamma", "dense": "epsilon", "first": "zbox"},
+}
 
 
-@dataclass
+@dataclass(frozen=True)
 class Composite:
     name: str
-    conv: Rule
-    dense: Rule
-    first: Optional[Rule] = None  # rule of the first linear layer reached from the explained input
-    stabilizer: float = 1e-6
-    overrides: list = field(default_factory=list)  # [(pattern, rule)]
-
-    def base(self, role):
-        return {"activation": Pass(), "batchnorm": Pass(), "scale": Pass(), "sum": Norm(self.stabilizer),
-                "avgpool": Norm(self.stabilizer), "layernorm": Norm(self.stabilizer)}.get(role)
+    slots: dict            # slot -> Rule
+    overrides: tuple = ()  # ((pattern, Rule), ...)
+    params: RuleParams = RuleParams()
 
     def rule_for(self, unit, role, is_first):
-        """The rule of ``unit`` (None for units whose propagation is fixed)."""
-        if role == "route":
-            return None
+        """The rule of a unit that takes one (its role is not "route")."""
         by_name = [rule for pattern, rule in self.overrides if fnmatch.fnmatchcase(unit.name, pattern)]
         by_op = [rule for pattern, rule in self.overrides if pattern == unit.op]
         if by_name or by_op:
             return (by_name or by_op)[0]
-        if role in ("conv", "dense"):
-            if is_first and self.first is not None:
-                return self.first
-            return self.conv if role == "conv" else self.dense
-        return self.base(role)
+        slot = ROLE_SLOTS.get(role)
+        if is_first and "first" in self.slots:
+            slot = "first"
+        return self.slots[slot] if slot else Pass()
 
-    def with_overrides(self, overrides):
-        """A copy with extra overrides: a dict, or a JSON/TOML file, of pattern -> rule spec."""
-        if isinstance(overrides, (str, Path)):
-            overrides = read_overrides(overrides)
-        parsed = [(pattern, _rule_from_spec(pattern, spec)) for pattern, spec in (overrides or {}).items()]
-        return Composite(self.name, self.conv, self.dense, self.first, self.stabilizer, self.overrides + parsed)
+    def describe(self):
+        """{slot: rule as a dict} and {pattern: rule as a dict}, for the explainer's metadata."""
+        return ({slot: rule.as_dict() for slot, rule in self.slots.items()},
+                {pattern: rule.as_dict() for pattern, rule in self.overrides})
 
 
-class GradientComposite(Composite):
+def gradient_composite():
     """Every unit gets the chain rule: the graph of the baseline methods (gradient, sensitivity,
     gradient × input), built by the same reverse walk as LRP."""
+    return _GradientComposite("gradient", {})
 
-    def __init__(self):
-        super().__init__("gradient", Gradient(), Gradient())
 
-    def base(self, role):
+class _GradientComposite(Composite):
+    def rule_for(self, unit, role, is_first):
         return Gradient()
 
 
-def _rule_from_spec(pattern, spec):
+def make_composite(name=DEFAULT_COMPOSITE, params=RuleParams(), overrides=None):
+    """A composite by name (Zennit's names, ``-`` or ``_``), its rules filled from ``params``, and
+    ``overrides`` (a dict or a JSON/TOML file of pattern -> rule spec). A parameter that no rule of
+    the composite or its overrides takes is a RuleError."""
+    if isinstance(name, Composite):
+        return name
+    key = str(name).replace("_", "-").lower()
+    if key not in COMPOSITES:
+        raise RuleError(f"unknown composite {name!r}; known composites: {', '.join(COMPOSITES)}")
+    specs = {"norm": "norm", **COMPOSITES[key]}
+    slots, used = {}, set()
+    for slot, spec in specs.items():
+        rule_name, fixed = (spec, {}) if isinstance(spec, str) else spec
+        slot_params = params if slot in LAYER_SLOTS else params.without("zero_params")
+        slots[slot] = make_rule(rule_name, slot_params, **fixed)
+        used.update(set(rule_parameters(rule_name)) - set(fixed))
+    if isinstance(overrides, (str, Path)):
+        overrides = read_overrides(overrides)
+    parsed = []
+    for pattern, spec in (overrides or {}).items():
+        rule, takes = _rule_from_spec(pattern, spec, params)
+        parsed.append((pattern, rule))
+        used.update(takes)
+    unused = sorted(set(params.given()) - used)
+    if unused:
+        raise RuleError(f"composite {key!r} does not use {', '.join(unused)}: no rule it assigns takes "
+                        f"{'it' if len(unused) == 1 else 'them'}")
+    return Composite(key, slots, tuple(parsed), params)
+
+
+def _rule_from_spec(pattern, spec, params):
+    """(rule, the parameters it read from ``params``) for an override's spec."""
     if isinstance(spec, Rule):
-        return spec
-    if isinstance(spec, str):
-        return make_rule(spec)
+        return spec, set()
     if isinstance(spec, dict) and "rule" in spec:
-        params = {k: v for k, v in spec.items() if k != "rule"}
-        return make_rule(spec["rule"], **params)
-    raise RuleError(f"override {pattern!r}: expected a rule name or {{\"rule\": NAME, ...params}}, got {spec!r}")
+        name, explicit = spec["rule"], {k: v for k, v in spec.items() if k != "rule"}
+    elif isinstance(spec, str):
+        name, explicit = spec, {}
+    else:
+        raise RuleError(f"override {pattern!r}: expected a rule name or {{\"rule\": NAME, ...params}}, got {spec!r}")
+    return make_rule(name, params, **explicit), set(rule_parameters(rule_key(name))) - set(explicit)
 
 
 def read_overrides(path):
@@ -93,77 +143,3 @@ def read_overrides(path):
     if not isinstance(data, dict):
         raise RuleError(f"rules file {str(path)!r} must map node-name globs or op types to rules")
     return data
-
-
-def _alpha_beta(alpha=2.0, beta=1.0, stabilizer=1e-6):
-    rule = AlphaBeta(alpha, beta, stabilizer)
-    return Composite("alpha-beta", rule, rule, stabilizer=stabilizer)
-
-
-def _epsilon(epsilon=1e-6, stabilizer=1e-6):
-    rule = Epsilon(epsilon)
-    return Composite("epsilon", rule, rule, stabilizer=stabilizer)
-
-
-def _zplus(stabilizer=1e-6):
-    rule = ZPlus(stabilizer)
-    return Composite("zplus", rule, rule, stabilizer=stabilizer)
-
-
-def _epsilon_alpha2_beta1(epsilon=1e-6, stabilizer=1e-6):
-    return Composite("epsilon-alpha2-beta1", AlphaBeta(2.0, 1.0, stabilizer), Epsilon(epsilon), stabilizer=stabilizer)
-
-
-def _epsilon_plus(epsilon=1e-6, stabilizer=1e-6):
-    return Composite("epsilon-plus", ZPlus(stabilizer), Epsilon(epsilon), stabilizer=stabilizer)
-
-
-def _epsilon_plus_flat(epsilon=1e-6, stabilizer=1e-6):
-    return Composite("epsilon-plus-flat", ZPlus(stabilizer), Epsilon(epsilon), Flat(stabilizer), stabilizer)
-
-
-def _epsilon_alpha2_beta1_flat(epsilon=1e-6, stabilizer=1e-6):
-    return Composite("epsilon-alpha2-beta1-flat", AlphaBeta(2.0, 1.0, stabilizer), Epsilon(epsilon),
-                     Flat(stabilizer), stabilizer)
-
-
-def _epsilon_gamma_box(low=0.0, high=1.0, epsilon=1e-6, gamma=0.25, stabilizer=1e-6):
-    return Composite("epsilon-gamma-box", Gamma(gamma, stabilizer), Epsilon(epsilon), ZBox(low, high, stabilizer),
-                     stabilizer)
-
-
-COMPOSITES = {
-    "alpha-beta": _alpha_beta,
-    "epsilon": _epsilon,
-    "zplus": _zplus,
-    "epsilon-alpha2-beta1": _epsilon_alpha2_beta1,
-    "epsilon-plus": _epsilon_plus,
-    "epsilon-plus-flat": _epsilon_plus_flat,
-    "epsilon-alpha2-beta1-flat": _epsilon_alpha2_beta1_flat,
-    "epsilon-gamma-box": _epsilon_gamma_box,
-}
-
-
-def make_composite(name="alpha-beta", zero_params=None, **params):
-    """A composite by name (Zennit's names, ``-`` or ``_``), with its rule parameters.
-
-    ``zero_params=["bias"]`` (as Zennit's composites) makes the composite's layer rules ignore
-    biases; overrides keep their own setting."""
-    if isinstance(name, Composite):
-        if params or zero_params:
-            raise RuleError("rule parameters go to make_composite(name, ...), not to a built Composite")
-        return name
-    key = str(name).replace("_", "-").lower()
-    if key not in COMPOSITES:
-        raise RuleError(f"unknown composite {name!r}; known composites: {', '.join(COMPOSITES)}")
-    factory = COMPOSITES[key]
-    accepted = factory.__code__.co_varnames[:factory.__code__.co_argcount]
-    unknown = sorted(k for k, v in params.items() if v is not None and k not in accepted)
-    if unknown:
-        raise RuleError(f"composite {key!r} takes {', '.join(accepted)}; it does not use {', '.join(unknown)}")
-    composite = factory(**{k: v for k, v in params.items() if v is not None})
-    if zero_params:
-        composite.conv, composite.dense, composite.first = (
-            None if rule is None else replace(rule, zero_params=zero_params)
-            for rule in (composite.conv, composite.dense, composite.first))
-    return composite

@@ -1,22 +1,21 @@
-"""The ``explain`` pipeline: inputs → batches → explainer → heatmaps, relevance files and a summary."""
+"""The ``explain`` job: image files or arrays → batches → explainer → Explanations, heatmaps,
+relevance files and a summary."""
 
 import csv
 import io
 import json
 import os
-import sys
-import tempfile
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
-from .errors import InputError, OutputError
-from .files import atomic_write, png_bytes
-from .heatmap import heatmap
-from .inputs import Preprocess, Sample, batches, load_samples
+from .errors import InputError
+from .io.files import atomic_write, png_bytes, writable_folder
+from .io.heatmap import heatmap
+from .io.inputs import InputSpec, Preprocess, Sample, batches, load_samples
+from .io.progress import progress_bar
 
 
 @dataclass
@@ -101,18 +100,16 @@ def explain_samples(explainer, samples, target=None, top_k=None, labels=None, ba
     bar.close()
 
 
-def progress_bar(total, enabled):
-    return tqdm(total=total, unit="explanation", disable=not (enabled and sys.stderr.isatty() and total > 1))
+def explain_images(explainer, inputs, target=None, top_k=None, labels=None, preprocess=None, batch_size=32):
+    """Explanations of image files, folders, ``.npy``/``.npz`` files, preprocessed for ``explainer``.
 
-
-def writable_folder(path):
-    """Create ``path`` if needed and prove it can be written, before anything is computed."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".lrp-onnx-probe-"):
-            pass
-    except OSError as e:
-        raise OutputError(f"{path}: cannot write the output folder ({e.strerror or e})") from None
+    ``preprocess`` is an ``io.inputs.Preprocess``; ``labels`` a list of class names; ``target`` a
+    class index or label name, ``top_k`` the K highest classes, neither the predicted class.
+    Returns a list of ``Explanation`` (sample, target, predicted, logit, relevance, summary()).
+    """
+    samples = load_samples(inputs if isinstance(inputs, (list, tuple)) else [inputs],
+                           InputSpec(explainer.input_shape), preprocess or Preprocess())
+    return list(explain_samples(explainer, samples, target, top_k, labels, batch_size))
 
 
 def write_explanation(e: Explanation, folder, cmap="bwr", overlay=False, channel_axis=0, zoom=1):
@@ -141,10 +138,11 @@ def write_summary(rows, folder, as_json=False):
 def explain_to_folder(explainer, inputs, folder, preprocess=None, target=None, top_k=None, labels=None,
                       batch_size=32, cmap="bwr", overlay=False, as_json=False, progress=True, zoom=1):
     """The whole CLI job; every input is read and checked before anything is written."""
-    samples = load_samples(inputs, explainer.input_spec, preprocess or Preprocess())
+    spec = InputSpec(explainer.input_shape)
+    samples = load_samples(inputs, spec, preprocess or Preprocess())
     check_request(explainer, target, top_k, labels)
     writable_folder(folder)
-    layout = explainer.input_spec.layout(preprocess.layout if preprocess else None)
+    layout = spec.layout(preprocess.layout if preprocess else None)
     rows = []
     for e in explain_samples(explainer, samples, target, top_k, labels, batch_size, progress):
         png, npy = write_explanation(e, folder, cmap, overlay, 0 if layout == "nchw" else -1, zoom)

@@ -3,6 +3,7 @@
 Each step leaves the model's outputs unchanged (tests/test_load.py checks every one)."""
 
 import contextlib
+import hashlib
 import math
 import os
 
@@ -10,7 +11,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, EncodeError
 from onnx import version_converter
 
 from .errors import ModelLoadError, UnsupportedModelError, first_line
@@ -79,6 +80,24 @@ def read_model(model):
         load_external_data(proto, label)
     require_loaded(proto, label)
     return proto, label
+
+
+def source_digest(model):
+    """SHA-256 of the model as given (the file's bytes for a path), for the explainer's metadata;
+    None for a ModelProto past protobuf's 2 GB limit, which has no bytes to hash."""
+    digest = hashlib.sha256()
+    if isinstance(model, onnx.ModelProto):
+        try:
+            digest.update(model.SerializeToString())
+        except EncodeError:
+            return None
+    elif isinstance(model, bytes):
+        digest.update(model)
+    else:
+        with open(model, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def ai_onnx_opset(proto):

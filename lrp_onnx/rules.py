@@ -13,8 +13,8 @@ so the explainer file stores no weight copies.
 """
 
 import math
-from dataclasses import dataclass, field
-from typing import Sequence, Union
+from dataclasses import dataclass, field, fields, replace
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
@@ -57,20 +57,26 @@ def present(*terms):
 
 
 def _check_stabilizer(value, name="stabilizer"):
+    """A finite number >= 0: every stabilizer, ε and γ."""
     if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
         raise RuleError(f"{name} must be a finite number >= 0; got {value!r}")
 
 
 @dataclass(frozen=True)
 class Rule:
-    """Base class. ``propagate(b, layer, x, r)`` returns the relevance at the layer's input x.
+    """Base class. ``apply(b, layer, r)`` returns the relevance at the layer's input x.
 
-    ``zero_params=("bias",)`` is Zennit's option of the same name: the rule sees the layer without
-    its bias, so the layer hands on all of its relevance (Σ R_in = Σ R_out up to the stabilizer).
+    ``requires`` names the ``Traits`` (maps.py) a layer must offer for the rule to apply: the plan
+    checks it for every node before anything is emitted. ``zero_params=("bias",)`` is Zennit's
+    option of the same name: the rule sees the layer without its bias, so the layer hands on all of
+    its relevance (Σ R_in = Σ R_out up to the stabilizer).
     """
     zero_params: tuple = field(default=(), kw_only=True)
     name = "rule"
-    needs_weights = True
+    requires = ("affine", "weighted")
+    # A rule the user or their composite chose: a node it does not fit is their RuleError. (The
+    # chain rule is the method's own: a node it cannot differentiate is unsupported.)
+    chosen = True
 
     def __post_init__(self):
         names = (self.zero_params,) if isinstance(self.zero_params, str) else tuple(self.zero_params or ())
@@ -78,12 +84,32 @@ class Rule:
             raise RuleError(f"zero_params may only name 'bias'; got {list(names)}")
         object.__setattr__(self, "zero_params", names)
 
+    @classmethod
+    def fits(cls, traits):
+        return all(getattr(traits, t) for t in cls.requires)
+
+    def problem(self, traits):
+        """Why this rule cannot map relevance through a layer with ``traits``, or None."""
+        if self.fits(traits):
+            return None
+        fitting = sorted({name for name, (cls, _) in NAMED_RULES.items() if cls.fits(traits)})
+        return f"rule {self.name!r} does not fit {traits.kind}; it takes {', '.join(fitting) or 'no rule'}"
+
+    def apply(self, b, layer, r):
+        if "bias" in self.zero_params:
+            layer.drop_bias()
+        return self.propagate(b, layer, layer.x, r)
+
     def params(self):
         return {k: v for k, v in self.__dict__.items() if k != "zero_params" or v}
 
     def describe(self):
         args = ", ".join(f"{k}={v}" for k, v in self.params().items())
         return f"{self.name}({args})" if args else self.name
+
+    def as_dict(self):
+        """The rule and every parameter, as an override would name them (explainer metadata)."""
+        return {"rule": self.name, **{k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}}
 
 
 @dataclass(frozen=True)
@@ -98,10 +124,13 @@ class _Stabilized(Rule):
 
 @dataclass(frozen=True)
 class Epsilon(Rule):
-    """LRP-ε (Bach et al. 2015): R_i = x_i Σ_j w_ij R_j / (z_j + ε·sign(z_j))."""
+    """LRP-ε (Bach et al. 2015): R_i = x_i Σ_j w_ij R_j / (z_j + ε·sign(z_j)).
+
+    Zennit's Norm is this rule with ε only a stabilizer: the proportional split by contribution
+    that sums of activations and average pooling get (the rule name "norm")."""
     epsilon: float = 1e-6
     name = "epsilon"
-    needs_weights = False
+    requires = ("affine",)
 
     def __post_init__(self):
         super().__post_init__()
@@ -109,16 +138,6 @@ class Epsilon(Rule):
 
     def propagate(self, b, layer, x, r):
         return proportional(b, layer, [Term(x, layer.weight, layer.bias)], r, self.epsilon)
-
-
-@dataclass(frozen=True)
-class Norm(_Stabilized):
-    """Proportional split by input contribution, as Zennit's Norm: ε-rule with ε only a stabilizer."""
-    name = "norm"
-    needs_weights = False
-
-    def propagate(self, b, layer, x, r):
-        return proportional(b, layer, [Term(x, layer.weight, layer.bias)], r, self.stabilizer)
 
 
 @dataclass(frozen=True)
@@ -259,20 +278,24 @@ class ZBox(Rule):
 
 @dataclass(frozen=True)
 class Pass(Rule):
-    """Relevance passes unchanged; only for shape-preserving elementwise layers."""
+    """Relevance passes unchanged (summed back over broadcast axes); for elementwise layers."""
     name = "pass"
-    needs_weights = False
+    requires = ("elementwise",)
 
     def propagate(self, b, layer, x, r):
-        return r
+        return layer.to_input(b, r)
 
 
 @dataclass(frozen=True)
 class Gradient(Rule):
-    """Not LRP: the chain rule, ∂f/∂x = Fᵀ(∂f/∂z), for the baseline methods (``method=``).
-    Elementwise propagators multiply by the derivative instead of passing relevance on."""
+    """Not LRP: the chain rule, ∂f/∂x = Fᵀ(∂f/∂z) with F the layer's own map (its Jacobian), for
+    the baseline methods (``method=``). Every unit that takes a rule gets it."""
     name = "gradient"
-    needs_weights = False
+    requires = ("differentiable",)
+    chosen = False
+
+    def problem(self, traits):
+        return None if self.fits(traits) else f"the gradient of {traits.kind} is not implemented; explain with method lrp"
 
     def propagate(self, b, layer, x, r):
         return layer.transpose(b, r, layer.weight)
@@ -282,18 +305,85 @@ def _part(b, bias, part):
     return None if bias is None else part(bias)
 
 
-RULES = {cls.name: cls for cls in (Epsilon, AlphaBeta, ZPlus, Gamma, Flat, WSquare, ZBox, Pass, Norm)}
+# Rule names (as --rules files and make_rule spell them) -> (class, {field: parameter name}) for
+# the fields that read a parameter of another name; every other field reads its own name.
+NAMED_RULES = {
+    "epsilon": (Epsilon, {}),
+    "norm": (Epsilon, {"epsilon": "stabilizer"}),
+    "alpha-beta": (AlphaBeta, {}),
+    "zplus": (ZPlus, {}),
+    "gamma": (Gamma, {}),
+    "flat": (Flat, {}),
+    "wsquare": (WSquare, {}),
+    "zbox": (ZBox, {}),
+    "pass": (Pass, {}),
+}
+ALIASES = {"alphabeta": "alpha-beta", "z-plus": "zplus", "w-square": "wsquare", "z-box": "zbox"}
 
 
-def make_rule(name, **params):
-    """Build a rule from its name and keyword parameters, e.g. ``make_rule("gamma", gamma=0.5)``."""
-    key = name.replace("_", "-").lower()
-    key = {"alphabeta": "alpha-beta", "z-plus": "zplus", "w-square": "wsquare", "z-box": "zbox"}.get(key, key)
-    if key not in RULES:
-        raise RuleError(f"unknown rule {name!r}; known rules: {', '.join(RULES)}")
-    cls = RULES[key]
-    fields = cls.__dataclass_fields__
-    unknown = sorted(set(params) - set(fields))
+@dataclass(frozen=True)
+class RuleParams:
+    """The rule parameters of one conversion, parsed and checked once (CLI flags or
+    ``convert(**params)``). None leaves a rule's own default. They fill every rule the conversion
+    builds, the composite's and those named by overrides, unless the override sets its own."""
+    alpha: Optional[float] = None
+    beta: Optional[float] = None
+    epsilon: Optional[float] = None
+    gamma: Optional[float] = None
+    low: Optional[Bound] = None
+    high: Optional[Bound] = None
+    stabilizer: Optional[float] = None
+    zero_params: tuple = ()
+
+    def __post_init__(self):
+        # Each value is checked here under its own name (norm reads the stabilizer as its ε); the
+        # constraints between values of one rule (alpha, beta >= 0 with alpha − beta = 1; low <= high)
+        # are the rule's.
+        for name in ("epsilon", "gamma", "stabilizer"):
+            if getattr(self, name) is not None:
+                _check_stabilizer(getattr(self, name), name)
+
+    @classmethod
+    def of(cls, params):
+        """From keyword parameters; an unknown name is a RuleError naming the known ones."""
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(params) - set(known))
+        if unknown:
+            raise RuleError(f"unknown rule parameter(s) {unknown}; known: {', '.join(known)}")
+        given = {k: v for k, v in params.items() if v is not None}
+        if "zero_params" in given:
+            given["zero_params"] = Rule(zero_params=given["zero_params"]).zero_params
+        return cls(**given)
+
+    def given(self):
+        """{name: value} of the parameters that were set."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) not in (None, ())}
+
+    def without(self, *names):
+        return replace(self, **{n: () if n == "zero_params" else None for n in names})
+
+
+def rule_key(name):
+    key = str(name).replace("_", "-").lower()
+    key = ALIASES.get(key, key)
+    if key not in NAMED_RULES:
+        raise RuleError(f"unknown rule {name!r}; known rules: {', '.join(NAMED_RULES)}")
+    return key
+
+
+def rule_parameters(name):
+    """{parameter name: field name} of the rule called ``name``."""
+    cls, sources = NAMED_RULES[rule_key(name)]
+    return {sources.get(f.name, f.name): f.name for f in fields(cls)}
+
+
+def make_rule(name, params=RuleParams(), **explicit):
+    """A rule by name, e.g. ``make_rule("gamma", gamma=0.5)``. ``params`` fills the parameters
+    that are not given explicitly; the rule's defaults fill the rest."""
+    key = rule_key(name)
+    accepted = rule_parameters(key)
+    unknown = sorted(set(explicit) - set(accepted))
     if unknown:
-        raise RuleError(f"rule {key!r} takes {sorted(fields) or 'no parameters'}; unknown: {unknown}")
-    return cls(**params)
+        raise RuleError(f"rule {key!r} takes {sorted(accepted)}; unknown: {unknown}")
+    values = {**{p: v for p, v in params.given().items() if p in accepted}, **explicit}
+    return NAMED_RULES[key][0](**{accepted[p]: v for p, v in values.items()})

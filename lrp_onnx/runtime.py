@@ -8,19 +8,15 @@ import onnx
 import onnxruntime as ort
 from google.protobuf.message import EncodeError
 
-from .convert import EXPLAINED_CLASS, EXPLAINED_LOGIT, LAYER_PREFIX, META_PREFIX, RELEVANCE, TARGET, convert
+from .composites import DEFAULT_COMPOSITE
+from .emit import LAYER_PREFIX, convert, is_explainer, read_metadata
 from .errors import InputError, RuleError
-from .explain import explain_samples
 from .external import past_protobuf_limit, save_with_external_data
-from .files import atomic_write
-from .inputs import InputSpec, Preprocess, load_samples
+from .io.files import atomic_write
 from .load import read_model
+from .plan import EXPLAINED_CLASS, EXPLAINED_LOGIT, RELEVANCE, TARGET
 
 EXPLAINER_OUTPUTS = (RELEVANCE, EXPLAINED_CLASS, EXPLAINED_LOGIT)
-
-
-def is_explainer(proto):
-    return any(o.name == RELEVANCE for o in proto.graph.output) and any(i.name == TARGET for i in proto.graph.input)
 
 
 def session_options(threads=None):
@@ -55,7 +51,8 @@ class Explainer:
     """``Explainer(model).explain(x, target)`` -> (original outputs by name, relevance).
 
     ``model`` is an explainer graph, or a plain classifier that is converted in memory with
-    ``composite`` (default alpha-beta) and ``rule_params``, as ``convert``. ``providers`` is a list of
+    ``composite`` (default alpha-beta) and ``rule_params``, as ``convert``. ``metadata`` says how
+    the explainer was made (emit.metadata). ``providers`` is a list of
     ORT execution providers, or "cpu" / "cuda"; it defaults to every provider ONNX Runtime has, CUDA
     first when present. ``threads`` sets ORT's intra-op thread count (default: ORT's own choice).
     """
@@ -63,11 +60,11 @@ class Explainer:
     def __init__(self, model, providers=None, composite=None, threads=None, **rule_params):
         proto, label = read_model(model)
         if not is_explainer(proto):
-            proto = convert(proto, composite or "alpha-beta", **rule_params)
+            proto = convert(proto, composite or DEFAULT_COMPOSITE, **rule_params)
         elif composite is not None or rule_params:
             raise RuleError(f"{label} is already an explainer graph; composite and rule parameters apply "
                             "only to plain classifiers")
-        meta = {p.key[len(META_PREFIX):]: p.value for p in proto.metadata_props if p.key.startswith(META_PREFIX)}
+        self.metadata = meta = read_metadata(proto)
         self.input_name = meta.get("explained_input") or next(
             i.name for i in proto.graph.input if i.name != TARGET)
         self.composite = meta.get("composite")
@@ -82,7 +79,7 @@ class Explainer:
         self.score_name = meta.get("score_output") or self.output_names[0]
         classes = outputs[self.score_name].shape[1]
         self.class_count = classes if isinstance(classes, int) else None
-        self.input_spec = InputSpec(list(self.inputs[self.input_name].shape))
+        self.input_shape = list(self.inputs[self.input_name].shape)
 
     def run(self, x, target=None, **other_inputs):
         """Every output by name: the original ones, ``relevance``, ``explained_class``, ``explained_logit``."""
@@ -106,17 +103,6 @@ class Explainer:
         """
         named = self.run(x, target, **other_inputs)
         return {k: named[k] for k in self.output_names}, named[RELEVANCE]
-
-    def explain_images(self, inputs, target=None, top_k=None, labels=None, preprocess=None, batch_size=32):
-        """Explanations of image files, folders, ``.npy``/``.npz`` files, preprocessed for this model.
-
-        ``preprocess`` is an ``inputs.Preprocess``; ``labels`` a list of class names; ``target`` a class
-        index or label name, ``top_k`` the K highest classes, neither the predicted class.
-        Returns a list of ``explain.Explanation`` (sample, target, predicted, logit, relevance, summary()).
-        """
-        samples = load_samples(inputs if isinstance(inputs, (list, tuple)) else [inputs], self.input_spec,
-                               preprocess or Preprocess())
-        return list(explain_samples(self, samples, target, top_k, labels, batch_size))
 
     def _check_input(self, name, value):
         """One-line InputErrors instead of ORT's messages, or of silently non-finite relevance: a

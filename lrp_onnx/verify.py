@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .convert import convert
+from .emit import convert
 from .load import read_model
 from .runtime import ONNX_TYPES, Explainer, inference_session, session_options
 

@@ -37,7 +37,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import lrp_onnx
-from lrp_onnx.convert import LAYER_PREFIX
+from lrp_onnx.emit import LAYER_PREFIX
 
 MAX_CHANNELS = 16
 MAX_SIDE = 12

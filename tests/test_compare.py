@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from conftest import small_cnn
-from lrp_onnx.compare import compare, gini, pearson, spearman
+from lrp_onnx.analysis.compare import compare, gini, pearson, spearman
 from test_cli import cli
 from zennit_reference import export
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
-from lrp_onnx.evaluate import RANDOM, evaluate, region_order
+from lrp_onnx.analysis.evaluate import RANDOM, evaluate, region_order
 from test_cli import ROOT, assert_bad_input, cli
 
 DIGITS_CNN = os.path.join(ROOT, "models", "digits_cnn.onnx")
@@ -82,7 +82,7 @@ def test_evaluate_command_writes_json_and_plot(tmp_path):
 
 
 def test_context_shares_on_synthetic_relevance():
-    from lrp_onnx.evaluate import context_shares
+    from lrp_onnx.analysis.evaluate import context_shares
     maps = np.zeros((2, 4, 4))
     maps[0, 1, 1], maps[0, 3, 3], maps[0, 0, 3] = 3.0, 1.0, -5.0   # negative relevance does not count
     maps[1, 0, 0] = 2.0                                            # all outside

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 import lrp_onnx
-from lrp_onnx.heatmap import COLORMAPS, colormap
+from lrp_onnx.io.heatmap import COLORMAPS, colormap
 from test_cli import ROOT, assert_bad_input, cli
 
 CNN = os.path.join(ROOT, "models", "digits_cnn.onnx")
@@ -48,7 +48,7 @@ def test_explain_the_bundled_cnn_on_its_samples(tmp_path):
 
 def test_strokes_carry_the_relevance(tmp_path):
     """Most positive relevance lies on the digit's strokes (bright pixels), not on the background."""
-    explanations = lrp_onnx.Explainer(CNN).explain_images(SAMPLES)
+    explanations = lrp_onnx.explain_images(lrp_onnx.Explainer(CNN), SAMPLES)
     for e in explanations:
         image, r = e.sample.array[0], e.relevance[0]
         assert r[image > 0.25].clip(min=0).sum() > 0.9 * r.clip(min=0).sum()

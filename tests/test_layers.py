@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import lrp_onnx
-from lrp_onnx.convert import LAYER_PREFIX
+from lrp_onnx.emit import LAYER_PREFIX
 from test_conservation import Residual
 from zennit_reference import export
 

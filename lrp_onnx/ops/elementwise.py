@@ -1,10 +1,11 @@
-"""Elementwise ops: activations (pass), sums of activations (norm), affine ops with a constant
-(relevance moves 1:1), and gates x·g(x) (relevance to the gated branch)."""
+"""Elementwise ops and their maps: activations (pass), sums of activations (norm), shifts and
+scalings by a fixed tensor (pass: relevance moves 1:1), gates x·g(x) (relevance to the gated
+branch) and LayerNorm."""
 
-from ..errors import RuleError, UnsupportedModelError
 from ..graph import is_constant
-from ..rules import Epsilon, Gradient, Norm, Pass
-from ..registry import propagator
+from ..maps import LinearMap, Traits
+from ..registry import mapped
+from .linear import first_input_only
 
 ACTIVATIONS = ("Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "Tanh", "Elu", "Selu", "Celu", "Softplus",
                "Softsign", "HardSigmoid", "HardSwish", "Gelu", "Mish", "LRN")
@@ -12,21 +13,6 @@ ACTIVATIONS = ("Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "Tanh", "Elu", "
 # How far back a gate's inputs are searched for the gated tensor: a squeeze-excitation branch is
 # about ten nodes deep.
 GATE_SEARCH_LIMIT = 64
-
-
-def _unbroadcast(b, r, like, out):
-    """Sum r (shaped like ``out``) over the axes that broadcasting expanded, back to ``like``'s shape."""
-    if r is None or like.shape is None or out.shape is None or list(like.shape) == list(out.shape):
-        return r
-    padded = [1] * (len(out.shape) - len(like.shape)) + list(like.shape)
-    axes = [i for i, (d, o) in enumerate(zip(padded, out.shape)) if d == 1 and o != 1]
-    summed = b.op("ReduceSum", r, b.ints(axes), keepdims=1) if axes else r
-    return b.reshape_like(summed, like)
-
-
-def _passed(b, unit, r):
-    """Relevance to every relevant input unchanged (one relevant input: an affine map or activation)."""
-    return [_unbroadcast(b, r, t, unit.outputs[0]) if rel else None for t, rel in zip(unit.inputs, unit.relevant)]
 
 
 # f'(x) of the activations the baseline methods differentiate, from the input x and output y.
@@ -41,32 +27,51 @@ DERIVATIVES = {
 }
 
 
-def _no_gradient(unit, what):
-    return UnsupportedModelError(f"node {unit.name!r} ({unit.op}): the gradient of {what} is not implemented; "
-                                 "explain with method lrp")
+class ActivationMap(LinearMap):
+    """y = f(x) elementwise, linearised at x: Fᵀ(g) = f'(x)·g. LRP passes relevance through it
+    (Zennit's Pass); the chain rule multiplies by f'(x)."""
+
+    def transpose(self, b, g, weight):
+        return b.mul(g, DERIVATIVES[self.unit.op](b, self.x, self.output, self.unit.head))
 
 
-@propagator(*ACTIVATIONS, role="activation")
-def activation(b, unit, relevance_out, rule):
-    """Activations get Zennit's Pass: R_in = R_out. The gradient methods multiply by f'(x)."""
-    r = relevance_out[0]
-    if isinstance(rule, Gradient):
-        if unit.op not in DERIVATIVES:
-            raise _no_gradient(unit, unit.op)
-        x, y = unit.inputs[0], unit.outputs[0]
-        return [b.mul(r, DERIVATIVES[unit.op](b, x, y, unit.head))] + [None] * (len(unit.inputs) - 1)
-    if not isinstance(rule, Pass):
-        raise RuleError(f"node {unit.name!r} ({unit.op}): activations take the pass rule, not {rule.name!r}")
-    return _passed(b, unit, r)
+def _activation_traits(unit):
+    return Traits(elementwise=True, differentiable=unit.op in DERIVATIVES, kind=f"an activation ({unit.op})")
 
 
-def _sum_role(unit):
-    return "sum" if sum(unit.relevant) >= 2 and not _is_centering(unit) else "scale"
+@mapped(*ACTIVATIONS, role="activation", traits=_activation_traits)
+def activation(b, unit):
+    return first_input_only(unit, ActivationMap(unit))
+
+
+class SumMap(LinearMap):
+    """Input k of z = Σ ±x_k (Add, Sub, Sum), the other inputs held fixed: F(x_k) = ±x_k, and
+    ``output`` is the whole z, so the ε-rule is the proportional split R_k = ±x_k·R / stabilize(z)
+    (Zennit's Norm). The inputs that get no relevance (constants, an input-independent tensor, the
+    mean of x − mean(x)) are the bias: z = ±x_k + b with one explained input."""
+
+    def __init__(self, b, unit, k, receivers):
+        super().__init__(unit, x=unit.inputs[k])
+        self.sign = _sign(unit, k)
+        fixed = [t if _sign(unit, i) > 0 else b.neg(t) for i, (t, gets) in enumerate(zip(unit.inputs, receivers))
+                 if not gets]
+        self.bias = b.total(fixed) if fixed else None
+
+    def emit_forward(self, b, x, weight, bias):
+        z = x if self.sign > 0 else b.neg(x)
+        return z if bias is None else b.add(z, bias)
+
+    def transpose(self, b, g, weight):
+        return b.unbroadcast(g if self.sign > 0 else b.neg(g), self.x, self.output)
+
+
+def _sign(unit, k):
+    return -1 if unit.op == "Sub" and k == 1 else 1
 
 
 def _is_centering(unit):
     """x − mean(x), the first step of a decomposed LayerNorm: the identity rule treats the mean as
-    a constant, so all relevance goes to x."""
+    a constant, so all relevance goes to x (not its gradient: the mean depends on x)."""
     mean = unit.inputs[1].inputs[0] if unit.op == "Sub" and unit.inputs[1].inputs else None
     return mean is not None and mean.op == "ReduceMean" and mean.inputs[0] is unit.inputs[0]
 
@@ -75,35 +80,26 @@ def _sum_receivers(unit):
     return [True, False] if _is_centering(unit) else list(unit.relevant)
 
 
-@propagator("Add", "Sub", "Sum", role=_sum_role, receivers=_sum_receivers)
-def sum_of_activations(b, unit, relevance_out, rule):
-    """Two or more activations: Norm, R_k = ±x_k · R / stabilize(z) (minus for Sub's second input).
+def _sum_role(unit):
+    return "sum" if sum(_sum_receivers(unit)) >= 2 else "scale"
 
-    With one activation (plus a constant or non-explained tensor), or x − mean(x), relevance moves
-    unchanged to the activation.
-    """
-    r = relevance_out[0]
-    if isinstance(rule, Gradient):
-        if _is_centering(unit):
-            raise _no_gradient(unit, "x − mean(x)")
-        return [_unbroadcast(b, b.neg(r) if unit.op == "Sub" and k == 1 else r, x, unit.outputs[0]) if rel else None
-                for k, (x, rel) in enumerate(zip(unit.inputs, unit.relevant))]
+
+def _sum_traits(unit):
+    """Two or more explained summands share R (norm), so relevance may not pass unchanged to each;
+    one explained summand plus fixed ones is an elementwise shift."""
     if _is_centering(unit):
-        return [r, None]
-    if sum(unit.relevant) < 2:
-        return _passed(b, unit, r)
-    if not isinstance(rule, (Norm, Epsilon)):
-        raise RuleError(f"node {unit.name!r} ({unit.op}): a sum of activations takes norm or epsilon, "
-                        f"not {rule.name!r}")
-    epsilon = rule.stabilizer if isinstance(rule, Norm) else rule.epsilon
-    s = b.div(r, b.stabilize(unit.outputs[0], epsilon))
-    shares = []
-    for k, (x, rel) in enumerate(zip(unit.inputs, unit.relevant)):
-        share = b.mul(x, s) if rel else None
-        if share is not None and unit.op == "Sub" and k == 1:
-            share = b.neg(share)
-        shares.append(_unbroadcast(b, share, x, unit.outputs[0]))
-    return shares
+        return Traits(affine=True, elementwise=True, kind="x − mean(x)")
+    one = sum(_sum_receivers(unit)) == 1
+    return Traits(affine=True, elementwise=one, differentiable=True,
+                  kind="a shift by a fixed tensor" if one else "a sum of activations")
+
+
+@mapped("Add", "Sub", "Sum", role=_sum_role, traits=_sum_traits, receivers=_sum_receivers)
+def sum_of_activations(b, unit):
+    """Each explained summand's map. Two or more take norm: R_k = ±x_k · R / stabilize(z). One
+    activation plus a constant or non-explained tensor, or x − mean(x), takes pass: R moves unchanged."""
+    receivers = _sum_receivers(unit)
+    return [SumMap(b, unit, k, receivers) if gets else None for k, gets in enumerate(receivers)]
 
 
 def gated_input(unit):
@@ -140,23 +136,47 @@ def _product_receivers(unit):
     return list(unit.relevant) if k is None else [i == k for i in range(len(unit.inputs))]
 
 
-@propagator("Mul", "Div", role="scale", check=_check_product, receivers=_product_receivers)
-def product(b, unit, relevance_out, rule):
-    """x·c, x/c: relevance moves unchanged. A gate x·g(x) (SiLU, GELU, Mish, squeeze-excitation)
-    and a normalisation x/σ(x) (a decomposed LayerNorm): all of it to x. The gradient of x·c is
-    c·∂, of x/c ∂/c."""
-    r = relevance_out[0]
-    if isinstance(rule, Gradient):
-        if sum(unit.relevant) >= 2:
-            raise _no_gradient(unit, "a gate or normalisation")
-        k = unit.relevant.index(True)
-        other = unit.inputs[1 - k]
-        g = b.mul(r, other) if unit.op == "Mul" else b.div(r, other)
-        return [_unbroadcast(b, g, unit.inputs[k], unit.outputs[0]) if i == k else None for i in range(2)]
+class ScaleMap(LinearMap):
+    """Input k of x·c or x/c, c held fixed: the diagonal map F(x) = c·x (or x/c), whose transpose
+    scales by c (1/c) and sums over broadcast axes. c is a constant, an input-independent tensor,
+    or a gate g(x) computed from x itself (then the map is not x's Jacobian)."""
+
+    def __init__(self, unit, k):
+        super().__init__(unit, x=unit.inputs[k])
+        self.factor = unit.inputs[1 - k]
+        self.scale_op = unit.op
+
+    def emit_forward(self, b, x, weight, bias):
+        return b.op(self.scale_op, x, self.factor)
+
+    def transpose(self, b, g, weight):
+        return b.unbroadcast(b.op(self.scale_op, g, self.factor), self.x, self.output)
+
+
+def _scaled_input(unit):
+    """The input that gets relevance: the gated one of a gate, else the one explained input."""
+    return gated_input(unit) if sum(unit.relevant) >= 2 else unit.relevant.index(True)
+
+
+def _product_receivers(unit):
+    k = gated_input(unit) if sum(unit.relevant) >= 2 else None
+    return list(unit.relevant) if k is None else [i == k for i in range(len(unit.inputs))]
+
+
+def _product_traits(unit):
+    """A product with a fixed factor is a diagonal linear map. A gate x·g(x) and a normalisation
+    x/σ(x) are not linear in x: relevance passes to x, and their gradient is not implemented."""
     if sum(unit.relevant) >= 2:
-        k = gated_input(unit)
-        return [_unbroadcast(b, r, unit.inputs[k], unit.outputs[0]) if i == k else None for i in range(2)]
-    return _passed(b, unit, r)
+        return Traits(elementwise=True, kind="a gate or normalisation")
+    return Traits(affine=True, elementwise=True, differentiable=True, kind="a product with a fixed factor")
+
+
+@mapped("Mul", "Div", role="scale", traits=_product_traits, check=_check_product, receivers=_product_receivers)
+def product(b, unit):
+    """x·c, x/c: relevance moves unchanged (pass). A gate x·g(x) (SiLU, GELU, Mish, squeeze-excitation)
+    and a normalisation x/σ(x) (a decomposed LayerNorm): all of it to x."""
+    k = _scaled_input(unit)
+    return [ScaleMap(unit, k) if i == k else None for i in range(len(unit.inputs))]
 
 
 def _check_layer_norm(unit):
@@ -165,21 +185,27 @@ def _check_layer_norm(unit):
     return None
 
 
-@propagator("LayerNormalization", role="layernorm", check=_check_layer_norm)
-def layer_norm(b, unit, relevance_out, rule):
+class LayerNormMap(LinearMap):
     """y = γ·n + β with n = (x − mean)/std over the normalised axes.
 
-    The normalisation takes the identity rule (mean and std count as constants: R_n = R_x), the
-    affine part the composite's linear rule for it (Norm) on the diagonal map n ↦ γ·n + β, whose
-    only input share is γ·n = y − β: R_x = (y − β) · R / stabilize(y).
-    """
-    if isinstance(rule, Gradient):
-        raise _no_gradient(unit, "LayerNormalization")
-    if not isinstance(rule, (Norm, Epsilon)):
-        raise RuleError(f"node {unit.name!r} (LayerNormalization) takes norm or epsilon, not {rule.name!r}")
-    r, y = relevance_out[0], unit.outputs[0]
-    bias = unit.inputs[2] if len(unit.inputs) > 2 and unit.inputs[2].name else None
-    if bias is not None:
-        epsilon = rule.stabilizer if isinstance(rule, Norm) else rule.epsilon
-        r = b.mul(b.sub(y, bias), b.div(r, b.stabilize(y, epsilon)))
-    return [r] + [None] * (len(unit.inputs) - 1)
+    The normalisation takes the identity rule (mean and std count as constants: R_x = R_n), and
+    the affine part is the map u ↦ u + β of its input share u = γ·n = y − β. The composite's rule
+    for it (norm) gives R_x = (y − β) · R / stabilize(y)."""
+
+    def __init__(self, b, unit):
+        bias = unit.inputs[2] if len(unit.inputs) > 2 and unit.inputs[2].name else None
+        y = unit.outputs[0]
+        super().__init__(unit, x=y if bias is None else b.sub(y, bias), output=y)
+        self.bias = bias
+
+    def emit_forward(self, b, x, weight, bias):
+        return x if bias is None else b.add(x, bias)
+
+    def transpose(self, b, g, weight):
+        return g
+
+
+@mapped("LayerNormalization", role="layernorm", traits=Traits(affine=True, kind="LayerNormalization"),
+        check=_check_layer_norm)
+def layer_norm(b, unit):
+    return first_input_only(unit, LayerNormMap(b, unit))

@@ -1,47 +1,14 @@
-"""Linear maps z = F(x; W, b) with their transposes, and the propagator of every linear layer.
-
-A ``LinearMap`` knows how to emit F(x'; W', b') for modified inputs and weights, and
-Fᵀ(g; W') = ∂⟨F(x; W'), g⟩/∂x. Every rule in ``rules.py`` is written once against it.
-"""
+"""The linear layers' maps z = F(x; W, b) with their transposes (maps.py): Conv, ConvTranspose,
+Gemm, MatMul with any merged bias and BatchNorm, and an unmerged BatchNorm."""
 
 import numpy as np
 
-from ..errors import RuleError, UnsupportedModelError
+from ..errors import UnsupportedModelError
 from ..graph import batch_norm_affine, channel_count, is_constant, per_channel
-from ..registry import propagator
-from ..rules import Pass
+from ..maps import LinearMap, Traits
+from ..registry import mapped
 
-
-class LinearMap:
-    """Base: ``x`` the layer input, ``output`` the forward output, ``weight``/``bias`` graph tensors.
-    Maps without weights (pooling) take only the rules that use F(x) itself, which is ``output``."""
-    weight = None
-    bias = None
-    dropped_bias = None  # the bias zero_params took out of the rules; ``output`` still includes it
-
-    def __init__(self, unit):
-        self.unit = unit
-        self.x = unit.inputs[0]
-        self.output = unit.outputs[0]
-        self.input_rank = len(self.x.shape) if self.x.shape is not None else 2
-        self.x_nonnegative = unit.x_nonnegative
-
-    def forward(self, b, x, weight, bias=None):
-        # The layer's own pre-activation already exists in the forward graph: reuse it.
-        if x is self.x and weight is self.weight and bias is self.bias and self.dropped_bias is None:
-            return self.output
-        return self.emit_forward(b, x, weight, bias)
-
-    def drop_bias(self):
-        """Zennit's ``zero_params=["bias"]``: rules see F(x; W) alone. The forward output, which
-        includes the bias, then no longer stands in for F(x; W)."""
-        self.dropped_bias, self.bias = self.bias, None
-
-    def emit_forward(self, b, x, weight, bias):
-        raise NotImplementedError
-
-    def transpose(self, b, g, weight):
-        raise NotImplementedError
+WEIGHTED = Traits(affine=True, weighted=True, differentiable=True, kind="a linear layer")
 
 
 def folded_affine(unit, scale=None, bias=None):
@@ -257,23 +224,16 @@ def transpose_output_padding(unit):
     return unread_rows(static_spatial(unit), attrs)
 
 
-LINEAR_MAPS = {"Conv": ConvMap, "ConvTranspose": ConvTransposeMap, "Gemm": GemmMap, "MatMul": MatMulMap,
-               "BatchNormalization": ChannelAffineMap}
+LINEAR_MAPS = {"Conv": ConvMap, "ConvTranspose": ConvTransposeMap, "Gemm": GemmMap, "MatMul": MatMulMap}
 
 
 def linear_map(b, unit):
     return LINEAR_MAPS[unit.op](b, unit)
 
 
-def apply_rule(b, unit, r, rule, layer):
-    """Relevance at the layer's first input by ``rule``; the other inputs (weights) get none."""
-    if isinstance(rule, Pass) and unit.role not in ("activation", "batchnorm"):
-        raise RuleError(f"node {unit.name!r} ({unit.op}): the pass rule only applies to elementwise layers")
-    if rule.needs_weights and layer.weight is None:
-        raise RuleError(f"node {unit.name!r} ({unit.op}): rule {rule.name!r} needs weights; use norm or epsilon")
-    if "bias" in rule.zero_params:
-        layer.drop_bias()
-    return [rule.propagate(b, layer, layer.x, r)] + [None] * (len(unit.inputs) - 1)
+def first_input_only(unit, layer):
+    """The layer's map for the first input; the others (weights, biases) get no relevance."""
+    return [layer] + [None] * (len(unit.inputs) - 1)
 
 
 def _check_linear(unit):
@@ -295,16 +255,15 @@ def _check_linear(unit):
     return None
 
 
-@propagator("Conv", "ConvTranspose", role="conv", check=_check_linear)
-@propagator("Gemm", "MatMul", role="dense", check=_check_linear)
-def linear_layer(b, unit, relevance_out, rule):
+@mapped("Conv", "ConvTranspose", role="conv", traits=WEIGHTED, check=_check_linear)
+@mapped("Gemm", "MatMul", role="dense", traits=WEIGHTED, check=_check_linear)
+def linear_layer(b, unit):
     """R_x by the layer's rule, through F and Fᵀ of the (merged) linear map."""
-    return apply_rule(b, unit, relevance_out[0], rule, linear_map(b, unit))
+    return first_input_only(unit, linear_map(b, unit))
 
 
-@propagator("BatchNormalization", role="batchnorm")
-def batch_norm(b, unit, relevance_out, rule):
-    """A BatchNorm with no linear layer to merge into: a per-channel affine map (Pass by default)."""
-    if isinstance(rule, Pass):
-        return [relevance_out[0]] + [None] * (len(unit.inputs) - 1)
-    return apply_rule(b, unit, relevance_out[0], rule, ChannelAffineMap(b, unit))
+@mapped("BatchNormalization", role="batchnorm", traits=Traits(affine=True, weighted=True, elementwise=True,
+                                                              differentiable=True, kind="a BatchNormalization"))
+def batch_norm(b, unit):
+    """A BatchNorm with no linear layer to merge into: the per-channel map y = s·x + t (pass by default)."""
+    return first_input_only(unit, ChannelAffineMap(b, unit))

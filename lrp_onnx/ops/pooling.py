@@ -5,8 +5,12 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..graph import is_constant
-from ..registry import propagator
-from .linear import LinearMap, apply_rule, unread_rows
+from ..maps import LinearMap, Traits
+from ..registry import mapped, routing
+from .linear import first_input_only, unread_rows
+
+# Averages have no weight for rules to modify: they take the ε-rule (norm) and the chain rule.
+AVERAGE = Traits(affine=True, differentiable=True, kind="an average")
 
 
 class AveragePoolMap(LinearMap):
@@ -94,15 +98,15 @@ def _check_reduce(unit):
     return None
 
 
-@propagator("AveragePool", role="avgpool", check=_check_average_pool)
-def average_pool(b, unit, relevance_out, rule):
+@mapped("AveragePool", role="avgpool", traits=AVERAGE, check=_check_average_pool)
+def average_pool(b, unit):
     """Norm by default: R_x = x ⊙ Pᵀ(R / stabilize(P(x)))."""
-    return apply_rule(b, unit, relevance_out[0], rule, AveragePoolMap(b, unit))
+    return first_input_only(unit, AveragePoolMap(b, unit))
 
 
-@propagator("GlobalAveragePool", "ReduceMean", "ReduceSum", role="avgpool", check=_check_reduce)
-def reduction(b, unit, relevance_out, rule):
-    return apply_rule(b, unit, relevance_out[0], rule, ReduceMap(b, unit))
+@mapped("GlobalAveragePool", "ReduceMean", "ReduceSum", role="avgpool", traits=AVERAGE, check=_check_reduce)
+def reduction(b, unit):
+    return first_input_only(unit, ReduceMap(b, unit))
 
 
 def _check_max_pool(unit):
@@ -111,8 +115,8 @@ def _check_max_pool(unit):
     return None
 
 
-@propagator("MaxPool", role="route", check=_check_max_pool)
-def max_pool(b, unit, relevance_out, rule):
+@routing("MaxPool", check=_check_max_pool)
+def max_pool(b, unit, relevance_out):
     """Winner-take-all: R goes to the argmax of each window, summed where windows overlap.
 
     The forward MaxPool is given its Indices output (flat indices into N·C·H·W, first maximum on
@@ -134,8 +138,8 @@ def _indices_output(b, node):
     return node.outputs[1]
 
 
-@propagator("GlobalMaxPool", role="route")
-def global_max_pool(b, unit, relevance_out, rule):
+@routing("GlobalMaxPool")
+def global_max_pool(b, unit, relevance_out):
     """Winner-take-all over all spatial positions: ArgMax (first maximum) of each channel gets R."""
     x = unit.inputs[0]
     rows = b.op("Concat", b.op("Slice", b.shape(x), b.ints([0]), b.ints([2])), b.ints([-1]), axis=0)

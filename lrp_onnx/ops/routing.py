@@ -3,26 +3,26 @@
 import numpy as np
 
 from ..graph import is_constant
-from ..registry import propagator
+from ..registry import routing
 
 
 def _inputs_after_first(unit):
     return [None] * (len(unit.inputs) - 1)
 
 
-@propagator("Identity", "Dropout", "Cast", role="route")
-def unchanged(b, unit, relevance_out, rule):
+@routing("Identity", "Dropout", "Cast")
+def unchanged(b, unit, relevance_out):
     return [relevance_out[0]] + _inputs_after_first(unit)
 
 
-@propagator("Flatten", "Reshape", "Squeeze", "Unsqueeze", role="route")
-def rearranged(b, unit, relevance_out, rule):
+@routing("Flatten", "Reshape", "Squeeze", "Unsqueeze")
+def rearranged(b, unit, relevance_out):
     """Same elements, new shape: give R back the input's shape."""
     return [b.reshape_like(relevance_out[0], unit.inputs[0])] + _inputs_after_first(unit)
 
 
-@propagator("Transpose", role="route")
-def transposed(b, unit, relevance_out, rule):
+@routing("Transpose")
+def transposed(b, unit, relevance_out):
     perm = unit.head.attrs.get("perm")
     if perm is None:
         perm = list(reversed(range(len(unit.inputs[0].shape))))
@@ -33,8 +33,8 @@ def _axis(unit):
     return unit.head.attrs.get("axis", 0)
 
 
-@propagator("Concat", role="route")
-def concatenated(b, unit, relevance_out, rule):
+@routing("Concat")
+def concatenated(b, unit, relevance_out):
     """Split R along the axis into the inputs' sizes (read at run time, so dynamic sizes work)."""
     axis = _axis(unit)
     sizes = b.op("Concat", *[b.op("Gather", b.shape(x), b.ints([axis])) for x in unit.inputs], axis=0)
@@ -43,8 +43,8 @@ def concatenated(b, unit, relevance_out, rule):
     return [piece if rel else None for piece, rel in zip(pieces, unit.relevant)]
 
 
-@propagator("Split", role="route")
-def split(b, unit, relevance_out, rule):
+@routing("Split")
+def split(b, unit, relevance_out):
     """Concatenate the pieces' relevance, zeros for pieces that got none."""
     pieces = [r if r is not None else b.zeros_like(y) for r, y in zip(relevance_out, unit.outputs)]
     return [b.op("Concat", *pieces, axis=_axis(unit))] + _inputs_after_first(unit)
@@ -75,8 +75,8 @@ def _check_slice(unit):
     return None
 
 
-@propagator("Slice", role="route", check=_check_slice)
-def sliced(b, unit, relevance_out, rule):
+@routing("Slice", check=_check_slice)
+def sliced(b, unit, relevance_out):
     """Put R back where the slice came from: zero-pad by what was cut on each side."""
     x = unit.inputs[0]
     starts, ends, axes, _ = _slice_params(unit)
@@ -112,8 +112,8 @@ def _check_pad(unit):
     return None
 
 
-@propagator("Pad", role="route", check=_check_pad)
-def padded(b, unit, relevance_out, rule):
+@routing("Pad", check=_check_pad)
+def padded(b, unit, relevance_out):
     """Drop the padding: slice R back to the input's extent."""
     pads = _pad_params(unit)
     rank = len(pads) // 2
@@ -136,8 +136,8 @@ def _check_gather(unit):
     return None
 
 
-@propagator("Gather", role="route", check=_check_gather)
-def gathered(b, unit, relevance_out, rule):
+@routing("Gather", check=_check_gather)
+def gathered(b, unit, relevance_out):
     """R_x = R contracted with the one-hot matrix H[l, d] = (indices[l] == d) along the axis.
 
     Computed indices into 1-D data (the dynamo exporter's as_strided): R_x[d] = Σ_{l: idx[l] = d} R[l],

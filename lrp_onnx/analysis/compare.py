@@ -7,10 +7,11 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from ..composites import DEFAULT_COMPOSITE
+from ..io.files import atomic_write, png_bytes
+from ..io.heatmap import heatmap
+from ..runtime import Explainer
 from .evaluate import channel_summed, evaluate
-from .files import atomic_write, png_bytes
-from .heatmap import heatmap
-from .runtime import Explainer
 
 
 @dataclass
@@ -80,17 +81,19 @@ def png_size(relevance_2d):
     return len(png_bytes(heatmap(relevance_2d[None], channel_axis=0), optimize=True))
 
 
-def compare(model_a, model_b, x, layout_a, layout_b, composite="alpha-beta", aopc_steps=None):
-    """Explain the batch ``x`` (laid out for A) with both models under ``composite``, each for its
-    own prediction; with ``aopc_steps``, also each model's AOPC (``evaluate``) on the same inputs."""
+def compare(model_a, model_b, x, layout_a, layout_b, composite=DEFAULT_COMPOSITE, aopc_steps=None, **rule_params):
+    """Explain the batch ``x`` (laid out for A) with both models under ``composite`` and
+    ``rule_params`` (as ``convert``), each for its own prediction; with ``aopc_steps``, also each
+    model's AOPC (``evaluate``) on the same inputs."""
     x_b = to_layout(x, layout_a, layout_b)
-    named_a = Explainer(model_a, composite=composite).run(x)
-    named_b = Explainer(model_b, composite=composite).run(x_b)
+    named_a = Explainer(model_a, composite=composite, **rule_params).run(x)
+    named_b = Explainer(model_b, composite=composite, **rule_params).run(x_b)
     maps = (channel_summed(named_a["relevance"], layout_a), channel_summed(named_b["relevance"], layout_b))
     aopc = None
     if aopc_steps:
         spec = f"lrp:{composite}"
-        aopc = tuple(next(r.aopc for r in evaluate(model, data, [spec], steps=aopc_steps, layout=layout)
+        aopc = tuple(next(r.aopc for r in evaluate(model, data, [spec], steps=aopc_steps, layout=layout,
+                                                   rule_params=rule_params)
                           if r.method == spec)
                      for model, data, layout in ((model_a, x, layout_a), (model_b, x_b, layout_b)))
     return Comparison(pearson(*maps), spearman(*maps), tuple(gini(m) for m in maps),

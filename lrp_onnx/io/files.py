@@ -4,6 +4,8 @@ import io
 import os
 import tempfile
 
+from ..errors import OutputError
+
 
 def png_bytes(image, **options):
     """A PIL image encoded as PNG, for ``atomic_write`` (or to measure its compressed size)."""
@@ -28,6 +30,16 @@ def atomic_write(path, data):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def writable_folder(path):
+    """Create ``path`` if needed and prove it can be written, before anything is computed."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".lrp-onnx-probe-"):
+            pass
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write the output folder ({e.strerror or e})") from None
 
 
 def _umask():

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from .errors import InputError, first_line
+from ..errors import InputError, first_line
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 ARRAY_SUFFIXES = (".npy", ".npz")

@@ -17,14 +17,14 @@ from typing import Optional
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .errors import InputError
-from .explain import progress_bar
-from .files import atomic_write, png_bytes
-from .runtime import Explainer
+from ..composites import BASELINE_METHODS, DEFAULT_COMPOSITE
+from ..errors import InputError
+from ..io.files import atomic_write, png_bytes
+from ..io.inputs import InputSpec
+from ..io.progress import progress_bar
+from ..runtime import Explainer
 
 RANDOM = "random"
-# --method specs: "lrp:COMPOSITE" or a baseline method name
-BASELINES = ("gradient", "sensitivity", "gradient-x-input")
 
 
 @dataclass
@@ -39,14 +39,23 @@ class Perturbation:
 
 
 def parse_method(spec):
-    """"lrp:alpha-beta" -> {"composite": "alpha-beta"}; "sensitivity" -> {"method": "sensitivity"}."""
+    """"lrp:alpha-beta" -> {"composite": "alpha-beta"}; "lrp" -> the default composite;
+    "sensitivity" -> {"method": "sensitivity"}."""
     if spec == RANDOM:
         return None
+    if spec == "lrp":
+        return {"composite": DEFAULT_COMPOSITE}
     if spec.startswith("lrp:"):
         return {"composite": spec[len("lrp:"):]}
-    if spec in BASELINES:
+    if spec in BASELINE_METHODS:
         return {"method": spec}
-    raise InputError(f"unknown method {spec!r}; use lrp:COMPOSITE, {', '.join(BASELINES)} or {RANDOM}")
+    raise InputError(f"unknown method {spec!r}; use lrp, lrp:COMPOSITE, {', '.join(BASELINE_METHODS)} or {RANDOM}")
+
+
+def _conversion(spec, rule_params):
+    """``convert``'s parameters for a method spec: the rule parameters go to LRP methods only."""
+    conversion = parse_method(spec)
+    return {**conversion, **(rule_params or {})} if "composite" in conversion else conversion
 
 
 def default_region(height, width):
@@ -118,14 +127,15 @@ def scores(explainer, inputs, targets, batch_size):
 
 
 def evaluate(model, x, methods, steps=100, region=None, repeats=1, low=None, high=None, layout=None,
-             batch_size=256, seed=0, threads=None, progress=False):
+             batch_size=256, seed=0, threads=None, progress=False, rule_params=None):
     """AOPC of each method (specs as ``parse_method``; random is always added) on the batch ``x``,
     explaining each sample's predicted class. Noise is uniform on [low, high], by default the
-    data's range. Returns a list of Perturbation, in the order given, random last."""
+    data's range. ``rule_params`` (as ``convert``'s) apply to every LRP method. Returns a list of
+    Perturbation, in the order given, random last."""
     specs = [m for m in methods if m != RANDOM] + [RANDOM]
-    explainers = {m: Explainer(model, threads=threads, **parse_method(m)) for m in specs if m != RANDOM}
+    explainers = {m: Explainer(model, threads=threads, **_conversion(m, rule_params)) for m in specs if m != RANDOM}
     scorer = next(iter(explainers.values())) if explainers else Explainer(model, threads=threads)
-    layout = layout or scorer.input_spec.layout()
+    layout = layout or InputSpec(scorer.input_shape).layout()
     low = float(x.min()) if low is None else low
     high = float(x.max()) if high is None else high
     if not low <= high:

@@ -3,7 +3,7 @@
 import numpy as np
 from PIL import Image
 
-from .errors import InputError
+from ..errors import InputError
 
 # Each colormap: anchors (position in [0, 1], RGB in [0, 1]), linearly interpolated; 0.5 is relevance 0.
 COLORMAPS = {

@@ -1,163 +1,32 @@
-"""Build the explainer: seed = logit ⊙ onehot(target), then one reverse walk over the units.
+"""Emit the explainer of a plan: seed = logit ⊙ onehot(target), one reverse walk over the units,
+then the explainer's inputs, outputs and metadata, checked against the ONNX checker.
 
-file → canonical graph (load.py) → units (graph.py) → rule per unit (composites.py)
-     → explainer graph (propagators in ops/) → checked ModelProto
+file → canonical graph (load.py) → units and a rule per unit (plan.py) → explainer graph
+     (propagators in ops/, nodes by builder.py) → checked ModelProto
 """
 
-import fnmatch
+import json
 from collections import defaultdict
-from dataclasses import dataclass
+from importlib.metadata import version
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from .builder import Builder
-from .composites import Composite, GradientComposite, make_composite
-from .errors import InputError, LrpOnnxError, RuleError, UnsupportedModelError, UnsupportedOpError, first_line
+from .composites import DEFAULT_COMPOSITE
+from .errors import InputError, LrpOnnxError, RuleError, UnsupportedModelError, first_line
 from .external import without_large_weights
-from .graph import carries_relevance, find_units, nonnegative_tensors
-from .load import import_graph, load_model
-from .precision import restore_half_boundary, upcast_types
+from .plan import EXPLAINED_CLASS, EXPLAINED_LOGIT, RELEVANCE, RELEVANCE_SEED, TARGET, plan
+from .precision import restore_half_boundary
 from .registry import lookup
 
-TARGET = "target"
-RELEVANCE = "relevance"
-RELEVANCE_SEED = "relevance_seed"
-EXPLAINED_CLASS = "explained_class"
-EXPLAINED_LOGIT = "explained_logit"
 LAYER_PREFIX = "relevance:"  # relevance:NAME, the relevance at tensor NAME (convert(layers=...))
 LAYER_SUMS = ("channel",)
-# What the relevance output holds: LRP, or a baseline built by the same walk with the chain rule
-METHODS = ("lrp", "gradient", "sensitivity", "gradient-x-input")
-# Normalisations of the whole score row: relevance starts below them, at the logits. (An
-# elementwise Sigmoid is not one of them: it passes relevance on like any activation.)
-SOFTMAX_OPS = ("Softmax", "LogSoftmax", "Normalizer")
-SCORE_RESHAPES = ("Identity", "Reshape", "Flatten", "Squeeze")
 META_PREFIX = "lrp_onnx."
 
 
-@dataclass
-class Plan:
-    """What the converter decided, before emitting anything: shown by ``inspect``."""
-    graph: gs.Graph
-    label: str
-    explained: gs.Variable
-    score: gs.Tensor        # the [N, classes] output
-    logits: gs.Tensor       # where relevance starts: the score, or the input of a final softmax
-    units: list             # units upstream of the logits, topological order, each with its role
-    rules: dict             # unit name -> Rule or None
-    problems: list          # [(node name, op, reason)]
-    composite: Composite
-    method: str
-    output_types: dict      # graph output name -> the original TypeProto (sequence and map types included)
-    upcast: dict            # graph input/output name -> the float16/bfloat16 type it had (precision.py)
-
-
-def _is_float(t):
-    return t.dtype is not None and carries_relevance(t)
-
-
-def pick_input(graph, label, input_name=None):
-    if input_name is not None:
-        match = [t for t in graph.inputs if t.name == input_name]
-        if not match:
-            raise UnsupportedModelError(f"{label}: no graph input named {input_name!r}; inputs are "
-                                        f"{[t.name for t in graph.inputs]}")
-        if not _is_float(match[0]):
-            raise UnsupportedModelError(f"{label}: input {input_name!r} is not a float tensor")
-        return match[0]
-    floats = [t for t in graph.inputs if _is_float(t)]
-    if not floats:
-        raise UnsupportedModelError(f"{label}: the graph has no float input to explain; inputs are "
-                                    f"{[(t.name, str(t.dtype)) for t in graph.inputs]}")
-    return floats[0]
-
-
-def find_logits(graph, label):
-    """The score output [N, classes] and the tensor relevance starts from (before a final softmax)."""
-    # skl2onnx's ZipMap turns the probabilities into a list of {class: p}: explain its input.
-    scores = [t.inputs[0].inputs[0] if t.inputs and t.inputs[0].op == "ZipMap" else t for t in graph.outputs]
-    floats = [t for t in scores if carries_relevance(t)]
-    if not floats:
-        raise UnsupportedModelError(f"{label}: the graph has no float output to explain")
-    score = floats[0]
-    if score.shape is not None and (len(score.shape) < 2 or any(d != 1 for d in score.shape[2:])):
-        raise UnsupportedModelError(f"{label}: output {score.name!r} has shape {list(score.shape)}; "
-                                    "lrp-onnx explains a [N, classes] score tensor (or [N, classes, 1, ...])")
-    # Relevance starts below a final softmax. Opset upgrades wrap an old 4-D Softmax in
-    # Flatten/Reshape, so walk through shape-only ops too, but stop at the score unless a softmax
-    # lies above them.
-    logits, tensor = score, score
-    while tensor.inputs and tensor.inputs[0].op in SOFTMAX_OPS + SCORE_RESHAPES:
-        op, tensor = tensor.inputs[0].op, tensor.inputs[0].inputs[0]
-        if op in SOFTMAX_OPS:
-            logits = tensor
-    return score, logits
-
-
-def _upstream_of(units, logits):
-    """Units that relevance can reach from the logits; the others (a final Softmax, the inside of
-    a gate) get none and need no propagator."""
-    needed, keep = {logits.name}, []
-    for unit in reversed(units):
-        if any(t.name in needed for t in unit.outputs):
-            keep.append(unit)
-            prop = lookup(unit)
-            receiving = prop.receiving(unit) if prop else unit.relevant
-            needed.update(t.name for t, rel in zip(unit.inputs, receiving) if rel)
-    return keep[::-1]
-
-
-def plan(model, composite="alpha-beta", *, input_name=None, rules=None, method="lrp", **rule_params):
-    """Load the model and decide every unit's rule, listing every node that cannot be explained.
-
-    ``method`` other than "lrp" replaces the composite by the chain rule everywhere."""
-    if method not in METHODS:
-        raise RuleError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if method == "lrp":
-        composite = make_composite(composite, **rule_params)
-        if rules:
-            composite = composite.with_overrides(rules)
-    elif rules or any(v is not None for v in rule_params.values()):
-        raise RuleError(f"method {method!r} has no rules; composite parameters and rules apply to method lrp")
-    else:
-        composite = GradientComposite()
-    proto, label = load_model(model)
-    graph = import_graph(proto)
-    explained = pick_input(graph, label, input_name)
-    score, logits = find_logits(graph, label)
-    units = _upstream_of(find_units(graph, explained, graph.outputs), logits)
-    nonnegative = nonnegative_tensors(graph)
-    rules_by_unit, problems = {}, []
-    first_seen = False
-    for unit in units:
-        prop = lookup(unit)
-        if prop is None:
-            problems.append((unit.name, unit.op, "no propagator for this op"))
-            continue
-        reason = prop.problem(unit)
-        if reason:
-            problems.append((unit.name, unit.op, reason))
-            continue
-        role = unit.role = prop.role_of(unit)
-        unit.x_nonnegative = unit.inputs[0].name in nonnegative
-        is_first = role in ("conv", "dense") and not first_seen
-        first_seen = first_seen or is_first
-        rules_by_unit[unit.name] = composite.rule_for(unit, role, is_first)
-    _check_overrides(composite, units)
-    output_types = {o.name: o.type for o in proto.graph.output}
-    return Plan(graph, label, explained, score, logits, units, rules_by_unit, problems, composite, method,
-                output_types, upcast_types(proto))
-
-
-def _check_overrides(composite, units):
-    for pattern, _ in composite.overrides:
-        if not any(pattern == u.op or fnmatch.fnmatchcase(u.name, pattern) for u in units):
-            raise RuleError(f"rule override {pattern!r} matches no explained node name or op type")
-
-
-def convert(model, composite="alpha-beta", *, input_name=None, rules=None, seed_input=False, layers=(),
+def convert(model, composite=DEFAULT_COMPOSITE, *, input_name=None, rules=None, seed_input=False, layers=(),
             layer_sum=None, method="lrp", **rule_params) -> onnx.ModelProto:
     """The explainer of ``model`` (a path, bytes or ModelProto) as a checked ModelProto.
 
@@ -172,12 +41,8 @@ def convert(model, composite="alpha-beta", *, input_name=None, rules=None, seed_
     (∂f/∂x)², "gradient-x-input" x·∂f/∂x (f the target's logit; the seed is the one-hot).
     """
     p = plan(model, composite, input_name=input_name, rules=rules, method=method, **rule_params)
-    if p.problems:
-        raise UnsupportedOpError(p.problems)
+    p.raise_problems()
     graph = p.graph
-    for name in (TARGET, RELEVANCE, RELEVANCE_SEED, EXPLAINED_CLASS, EXPLAINED_LOGIT):
-        if name in graph.tensors():
-            raise UnsupportedModelError(f"{p.label}: the model already has a tensor named {name!r}")
     layers = _check_layers(p, layers, layer_sum)
     b = Builder(graph)
     with b.scope("seed"):
@@ -213,9 +78,7 @@ def convert(model, composite="alpha-beta", *, input_name=None, rules=None, seed_
         if output.name in p.output_types:
             output.type.CopyFrom(p.output_types[output.name])
     restore_half_boundary(out, p.upcast)
-    meta = {"explained_input": p.explained.name, "composite": p.composite.name,
-            "score_output": p.score.name, "method": method}
-    for key, value in meta.items():
+    for key, value in metadata(p).items():
         out.metadata_props.add(key=META_PREFIX + key, value=value)
     try:
         without_large_weights(lambda shell: onnx.checker.check_model(shell, full_check=True), out)
@@ -225,6 +88,29 @@ def convert(model, composite="alpha-beta", *, input_name=None, rules=None, seed_
         raise UnsupportedModelError(f"{p.label}: the explainer fails the ONNX checker ({first_line(e)}); "
                                     "the model is likely inconsistent: if ONNX Runtime runs it, please report this") from None
     return out
+
+
+def metadata(p):
+    """How the explainer was made, as strings: enough to make it again from the source model."""
+    slots, overrides = p.composite.describe()
+    return {"explained_input": p.explained.name, "score_output": p.score.name, "method": p.method,
+            "composite": p.composite.name, "rules": json.dumps(slots), "overrides": json.dumps(overrides),
+            "parameters": json.dumps({k: list(v) if isinstance(v, tuple) else v
+                                      for k, v in p.composite.params.given().items()}),
+            "version": version("lrp-onnx"), "source_sha256": p.source_sha256 or "unknown"}
+
+
+def is_explainer(proto):
+    return any(o.name == RELEVANCE for o in proto.graph.output) and any(i.name == TARGET for i in proto.graph.input)
+
+
+def read_metadata(proto):
+    """{key: value} of the metadata ``convert`` wrote (JSON values decoded)."""
+    meta = {p.key[len(META_PREFIX):]: p.value for p in proto.metadata_props if p.key.startswith(META_PREFIX)}
+    return {k: json.loads(v) if k in JSON_METADATA else v for k, v in meta.items()}
+
+
+JSON_METADATA = ("rules", "overrides", "parameters")
 
 
 def _seed(b, logits, seed_input, gradient=False):
@@ -278,6 +164,16 @@ def _check_layers(p, names, layer_sum):
     return layers
 
 
+def propagate(b, unit, relevance_out, rule):
+    """One relevance per unit input: a routing op moves R itself; an op that takes a rule hands
+    it one map per input, and the rule maps R through each."""
+    prop = lookup(unit)
+    if not prop.takes_rule:
+        return prop.fn(b, unit, relevance_out)
+    (r,) = relevance_out[:1]  # ops that take a rule have one output that carries relevance
+    return [None if layer is None else rule.apply(b, layer, r) for layer in prop.fn(b, unit)]
+
+
 def reverse_walk(b, p, seed, layers=()):
     """Visit units in reverse topological order; sum each tensor's fan-out relevance once.
 
@@ -294,11 +190,14 @@ def reverse_walk(b, p, seed, layers=()):
             continue
         with b.scope(unit.name):
             try:
-                relevance_in = lookup(unit).fn(b, unit, relevance_out, p.rules[unit.name])
+                relevance_in = propagate(b, unit, relevance_out, p.rules.get(unit.name))
             except LrpOnnxError:
                 raise
             except Exception as e:  # a propagator bug must still name the node it failed on
                 raise UnsupportedModelError(f"node {unit.name!r} ({unit.op}): {type(e).__name__}: {e}") from e
+        if len(relevance_in) != len(unit.inputs):  # zip would drop relevance silently
+            raise UnsupportedModelError(f"node {unit.name!r} ({unit.op}): its propagator returned "
+                                        f"{len(relevance_in)} relevance(s) for {len(unit.inputs)} input(s)")
         for t, r, rel in zip(unit.inputs, relevance_in, unit.relevant):
             if r is not None and rel:
                 contributions[t.name].append(r)

@@ -1,0 +1,1 @@
+"""Analysis of explanations: perturbation analysis (AOPC) and the comparison of two models."""

@@ -1,0 +1,172 @@
+"""Plan a conversion: load the model, find the explained input and the logits, group the units,
+and give every unit its propagator and rule, listing every node that cannot be explained.
+
+Everything that can be checked before emitting is checked here, so ``inspect`` (which prints a
+plan) and ``convert`` (which emits it, emit.py) agree on every node.
+"""
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Optional
+
+import onnx_graphsurgeon as gs
+
+from . import ops  # noqa: F401  (registers every propagator)
+from .composites import DEFAULT_COMPOSITE, METHODS, Composite, gradient_composite, make_composite
+from .errors import RuleError, UnsupportedModelError, UnsupportedOpError
+from .graph import carries_relevance, find_units, nonnegative_tensors
+from .load import import_graph, load_model, source_digest
+from .precision import upcast_types
+from .registry import lookup
+from .rules import RuleParams
+
+TARGET = "target"
+RELEVANCE = "relevance"
+RELEVANCE_SEED = "relevance_seed"
+EXPLAINED_CLASS = "explained_class"
+EXPLAINED_LOGIT = "explained_logit"
+# Names the explainer adds: a model that already uses one cannot be converted.
+ADDED_NAMES = (TARGET, RELEVANCE, RELEVANCE_SEED, EXPLAINED_CLASS, EXPLAINED_LOGIT)
+# Normalisations of the whole score row: relevance starts below them, at the logits. (An
+# elementwise Sigmoid is not one of them: it passes relevance on like any activation.)
+SOFTMAX_OPS = ("Softmax", "LogSoftmax", "Normalizer")
+SCORE_RESHAPES = ("Identity", "Reshape", "Flatten", "Squeeze")
+
+
+@dataclass
+class Plan:
+    """What the converter decided, before emitting anything: shown by ``inspect``."""
+    graph: gs.Graph
+    label: str
+    explained: gs.Variable
+    score: gs.Tensor        # the [N, classes] output
+    logits: gs.Tensor       # where relevance starts: the score, or the input of a final softmax
+    units: list             # units upstream of the logits, topological order, each with its role
+    rules: dict             # unit name -> Rule, for the units that take one
+    problems: list          # [(node name, op, reason)]: nodes that cannot be explained (by this method)
+    rule_problems: list     # [(node name, op, reason)]: nodes whose rule does not fit them
+    composite: Composite
+    method: str
+    output_types: dict      # graph output name -> the original TypeProto (sequence and map types included)
+    upcast: dict            # graph input/output name -> the float16/bfloat16 type it had (precision.py)
+    source_sha256: Optional[str]
+
+    def raise_problems(self):
+        """The errors ``convert`` raises: unsupported nodes first, then rules that do not fit."""
+        if self.problems:
+            raise UnsupportedOpError(self.problems)
+        if self.rule_problems:
+            listed = "; ".join(f"node {name!r} ({op}): {why}" for name, op, why in self.rule_problems)
+            raise RuleError(f"{len(self.rule_problems)} node(s) with a rule that does not fit: {listed}")
+
+
+def _is_float(t):
+    return t.dtype is not None and carries_relevance(t)
+
+
+def pick_input(graph, label, input_name=None):
+    if input_name is not None:
+        match = [t for t in graph.inputs if t.name == input_name]
+        if not match:
+            raise UnsupportedModelError(f"{label}: no graph input named {input_name!r}; inputs are "
+                                        f"{[t.name for t in graph.inputs]}")
+        if not _is_float(match[0]):
+            raise UnsupportedModelError(f"{label}: input {input_name!r} is not a float tensor")
+        return match[0]
+    floats = [t for t in graph.inputs if _is_float(t)]
+    if not floats:
+        raise UnsupportedModelError(f"{label}: the graph has no float input to explain; inputs are "
+                                    f"{[(t.name, str(t.dtype)) for t in graph.inputs]}")
+    return floats[0]
+
+
+def find_logits(graph, label):
+    """The score output [N, classes] and the tensor relevance starts from (before a final softmax)."""
+    # skl2onnx's ZipMap turns the probabilities into a list of {class: p}: explain its input.
+    scores = [t.inputs[0].inputs[0] if t.inputs and t.inputs[0].op == "ZipMap" else t for t in graph.outputs]
+    floats = [t for t in scores if carries_relevance(t)]
+    if not floats:
+        raise UnsupportedModelError(f"{label}: the graph has no float output to explain")
+    score = floats[0]
+    if score.shape is not None and (len(score.shape) < 2 or any(d != 1 for d in score.shape[2:])):
+        raise UnsupportedModelError(f"{label}: output {score.name!r} has shape {list(score.shape)}; "
+                                    "lrp-onnx explains a [N, classes] score tensor (or [N, classes, 1, ...])")
+    # Relevance starts below a final softmax. Opset upgrades wrap an old 4-D Softmax in
+    # Flatten/Reshape, so walk through shape-only ops too, but stop at the score unless a softmax
+    # lies above them.
+    logits, tensor = score, score
+    while tensor.inputs and tensor.inputs[0].op in SOFTMAX_OPS + SCORE_RESHAPES:
+        op, tensor = tensor.inputs[0].op, tensor.inputs[0].inputs[0]
+        if op in SOFTMAX_OPS:
+            logits = tensor
+    return score, logits
+
+
+def _upstream_of(units, logits):
+    """Units that relevance can reach from the logits; the others (a final Softmax, the inside of
+    a gate) get none and need no propagator."""
+    needed, keep = {logits.name}, []
+    for unit in reversed(units):
+        if any(t.name in needed for t in unit.outputs):
+            keep.append(unit)
+            prop = lookup(unit)
+            receiving = prop.receiving(unit) if prop else unit.relevant
+            needed.update(t.name for t, rel in zip(unit.inputs, receiving) if rel)
+    return keep[::-1]
+
+
+def choose_composite(composite, method, rules, params):
+    """The composite of ``method``: LRP's, its rules filled from ``params`` and ``rules`` (overrides),
+    or the chain rule everywhere for the baselines, which take neither."""
+    if method not in METHODS:
+        raise RuleError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if method == "lrp":
+        return make_composite(composite or DEFAULT_COMPOSITE, params, rules)
+    if rules or params.given():
+        raise RuleError(f"method {method!r} has no rules; composite parameters and rules apply to method lrp")
+    return gradient_composite()
+
+
+def plan(model, composite=DEFAULT_COMPOSITE, *, input_name=None, rules=None, method="lrp", **rule_params):
+    """Load the model and decide every unit's rule, listing every node that cannot be explained and
+    every rule that does not fit its node. ``rule_params`` are a ``RuleParams``' fields (alpha,
+    beta, epsilon, gamma, low, high, stabilizer, zero_params); ``method`` other than "lrp" replaces
+    the composite by the chain rule everywhere."""
+    composite = choose_composite(composite, method, rules, RuleParams.of(rule_params))
+    proto, label = load_model(model)
+    graph = import_graph(proto)
+    for name in ADDED_NAMES:
+        if name in graph.tensors():
+            raise UnsupportedModelError(f"{label}: the model already has a tensor named {name!r}")
+    explained = pick_input(graph, label, input_name)
+    score, logits = find_logits(graph, label)
+    units = _upstream_of(find_units(graph, explained, graph.outputs), logits)
+    nonnegative = nonnegative_tensors(graph)
+    rules_by_unit, problems, rule_problems = {}, [], []
+    first_seen = False
+    for unit in units:
+        prop = lookup(unit)
+        reason = "no propagator for this op" if prop is None else prop.problem(unit)
+        if reason:
+            problems.append((unit.name, unit.op, reason))
+            continue
+        unit.x_nonnegative = unit.inputs[0].name in nonnegative
+        role = unit.role = prop.role_of(unit)
+        if not prop.takes_rule:
+            continue
+        is_first = role in ("conv", "dense") and not first_seen
+        first_seen = first_seen or is_first
+        rule = rules_by_unit[unit.name] = composite.rule_for(unit, role, is_first)
+        misfit = rule.problem(prop.traits_of(unit))
+        if misfit:
+            (rule_problems if rule.chosen else problems).append((unit.name, unit.op, misfit))
+    _check_overrides(composite, units)
+    output_types = {o.name: o.type for o in proto.graph.output}
+    return Plan(graph, label, explained, score, logits, units, rules_by_unit, problems, rule_problems, composite,
+                method, output_types, upcast_types(proto), source_digest(model))
+
+
+def _check_overrides(composite, units):
+    for pattern, _ in composite.overrides:
+        if not any(pattern == u.op or fnmatch.fnmatchcase(u.name, pattern) for u in units):
+            raise RuleError(f"rule override {pattern!r} matches no explained node name or op type")
