@@ -260,7 +260,7 @@ def cmd_compare(args):
     return EXIT_OK
 
 
-DEFAULT_EVALUATION = ("lrp:alpha-beta", "lrp:epsilon-plus-flat", "sensitivity", "gradient-x-input")
+DEFAULT_EVALUATION = (f"lrp:{DEFAULT_COMPOSITE}", "lrp:epsilon-plus-flat", "sensitivity", "gradient-x-input")
 
 
 def build_parser():

@@ -146,7 +146,7 @@ def find_units(graph, explained, outputs):
 MAKE_NONNEGATIVE = ("Relu", "Sigmoid", "Softplus", "HardSigmoid", "Softmax", "Abs", "Exp")
 KEEP_FIRST_INPUT_SIGN = ("MaxPool", "GlobalMaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean", "ReduceSum",
                          "ReduceMax", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity",
-                         "Dropout", "Slice", "Gather", "Split", "LRN", "Cast")
+                         "Dropout", "Slice", "Gather", "Split", "LRN", "Cast", "Expand")
 KEEP_ALL_INPUTS_SIGN = ("Concat", "Add", "Sum", "Mul", "Min")
 
 

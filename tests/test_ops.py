@@ -243,6 +243,7 @@ def pooled(np_pool):
 
 
 SHAPE = (3, 6, 6)
+LN_BIAS = RNG.standard_normal(6)
 ACTIVATION_CASES = [Case(op, SHAPE, [node(op, ["x"], **attrs)], passed, opset=opset) for op, attrs, opset in [
     ("Relu", {}, 17), ("LeakyRelu", {"alpha": 0.1}, 17), ("Sigmoid", {}, 17), ("Tanh", {}, 17), ("Elu", {}, 17),
     ("Selu", {}, 17), ("Softplus", {}, 17), ("HardSigmoid", {}, 17), ("HardSwish", {}, 17), ("Softsign", {}, 17),
@@ -325,6 +326,11 @@ CASES = ACTIVATION_CASES + [
          pooled(lambda s: s.mean((1, 2))), conserves=False),
     Case("ReduceSum-opset18", SHAPE, [node("ReduceSum", ["x", "ax"])], pooled(lambda s: s.sum(2, keepdims=True)),
          {"ax": np.array([-1], np.int64)}, opset=18, conserves=False),
+    Case("LayerNormalization", SHAPE, [node("LayerNormalization", ["x", "ln_scale", "ln_bias"], axis=-1)],
+         lambda x, z, r: (z - LN_BIAS) * r / ref.stabilize(z, 1e-6), {"ln_scale": RNG.uniform(0.5, 2, 6),
+                                                                        "ln_bias": LN_BIAS}, conserves=False),
+    Case("Expand", (3, 1, 6), [node("Expand", ["x", "to"])], routed(lambda s: np.broadcast_to(s, (3, 4, 6))),
+         {"to": np.array([1, 3, 4, 6], np.int64)}),
 ]
 
 

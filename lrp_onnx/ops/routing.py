@@ -21,6 +21,18 @@ def rearranged(b, unit, relevance_out):
     return [b.reshape_like(relevance_out[0], unit.inputs[0])] + _inputs_after_first(unit)
 
 
+def _check_expand(unit):
+    if unit.inputs[0].shape is None or unit.outputs[0].shape is None:
+        return "Expand needs known input and output shapes (to find the broadcast axes)"
+    return None
+
+
+@routing("Expand", check=_check_expand)
+def expanded(b, unit, relevance_out):
+    """y = x broadcast to a shape: R_x = R summed over the axes x was broadcast along."""
+    return [b.unbroadcast(relevance_out[0], unit.inputs[0], unit.outputs[0]), None]
+
+
 @routing("Transpose")
 def transposed(b, unit, relevance_out):
     perm = unit.head.attrs.get("perm")
