@@ -53,6 +53,7 @@ class Composite:
     slots: dict            # slot -> Rule
     overrides: tuple = ()  # ((pattern, Rule), ...)
     params: RuleParams = RuleParams()
+    default: Rule = Pass()  # the rule of roles without a slot (activations, products, BatchNorm)
 
     def rule_for(self, unit, role, is_first):
         """The rule of a unit that takes one (its role is not "route")."""
@@ -60,10 +61,8 @@ class Composite:
         by_op = [rule for pattern, rule in self.overrides if pattern == unit.op]
         if by_name or by_op:
             return (by_name or by_op)[0]
-        slot = ROLE_SLOTS.get(role)
-        if is_first and "first" in self.slots:
-            slot = "first"
-        return self.slots[slot] if slot else Pass()
+        slot = "first" if is_first and "first" in self.slots else ROLE_SLOTS.get(role)
+        return self.slots.get(slot, self.default)
 
     def describe(self):
         """{slot: rule as a dict} and {pattern: rule as a dict}, for the explainer's metadata."""
@@ -74,12 +73,7 @@ class Composite:
 def gradient_composite():
     """Every unit gets the chain rule: the graph of the baseline methods (gradient, sensitivity,
     gradient × input), built by the same reverse walk as LRP."""
-    return _GradientComposite("gradient", {})
-
-
-class _GradientComposite(Composite):
-    def rule_for(self, unit, role, is_first):
-        return Gradient()
+    return Composite("gradient", {}, default=Gradient())
 
 
 def make_composite(name=DEFAULT_COMPOSITE, params=RuleParams(), overrides=None):

@@ -5,9 +5,11 @@ the *proportional split*: pick some terms (input', W', b'), let z' = Σ F(input'
 
     R_x = Σ_terms input' ⊙ Fᵀ(R / stabilize(z'); W')
 
-``LinearMap`` (``ops/linear.py``) supplies F and Fᵀ for Conv, ConvTranspose, Gemm, MatMul, the
-pooling ops and per-channel affine maps. Each rule below only says which terms it uses; the
-split itself is written once, in ``proportional``. Weight modifications (W⁺, W², ...) are emitted
+A ``LinearMap`` (maps.py; the ops in ``ops/`` implement it) supplies F and Fᵀ for Conv,
+ConvTranspose, Gemm, MatMul, the pooling ops, sums, products and shifts by a fixed tensor,
+LayerNorm's affine part and per-channel affine maps. Each rule below only says which terms it
+uses and which ``Traits`` it needs of the map; the split itself is written once, in
+``proportional``. Weight modifications (W⁺, W², ...) are emitted
 as graph ops on the original initializer and constant-folded by the runtime at session load,
 so the explainer file stores no weight copies.
 """

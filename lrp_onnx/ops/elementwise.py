@@ -131,11 +131,6 @@ def _check_product(unit):
     return None
 
 
-def _product_receivers(unit):
-    k = gated_input(unit) if sum(unit.relevant) >= 2 else None
-    return list(unit.relevant) if k is None else [i == k for i in range(len(unit.inputs))]
-
-
 class ScaleMap(LinearMap):
     """Input k of x·c or x/c, c held fixed: the diagonal map F(x) = c·x (or x/c), whose transpose
     scales by c (1/c) and sums over broadcast axes. c is a constant, an input-independent tensor,
@@ -159,7 +154,7 @@ def _scaled_input(unit):
 
 
 def _product_receivers(unit):
-    k = gated_input(unit) if sum(unit.relevant) >= 2 else None
+    k = _scaled_input(unit)  # None for a product the check refuses
     return list(unit.relevant) if k is None else [i == k for i in range(len(unit.inputs))]
 
 
