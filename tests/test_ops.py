@@ -331,6 +331,29 @@ CASES = ACTIVATION_CASES + [
                                                                         "ln_bias": LN_BIAS}, conserves=False),
     Case("Expand", (3, 1, 6), [node("Expand", ["x", "to"])], routed(lambda s: np.broadcast_to(s, (3, 4, 6))),
          {"to": np.array([1, 3, 4, 6], np.int64)}),
+    # indices computed at run time, repeated in pairs: row l of x as [-1, 6] reads (i, i % 6), i = l - l % 2;
+    # opset 13, so the scatter-add of the backward needs the upgrade to 16
+    Case("GatherND-computed-indices", SHAPE,
+         [node("Reshape", ["x", "rows"], ["xr"]), node("Size", ["x"], ["n"]), node("Div", ["n", "six"], ["m"]),
+          node("Range", ["zero", "m", "one"], ["l"]), node("Unsqueeze", ["l", "last"], ["lc"]),
+          node("Mod", ["lc", "two"], ["odd"]), node("Sub", ["lc", "odd"], ["i"]), node("Mod", ["i", "six"], ["j"]),
+          node("Concat", ["i", "j"], ["ij"], axis=1), node("GatherND", ["xr", "ij"], ["zf"]),
+          node("Reshape", ["zf", "shape"])],
+         routed(lambda s: s.reshape(18, 6)[np.arange(18) // 2 * 2, np.arange(18) // 2 * 2 % 6]),
+         {"rows": np.array([-1, 6], np.int64), "six": np.array(6, np.int64), "zero": np.array(0, np.int64),
+          "one": np.array(1, np.int64), "last": np.array([1], np.int64), "two": np.array(2, np.int64),
+          "shape": np.array([-1, 18], np.int64)}, opset=13),
+    # channel 1 <- channel 2, channel -1 (2) <- channel 0: data and updates both carry relevance
+    Case("ScatterND", SHAPE,
+         [node("Transpose", ["x"], ["t"], perm=[1, 2, 0, 3]), node("Gather", ["t", "src"], ["u"], axis=0),
+          node("ScatterND", ["t", "dst", "u"], ["s"]), node("Transpose", ["s"], perm=[2, 0, 1, 3])],
+         routed(lambda s: s[[0, 2, 0]]), {"src": np.array([2, 0], np.int64), "dst": np.array([[1], [-1]], np.int64)}),
+    # x where the mask is set, else x's last column broadcast along the row
+    Case("Where", SHAPE,
+         [node("Constant", [], ["mask"], value=numpy_helper.from_array(np.tri(6, dtype=bool))),
+          node("Slice", ["x", "st", "en", "ax"], ["c"]), node("Where", ["mask", "x", "c"])],
+         routed(lambda s: np.where(np.tri(6, dtype=bool), s, s[:, :, -1:])),
+         {"st": np.array([-1], np.int64), "en": np.array([6], np.int64), "ax": np.array([3], np.int64)}),
 ]
 
 

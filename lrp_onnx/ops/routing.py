@@ -169,3 +169,49 @@ def gathered(b, unit, relevance_out):
     to_last = [i for i in range(rank) if i != axis] + [axis]
     moved = b.op("MatMul", b.op("Transpose", r, perm=to_last), b.const(onehot))
     return [b.op("Transpose", moved, perm=[int(i) for i in np.argsort(to_last)]), None]
+
+
+def _check_gather_nd(unit):
+    if unit.head.attrs.get("batch_dims", 0):
+        return "GatherND with batch_dims other than 0 is not supported"
+    return None
+
+
+# R_data = ScatterND(0, indices, R, reduction=add)
+@routing("GatherND", check=_check_gather_nd)
+def gathered_nd(b, unit, relevance_out):
+    """Each output slice is a copy of the data slice at its index (constant or computed, as in the
+    dynamo exporter's AdaptiveAvgPool2d); where indices repeat, their relevance adds up."""
+    data, indices = unit.inputs
+    return [b.op("ScatterND", b.zeros_like(data), indices, relevance_out[0], reduction="add"), None]
+
+
+def _check_scatter_nd(unit):
+    reduction = unit.head.attrs.get("reduction", "none")
+    if reduction not in ("none", b"none"):
+        return f"ScatterND with reduction {reduction!r} is not supported (only none)"
+    return None
+
+
+# R_data = ScatterND(R, indices, 0), R_updates = GatherND(R, indices)
+@routing("ScatterND", check=_check_scatter_nd)
+def scattered_nd(b, unit, relevance_out):
+    """The output is the data with the slices at the indices overwritten by the updates: each
+    element's relevance goes to the one it was copied from."""
+    indices, updates = unit.inputs[1:]
+    r = relevance_out[0]
+    r_data = b.op("ScatterND", r, indices, b.zeros_like(updates)) if unit.relevant[0] else None
+    r_updates = b.op("GatherND", r, indices) if unit.relevant[2] else None
+    return [r_data, None, r_updates]
+
+
+# R_x = Where(cond, R, 0), R_y = Where(cond, 0, R), each summed over the axes it was broadcast along
+@routing("Where")
+def selected(b, unit, relevance_out):
+    """Each output element is a copy of one branch's element (torch's masked_fill: a constant or
+    an activation); the condition gets no relevance."""
+    cond, x, y = unit.inputs
+    r, zero, out = relevance_out[0], b.const(0.0), unit.outputs[0]
+    r_x = b.unbroadcast(b.op("Where", cond, r, zero), x, out) if unit.relevant[1] else None
+    r_y = b.unbroadcast(b.op("Where", cond, zero, r), y, out) if unit.relevant[2] else None
+    return [None, r_x, r_y]
