@@ -1,6 +1,7 @@
 """Parity with Zennit: torchvision models × both torch.onnx exporters × six composites, relative L2
 error ≤ 1e-4 per sample on a batch of 2 random inputs with different targets (32×32 inputs to keep CI
-fast; benchmarks/parity.py runs the same comparison at 224×224)."""
+fast; benchmarks/parity.py runs the same comparison at 224×224). vgg11_bn with its own upsampling
+head is also compared at 64×64."""
 
 import pytest
 
@@ -40,3 +41,12 @@ def test_zero_params_bias_matches_zennit(tmp_path, model):
     composites = [c for c in COMPOSITES if c != "epsilon"]
     errors = parity_errors(model, 32, composites, ["torchscript"], str(tmp_path), zero_params=["bias"])
     assert max(e.max() for e in errors.values()) <= TOLERANCE, errors
+
+
+@pytest.mark.slow
+def test_vgg_upsampling_head_matches_zennit(tmp_path):
+    """vgg11_bn at 64 px with its own head: AdaptiveAvgPool2d(7) upsamples the 2×2 map, which the dynamo
+    exporter writes as index arithmetic into GatherND and masked_fill (Where) of the padded windows."""
+    composites = ["alpha-beta", "epsilon-gamma-box"]
+    errors = parity_errors("vgg11_bn", 64, composites, ["dynamo"], str(tmp_path), keep_head=True)
+    assert max(e.max() for e in errors.values()) <= 1.5e-5, errors

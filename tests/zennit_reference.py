@@ -16,15 +16,16 @@ from zennit.types import Convolution
 LOW, HIGH = -2.5, 2.5  # zbox bounds used by the parity tests
 
 
-def torchvision_model(name, size, seed=0):
+def torchvision_model(name, size, seed=0, keep_head=False):
     """A random-init torchvision classifier in eval mode.
 
     Below 224 px, VGG's AdaptiveAvgPool2d(7) would upsample a 1x1 map (which the TorchScript exporter
-    refuses), so small VGGs pool to 1x1 and their first dense layer takes 512 features instead.
+    refuses), so small VGGs pool to 1x1 and their first dense layer takes 512 features instead,
+    unless ``keep_head`` (the dynamo exporter writes the upsampling as index arithmetic and GatherND).
     """
     torch.manual_seed(seed)
     model = getattr(torchvision.models, name)(weights=None)
-    if name.startswith("vgg") and size < 224:
+    if name.startswith("vgg") and size < 224 and not keep_head:
         model.avgpool = torch.nn.AdaptiveAvgPool2d(1)
         model.classifier[0] = torch.nn.Linear(512, 4096)
     model.eval()
@@ -105,12 +106,12 @@ def distinct_targets(logits):
     return np.array([first, next(c for c in ranked if c != first)])
 
 
-def parity_errors(model_name, size, composites, exporters, workdir, epsilon=1e-6, zero_params=None):
+def parity_errors(model_name, size, composites, exporters, workdir, epsilon=1e-6, zero_params=None, keep_head=False):
     """{(exporter, composite): per-sample relative L2 error of lrp-onnx against Zennit}."""
     import os
 
     import lrp_onnx
-    model = torchvision_model(model_name, size)
+    model = torchvision_model(model_name, size, keep_head=keep_head)
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         targets = distinct_targets(model(x).numpy())
