@@ -95,8 +95,7 @@ def metadata(p):
     slots, overrides = p.composite.describe()
     return {"explained_input": p.explained.name, "score_output": p.score.name, "method": p.method,
             "composite": p.composite.name, "rules": json.dumps(slots), "overrides": json.dumps(overrides),
-            "parameters": json.dumps({k: list(v) if isinstance(v, tuple) else v
-                                      for k, v in p.composite.params.given().items()}),
+            "parameters": json.dumps(p.composite.params.given()),
             "version": version("lrp-onnx"), "source_sha256": p.source_sha256 or "unknown"}
 
 
@@ -107,10 +106,7 @@ def is_explainer(proto):
 def read_metadata(proto):
     """{key: value} of the metadata ``convert`` wrote (JSON values decoded)."""
     meta = {p.key[len(META_PREFIX):]: p.value for p in proto.metadata_props if p.key.startswith(META_PREFIX)}
-    return {k: json.loads(v) if k in JSON_METADATA else v for k, v in meta.items()}
-
-
-JSON_METADATA = ("rules", "overrides", "parameters")
+    return {k: json.loads(v) if k in ("rules", "overrides", "parameters") else v for k, v in meta.items()}
 
 
 def _seed(b, logits, seed_input, gradient=False):

@@ -111,7 +111,7 @@ class Rule:
 
     def as_dict(self):
         """The rule and every parameter, as an override would name them (explainer metadata)."""
-        return {"rule": self.name, **{k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}}
+        return {"rule": self.name, **self.__dict__}
 
 
 @dataclass(frozen=True)
