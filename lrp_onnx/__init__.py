@@ -9,8 +9,8 @@ import onnx_graphsurgeon as _gs
 
 from .composites import COMPOSITES, DEFAULT_COMPOSITE, METHODS, Composite, make_composite
 from .emit import convert
-from .errors import (InputError, LrpOnnxError, ModelLoadError, OutputError, RuleError, UnsafeModelError,
-                     UnsupportedModelError, UnsupportedOpError)
+from .errors import (InputError, LrpOnnxError, ModelLoadError, ModelWarning, OutputError, RuleError,
+                     UnsafeModelError, UnsupportedModelError, UnsupportedOpError)
 from .explain import explain_images
 from .io.heatmap import heatmap
 from .io.inputs import Preprocess
@@ -25,4 +25,4 @@ __all__ = ["convert", "plan", "Explainer", "explain_images", "save_model", "heat
            "make_rule", "Composite", "COMPOSITES", "DEFAULT_COMPOSITE", "METHODS", "RuleParams",
            "AlphaBeta", "Epsilon", "Flat", "Gamma", "Pass", "WSquare", "ZBox", "ZPlus",
            "LrpOnnxError", "ModelLoadError", "UnsafeModelError", "UnsupportedModelError", "UnsupportedOpError", "RuleError",
-           "InputError", "OutputError"]
+           "InputError", "OutputError", "ModelWarning"]

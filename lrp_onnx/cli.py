@@ -8,6 +8,7 @@ internal error (a bug: please report it), 2 bad input or arguments, 3 a model th
 import argparse
 import os
 import sys
+import warnings
 
 import numpy as np
 
@@ -16,8 +17,8 @@ from .analysis.compare import write_json as write_comparison
 from .analysis.evaluate import context_report, evaluate, parse_method, plot, read_boxes, report, write_json
 from .composites import COMPOSITES, DEFAULT_COMPOSITE, METHODS
 from .emit import convert, is_explainer, read_metadata
-from .errors import (InputError, LrpOnnxError, ModelLoadError, OutputError, RuleError, UnsafeModelError,
-                     UnsupportedModelError)
+from .errors import (InputError, LrpOnnxError, ModelLoadError, ModelWarning, OutputError, RuleError,
+                     UnsafeModelError, UnsupportedModelError)
 from .explain import explain_to_folder, read_labels
 from .external import DATA_SUFFIX, external_files, past_protobuf_limit
 from .io.files import writable_folder
@@ -333,8 +334,22 @@ def build_parser():
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """A ModelWarning as one line on stderr, like an error; any other warning as Python shows it."""
+    if issubclass(category, ModelWarning):
+        print(f"lrp-onnx: warning: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():  # restores Python's showwarning when main returns
+        warnings.showwarning = _show_warning
+        return _run(args)
+
+
+def _run(args):
     try:
         return args.run(args)
     except LrpOnnxError as e:

@@ -10,6 +10,9 @@ The CLI maps each class to an exit code (``cli.EXIT_CODES``, listed in the READM
     ├── InputError              2  bad input at explain time, or bad command-line values
     ├── RuleError               2  rule or composite parameters that break their constraints
     └── OutputError             6  an output that exists (no --force), is the input, or cannot be written
+
+and one warning, ``ModelWarning`` (a UserWarning): a checker complaint that the conversion repairs
+and does not depend on; the CLI shows it as one line on stderr and carries on.
 """
 
 from collections import Counter
@@ -60,3 +63,8 @@ class InputError(LrpOnnxError, ValueError):
 
 class OutputError(LrpOnnxError):
     """An output path that exists (without ``force``), is the input model, or cannot be written."""
+
+
+class ModelWarning(UserWarning):
+    """A checker complaint that the conversion does not depend on (a graph output declared without
+    a shape): the model converts, and the warning names what was assumed. The CLI shows it as one line."""

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import math
 import os
+import warnings
 
 import numpy as np
 import onnx
@@ -14,7 +15,7 @@ import onnxruntime as ort
 from google.protobuf.message import DecodeError, EncodeError
 from onnx import version_converter
 
-from .errors import ModelLoadError, UnsupportedModelError, first_line
+from .errors import ModelLoadError, ModelWarning, UnsupportedModelError, first_line
 from .external import check_tensor_sizes, load_external_data, require_loaded, without_large_weights
 from .precision import upcast_to_float32
 
@@ -105,36 +106,108 @@ def ai_onnx_opset(proto):
 
 
 def load_model(model):
-    """Validated, canonical ModelProto and a label for error messages: the file-level steps of
-    PROTO_STEPS, in order (the graph-level ones follow in ``import_graph``)."""
+    """Validated, canonical ModelProto and a label for error messages: the file-level checks, the
+    full ONNX check, then the steps of PROTO_STEPS, in order (the graph-level ones follow in
+    ``import_graph``)."""
     proto, label = read_model(model)
     if not proto.graph.node:
         raise ModelLoadError(f"{label}: the model has no nodes (empty, truncated or not an ONNX file)")
     check_tensor_sizes(proto, label)
     check_declared_shapes(proto, label)
     check_opset_imports(proto, label)
-    try:  # the full check infers shapes strictly: declared shapes must agree with the ops and weights
+    proto, repairs = declare_output_shapes(proto, label)
+    check_model(proto, label)
+    for repair in repairs:  # only once the whole model has passed: a refused one is not "converting"
+        warnings.warn(ModelWarning(repair))
+    for step in PROTO_STEPS:
+        proto = step(proto, label)
+    return proto, label
+
+
+def check_model(proto, label):
+    """The ONNX checker's full check, which infers shapes strictly: declared shapes must agree with
+    the ops and weights."""
+    try:
         without_large_weights(lambda shell: onnx.checker.check_model(shell, full_check=True), proto)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as e:
         # ValueError: an element type that does not exist
         raise ModelLoadError(f"{label}: fails the ONNX checker: {first_line(e)}") from None
-    for step in PROTO_STEPS:
-        proto = step(proto, label)
-    return proto, label
 
 
 INT64_MAX = 2**63 - 1
 
 
 def check_declared_shapes(proto, label):
-    """Declared dims of graph inputs, outputs and value_info are >= 0, and their product fits int64:
-    ONNX Runtime computes buffer sizes from them."""
+    """Every graph input declares a shape, and the declared dims of graph inputs, outputs and
+    value_info are >= 0, with a product that fits int64: ONNX Runtime computes buffer sizes from them.
+    ONNX Runtime takes an input without a shape as one of any rank, but nothing can infer that
+    rank: the full check could not run, and the relevance output, shaped like the input, would
+    have none."""
+    shapeless = next((i.name for i in proto.graph.input if _declares_no_shape(i)), None)
+    if shapeless is not None:
+        raise ModelLoadError(f"{label}: input {shapeless!r} declares no shape; lrp-onnx needs the rank of every input")
     for info in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
         dims = [d.dim_value for d in info.type.tensor_type.shape.dim if d.HasField("dim_value")]
         if any(d < 0 for d in dims):
             raise ModelLoadError(f"{label}: tensor {info.name!r} declares negative dims {dims}")
         if math.prod(dims) > INT64_MAX:
             raise ModelLoadError(f"{label}: tensor {info.name!r} declares dims {dims}, whose product overflows int64")
+
+
+def _declares_no_shape(info):
+    """A value info with no type, or a tensor type without a shape field (which an empty shape,
+    a scalar's, is not)."""
+    if not info.HasField("type"):
+        return True
+    return info.type.HasField("tensor_type") and not info.type.tensor_type.HasField("shape")
+
+
+def declare_output_shapes(proto, label):
+    """Graph outputs declared without a shape, or without a type, declared with the shape that
+    inference finds: the model, and a warning per output. ONNX Runtime runs such a model (it takes
+    the shape from the graph) and the conversion needs no declared shape, but the ONNX checker
+    requires one on every output of the main graph, and stops at its first complaint. So the
+    model is checked without those outputs (inference runs only on a checked model), then they
+    are declared, for ``check_model`` to see the whole model: a declared element type that the
+    graph contradicts, or none, is still refused, as ONNX Runtime refuses it. The explainer copies
+    the declared types, so its own check passes as well. The caller's model is left as it was."""
+    names = {o.name for o in proto.graph.output if _declares_no_shape(o)}
+    if not names:
+        return proto, []
+    declared = without_large_weights(lambda shell: _declare_inferred_shapes(shell, names, label), proto)
+    shapes = {o.name: o.type.tensor_type.shape for o in declared.graph.output}
+    return declared, [f"{label}: output {o.name!r} declares no {'shape' if o.HasField('type') else 'type'}, which the "
+                      "ONNX checker requires (ONNX Runtime does not); converting with the inferred shape "
+                      f"{_dims(shapes[o.name])}" for o in proto.graph.output if o.name in names]
+
+
+def _declare_inferred_shapes(shell, names, label):
+    """``declare_output_shapes`` on the shell of ``without_large_weights``."""
+    rest = _copy(shell)
+    del rest.graph.output[:]
+    rest.graph.output.extend(o for o in shell.graph.output if o.name not in names)
+    check_model(rest, label)
+    inferred = infer_shapes(shell, label)  # which fills in the graph outputs' shapes
+    types = {o.name: o.type for o in inferred.graph.output}
+    declared = _copy(shell)
+    for output in declared.graph.output:
+        if output.name not in names:
+            continue
+        found = types.get(output.name)
+        if found is None or not found.tensor_type.HasField("shape"):
+            raise ModelLoadError(f"{label}: output {output.name!r} declares no shape, which the ONNX checker "
+                                 "requires, and shape inference finds none")
+        if output.HasField("type"):  # its element type stays, for check_model to compare with the graph's
+            output.type.tensor_type.shape.CopyFrom(found.tensor_type.shape)
+        else:
+            output.type.CopyFrom(found)
+    return declared
+
+
+def _dims(shape):
+    dims = [d.dim_param if d.HasField("dim_param") else d.dim_value if d.HasField("dim_value") else "?"
+            for d in shape.dim]
+    return f"[{', '.join(map(str, dims))}]"
 
 
 def check_opset_imports(proto, label):

@@ -9,7 +9,8 @@ from onnx import TensorProto, helper
 
 import exporters
 from lrp_onnx.graph import carries_relevance, find_units
-from lrp_onnx.load import (GRAPH_STEPS, PROTO_STEPS, drop_identities, drop_initializer_inputs,
+from lrp_onnx.errors import ModelLoadError
+from lrp_onnx.load import (GRAPH_STEPS, PROTO_STEPS, declare_output_shapes, drop_identities, drop_initializer_inputs,
                            expand_linear_classifiers, fold_constants, import_graph, infer_shapes, load_model,
                            name_nodes, upgrade_opset)
 from lrp_onnx.precision import upcast_to_float32
@@ -116,6 +117,33 @@ def test_identity_and_dropout_are_dropped_but_an_output_keeps_its_name():
     assert [n.name for n in graph.nodes] == ["mm", "id_out"]
     assert [t.name for t in graph.outputs] == ["y"]
     assert_same_outputs(run(proto, feeds), run_graph(graph, feeds))
+
+
+def test_an_output_declared_without_a_shape_gets_the_inferred_one():
+    proto = _identity_model()
+    proto.graph.output[0].type.tensor_type.ClearField("shape")
+    before = proto.SerializeToString()
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)}
+    declared, repairs = declare_output_shapes(proto, "ids")
+    assert proto.SerializeToString() == before, "the caller's model must not change"
+    assert helper.printable_type(declared.graph.output[0].type) == "FLOAT, Nx3"
+    assert repairs == ["ids: output 'y' declares no shape, which the ONNX checker requires (ONNX Runtime does not); "
+                       "converting with the inferred shape [N, 3]"]
+    onnx.checker.check_model(declared, full_check=True)
+    assert_same_outputs(run(proto, feeds), run(declared, feeds))
+
+
+def test_an_output_without_a_shape_that_inference_cannot_find_is_refused():
+    """The explainer, which keeps the outputs' types, would fail the checker in turn."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    shape = helper.make_tensor_value_info("shape", TensorProto.INT64, ["rank"])  # Reshape's output rank is unknown
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    proto = helper.make_model(helper.make_graph([helper.make_node("Reshape", ["x", "shape"], ["y"])], "reshape",
+                                                [x, shape], [y]), opset_imports=[helper.make_opsetid("", 17)])
+    run(proto, {"x": np.ones((2, 4), np.float32), "shape": np.array([2, 2, 2])})  # ONNX Runtime runs it
+    with pytest.raises(ModelLoadError, match="output 'y' declares no shape, which the ONNX checker requires, and "
+                                             "shape inference finds none"):
+        declare_output_shapes(proto, "reshape")
 
 
 @pytest.mark.parametrize("binary", [False, True])

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 
 import numpy as np
 import onnx
@@ -18,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import exporters
 import lrp_onnx
+from lrp_onnx.cli import main
 from lrp_onnx.external import DATA_SUFFIX, LARGE_TENSOR_BYTES
 from test_cli import assert_bad_input, cli, only_files
 
@@ -183,6 +185,18 @@ def _input_dims(*dims):
     return lambda proto: proto.graph.input[0].CopyFrom(helper.make_tensor_value_info("x", TensorProto.FLOAT, list(dims)))
 
 
+def _output_type(elem_type=None):
+    """The output's type without a shape field: ONNX Runtime runs that, the ONNX checker refuses it.
+    ``elem_type`` None: a tensor type without an element type either."""
+    def edit(proto):
+        tensor = proto.graph.output[0].type.tensor_type
+        tensor.ClearField("shape")
+        tensor.ClearField("elem_type")
+        if elem_type is not None:
+            tensor.elem_type = elem_type
+    return edit
+
+
 def _typed_field_too_short(proto):
     bias = proto.graph.initializer[2]
     values = numpy_helper.to_array(bias)
@@ -211,7 +225,17 @@ MALFORMED = {
                                       "not UTF-8"),
     "unknown element type": (_edited(lambda proto: setattr(proto.graph.output[0].type.tensor_type, "elem_type", 99)),
                              "fails the ONNX checker"),
+    "an input without a shape": (_edited(lambda proto: proto.graph.input[0].type.tensor_type.ClearField("shape")),
+                                 "input 'x' declares no shape"),
+    # Outputs without a shape convert (test_an_output_without_a_shape_converts_with_one_warning) unless
+    # what they do declare is wrong, as ONNX Runtime finds too:
+    "an output without a shape or an element type": (_edited(_output_type()),
+                                                     "fails the ONNX checker: Field 'elem_type'"),
+    "an output without a shape, of a type the graph contradicts": (_edited(_output_type(TensorProto.INT64)),
+                                                                    "Inferred elem type differs"),
 }
+ONNX_RUNTIME_REFUSES = ("an output without a shape or an element type",
+                        "an output without a shape, of a type the graph contradicts")
 
 
 def test_the_hand_encoded_nesting_is_a_model_protobuf_can_read_at_depth_20():
@@ -237,6 +261,46 @@ def test_malformed_files_exit_with_code_3_and_write_nothing(tmp_path, case):
     path.write_bytes(MALFORMED[case][0])
     assert_bad_input(cli("convert", path), MALFORMED[case][1], code=3)
     assert only_files(tmp_path) == ["model.onnx"]
+
+
+@pytest.mark.parametrize("case", ONNX_RUNTIME_REFUSES)
+def test_an_output_without_a_shape_is_refused_where_onnx_runtime_refuses_it(case):
+    data, phrase = MALFORMED[case]
+    with pytest.raises(Exception, match=re.escape("[ONNXRuntimeError]")):
+        ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lrp_onnx.ModelWarning)  # no warning that it converts, either
+        with pytest.raises(lrp_onnx.ModelLoadError, match=re.escape(phrase)):
+            lrp_onnx.convert(data)
+
+
+@pytest.mark.parametrize("missing", ["shape", "type"])
+def test_an_output_without_a_shape_converts_with_one_warning(tmp_path, capsys, missing):
+    """The ONNX checker requires a shape on every graph output; ONNX Runtime takes it from the graph."""
+    proto = dense_classifier()  # its first weight is large: the shape is inferred on a shell
+    output = proto.graph.output[0]
+    if missing == "type":
+        output.ClearField("type")
+    else:
+        output.type.tensor_type.ClearField("shape")
+    x = np.random.default_rng(6).standard_normal((3, FEATURES)).astype(np.float32)
+    logits = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    with pytest.warns(lrp_onnx.ModelWarning, match=f"output 'logits' declares no {missing}") as warned:
+        explainer = lrp_onnx.convert(proto, "epsilon")
+    assert len(warned) == 1 and f"[N, {CLASSES}]" in str(warned[0].message)
+    assert helper.printable_type(explainer.graph.output[0].type) == f"FLOAT, Nx{CLASSES}"
+    session = ort.InferenceSession(explainer.SerializeToString(), providers=["CPUExecutionProvider"])
+    explained, relevance = session.run(["logits", "relevance"], {"x": x, "target": np.array([-1, 0, 7])})
+    np.testing.assert_array_equal(explained, logits)
+    assert relevance.shape == x.shape and np.isfinite(relevance).all()
+
+    path, out = tmp_path / "model.onnx", tmp_path / "model.lrp.onnx"
+    onnx.save_model(proto, str(path))
+    assert main(["convert", str(path), "-o", str(out)]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"lrp-onnx: warning: {path}: output 'logits' declares no {missing}, "
+                                                   "which the ONNX checker requires"), lines
+    assert out.exists()
 
 
 def test_moderately_nested_subgraphs_convert_and_run(tmp_path):
