@@ -32,7 +32,6 @@ EXIT_OK, EXIT_INTERNAL = 0, 1
 # The most specific class first: UnsafeModelError is a ModelLoadError with its own code.
 EXIT_CODES = ((InputError, 2), (RuleError, 2), (UnsafeModelError, 4), (ModelLoadError, 3),
               (UnsupportedModelError, 5), (OutputError, 6), (LrpOnnxError, 2))
-EXIT_UNSUPPORTED = 5
 
 
 def exit_code(error):
