@@ -30,7 +30,11 @@ BASELINE_METHODS = METHODS[1:]
 
 LAYER_SLOTS = ("conv", "dense", "first")
 # role (registry.py) -> slot; roles not listed take pass
-ROLE_SLOTS = {"conv": "conv", "dense": "dense", "sum": "norm", "avgpool": "norm", "layernorm": "norm"}
+ROLE_SLOTS = {"conv": "conv", "dense": "dense", "sum": "norm", "avgpool": "norm", "layernorm": "norm",
+              "product": "product", "softmax": "softmax", "shift": "shift"}
+# Slots every composite fills unless it says otherwise: Zennit's Norm, and on attention AttnLRP's
+# rules with the composite's stabilizer as ε (products split R uniformly, the softmax is linearised)
+BASE_SLOTS = {"norm": "norm", "product": "norm", "softmax": "norm"}
 
 # name -> {slot: rule name, or (rule name, fixed parameters)}; "first" defaults to the layer's own
 # slot and "norm" to Zennit's Norm.
@@ -44,7 +48,16 @@ COMPOSITES = {
     "epsilon-alpha2-beta1-flat": {"conv": ("alpha-beta", {"alpha": 2.0, "beta": 1.0}), "dense": "epsilon",
                                   "first": "flat"},
     "epsilon-gamma-box": {"conv": "gamma", "dense": "epsilon", "first": "zbox"},
+    # AttnLRP (Achtibat et al. 2024) and CP-LRP (Ali et al. 2022) as LXT 2.1: the ε-rule everywhere,
+    # constants added to an activation (position embeddings, masks, biases) absorb their share
+    "attnlrp": {"conv": "epsilon", "dense": "epsilon", "norm": "epsilon", "product": "epsilon",
+                "softmax": "epsilon", "shift": "epsilon"},
+    "cp-lrp": {"conv": "epsilon", "dense": "epsilon", "norm": "epsilon", "product": "cp-epsilon",
+               "softmax": "epsilon", "shift": "epsilon"},
 }
+# Parameter defaults of a composite, where they differ from its rules' own: LXT divides by no ε at
+# all, and ε = 1e-12 matches it in float32 (1e-6 is off by about 1e-3 relative L2).
+COMPOSITE_DEFAULTS = {"attnlrp": {"epsilon": 1e-12}, "cp-lrp": {"epsilon": 1e-12}}
 
 
 @dataclass(frozen=True)
@@ -85,18 +98,19 @@ def make_composite(name=DEFAULT_COMPOSITE, params=RuleParams(), overrides=None):
     key = str(name).replace("_", "-").lower()
     if key not in COMPOSITES:
         raise RuleError(f"unknown composite {name!r}; known composites: {', '.join(COMPOSITES)}")
-    specs = {"norm": "norm", **COMPOSITES[key]}
+    specs = {**BASE_SLOTS, **COMPOSITES[key]}
+    filled = RuleParams(**{**COMPOSITE_DEFAULTS.get(key, {}), **params.given()})
     slots, used = {}, set()
     for slot, spec in specs.items():
         rule_name, fixed = (spec, {}) if isinstance(spec, str) else spec
-        slot_params = params if slot in LAYER_SLOTS else params.without("zero_params")
+        slot_params = filled if slot in LAYER_SLOTS else filled.without("zero_params")
         slots[slot] = make_rule(rule_name, slot_params, **fixed)
         used.update(set(rule_parameters(rule_name)) - set(fixed))
     if isinstance(overrides, (str, Path)):
         overrides = read_overrides(overrides)
     parsed = []
     for pattern, spec in (overrides or {}).items():
-        rule, takes = _rule_from_spec(pattern, spec, params)
+        rule, takes = _rule_from_spec(pattern, spec, filled)
         parsed.append((pattern, rule))
         used.update(takes)
     unused = sorted(set(params.given()) - used)

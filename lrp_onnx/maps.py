@@ -34,6 +34,12 @@ class LinearMap:
     weight = None
     bias = None
     dropped_bias = None  # the bias zero_params took out of the rules; ``output`` still includes it
+    # A factor of a product of explained activations (A·B, a ⊙ b) shares R with the other factors:
+    # ``shares`` of them in all; ``attention`` says this factor is a Softmax's output (attention
+    # weights) and ``attention_partner`` that another factor is.
+    shares = 1
+    attention = False
+    attention_partner = False
 
     def __init__(self, unit, x=None, output=None):
         self.unit = unit

@@ -139,7 +139,28 @@ class Epsilon(Rule):
         _check_stabilizer(self.epsilon, "epsilon")
 
     def propagate(self, b, layer, x, r):
+        # A factor of a product of n explained activations gets the ε-rule on R/n: AttnLRP's
+        # uniform split (Achtibat et al. 2024), R_A = A ⊙ (R / (n·st(AB)))·Bᵀ for a MatMul.
+        shares = self.shares(layer)
+        r = r if shares == 1 else b.div(r, b.const(float(shares)))
         return proportional(b, layer, [Term(x, layer.weight, layer.bias)], r, self.epsilon)
+
+    def shares(self, layer):
+        return layer.shares
+
+
+@dataclass(frozen=True)
+class ConstantAttention(Epsilon):
+    """CP-LRP (Ali et al. 2022), as LXT's: the ε-rule, with attention weights held constant. In
+    O = A·V with A a Softmax's output, R_V = V ⊙ Aᵀ(R / st(O)) and A gets nothing, so nothing
+    flows into the Softmax, Q or K. Other products split R uniformly, as ``Epsilon``."""
+    name = "cp-epsilon"
+
+    def apply(self, b, layer, r):
+        return None if layer.attention else super().apply(b, layer, r)
+
+    def shares(self, layer):
+        return 1 if layer.attention_partner else layer.shares
 
 
 @dataclass(frozen=True)
@@ -312,6 +333,7 @@ def _part(b, bias, part):
 NAMED_RULES = {
     "epsilon": (Epsilon, {}),
     "norm": (Epsilon, {"epsilon": "stabilizer"}),
+    "cp-epsilon": (ConstantAttention, {}),
     "alpha-beta": (AlphaBeta, {}),
     "zplus": (ZPlus, {}),
     "gamma": (Gamma, {}),

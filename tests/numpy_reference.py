@@ -111,3 +111,27 @@ def lrp(rule, params, m, x, bias, r, ones_matrix=None, low=None, high=None):
         cb = c - m.clip(min=0) * low[None, :] - m.clip(max=0) * high[None, :]
         return split(cb, cb.sum(1), r)
     raise KeyError(rule)
+
+
+def stabilized(z, epsilon):
+    return z + epsilon * np.where(z >= 0, 1.0, -1.0)
+
+
+def bilinear_scores(x, r, epsilon):
+    """Y = A·Bᵀ per head with A = x [H, T, D] and B = x[0] broadcast over the heads, under AttnLRP's
+    uniform ε split: Z = R / (2·st(Y)), R_A = A ⊙ Z·B, R_B = B ⊙ Σ_heads Zᵀ·A, both back on x."""
+    a, k = x, x[:1]
+    y = a @ k.transpose(0, 2, 1)
+    z = r / (2 * stabilized(y, epsilon))
+    relevance = a * (z @ k)
+    relevance[:1] += k * (z.transpose(0, 2, 1) @ a).sum(0, keepdims=True)
+    return relevance
+
+
+def softmax_rule(x, r, epsilon):
+    """AttnLRP's softmax rule written out: R_x = x ⊙ (R' − s ⊙ Σ R') with R' = s ⊙ R / st(s) (= R up
+    to ε), over the last axis; a −inf in x counts as 0."""
+    s = np.exp(x - x.max(-1, keepdims=True))
+    s = s / s.sum(-1, keepdims=True)
+    share = s * r / stabilized(s, epsilon)
+    return np.where(np.isinf(x), 0.0, x) * (share - s * share.sum(-1, keepdims=True))

@@ -244,6 +244,7 @@ def pooled(np_pool):
 
 SHAPE = (3, 6, 6)
 LN_BIAS = RNG.standard_normal(6)
+SOFTMAX_MASK = np.where(np.arange(6) == 4, -np.inf, 0.0) * np.ones((6, 1))
 ACTIVATION_CASES = [Case(op, SHAPE, [node(op, ["x"], **attrs)], passed, opset=opset) for op, attrs, opset in [
     ("Relu", {}, 17), ("LeakyRelu", {"alpha": 0.1}, 17), ("Sigmoid", {}, 17), ("Tanh", {}, 17), ("Elu", {}, 17),
     ("Selu", {}, 17), ("Softplus", {}, 17), ("HardSigmoid", {}, 17), ("HardSwish", {}, 17), ("Softsign", {}, 17),
@@ -348,6 +349,21 @@ CASES = ACTIVATION_CASES + [
          [node("Transpose", ["x"], ["t"], perm=[1, 2, 0, 3]), node("Gather", ["t", "src"], ["u"], axis=0),
           node("ScatterND", ["t", "dst", "u"], ["s"]), node("Transpose", ["s"], perm=[2, 0, 1, 3])],
          routed(lambda s: s[[0, 2, 0]]), {"src": np.array([2, 0], np.int64), "dst": np.array([[1], [-1]], np.int64)}),
+    # a gated MLP's a ⊙ b, neither computed from the other: each factor gets R/2 by the ε-rule
+    Case("Mul-two-activations", SHAPE, [node("Relu", ["x"], ["a"]), node("Sigmoid", ["x"], ["s"]),
+                                        node("Mul", ["a", "s"])], normed, conserves=False),
+    # attention scores Q·Kᵀ with K broadcast along the head axis, Q = x, K = x's head 0
+    Case("MatMul-two-activations-broadcast", SHAPE,
+         [node("Slice", ["x", "h0", "h1", "hax"], ["k"]), node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
+          node("MatMul", ["x", "kt"])], lambda x, z, r: ref.bilinear_scores(x, r, 1e-6),
+         {"h0": np.array([0], np.int64), "h1": np.array([1], np.int64), "hax": np.array([1], np.int64)},
+         conserves=False),
+    # softmax over the last axis after a mask with −inf (a padded token), AttnLRP's rule; the Mul keeps it
+    # from being the final softmax, below which relevance would start
+    Case("Softmax-masked", SHAPE, [node("Add", ["x", "mask"], ["m"]), node("Softmax", ["m"], ["s"], axis=-1),
+                                   node("Mul", ["s", "one"])],
+         lambda x, z, r: ref.softmax_rule(x + SOFTMAX_MASK, r, 1e-6), {"mask": SOFTMAX_MASK, "one": np.float32(1)},
+         conserves=False),
     # x where the mask is set, else x's last column broadcast along the row
     Case("Where", SHAPE,
          [node("Constant", [], ["mask"], value=numpy_helper.from_array(np.tri(6, dtype=bool))),

@@ -81,7 +81,11 @@ def _sum_receivers(unit):
 
 
 def _sum_role(unit):
-    return "sum" if sum(_sum_receivers(unit)) >= 2 else "scale"
+    """A sum of activations; a shift of one by a fixed tensor (a bias, a position embedding, a
+    mask); or x − mean(x), which takes the identity rule."""
+    if _is_centering(unit):
+        return "scale"
+    return "sum" if sum(_sum_receivers(unit)) >= 2 else "shift"
 
 
 def _sum_traits(unit):
@@ -124,8 +128,6 @@ def gated_input(unit):
 
 
 def _check_product(unit):
-    if unit.op == "Mul" and sum(unit.relevant) >= 2 and gated_input(unit) is None:
-        return "a product of two explained activations, neither computed from the other (not a gate x·g(x))"
     if unit.op == "Div" and unit.relevant[1] and gated_input(unit) != 0:
         return "division by an explained activation that is not computed from the numerator (not a norm x/σ(x))"
     return None
@@ -148,30 +150,47 @@ class ScaleMap(LinearMap):
         return b.unbroadcast(b.op(self.scale_op, g, self.factor), self.x, self.output)
 
 
-def _scaled_input(unit):
-    """The input that gets relevance: the gated one of a gate, else the one explained input."""
-    return gated_input(unit) if sum(unit.relevant) >= 2 else unit.relevant.index(True)
+def _gated(unit):
+    """The gated input of a gate x·g(x) or a normalisation x/σ(x); None for anything else."""
+    return gated_input(unit) if sum(unit.relevant) >= 2 else None
+
+
+def _factors(unit):
+    """Mul of two explained activations, neither computed from the other (a gated MLP's a ⊙ b)."""
+    return unit.op == "Mul" and sum(unit.relevant) >= 2 and _gated(unit) is None
 
 
 def _product_receivers(unit):
-    k = _scaled_input(unit)  # None for a product the check refuses
+    k = _gated(unit)
     return list(unit.relevant) if k is None else [i == k for i in range(len(unit.inputs))]
 
 
+def _product_role(unit):
+    return "product" if _factors(unit) else "scale"
+
+
 def _product_traits(unit):
-    """A product with a fixed factor is a diagonal linear map. A gate x·g(x) and a normalisation
-    x/σ(x) are not linear in x: relevance passes to x, and their gradient is not implemented."""
+    """A product with a fixed factor is a diagonal linear map, and so is each factor of a ⊙ b with
+    the other held fixed (they share R). A gate x·g(x) and a normalisation x/σ(x) are not linear
+    in x: relevance passes to x, and their gradient is not implemented."""
+    if _factors(unit):
+        return Traits(affine=True, differentiable=True, kind="a product of explained activations")
     if sum(unit.relevant) >= 2:
         return Traits(elementwise=True, kind="a gate or normalisation")
     return Traits(affine=True, elementwise=True, differentiable=True, kind="a product with a fixed factor")
 
 
-@mapped("Mul", "Div", role="scale", traits=_product_traits, check=_check_product, receivers=_product_receivers)
+@mapped("Mul", "Div", role=_product_role, traits=_product_traits, check=_check_product, receivers=_product_receivers)
 def product(b, unit):
     """x·c, x/c: relevance moves unchanged (pass). A gate x·g(x) (SiLU, GELU, Mish, squeeze-excitation)
-    and a normalisation x/σ(x) (a decomposed LayerNorm): all of it to x."""
-    k = _scaled_input(unit)
-    return [ScaleMap(unit, k) if i == k else None for i in range(len(unit.inputs))]
+    and a normalisation x/σ(x) (a decomposed LayerNorm): all of it to x. a ⊙ b: each factor's map,
+    the other held fixed."""
+    receivers = _product_receivers(unit)
+    maps = [ScaleMap(unit, k) if gets else None for k, gets in enumerate(receivers)]
+    for layer in maps:
+        if layer is not None:
+            layer.shares = sum(receivers)
+    return maps
 
 
 def _check_layer_norm(unit):
@@ -204,3 +223,24 @@ class LayerNormMap(LinearMap):
         check=_check_layer_norm)
 def layer_norm(b, unit):
     return first_input_only(unit, LayerNormMap(b, unit))
+
+
+class SoftmaxMap(LinearMap):
+    """s = softmax(x) over an axis, linearised at x: Fᵀ(g) = s ⊙ (g − Σ_axis s ⊙ g), the Jacobian's
+    transpose. The ε-rule on it is AttnLRP's softmax rule (Achtibat et al. 2024, Prop. 3.1):
+    R_x = x ⊙ (R − s ⊙ Σ_axis R), up to ε. A −inf in x (a mask) counts as 0: x ⊙ 0 would be NaN."""
+
+    def __init__(self, b, unit):
+        x = unit.inputs[0]
+        super().__init__(unit, x=b.op("Where", b.op("IsInf", x, detect_positive=0), b.const(0.0), x))
+        self.axis = unit.head.attrs.get("axis", -1)
+
+    def transpose(self, b, g, weight):
+        weighted = b.mul(self.output, g)
+        return b.sub(weighted, b.mul(self.output, b.op("ReduceSum", weighted, b.ints([self.axis]), keepdims=1)))
+
+
+@mapped("Softmax", role="softmax", traits=Traits(affine=True, differentiable=True, kind="a softmax"))
+def softmax(b, unit):
+    """A Softmax inside the network (attention weights); a final one is below the logits."""
+    return first_input_only(unit, SoftmaxMap(b, unit))

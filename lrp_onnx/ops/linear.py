@@ -236,7 +236,7 @@ def first_input_only(unit, layer):
     return [layer] + [None] * (len(unit.inputs) - 1)
 
 
-def _check_linear(unit):
+def check_linear(unit):
     head = unit.head
     if not is_constant(head.inputs[1]) or any(unit.relevant[1:]):
         return "the weight is not a constant initializer (only x·W with constant W is a linear layer)"
@@ -255,8 +255,8 @@ def _check_linear(unit):
     return None
 
 
-@mapped("Conv", "ConvTranspose", role="conv", traits=WEIGHTED, check=_check_linear)
-@mapped("Gemm", "MatMul", role="dense", traits=WEIGHTED, check=_check_linear)
+@mapped("Conv", "ConvTranspose", role="conv", traits=WEIGHTED, check=check_linear)
+@mapped("Gemm", role="dense", traits=WEIGHTED, check=check_linear)
 def linear_layer(b, unit):
     """R_x by the layer's rule, through F and Fᵀ of the (merged) linear map."""
     return first_input_only(unit, linear_map(b, unit))
