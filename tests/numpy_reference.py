@@ -135,3 +135,11 @@ def softmax_rule(x, r, epsilon):
     s = s / s.sum(-1, keepdims=True)
     share = s * r / stabilized(s, epsilon)
     return np.where(np.isinf(x), 0.0, x) * (share - s * share.sum(-1, keepdims=True))
+
+
+def layer_norm_rule(x, y, r, scale, epsilon, axes=(-1,), eps=1e-5):
+    """LXT's LayerNorm rule: σ constant, the mean not. g = γ ⊙ R / st(y);
+    R_x = x ⊙ (g − mean_axes(g)) / σ, σ = √(var_axes(x) + eps)."""
+    sigma = np.sqrt(x.var(axis=axes, keepdims=True) + eps)
+    g = scale * r / stabilized(y, epsilon)
+    return x * (g - g.mean(axis=axes, keepdims=True)) / sigma

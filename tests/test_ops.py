@@ -244,6 +244,7 @@ def pooled(np_pool):
 
 SHAPE = (3, 6, 6)
 LN_BIAS = RNG.standard_normal(6)
+LN_SCALE2 = np.random.default_rng(13).uniform(0.5, 2, (6, 6))  # not from RNG: the other cases' data stay as they were
 SOFTMAX_MASK = np.where(np.arange(6) == 4, -np.inf, 0.0) * np.ones((6, 1))
 ACTIVATION_CASES = [Case(op, SHAPE, [node(op, ["x"], **attrs)], passed, opset=opset) for op, attrs, opset in [
     ("Relu", {}, 17), ("LeakyRelu", {"alpha": 0.1}, 17), ("Sigmoid", {}, 17), ("Tanh", {}, 17), ("Elu", {}, 17),
@@ -328,8 +329,11 @@ CASES = ACTIVATION_CASES + [
     Case("ReduceSum-opset18", SHAPE, [node("ReduceSum", ["x", "ax"])], pooled(lambda s: s.sum(2, keepdims=True)),
          {"ax": np.array([-1], np.int64)}, opset=18, conserves=False),
     Case("LayerNormalization", SHAPE, [node("LayerNormalization", ["x", "ln_scale", "ln_bias"], axis=-1)],
-         lambda x, z, r: (z - LN_BIAS) * r / ref.stabilize(z, 1e-6), {"ln_scale": RNG.uniform(0.5, 2, 6),
-                                                                        "ln_bias": LN_BIAS}, conserves=False),
+         lambda x, z, r: ref.layer_norm_rule(x, z, r, LN_SCALE, 1e-6),
+         {"ln_scale": (LN_SCALE := RNG.uniform(0.5, 2, 6)), "ln_bias": LN_BIAS}, conserves=False),
+    Case("LayerNormalization-two-axes", SHAPE, [node("LayerNormalization", ["x", "ln_scale2"], axis=-2)],
+         lambda x, z, r: ref.layer_norm_rule(x, z, r, LN_SCALE2, 1e-6, axes=(-2, -1)), {"ln_scale2": LN_SCALE2},
+         conserves=False),
     Case("Expand", (3, 1, 6), [node("Expand", ["x", "to"])], routed(lambda s: np.broadcast_to(s, (3, 4, 6))),
          {"to": np.array([1, 3, 4, 6], np.int64)}),
     # indices computed at run time, repeated in pairs: row l of x as [-1, 6] reads (i, i % 6), i = l - l % 2;
@@ -352,10 +356,12 @@ CASES = ACTIVATION_CASES + [
     # a gated MLP's a ⊙ b, neither computed from the other: each factor gets R/2 by the ε-rule
     Case("Mul-two-activations", SHAPE, [node("Relu", ["x"], ["a"]), node("Sigmoid", ["x"], ["s"]),
                                         node("Mul", ["a", "s"])], normed, conserves=False),
-    # attention scores Q·Kᵀ with K broadcast along the head axis, Q = x, K = x's head 0
+    # attention scores Q·Kᵀ with K broadcast along the head axis: Q = sigmoid(x), K its head 0 (positive,
+    # so that no score is near 0, where float32 would amplify rounding)
     Case("MatMul-two-activations-broadcast", SHAPE,
-         [node("Slice", ["x", "h0", "h1", "hax"], ["k"]), node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
-          node("MatMul", ["x", "kt"])], lambda x, z, r: ref.bilinear_scores(x, r, 1e-6),
+         [node("Sigmoid", ["x"], ["q"]), node("Slice", ["q", "h0", "h1", "hax"], ["k"]),
+          node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]), node("MatMul", ["q", "kt"])],
+         lambda x, z, r: ref.bilinear_scores(1 / (1 + np.exp(-x)), r, 1e-6),
          {"h0": np.array([0], np.int64), "h1": np.array([1], np.int64), "hax": np.array([1], np.int64)},
          conserves=False),
     # softmax over the last axis after a mask with −inf (a padded token), AttnLRP's rule; the Mul keeps it

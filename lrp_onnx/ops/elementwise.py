@@ -2,6 +2,8 @@
 scalings by a fixed tensor (pass: relevance moves 1:1), gates x·g(x) (relevance to the gated
 branch) and LayerNorm."""
 
+import numpy as np
+
 from ..graph import is_constant
 from ..maps import LinearMap, Traits
 from ..registry import mapped
@@ -193,30 +195,48 @@ def product(b, unit):
     return maps
 
 
+def _normalised_axes(unit):
+    rank = len(unit.inputs[0].shape)
+    return list(range(unit.head.attrs.get("axis", -1) % rank, rank))
+
+
 def _check_layer_norm(unit):
     if any(unit.relevant[1:]):
         return "LayerNormalization's scale and bias must not depend on the explained input"
+    shape = unit.inputs[0].shape
+    if shape is None or not all(isinstance(shape[a], int) for a in _normalised_axes(unit)):
+        return "LayerNormalization needs static sizes on the normalised axes"
     return None
 
 
 class LayerNormMap(LinearMap):
-    """y = γ·n + β with n = (x − mean)/std over the normalised axes.
-
-    The normalisation takes the identity rule (mean and std count as constants: R_x = R_n), and
-    the affine part is the map u ↦ u + β of its input share u = γ·n = y − β. The composite's rule
-    for it (norm) gives R_x = (y − β) · R / stabilize(y)."""
+    """y = γ ⊙ C(x)/σ + β, with C(x) = x − mean(x) and σ = √(var(x) + eps) over the normalised axes,
+    linearised as LXT's AttnLRP does: σ is a constant, the mean is not. F(x) = γ ⊙ C(x)/σ is then
+    linear with Fᵀ(g) = C(γ ⊙ g)/σ (C is self-adjoint), and the ε-rule on it gives
+    R_x = x ⊙ C(γ ⊙ R/st(y))/σ, with β absorbing its share."""
 
     def __init__(self, b, unit):
-        bias = unit.inputs[2] if len(unit.inputs) > 2 and unit.inputs[2].name else None
-        y = unit.outputs[0]
-        super().__init__(unit, x=y if bias is None else b.sub(y, bias), output=y)
-        self.bias = bias
+        super().__init__(unit)
+        self.axes = _normalised_axes(unit)
+        self.count = float(np.prod([self.x.shape[a] for a in self.axes]))
+        self.scale = unit.inputs[1]
+        self.bias = unit.inputs[2] if len(unit.inputs) > 2 and unit.inputs[2].name else None
+        centred = self._centre(b, self.x)
+        variance = self._mean(b, b.mul(centred, centred))
+        self.sigma = b.op("Sqrt", b.add(variance, b.const(unit.head.attrs.get("epsilon", 1e-5))))
+
+    def _mean(self, b, t):
+        return b.mul(b.op("ReduceSum", t, b.ints(self.axes), keepdims=1), b.const(1.0 / self.count))
+
+    def _centre(self, b, t):
+        return b.sub(t, self._mean(b, t))
 
     def emit_forward(self, b, x, weight, bias):
-        return x if bias is None else b.add(x, bias)
+        z = b.div(b.mul(self._centre(b, x), self.scale), self.sigma)
+        return z if bias is None else b.add(z, bias)
 
     def transpose(self, b, g, weight):
-        return g
+        return b.div(self._centre(b, b.mul(g, self.scale)), self.sigma)
 
 
 @mapped("LayerNormalization", role="layernorm", traits=Traits(affine=True, kind="LayerNormalization"),
