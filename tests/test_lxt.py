@@ -1,5 +1,6 @@
 """Parity with LXT 2.1 (AttnLRP's reference implementation), which runs in its own process
-(lxt_reference.py): a small torchvision VisionTransformer under CP-LRP, LXT's default for it."""
+(lxt_reference.py): a small torchvision VisionTransformer under CP-LRP (LXT's default for it)
+and AttnLRP."""
 
 import json
 import os
@@ -7,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from torchvision.models.vision_transformer import VisionTransformer
 
@@ -25,25 +27,26 @@ def small_vit():
     return model
 
 
-def lxt_relevance(model, x, targets, folder):
+def lxt_relevance(composite, model, x, targets, folder):
     paths = {name: os.path.join(folder, name) for name in ("config.json", "state.pt", "x.npy", "t.npy", "r.npy")}
     json.dump(VIT, open(paths["config.json"], "w"))
     torch.save(model.state_dict(), paths["state.pt"])
     np.save(paths["x.npy"], x)
     np.save(paths["t.npy"], targets)
-    subprocess.run([sys.executable, os.path.join(HERE, "lxt_reference.py"), *paths.values()], check=True,
-                   capture_output=True)
+    subprocess.run([sys.executable, os.path.join(HERE, "lxt_reference.py"), composite, *paths.values()],
+                   check=True, capture_output=True)
     return np.load(paths["r.npy"])
 
 
-def test_cp_lrp_matches_lxt_on_a_small_vit(tmp_path):
+@pytest.mark.parametrize("composite", ["cp-lrp", "attnlrp"])
+def test_matches_lxt_on_a_small_vit(tmp_path, composite):
     model = small_vit()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     targets = np.array([1, 3])
-    reference = lxt_relevance(model, x.numpy(), targets, str(tmp_path))
+    reference = lxt_relevance(composite, model, x.numpy(), targets, str(tmp_path))
     path = str(tmp_path / "vit.onnx")
     torch.onnx.export(model, x, path, input_names=["x"], output_names=["y"], dynamo=True)
-    _, ours = lrp_onnx.Explainer(path, composite="cp-lrp").explain(x.numpy(), targets)
+    _, ours = lrp_onnx.Explainer(path, composite=composite).explain(x.numpy(), targets)
     errors = np.linalg.norm((ours - reference).reshape(2, -1), axis=1) / np.linalg.norm(reference.reshape(2, -1), axis=1)
     assert errors.max() <= TOLERANCE, errors
 
