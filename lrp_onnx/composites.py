@@ -1,8 +1,10 @@
 """Composites: which rule each unit gets. Kept apart from the rule maths and from graph analysis.
 
 A composite names a rule for each *slot*: "conv" (Conv, ConvTranspose), "dense" (Gemm, MatMul),
-"first" (the first linear layer reached from the explained input) and "norm" (sums of
-activations, average pooling, LayerNorm). Every composite carries Zennit's base layer map
+"first" (the first linear layer reached from the explained input), "norm" (sums of activations,
+average pooling, LayerNorm), "product" (products of explained activations: attention's MatMuls,
+a gated MLP's a ⊙ b), "softmax" (a Softmax inside the network) and "shift" (an activation plus
+a fixed tensor). Every composite carries Zennit's base layer map
 (``layer_map_base``): activations, products with a constant and an unmerged BatchNorm get pass,
 and the "norm" slot is Zennit's Norm, the ε-rule with ε = the stabilizer (``--stabilizer``, not
 ``--epsilon``, as Zennit's ``layer_map_base(stabilizer)``). The composites of Zennit's names assign
