@@ -3,6 +3,8 @@
     python benchmarks/coverage.py                 # everything (about an hour on 2 cores)
     python benchmarks/coverage.py --only resnet   # rows whose model name contains "resnet"
 
+The transformers section is coverage_transformers.py's; this script keeps it.
+
 Per model × exporter: the opset and node count of the file, whether it converts and runs, the
 largest deviation of the explainer's original outputs from ONNX Runtime's run of the model, the
 conservation error, and the conversion and explanation times. Rows are cached in
@@ -39,11 +41,13 @@ import onnx
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import exporters  # noqa: E402
 from lrp_onnx.errors import LrpOnnxError  # noqa: E402
 from lrp_onnx.load import ai_onnx_opset  # noqa: E402
 from lrp_onnx.verify import verify  # noqa: E402
+from sections import marked_sections  # noqa: E402
 
 CONSERVING = {"composite": "zplus", "zero_params": ["bias"], "stabilizer": 1e-30}
 EPSILON_CONSERVING = {"composite": "epsilon", "zero_params": ["bias"], "epsilon": 1e-30, "stabilizer": 1e-30}
@@ -186,8 +190,9 @@ def write_table(rows, path):
                  _sci(r.get("conservation_epsilon")) + (" ✗" if r.get("note") else ""),
                  _fixed(r.get("convert_s")), _fixed(r.get("explain_s"), 3)]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    kept = marked_sections(path)  # other scripts' sections (coverage_transformers.py)
     with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write("\n".join(lines + [""] + kept) + "\n")
 
 
 def _sci(value):

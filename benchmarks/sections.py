@@ -1,6 +1,8 @@
-"""RELIABILITY.md is written by several scripts, each owning one section between HTML-comment markers."""
+"""RELIABILITY.md (and BENCHMARKS.md's transformers section) are written by several scripts, each
+owning one section between HTML-comment markers."""
 
 import os
+import re
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELIABILITY = os.path.join(ROOT, "RELIABILITY.md")
@@ -18,3 +20,10 @@ def write_section(name, markdown, path=RELIABILITY):
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     with open(path, "w") as f:
         f.write(text)
+
+
+def marked_sections(path):
+    """Every ``<!-- NAME:begin -->`` ... ``<!-- NAME:end -->`` block in ``path`` (none if it is missing)."""
+    if not os.path.exists(path):
+        return []
+    return [m.group(0) for m in re.finditer(r"<!-- (\S+):begin -->.*?<!-- \1:end -->", open(path).read(), re.S)]

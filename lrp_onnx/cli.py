@@ -27,6 +27,7 @@ from .io.inputs import InputSpec, Preprocess, load_samples
 from .load import read_model
 from .plan import plan
 from .runtime import Explainer, save_model
+from .text import token_table, write_text_explanations
 
 EXIT_OK, EXIT_INTERNAL = 0, 1
 # The most specific class first: UnsafeModelError is a ModelLoadError with its own code.
@@ -80,7 +81,7 @@ def _add_rule_flags(p, composite_default=DEFAULT_COMPOSITE, bounds=("--low", "--
         p.add_argument("--method", default="lrp", choices=METHODS,
                        help="lrp (default), or a baseline: gradient, sensitivity (gradient²), gradient-x-input")
         p.add_argument("--input", dest="input_name", metavar="NAME",
-                       help="graph input to explain (default: the first float input)")
+                       help="graph input to explain (default: the first float input, else the token ids)")
     p.add_argument("--zero-bias", action="store_true",
                    help="layer rules ignore biases, so relevance is conserved (Zennit's zero_params=['bias'])")
     p.add_argument("--rules", metavar="FILE", help="JSON or TOML file: node-name glob or op type -> rule")
@@ -150,7 +151,8 @@ def cmd_inspect(args):
     p = plan(args.model, **_conversion(args))
     problems = {name: f"UNSUPPORTED: {reason}" for name, _, reason in p.problems}
     problems.update((name, f"RULE DOES NOT FIT: {reason}") for name, _, reason in p.rule_problems)
-    print(f"{p.label}: explaining input {p.explained.name!r} {list(p.explained.shape or [])}, "
+    where = f" at its embedding {p.explained.name!r}" if p.explained is not p.explained_input else ""
+    print(f"{p.label}: explaining input {p.explained_input.name!r} {list(p.explained_input.shape or [])}{where}, "
           f"relevance from {p.logits.name!r}, {'composite ' + p.composite.name if p.method == 'lrp' else p.method}")
     width = max([len(u.name) for u in p.units] + [4])
     for unit in p.units:
@@ -172,13 +174,28 @@ def cmd_inspect(args):
 
 
 def cmd_explain(args):
+    if bool(args.text) == bool(args.inputs):
+        raise InputError("give INPUT files or --text, not both" if args.text else "nothing to explain: give INPUT files or --text")
+    if bool(args.text) != bool(args.tokenizer):
+        raise InputError("--text needs --tokenizer" if args.text else "--tokenizer is for --text")
     explainer = Explainer(args.model, providers=args.provider, **_conversion(args))
-    preprocess = _preprocess(args)
     labels = read_labels(args.labels) if args.labels else None
+    if args.text:
+        return _explain_texts(explainer, args, labels)
+    preprocess = _preprocess(args)
     rows = explain_to_folder(explainer, args.inputs, args.output, preprocess, args.target, args.top_k, labels,
                              args.batch_size, args.cmap, args.overlay, args.json, zoom=args.zoom)
     print(f"wrote {len(rows)} explanation(s) to {args.output}/ (heatmaps, relevance .npy, summary.csv"
           f"{', summary.json' if args.json else ''})")
+    return EXIT_OK
+
+
+def _explain_texts(explainer, args, labels):
+    explanations = explainer.explain_text(args.text, args.tokenizer, args.target, args.top_k, labels)
+    for e in explanations:
+        print(token_table(e))
+    files = write_text_explanations(explanations, args.output, args.cmap)
+    print(f"wrote {len(explanations)} explanation(s) to {args.output}/ ({', '.join(files)})")
     return EXIT_OK
 
 
@@ -202,7 +219,7 @@ def _preprocess(args):
 
 
 def _input_spec(model):
-    return InputSpec(list(plan(model).explained.shape or []))
+    return InputSpec(list(plan(model).explained_input.shape or []))
 
 
 def _batch(data, spec, args):
@@ -250,7 +267,7 @@ def cmd_compare(args):
     samples, x = _batch(args.data, spec_a, args)
     writable_folder(args.output)
     result = compare(args.model_a, args.model_b, x, layout_a, layout_b, args.composite, args.aopc_steps,
-                     **rule_params(args))
+                     args.composite_b, **rule_params(args))
     write_grid(result, samples, layout_a, os.path.join(args.output, "compare.png"))
     write_comparison(result, [s.name for s in samples], os.path.join(args.output, "compare.json"),
                      args.model_a, args.model_b)
@@ -279,9 +296,12 @@ def build_parser():
     p.add_argument("model")
     _add_rule_flags(p)
     p.set_defaults(run=cmd_inspect)
-    p = sub.add_parser("explain", help="explain images, folders or arrays: heatmaps, relevance, summary.csv")
+    p = sub.add_parser("explain", help="explain images, folders, arrays or texts: heatmaps, relevance, summary.csv")
     p.add_argument("model", help="an explainer graph, or a classifier (converted in memory)")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files (PNG, JPEG, BMP), folders, .npy, .npz")
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="image files (PNG, JPEG, BMP), folders, .npy, .npz")
+    p.add_argument("--text", action="append", metavar="TEXT",
+                   help="a text to explain (repeatable), for a model that takes token ids; needs --tokenizer")
+    p.add_argument("--tokenizer", metavar="FILE", help="tokenizer.json (Hugging Face tokenizers) for --text")
     p.add_argument("-o", "--output", default="lrp-out", metavar="DIR", help="output folder (default ./lrp-out)")
     p.add_argument("--target", help="class index, or label name with --labels (default: the predicted class)")
     p.add_argument("--top-k", type=_positive_int, metavar="K", help="explain the K highest-scoring classes")
@@ -324,7 +344,9 @@ def build_parser():
     p.add_argument("data", nargs="+", metavar="DATA",
                    help="image files, folders, .npy, .npz (arrays model-ready for MODEL_A; moved to B's layout)")
     p.add_argument("-o", "--output", default="lrp-compare", metavar="DIR", help="output folder (default ./lrp-compare)")
-    p.add_argument("--composite", default=DEFAULT_COMPOSITE, choices=sorted(COMPOSITES), help="for both models")
+    p.add_argument("--composite", default=DEFAULT_COMPOSITE, choices=sorted(COMPOSITES),
+                   help="for both models, or for MODEL_A with --composite-b")
+    p.add_argument("--composite-b", choices=sorted(COMPOSITES), help="for MODEL_B (default: --composite)")
     p.add_argument("--aopc-steps", type=int, default=100, metavar="L",
                    help="perturbation steps for each model's AOPC (0: skip)")
     _add_rule_flags(p, choose=False)

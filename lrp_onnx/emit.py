@@ -32,7 +32,8 @@ def convert(model, composite=DEFAULT_COMPOSITE, *, input_name=None, rules=None, 
 
     Inputs: the original inputs plus ``target`` (int64 [N], -1 = predicted class); with
     ``seed_input=True`` a float ``relevance_seed`` shaped like the scores replaces the one-hot seed.
-    Outputs: the original outputs plus ``relevance`` (float32, the explained input's shape), and
+    Outputs: the original outputs plus ``relevance`` (float32, the explained input's shape: for
+    token ids [N, T], summed over the embedding they are explained at), and
     ``relevance:NAME`` for each tensor NAME in ``layers``, shaped like it or, with
     ``layer_sum="channel"``, summed to [N, channels]. A float16 or bfloat16 model is explained in
     float32 (precision.py): float16 inputs and outputs stay float16, bfloat16 ones become float32.
@@ -53,7 +54,10 @@ def convert(model, composite=DEFAULT_COMPOSITE, *, input_name=None, rules=None, 
             relevance = b.mul(relevance, relevance)
         elif method == "gradient-x-input":
             relevance = b.mul(relevance, p.explained)
-    extra_outputs = {RELEVANCE: (relevance, np.float32, p.explained.shape), **seed_outputs}
+        if p.explained is not p.explained_input:
+            # token ids: one value per token, Σ over the embedding axis (the full [N, T, D] is the layer p.explained)
+            relevance = b.op("ReduceSum", relevance, b.ints([-1]), keepdims=0)
+    extra_outputs = {RELEVANCE: (relevance, np.float32, p.explained_input.shape), **seed_outputs}
     with b.scope("layers"):
         for name, tensor in layers.items():
             r = at_layers[name] if name in at_layers else b.zeros_like(tensor)
@@ -93,7 +97,7 @@ def convert(model, composite=DEFAULT_COMPOSITE, *, input_name=None, rules=None, 
 def metadata(p):
     """How the explainer was made, as strings: enough to make it again from the source model."""
     slots, overrides = p.composite.describe()
-    return {"explained_input": p.explained.name, "score_output": p.score.name, "method": p.method,
+    return {"explained_input": p.explained_input.name, "explained_tensor": p.explained.name, "score_output": p.score.name, "method": p.method,
             "composite": p.composite.name, "rules": json.dumps(slots), "overrides": json.dumps(overrides),
             "parameters": json.dumps(p.composite.params.given()),
             "version": version("lrp-onnx"), "source_sha256": p.source_sha256 or "unknown"}

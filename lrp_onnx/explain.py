@@ -87,17 +87,21 @@ def explain_samples(explainer, samples, target=None, top_k=None, labels=None, ba
     target = check_request(explainer, target, top_k, labels)
     bar = progress_bar(len(samples) * (top_k or 1), progress)
     for batch in batches(samples, batch_size):
-        x = np.stack([s.array for s in batch])
-        # One run gives the scores and the first explanation (top-1 is the predicted class, -1).
-        first = explainer.run(x, -1 if target is None else target)
-        ranked = np.argsort(-first[explainer.score_name], axis=1, kind="stable")
-        for rank in range(top_k or 1):
-            run = first if rank == 0 else explainer.run(x, ranked[:, rank])
+        for run, predicted in ranked_runs(explainer, np.stack([s.array for s in batch]), target, top_k):
             for i, sample in enumerate(batch):
-                yield Explanation(sample, int(run["explained_class"][i]), int(ranked[i, 0]),
+                yield Explanation(sample, int(run["explained_class"][i]), int(predicted[i]),
                                   float(run["explained_logit"][i]), run["relevance"][i], labels)
             bar.update(len(batch))
     bar.close()
+
+
+def ranked_runs(explainer, feeds, target=None, top_k=None):
+    """Yield (run, predicted classes) per explained rank: the target's run, or the top-k classes' runs.
+    One run gives the scores and the first explanation (top-1 is the predicted class, -1)."""
+    first = explainer.run(feeds, -1 if target is None else target)
+    ranked = np.argsort(-first[explainer.score_name], axis=1, kind="stable")
+    for rank in range(top_k or 1):
+        yield (first if rank == 0 else explainer.run(feeds, ranked[:, rank])), ranked[:, 0]
 
 
 def explain_images(explainer, inputs, target=None, top_k=None, labels=None, preprocess=None, batch_size=32):

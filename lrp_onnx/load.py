@@ -261,8 +261,26 @@ def infer_shapes(proto, label):
     sub-graphs into constants. ONNX's own inference (with constant propagation) is the fallback."""
     def infer(shell):
         inferred = _symbolic_shapes(shell)
+        if inferred is None and _tensors_only(shell):
+            # ORT's inference stops at a Reshape whose target is computed from constants alone
+            # (TorchScript's unflatten of nn.MultiheadAttention's packed qkv): fold them first
+            inferred = _symbolic_shapes(_constants_folded(shell))
         return inferred if inferred is not None else _onnx_shapes(shell, label)
     return without_large_weights(infer, proto)
+
+
+def _tensors_only(proto):
+    """No sequence or map inputs and outputs (ZipMap's): graphsurgeon would lose their types."""
+    return all(v.type.HasField("tensor_type") for v in list(proto.graph.input) + list(proto.graph.output))
+
+
+def _constants_folded(proto):
+    graph = gs.import_onnx(proto)
+    fold_constants(graph)
+    folded = gs.export_onnx(graph, do_type_check=False)
+    folded.ir_version = proto.ir_version
+    folded.metadata_props.extend(proto.metadata_props)
+    return folded
 
 
 def _onnx_shapes(proto, label):

@@ -17,7 +17,7 @@ class Traits:
     weighted:       F has a weight that rules may modify (W⁺, W², ones): αβ, z⁺, γ, flat, w², z^B.
     elementwise:    each output element comes from one input element (up to broadcasting), so
                     relevance may pass unchanged (Pass).
-    differentiable: ``transpose`` is the Jacobian's transpose, so the chain rule applies (the
+    differentiable: ``gradient`` is the Jacobian's transpose, so the chain rule applies (the
                     gradient baselines).
     kind:           what the map is, for messages ("an activation", "a gate or normalisation").
     """
@@ -68,3 +68,8 @@ class LinearMap:
 
     def transpose(self, b, g, weight):
         raise NotImplementedError
+
+    def gradient(self, b, g):
+        """∂⟨F(x), g⟩/∂x, the chain rule's step. For most maps the transpose itself; a map that
+        linearises differently for LRP (LayerNorm, σ held constant) overrides it."""
+        return self.transpose(b, g, self.weight)

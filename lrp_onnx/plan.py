@@ -9,12 +9,13 @@ import fnmatch
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from . import ops  # noqa: F401  (registers every propagator)
 from .composites import DEFAULT_COMPOSITE, METHODS, Composite, gradient_composite, make_composite
 from .errors import RuleError, UnsupportedModelError, UnsupportedOpError
-from .graph import carries_relevance, find_units, nonnegative_tensors
+from .graph import carries_relevance, find_units, is_constant, nonnegative_tensors
 from .load import import_graph, load_model, source_digest
 from .precision import upcast_types
 from .registry import lookup
@@ -38,7 +39,8 @@ class Plan:
     """What the converter decided, before emitting anything: shown by ``inspect``."""
     graph: gs.Graph
     label: str
-    explained: gs.Variable
+    explained_input: gs.Variable  # the graph input explained
+    explained: gs.Variable  # where relevance is gathered: that input, or for token ids their embedding
     score: gs.Tensor        # the [N, classes] output
     logits: gs.Tensor       # where relevance starts: the score, or the input of a final softmax
     units: list             # units upstream of the logits, topological order, each with its role
@@ -65,19 +67,43 @@ def _is_float(t):
 
 
 def pick_input(graph, label, input_name=None):
+    """The explained graph input and the tensor relevance is gathered at.
+
+    A float input is explained itself. Integer token ids (BERT's ``input_ids``) carry no relevance:
+    they are explained at the output of their embedding lookup, Gather(constant table, ids), as LXT
+    explains at ``inputs_embeds``. Without ``input_name``: the first float input, else the token ids
+    (``input_ids``, or the one integer input that feeds an embedding)."""
     if input_name is not None:
         match = [t for t in graph.inputs if t.name == input_name]
         if not match:
             raise UnsupportedModelError(f"{label}: no graph input named {input_name!r}; inputs are "
                                         f"{[t.name for t in graph.inputs]}")
-        if not _is_float(match[0]):
-            raise UnsupportedModelError(f"{label}: input {input_name!r} is not a float tensor")
-        return match[0]
-    floats = [t for t in graph.inputs if _is_float(t)]
-    if not floats:
-        raise UnsupportedModelError(f"{label}: the graph has no float input to explain; inputs are "
-                                    f"{[(t.name, str(t.dtype)) for t in graph.inputs]}")
-    return floats[0]
+        chosen = match[0]
+    else:
+        floats = [t for t in graph.inputs if _is_float(t)]
+        tokens = [t for t in graph.inputs if not floats and _embedding_of(t)]
+        tokens.sort(key=lambda t: t.name != "input_ids")
+        if not floats and not tokens:
+            raise UnsupportedModelError(f"{label}: the graph has no float input, nor token ids feeding an embedding, to "
+                                        f"explain; inputs are {[(t.name, str(t.dtype)) for t in graph.inputs]}")
+        chosen = (floats or tokens)[0]
+    if _is_float(chosen):
+        return chosen, chosen
+    lookups = _embedding_of(chosen)
+    if len(lookups) != 1:
+        raise UnsupportedModelError(
+            f"{label}: input {chosen.name!r} is not a float tensor, nor token ids feeding one embedding lookup "
+            f"(a Gather of a constant float table on axis 0); it feeds {len(lookups)}")
+    return chosen, lookups[0].outputs[0]
+
+
+def _embedding_of(t):
+    """The embedding lookups of integer tensor ``t``: Gather(constant [vocab, D] float table, t), axis 0."""
+    if t.dtype is None or np.dtype(t.dtype).kind not in "iu":
+        return []
+    return [n for n in t.outputs if n.op == "Gather" and len(n.inputs) == 2 and n.inputs[1] is t
+            and n.attrs.get("axis", 0) == 0 and is_constant(n.inputs[0])
+            and n.inputs[0].values.ndim == 2 and n.inputs[0].values.dtype.kind == "f"]
 
 
 def find_logits(graph, label):
@@ -138,7 +164,7 @@ def plan(model, composite=DEFAULT_COMPOSITE, *, input_name=None, rules=None, met
     for name in ADDED_NAMES:
         if name in graph.tensors():
             raise UnsupportedModelError(f"{label}: the model already has a tensor named {name!r}")
-    explained = pick_input(graph, label, input_name)
+    explained_input, explained = pick_input(graph, label, input_name)
     score, logits = find_logits(graph, label)
     units = _upstream_of(find_units(graph, explained, graph.outputs), logits)
     nonnegative = nonnegative_tensors(graph)
@@ -162,7 +188,7 @@ def plan(model, composite=DEFAULT_COMPOSITE, *, input_name=None, rules=None, met
             (rule_problems if rule.chosen else problems).append((unit.name, unit.op, misfit))
     _check_overrides(composite, units)
     output_types = {o.name: o.type for o in proto.graph.output}
-    return Plan(graph, label, explained, score, logits, units, rules_by_unit, problems, rule_problems, composite,
+    return Plan(graph, label, explained_input, explained, score, logits, units, rules_by_unit, problems, rule_problems, composite,
                 method, output_types, upcast_types(proto), source_digest(model))
 
 

@@ -321,7 +321,7 @@ class Gradient(Rule):
         return None if self.fits(traits) else f"the gradient of {traits.kind} is not implemented; explain with method lrp"
 
     def propagate(self, b, layer, x, r):
-        return layer.transpose(b, r, layer.weight)
+        return layer.gradient(b, r)
 
 
 def _part(b, bias, part):

@@ -80,6 +80,8 @@ class Explainer:
         classes = outputs[self.score_name].shape[1]
         self.class_count = classes if isinstance(classes, int) else None
         self.input_shape = list(self.inputs[self.input_name].shape)
+        # token ids, explained at their embedding: relevance is [N, T] (plan.pick_input)
+        self.explains_tokens = np.dtype(ONNX_TYPES.get(self.inputs[self.input_name].type, np.float32)).kind == "i"
 
     def run(self, x, target=None, **other_inputs):
         """Every output by name: the original ones, ``relevance``, ``explained_class``, ``explained_logit``."""
@@ -103,6 +105,15 @@ class Explainer:
         """
         named = self.run(x, target, **other_inputs)
         return {k: named[k] for k in self.output_names}, named[RELEVANCE]
+
+    def explain_text(self, texts, tokenizer, target=None, top_k=None, labels=None):
+        """A ``text.TextExplanation`` (tokens, one relevance per token, class, logit) per text and
+        target, for a model whose explained input is token ids. ``tokenizer`` is a path to a
+        tokenizer.json or a ``tokenizers.Tokenizer``; padding is added and masked for a batch."""
+        from . import text
+        if not hasattr(tokenizer, "encode_batch"):
+            tokenizer = text.load_tokenizer(tokenizer)
+        return text.explain_texts(self, texts, tokenizer, target, top_k, labels)
 
     def _check_input(self, name, value):
         """One-line InputErrors instead of ORT's messages, or of silently non-finite relevance: a
@@ -135,10 +146,12 @@ class Explainer:
 
     def _as_input_type(self, name, value):
         """Floats are cast to the input's float type (float64 images to float32, float32 to a float16
-        model's float16); nothing else is. A finite value past the type's range is an InputError,
+        model's float16), integers to its integer type; nothing else is. A finite value past the type's range is an InputError,
         where the cast would turn it into inf."""
         value = np.asarray(value)
         dtype = ONNX_TYPES.get(self.inputs[name].type)
+        if dtype is not None and np.dtype(dtype).kind == "i" and value.dtype.kind in "iu":
+            return value.astype(dtype)  # token ids and masks: int32 or int64, as the model takes them
         if dtype is None or np.dtype(dtype).kind != "f" or value.dtype.kind != "f":
             return value
         with np.errstate(over="ignore"):

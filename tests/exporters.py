@@ -46,7 +46,8 @@ def torchvision_classifier(name, path, exporter="torchscript", batch=2, classes=
     return {"x": x.numpy()}
 
 
-def export_torch(model, x, path, exporter):
+def export_torch(model, x, path, exporter, opset=None):
+    """``exporter`` "dynamo" or "torchscript" (at ``opset``, default the exporter's own)."""
     import torch
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -56,7 +57,8 @@ def export_torch(model, x, path, exporter):
                               dynamic_shapes=({0: batch},), verbose=False)
         else:
             torch.onnx.export(model, (x,), path, dynamo=False, input_names=["x"], output_names=["logits"],
-                              dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
+                              dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
+                              **({"opset_version": opset} if opset else {}))
 
 
 LIGHT_ZOO = ("bvlc_alexnet", "densenet121", "inception_v1", "inception_v2", "resnet50", "shufflenet",
@@ -141,3 +143,110 @@ def split_gemm_past_2gb(folder, features=280_000, classes=1000):
         weights + [helper.make_tensor("halves", TensorProto.INT64, [2], [features, features])])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), os.path.join(folder, "big.onnx"))
     return np.memmap(os.path.join(folder, "weights.bin"), np.float32, "r").reshape(2, classes, features)
+
+
+# Hugging Face text classifiers with tiny configs (eager attention: an explicit Softmax to explain)
+TINY_TEXT = {"vocab_size": 50, "num_labels": 3, "max_position_embeddings": 16, "attn_implementation": "eager"}
+HF_TEXT = {
+    "bert": ("BertConfig", "BertForSequenceClassification",
+             {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 32}),
+    "distilbert": ("DistilBertConfig", "DistilBertForSequenceClassification",
+                   {"dim": 16, "n_layers": 2, "n_heads": 2, "hidden_dim": 32}),
+    # RoBERTa numbers positions from padding_idx + 1: two more positions than tokens
+    "roberta": ("RobertaConfig", "RobertaForSequenceClassification",
+                {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 32,
+                 "max_position_embeddings": 18}),
+}
+
+
+def hf_text_config(name):
+    return {**TINY_TEXT, **HF_TEXT[name][2]}
+
+
+def hf_text_model(name, seed=0):
+    import torch
+    import transformers
+    config_class, model_class, _ = HF_TEXT[name]
+    torch.manual_seed(seed)
+    return getattr(transformers, model_class)(getattr(transformers, config_class)(**hf_text_config(name))).eval()
+
+
+def padded_tokens(batch=2, length=7, seed=3):
+    """Token ids in 3..49 (0-2 are pad and specials in these vocabularies); every sample after the
+    first is padded (id 1, mask 0) from position 4 on."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, 50, (batch, length))
+    mask = np.ones((batch, length), np.int64)
+    mask[1:, 4:] = 0
+    ids[1:, 4:] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def export_text(model, feeds, path, exporter):
+    """Export ``model`` taking ``feeds`` (input_ids, attention_mask), batch and length dynamic."""
+    import torch
+    names = list(feeds)
+    args = tuple(torch.tensor(feeds[k]) for k in names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            length = model.config.max_position_embeddings - (2 if model.config.model_type == "roberta" else 0)
+            dims = {0: torch.export.Dim("N"), 1: torch.export.Dim("T", max=length)}
+            torch.onnx.export(model, args, path, dynamo=True, input_names=names, output_names=["logits"],
+                              dynamic_shapes={k: dims for k in names})
+        else:
+            torch.onnx.export(model, args, path, dynamo=False, opset_version=17, input_names=names,
+                              output_names=["logits"], dynamic_axes={k: {0: "N", 1: "T"} for k in names})
+
+
+def hf_text_classifier(name, path, exporter="dynamo"):
+    feeds = padded_tokens()
+    export_text(hf_text_model(name), feeds, path, exporter)
+    return feeds
+
+
+# Vision transformers: torchvision's (random init, the head re-initialised: torchvision zero-
+# initialises it, which makes every logit 0), Hugging Face's ViT and timm's DeiT, at these sizes
+SMALL_VIT = {"image_size": 32, "patch_size": 8, "num_layers": 2, "num_heads": 2, "hidden_dim": 16, "mlp_dim": 32}
+VISION_TRANSFORMERS = {"vit (small)": 32, "vit_b_16": 224, "swin_t": 224, "maxvit_t": 224, "hf ViT (tiny)": 32,
+                       "timm deit_tiny_patch16_224": 224}
+
+
+def vision_transformer(name, path, exporter, batch=2, classes=10, seed=0):
+    import torch
+    import torchvision
+    torch.manual_seed(seed)
+    if name == "vit (small)":
+        model = torchvision.models.VisionTransformer(num_classes=classes, **SMALL_VIT)
+    elif name == "hf ViT (tiny)":
+        import transformers
+        model = transformers.ViTForImageClassification(transformers.ViTConfig(
+            image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=32, num_labels=classes, attn_implementation="eager"))
+    elif name.startswith("timm "):
+        import timm
+        model = timm.create_model(name.split()[1], pretrained=False, num_classes=classes)
+    else:
+        model = getattr(torchvision.models, name)(num_classes=classes)
+    model.eval()
+    for module in model.modules():  # zero-initialised heads (torchvision ViT) make every logit 0
+        if isinstance(module, torch.nn.Linear) and not module.weight.detach().any():
+            torch.nn.init.normal_(module.weight, std=0.02)
+    size = VISION_TRANSFORMERS[name]
+    x = torch.randn(batch, 3, size, size)
+    wrapped = _logits_only(model) if name.startswith("hf ") else model
+    export_torch(wrapped, x, path, exporter)
+    return {"x": x.numpy()}
+
+
+def _logits_only(model):
+    import torch
+
+    class Logits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            return self.model(pixel_values=x).logits
+    return Logits().eval()

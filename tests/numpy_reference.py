@@ -137,6 +137,15 @@ def softmax_rule(x, r, epsilon):
     return np.where(np.isinf(x), 0.0, x) * (share - s * share.sum(-1, keepdims=True))
 
 
+def centred_rule(x, r, epsilon):
+    """x − mean(x) over the last axis (a decomposed LayerNorm's first step), R at it: the ε-split
+    of the sum, R_x = x ⊙ R/st(c) and R_mean = −mean ⊙ R/st(c), then the mean's share back to x
+    by the ε-rule of the mean, x ⊙ mean(R_mean / st(mean)) broadcast."""
+    mean = x.mean(-1, keepdims=True)
+    share = r / stabilized(x - mean, epsilon)
+    return x * share + x * (-mean * share / stabilized(mean, epsilon)).mean(-1, keepdims=True)
+
+
 def layer_norm_rule(x, y, r, scale, epsilon, axes=(-1,), eps=1e-5):
     """LXT's LayerNorm rule: σ constant, the mean not. g = γ ⊙ R / st(y);
     R_x = x ⊙ (g − mean_axes(g)) / σ, σ = √(var_axes(x) + eps)."""

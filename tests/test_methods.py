@@ -1,7 +1,9 @@
-"""Baseline methods built by the same reverse walk (method=): gradient against torch autograd,
+"""Baseline methods built by the same reverse walk (method=): gradient against torch autograd
+(CNNs, MLPs, and a transformer block),
 sensitivity = gradient², and for a bias-free ReLU net, LRP-ε with a tiny ε = gradient × input."""
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from torch import nn
@@ -42,6 +44,35 @@ def test_gradient_matches_autograd(tmp_path, build, shape, exporter):
     np.testing.assert_allclose(results["gradient"], expected, rtol=1e-4, atol=1e-5 * scale)
     np.testing.assert_allclose(results["sensitivity"], expected ** 2, rtol=1e-4, atol=1e-5 * scale ** 2)
     np.testing.assert_allclose(results["gradient-x-input"], expected * x, rtol=1e-4, atol=1e-5 * scale * 3)
+
+
+class AttentionBlock(nn.Module):
+    """Transformer pieces the chain rule must go through: LayerNorm (its true Jacobian, not the
+    σ-constant linearisation LRP uses), GELU in both forms, a softmax attention."""
+
+    def __init__(self, dim=6, classes=5):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.mlp = nn.Linear(dim, 3 * dim), nn.Sequential(nn.Linear(dim, 8), nn.GELU(approximate="tanh"),
+                                                                   nn.Linear(8, dim), nn.GELU())
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)
+        x = x + torch.softmax(q @ k.transpose(1, 2), dim=-1) @ v
+        return self.head((x + self.mlp(self.norm2(x))).mean(1))
+
+
+def test_gradient_through_layer_norm_gelu_and_attention_matches_autograd(tmp_path):
+    torch.manual_seed(5)
+    model = AttentionBlock().eval()
+    x = np.random.default_rng(2).standard_normal((3, 4, 6)).astype(np.float32)
+    path = export(model, torch.from_numpy(x), str(tmp_path / "block.onnx"), dynamo=True)
+    ops = {n.op_type for n in onnx.load(path).graph.node}
+    assert {"LayerNormalization", "Gelu", "Softmax"} <= ops, ops
+    expected = autograd(model, x, TARGETS)
+    _, gradient = lrp_onnx.Explainer(path, method="gradient").explain(x, TARGETS)
+    np.testing.assert_allclose(gradient, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
 
 
 @pytest.mark.parametrize("name", list(networks()))

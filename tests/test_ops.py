@@ -293,6 +293,14 @@ CASES = ACTIVATION_CASES + [
     Case("Slice", SHAPE, [node("Slice", ["x", "st", "en", "ax"])], routed(lambda s: s[:, 1:-1, -4:]),
          {"st": np.array([1, -4], np.int64), "en": np.array([-1, 100], np.int64), "ax": np.array([2, 3], np.int64)},
          conserves=False),
+    # Swin's patch merging reads x[:, 0::2, 1::2]; a negative step reads backwards
+    Case("Slice-step-2", SHAPE, [node("Slice", ["x", "st", "en", "ax", "steps"])], routed(lambda s: s[:, 0::2, 1::2]),
+         {"st": np.array([0, 1], np.int64), "en": np.array([100, 100], np.int64), "ax": np.array([2, 3], np.int64),
+          "steps": np.array([2, 2], np.int64)}, conserves=False),
+    Case("Slice-negative-step", SHAPE, [node("Slice", ["x", "st", "en", "ax", "steps"])],
+         routed(lambda s: s[:, 1:, ::-2]),
+         {"st": np.array([1, -1], np.int64), "en": np.array([100, np.iinfo(np.int64).min], np.int64), "ax": np.array([2, 3], np.int64),
+          "steps": np.array([1, -2], np.int64)}, conserves=False),
     Case("Pad", SHAPE, [node("Pad", ["x", "pads"])],
          routed(lambda s: np.pad(s, [(0, 0), (1, 2), (0, 1)])),
          {"pads": np.array([0, 0, 1, 0, 0, 0, 2, 1], np.int64)}, conserves=False),
@@ -334,6 +342,18 @@ CASES = ACTIVATION_CASES + [
     Case("LayerNormalization-two-axes", SHAPE, [node("LayerNormalization", ["x", "ln_scale2"], axis=-2)],
          lambda x, z, r: ref.layer_norm_rule(x, z, r, LN_SCALE2, 1e-6, axes=(-2, -1)), {"ln_scale2": LN_SCALE2},
          conserves=False),
+    # TorchScript's LayerNorm below opset 17: the centring is a sum whose mean's share returns through
+    # the ReduceMean; √(var + eps) divides it wholly (a normalisation), γ scales, and here (alpha-beta)
+    # R passes the β Add 1:1. Up to ε that is the fused rule (test_lxt compares it with LXT under attnlrp)
+    Case("LayerNormalization-decomposed", SHAPE,
+         [node("ReduceMean", ["x"], ["mean"], axes=[-1]), node("Sub", ["x", "mean"], ["c"]),
+          node("Pow", ["c", "two_f"], ["sq"]), node("ReduceMean", ["sq"], ["var"], axes=[-1]),
+          node("Add", ["var", "ln_eps"], ["var_eps"]), node("Sqrt", ["var_eps"], ["sigma"]),
+          node("Div", ["c", "sigma"], ["normed"]), node("Mul", ["normed", "ln_scale"], ["scaled"]),
+          node("Add", ["scaled", "ln_bias"])],
+         lambda x, z, r: ref.centred_rule(x, r, 1e-6),
+         {"two_f": np.array(2.0, np.float32), "ln_eps": np.array(1e-5, np.float32), "ln_scale": LN_SCALE,
+          "ln_bias": LN_BIAS}, conserves=False),
     Case("Expand", (3, 1, 6), [node("Expand", ["x", "to"])], routed(lambda s: np.broadcast_to(s, (3, 4, 6))),
          {"to": np.array([1, 3, 4, 6], np.int64)}),
     # indices computed at run time, repeated in pairs: row l of x as [-1, 6] reads (i, i % 6), i = l - l % 2;

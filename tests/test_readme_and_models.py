@@ -31,7 +31,8 @@ def held_out_digits():
     return x_test, y_test
 
 
-@pytest.mark.parametrize("name,input_name,flat", [("digits_cnn", "image", False), ("digits_mlp", "features", True)])
+@pytest.mark.parametrize("name,input_name,flat", [("digits_cnn", "image", False), ("digits_mlp", "features", True),
+                                                   ("digits_vit", "image", False)])
 def test_bundled_models_accuracy_and_explanations(name, input_name, flat):
     """Held-out accuracy from the committed ONNX file itself (nothing is retrained), and finite relevance."""
     x_test, y_test = held_out_digits()
@@ -40,6 +41,28 @@ def test_bundled_models_accuracy_and_explanations(name, input_name, flat):
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     scores = session.run(None, {input_name: x})[-1]  # the MLP's outputs are (label, probabilities)
     assert (scores.argmax(1) == y_test).mean() >= 0.97
-    assert os.path.getsize(path) < 300_000
+    assert os.path.getsize(path) < 400_000
     outputs, relevance = lrp_onnx.Explainer(path, composite="epsilon-plus-flat").explain(x[:50])
     assert np.isfinite(relevance).all() and relevance.shape == x[:50].shape
+
+
+def test_bundled_text_classifier_accuracy_and_explanation():
+    """The sentiment BERT on its held-out generated sentences (split() of the training script, which
+    needs no training), and its explanation through the tokenizer beside it."""
+    import sys
+    sys.path.insert(0, os.path.join(ROOT, "models"))
+    from train_sentiment_bert import LABELS, split
+    from tokenizers import Tokenizer
+    tokenizer = Tokenizer.from_file(os.path.join(ROOT, "models", "sentiment_tokenizer.json"))
+    _, test = split()
+    session = ort.InferenceSession(os.path.join(ROOT, "models", "sentiment_bert.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    right = 0
+    for text, label in test:
+        ids = np.array([tokenizer.encode(text).ids])
+        right += session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0].argmax() == label
+    assert right / len(test) >= 0.97
+    assert open(os.path.join(ROOT, "models", "sentiment_labels.txt")).read().split() == LABELS
+    explainer = lrp_onnx.Explainer(os.path.join(ROOT, "models", "sentiment_bert.onnx"), composite="attnlrp")
+    (e,) = explainer.explain_text("a dull film", tokenizer)
+    assert e.tokens == ["[CLS]", "a", "dull", "film", "[SEP]"] and np.isfinite(e.relevance).all()

@@ -23,6 +23,7 @@ class Comparison:
     predictions: tuple       # (A, B) per input
     aopc: tuple              # (A, B) over all inputs, or None when not measured
     relevance: tuple         # (A, B): [N, H, W] channel-summed maps
+    composites: tuple        # (A, B): the composite each model was explained with
 
     def summary(self):
         a_pred, b_pred = self.predictions
@@ -81,24 +82,27 @@ def png_size(relevance_2d):
     return len(png_bytes(heatmap(relevance_2d[None], channel_axis=0), optimize=True))
 
 
-def compare(model_a, model_b, x, layout_a, layout_b, composite=DEFAULT_COMPOSITE, aopc_steps=None, **rule_params):
-    """Explain the batch ``x`` (laid out for A) with both models under ``composite`` and
-    ``rule_params`` (as ``convert``), each for its own prediction; with ``aopc_steps``, also each
-    model's AOPC (``evaluate``) on the same inputs."""
+def compare(model_a, model_b, x, layout_a, layout_b, composite=DEFAULT_COMPOSITE, aopc_steps=None, composite_b=None,
+            **rule_params):
+    """Explain the batch ``x`` (laid out for A) with both models under ``composite`` (B under
+    ``composite_b`` if given: a CNN beside a transformer under attnlrp, say) and ``rule_params``
+    (as ``convert``), each for its own prediction; with ``aopc_steps``, also each model's AOPC
+    (``evaluate``) on the same inputs."""
     x_b = to_layout(x, layout_a, layout_b)
-    named_a = Explainer(model_a, composite=composite, **rule_params).run(x)
-    named_b = Explainer(model_b, composite=composite, **rule_params).run(x_b)
+    composites = (composite, composite_b or composite)
+    named_a = Explainer(model_a, composite=composites[0], **rule_params).run(x)
+    named_b = Explainer(model_b, composite=composites[1], **rule_params).run(x_b)
     maps = (channel_summed(named_a["relevance"], layout_a), channel_summed(named_b["relevance"], layout_b))
     aopc = None
     if aopc_steps:
-        spec = f"lrp:{composite}"
-        aopc = tuple(next(r.aopc for r in evaluate(model, data, [spec], steps=aopc_steps, layout=layout,
+        aopc = tuple(next(r.aopc for r in evaluate(model, data, [f"lrp:{name}"], steps=aopc_steps, layout=layout,
                                                    rule_params=rule_params)
-                          if r.method == spec)
-                     for model, data, layout in ((model_a, x, layout_a), (model_b, x_b, layout_b)))
+                          if r.method == f"lrp:{name}")
+                     for model, data, layout, name in ((model_a, x, layout_a, composites[0]),
+                                                       (model_b, x_b, layout_b, composites[1])))
     return Comparison(pearson(*maps), spearman(*maps), tuple(gini(m) for m in maps),
                       tuple(np.array([png_size(r) for r in m]) for m in maps),
-                      (named_a["explained_class"], named_b["explained_class"]), aopc, maps)
+                      (named_a["explained_class"], named_b["explained_class"]), aopc, maps, composites)
 
 
 def write_grid(comparison, samples, layout, path, cell=96):
@@ -133,5 +137,6 @@ def write_json(comparison, names, path, model_a, model_b):
              "png_bytes": [int(pa), int(pb)], "predicted": [int(x), int(y)]}
             for name, p, s, ga, gb, pa, pb, x, y in zip(names, comparison.pearson, comparison.spearman,
                                                          *comparison.gini, *comparison.png_bytes, a_pred, b_pred)]
-    data = {"model_a": model_a, "model_b": model_b, "mean": comparison.summary(), "inputs": rows}
+    data = {"model_a": model_a, "model_b": model_b, "composites": list(comparison.composites),
+            "mean": comparison.summary(), "inputs": rows}
     atomic_write(path, json.dumps(data, indent=1).encode())

@@ -26,7 +26,25 @@ DERIVATIVES = {
     "Clip": lambda b, x, y, node: b.op("Cast", b.op("Equal", x, y), to=1),
     "Sigmoid": lambda b, x, y, node: b.mul(y, b.sub(b.const(1.0), y)),
     "Tanh": lambda b, x, y, node: b.sub(b.const(1.0), b.mul(y, y)),
+    "Gelu": lambda b, x, y, node: _gelu_derivative(b, x, node.attrs.get("approximate", "none")),
 }
+
+GELU_TANH_CUBIC = 0.044715
+
+
+def _gelu_derivative(b, x, approximate):
+    """GELU(x) = x·Φ(x): Φ(x) + x·φ(x). The tanh form 0.5·x·(1 + t), t = tanh(u),
+    u = √(2/π)·(x + 0.044715·x³): 0.5·(1 + t) + 0.5·x·(1 − t²)·√(2/π)·(1 + 3·0.044715·x²)."""
+    if approximate == "tanh":
+        square = b.mul(x, x)
+        u = b.mul(b.mul(x, b.add(b.const(1.0), b.mul(square, b.const(GELU_TANH_CUBIC)))), b.const(np.sqrt(2 / np.pi)))
+        t = b.op("Tanh", u)
+        du = b.mul(b.add(b.const(1.0), b.mul(square, b.const(3 * GELU_TANH_CUBIC))), b.const(np.sqrt(2 / np.pi)))
+        slope = b.mul(b.mul(x, b.sub(b.const(1.0), b.mul(t, t))), du)
+        return b.mul(b.add(b.add(b.const(1.0), t), slope), b.const(0.5))
+    cdf = b.mul(b.add(b.const(1.0), b.op("Erf", b.mul(x, b.const(1 / np.sqrt(2))))), b.const(0.5))
+    pdf = b.mul(b.op("Exp", b.mul(b.mul(x, x), b.const(-0.5))), b.const(1 / np.sqrt(2 * np.pi)))
+    return b.add(cdf, b.mul(x, pdf))
 
 
 class ActivationMap(LinearMap):
@@ -49,8 +67,8 @@ def activation(b, unit):
 class SumMap(LinearMap):
     """Input k of z = Σ ±x_k (Add, Sub, Sum), the other inputs held fixed: F(x_k) = ±x_k, and
     ``output`` is the whole z, so the ε-rule is the proportional split R_k = ±x_k·R / stabilize(z)
-    (Zennit's Norm). The inputs that get no relevance (constants, an input-independent tensor, the
-    mean of x − mean(x)) are the bias: z = ±x_k + b with one explained input."""
+    (Zennit's Norm). The inputs that get no relevance (constants, an input-independent tensor)
+    are the bias: z = ±x_k + b with one explained input."""
 
     def __init__(self, b, unit, k, receivers):
         super().__init__(unit, x=unit.inputs[k])
@@ -71,41 +89,28 @@ def _sign(unit, k):
     return -1 if unit.op == "Sub" and k == 1 else 1
 
 
-def _is_centering(unit):
-    """x − mean(x), the first step of a decomposed LayerNorm: the identity rule treats the mean as
-    a constant, so all relevance goes to x (not its gradient: the mean depends on x)."""
-    mean = unit.inputs[1].inputs[0] if unit.op == "Sub" and unit.inputs[1].inputs else None
-    return mean is not None and mean.op == "ReduceMean" and mean.inputs[0] is unit.inputs[0]
-
-
-def _sum_receivers(unit):
-    return [True, False] if _is_centering(unit) else list(unit.relevant)
-
-
 def _sum_role(unit):
-    """A sum of activations; a shift of one by a fixed tensor (a bias, a position embedding, a
-    mask); or x − mean(x), which takes the identity rule."""
-    if _is_centering(unit):
-        return "scale"
-    return "sum" if sum(_sum_receivers(unit)) >= 2 else "shift"
+    """A sum of activations (x − mean(x) of a decomposed LayerNorm among them); or a shift of one
+    by a fixed tensor (a bias, a position embedding, a mask)."""
+    return "sum" if sum(unit.relevant) >= 2 else "shift"
 
 
 def _sum_traits(unit):
     """Two or more explained summands share R (norm), so relevance may not pass unchanged to each;
     one explained summand plus fixed ones is an elementwise shift."""
-    if _is_centering(unit):
-        return Traits(affine=True, elementwise=True, kind="x − mean(x)")
-    one = sum(_sum_receivers(unit)) == 1
+    one = sum(unit.relevant) == 1
     return Traits(affine=True, elementwise=one, differentiable=True,
                   kind="a shift by a fixed tensor" if one else "a sum of activations")
 
 
-@mapped("Add", "Sub", "Sum", role=_sum_role, traits=_sum_traits, receivers=_sum_receivers)
+@mapped("Add", "Sub", "Sum", role=_sum_role, traits=_sum_traits)
 def sum_of_activations(b, unit):
     """Each explained summand's map. Two or more take norm: R_k = ±x_k · R / stabilize(z). One
-    activation plus a constant or non-explained tensor, or x − mean(x), takes pass: R moves unchanged."""
-    receivers = _sum_receivers(unit)
-    return [SumMap(b, unit, k, receivers) if gets else None for k, gets in enumerate(receivers)]
+    activation plus a constant or non-explained tensor takes pass: R moves unchanged.
+
+    x − mean(x), a decomposed LayerNorm's centring, is such a sum: the mean's share goes back to x
+    through the ReduceMean, R_x = x ⊙ C(R/z), as the fused LayerNorm's rule (LayerNormMap)."""
+    return [SumMap(b, unit, k, unit.relevant) if gets else None for k, gets in enumerate(unit.relevant)]
 
 
 def gated_input(unit):
@@ -238,8 +243,16 @@ class LayerNormMap(LinearMap):
     def transpose(self, b, g, weight):
         return b.div(self._centre(b, b.mul(g, self.scale)), self.sigma)
 
+    def gradient(self, b, g):
+        """The true Jacobian's transpose, σ depending on x too: with h = γ ⊙ g and ŷ = C(x)/σ,
+        ∂/∂x = (C(h) − ŷ ⊙ mean(h ⊙ ŷ)) / σ."""
+        h = b.mul(g, self.scale)
+        normalised = b.div(self._centre(b, self.x), self.sigma)
+        return b.div(b.sub(self._centre(b, h), b.mul(normalised, self._mean(b, b.mul(h, normalised)))), self.sigma)
 
-@mapped("LayerNormalization", role="layernorm", traits=Traits(affine=True, kind="LayerNormalization"),
+
+@mapped("LayerNormalization", role="layernorm",
+        traits=Traits(affine=True, differentiable=True, kind="LayerNormalization"),
         check=_check_layer_norm)
 def layer_norm(b, unit):
     return first_input_only(unit, LayerNormMap(b, unit))

@@ -82,23 +82,33 @@ def _check_slice(unit):
         return "Slice starts/ends/axes/steps must be constant"
     if unit.inputs[0].shape is None or not _static_dims(unit.inputs[0], _slice_params(unit)[2]):
         return "Slice needs static sizes on the sliced axes"
-    if any(s != 1 for s in _slice_params(unit)[3]):
-        return "Slice with steps other than 1 is not supported"
     return None
 
 
 @routing("Slice", check=_check_slice)
 def sliced(b, unit, relevance_out):
-    """Put R back where the slice came from: zero-pad by what was cut on each side."""
+    """Put R back where the slice came from: zero-pad by what was cut on each side of a step-1
+    axis; along a strided one (Swin's patch merging, x[:, 0::2]), R onto the indices it read."""
     x = unit.inputs[0]
-    starts, ends, axes, _ = _slice_params(unit)
-    pads = [0] * (2 * len(x.shape))
-    for start, end, axis in zip(starts, ends, axes):
+    rank = len(x.shape)
+    r, pads = relevance_out[0], [0] * (2 * rank)
+    for start, end, axis, step in zip(*_slice_params(unit)):
         n = x.shape[axis]
-        begin = min(max(start + n if start < 0 else start, 0), n)
-        stop = min(max(end + n if end < 0 else end, 0), n)
-        pads[axis], pads[axis + len(x.shape)] = int(begin), int(n - max(stop, begin))
-    return [b.op("Pad", relevance_out[0], b.ints(pads))] + _inputs_after_first(unit)
+        indices = range(*slice(int(start), int(end), int(step)).indices(n))  # ONNX clamps as Python does
+        if step == 1:
+            pads[axis], pads[axis + rank] = indices.start, n - max(indices.stop, indices.start)
+        else:
+            r = _onto_axis(b, r, axis, np.array(indices, np.int64), n, rank)
+    return [b.op("Pad", r, b.ints(pads)) if any(pads) else r] + _inputs_after_first(unit)
+
+
+def _onto_axis(b, r, axis, indices, n, rank):
+    """R read at ``indices`` of an axis of static size n, put back onto that axis: contracted with
+    the one-hot matrix H[l, d] = (indices[l] == d), so repeated indices add."""
+    onehot = (indices.reshape(-1, 1) % n == np.arange(n)).astype(np.float32)
+    to_last = [i for i in range(rank) if i != axis] + [axis]
+    moved = b.op("MatMul", b.op("Transpose", r, perm=to_last), b.const(onehot))
+    return b.op("Transpose", moved, perm=[int(i) for i in np.argsort(to_last)])
 
 
 def _pad_params(unit):
@@ -142,9 +152,8 @@ def _check_gather(unit):
         return None
     if np.asarray(unit.inputs[1].values).ndim > 1:
         return "Gather needs constant scalar or 1-D indices"
-    x = unit.inputs[0]
-    if x.shape is None or not _static_dims(x, [_axis(unit) % len(x.shape)]):
-        return "Gather needs a static size on the gathered axis"
+    if x.shape is None:
+        return "Gather needs the rank of its data"
     return None
 
 
@@ -152,8 +161,9 @@ def _check_gather(unit):
 def gathered(b, unit, relevance_out):
     """R_x = R contracted with the one-hot matrix H[l, d] = (indices[l] == d) along the axis.
 
-    Computed indices into 1-D data (the dynamo exporter's as_strided): R_x[d] = Σ_{l: idx[l] = d} R[l],
-    a scatter-add."""
+    On an axis of dynamic size (a transformer's class token, hidden[:, 0], over T tokens), and for
+    computed indices into 1-D data (the dynamo exporter's as_strided): R_x[d] = Σ_{l: idx[l] = d} R[l],
+    a scatter (adding where indices repeat)."""
     x = unit.inputs[0]
     if not is_constant(unit.inputs[1]):
         flat = [b.op("Reshape", t, b.ints([-1])) for t in (unit.inputs[1], relevance_out[0])]
@@ -165,10 +175,13 @@ def gathered(b, unit, relevance_out):
     if indices.ndim == 0:
         r = b.op("Unsqueeze", r, b.ints([axis]))
     n = x.shape[axis]
-    onehot = (indices.reshape(-1, 1) % n == np.arange(n)).astype(np.float32)
-    to_last = [i for i in range(rank) if i != axis] + [axis]
-    moved = b.op("MatMul", b.op("Transpose", r, perm=to_last), b.const(onehot))
-    return [b.op("Transpose", moved, perm=[int(i) for i in np.argsort(to_last)]), None]
+    if isinstance(n, int):
+        return [_onto_axis(b, r, axis, indices, n, rank), None]
+    along = indices.reshape([-1 if i == axis else 1 for i in range(rank)]).astype(np.int64)
+    # -1 and T-1 are one place when T is dynamic: add unless the indices cannot meet
+    distinct = len(set(indices.reshape(-1).tolist())) == indices.size and (indices >= 0).all()
+    return [b.op("ScatterElements", b.zeros_like(x), b.op("Expand", b.ints(along), b.shape(r)), r, axis=axis,
+                 **({} if distinct else {"reduction": "add"})), None]
 
 
 def _check_gather_nd(unit):
