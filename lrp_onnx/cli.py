@@ -175,7 +175,8 @@ def cmd_inspect(args):
 
 def cmd_explain(args):
     if bool(args.text) == bool(args.inputs):
-        raise InputError("give INPUT files or --text, not both" if args.text else "nothing to explain: give INPUT files or --text")
+        raise InputError("give INPUT files or --text, not both" if args.text
+                         else "nothing to explain: give INPUT files or --text")
     if bool(args.text) != bool(args.tokenizer):
         raise InputError("--text needs --tokenizer" if args.text else "--tokenizer is for --text")
     explainer = Explainer(args.model, providers=args.provider, **_conversion(args))

@@ -84,8 +84,8 @@ def pick_input(graph, label, input_name=None):
         tokens = [t for t in graph.inputs if not floats and _embedding_of(t)]
         tokens.sort(key=lambda t: t.name != "input_ids")
         if not floats and not tokens:
-            raise UnsupportedModelError(f"{label}: the graph has no float input, nor token ids feeding an embedding, to "
-                                        f"explain; inputs are {[(t.name, str(t.dtype)) for t in graph.inputs]}")
+            raise UnsupportedModelError(f"{label}: the graph has no float input, nor token ids feeding an embedding, "
+                                        f"to explain; inputs are {[(t.name, str(t.dtype)) for t in graph.inputs]}")
         chosen = (floats or tokens)[0]
     if _is_float(chosen):
         return chosen, chosen
@@ -188,8 +188,8 @@ def plan(model, composite=DEFAULT_COMPOSITE, *, input_name=None, rules=None, met
             (rule_problems if rule.chosen else problems).append((unit.name, unit.op, misfit))
     _check_overrides(composite, units)
     output_types = {o.name: o.type for o in proto.graph.output}
-    return Plan(graph, label, explained_input, explained, score, logits, units, rules_by_unit, problems, rule_problems, composite,
-                method, output_types, upcast_types(proto), source_digest(model))
+    return Plan(graph, label, explained_input, explained, score, logits, units, rules_by_unit, problems,
+                rule_problems, composite, method, output_types, upcast_types(proto), source_digest(model))
 
 
 def _check_overrides(composite, units):

@@ -146,8 +146,8 @@ class Explainer:
 
     def _as_input_type(self, name, value):
         """Floats are cast to the input's float type (float64 images to float32, float32 to a float16
-        model's float16), integers to its integer type; nothing else is. A finite value past the type's range is an InputError,
-        where the cast would turn it into inf."""
+        model's float16), integers to its integer type; nothing else is. A finite float past the
+        type's range is an InputError, where the cast would turn it into inf."""
         value = np.asarray(value)
         dtype = ONNX_TYPES.get(self.inputs[name].type)
         if dtype is not None and np.dtype(dtype).kind == "i" and value.dtype.kind in "iu":

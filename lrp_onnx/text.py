@@ -50,8 +50,8 @@ def load_tokenizer(path):
     try:
         return Tokenizer.from_file(os.fspath(path))
     except Exception as e:  # tokenizers raises its own Exception subclass, with a multi-line message
-        raise InputError(f"{path}: cannot read the tokenizer ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
-            from None
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InputError(f"{path}: cannot read the tokenizer ({reason})") from None
 
 
 def encode(explainer, tokenizer, texts):

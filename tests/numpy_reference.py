@@ -128,6 +128,14 @@ def bilinear_scores(x, r, epsilon):
     return relevance
 
 
+def self_scores(x, r, epsilon):
+    """Y = A·Aᵀ per head, A = x [H, T, D], both factors the same tensor, under AttnLRP's uniform
+    ε split: Z = R / (2·st(Y)), R_A = A ⊙ Z·A + A ⊙ Zᵀ·A."""
+    y = x @ x.transpose(0, 2, 1)
+    z = r / (2 * stabilized(y, epsilon))
+    return x * (z @ x) + x * (z.transpose(0, 2, 1) @ x)
+
+
 def softmax_rule(x, r, epsilon):
     """AttnLRP's softmax rule written out: R_x = x ⊙ (R' − s ⊙ Σ R') with R' = s ⊙ R / st(s) (= R up
     to ε), over the last axis; a −inf in x counts as 0."""

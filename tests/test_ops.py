@@ -354,6 +354,15 @@ CASES = ACTIVATION_CASES + [
          lambda x, z, r: ref.centred_rule(x, r, 1e-6),
          {"two_f": np.array(2.0, np.float32), "ln_eps": np.array(1e-5, np.float32), "ln_scale": LN_SCALE,
           "ln_bias": LN_BIAS}, conserves=False),
+    # RMSNorm as Llama writes it, x·rsqrt(mean(x²) + eps)·w: the normaliser is a gate of x, so R passes
+    # to x unchanged (LXT's identity rule for RMSNorm)
+    Case("RMSNorm-decomposed", SHAPE,
+         [node("Pow", ["x", "two_f"], ["sq"]), node("ReduceMean", ["sq"], ["ms"], axes=[-1]),
+          node("Add", ["ms", "ln_eps"], ["ms_eps"]), node("Sqrt", ["ms_eps"], ["rms"]),
+          node("Reciprocal", ["rms"], ["inv"]), node("Mul", ["x", "inv"], ["normed"]), node("Mul", ["normed", "w"])],
+         passed, {"two_f": np.array(2.0, np.float32), "ln_eps": np.array(1e-6, np.float32), "w": LN_BIAS}),
+    Case("RMSNormalization", SHAPE, [node("RMSNormalization", ["x", "w"], axis=-1)], passed, {"w": LN_BIAS},
+         opset=23),
     Case("Expand", (3, 1, 6), [node("Expand", ["x", "to"])], routed(lambda s: np.broadcast_to(s, (3, 4, 6))),
          {"to": np.array([1, 3, 4, 6], np.int64)}),
     # indices computed at run time, repeated in pairs: row l of x as [-1, 6] reads (i, i % 6), i = l - l % 2;
@@ -384,6 +393,10 @@ CASES = ACTIVATION_CASES + [
          lambda x, z, r: ref.bilinear_scores(1 / (1 + np.exp(-x)), r, 1e-6),
          {"h0": np.array([0], np.int64), "h1": np.array([1], np.int64), "hax": np.array([1], np.int64)},
          conserves=False),
+    # MaxViT's attention scores as an Einsum of two activations, here one tensor in both places
+    Case("Einsum-two-activations", SHAPE,
+         [node("Sigmoid", ["x"], ["q"]), node("Einsum", ["q", "q"], equation="nhid,nhjd->nhij")],
+         lambda x, z, r: ref.self_scores(1 / (1 + np.exp(-x)), r, 1e-6), conserves=False, opset=17),
     # softmax over the last axis after a mask with −inf (a padded token), AttnLRP's rule; the Mul keeps it
     # from being the final softmax, below which relevance would start
     Case("Softmax-masked", SHAPE, [node("Add", ["x", "mask"], ["m"]), node("Softmax", ["m"], ["s"], axis=-1),

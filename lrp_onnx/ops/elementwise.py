@@ -258,6 +258,20 @@ def layer_norm(b, unit):
     return first_input_only(unit, LayerNormMap(b, unit))
 
 
+def _check_rms_norm(unit):
+    if any(unit.relevant[1:]):
+        return "RMSNormalization's scale must not depend on the explained input"
+    return None
+
+
+@mapped("RMSNormalization", role="scale", traits=Traits(elementwise=True, kind="RMSNormalization"),
+        check=_check_rms_norm)
+def rms_norm(b, unit):
+    """y = γ ⊙ x / √(mean(x²) + eps): LXT's identity rule (its RMSNorm stops the gradient at the
+    normaliser), R passes to x unchanged, as through the decomposed form's gate."""
+    return first_input_only(unit, LinearMap(unit))
+
+
 class SoftmaxMap(LinearMap):
     """s = softmax(x) over an axis, linearised at x: Fᵀ(g) = s ⊙ (g − Σ_axis s ⊙ g), the Jacobian's
     transpose. The ε-rule on it is AttnLRP's softmax rule (Achtibat et al. 2024, Prop. 3.1):

@@ -1,5 +1,6 @@
 """MatMul: x·W with a constant W is a linear layer (linear.py); A·B of two explained activations
-(attention scores Q·Kᵀ, context A·V) is a product whose factors share the relevance."""
+(attention scores Q·Kᵀ, context A·V) is a product whose factors share the relevance. Einsum of two
+explained activations (MaxViT's attention) is the same product, written with indices."""
 
 from ..graph import is_constant
 from ..maps import LinearMap, Traits
@@ -11,9 +12,9 @@ PRODUCT = Traits(affine=True, differentiable=True, kind="a product of explained 
 TRANSPARENT = ("Dropout", "Cast", "Identity")
 
 
-class MatMulFactorMap(LinearMap):
-    """Factor k of Y = A·B, the other held fixed: F(A) = A·B with Fᵀ(Z) = Z·Bᵀ, or F(B) = A·B with
-    Fᵀ(Z) = Aᵀ·Z (the last two axes transposed), summed over the batch axes it was broadcast along."""
+class FactorMap(LinearMap):
+    """Factor k of a product of two tensors, the other held fixed: linear in factor k. Both
+    explained, they share R; either may be attention weights (a Softmax's output)."""
 
     def __init__(self, unit, k):
         super().__init__(unit, x=unit.inputs[k])
@@ -21,6 +22,11 @@ class MatMulFactorMap(LinearMap):
         self.shares = sum(unit.relevant[:2])
         self.attention = _is_attention(self.x)
         self.attention_partner = self.shares == 2 and _is_attention(self.other)
+
+
+class MatMulFactorMap(FactorMap):
+    """Factor k of Y = A·B, the other held fixed: F(A) = A·B with Fᵀ(Z) = Z·Bᵀ, or F(B) = A·B with
+    Fᵀ(Z) = Aᵀ·Z (the last two axes transposed), summed over the batch axes it was broadcast along."""
 
     def emit_forward(self, b, x, weight, bias):
         return b.op("MatMul", *((x, self.other) if self.k == 0 else (self.other, x)))
@@ -65,3 +71,50 @@ def matmul(b, unit):
     if not _is_bilinear(unit):
         return first_input_only(unit, linear_map(b, unit))
     return [MatMulFactorMap(unit, k) if unit.relevant[k] else None for k in range(2)]
+
+
+class EinsumFactorMap(FactorMap):
+    """Operand k of Y = einsum("a,b->y", A, B), the other held fixed: linear in it, with the
+    transpose contracting Z with the other operand back onto k's indices, Fᵀ(Z) = einsum("y,b->a", Z, B)."""
+
+    def __init__(self, unit, k):
+        super().__init__(unit, k)
+        terms, out = _einsum_terms(unit)
+        self.equation = unit.head.attrs["equation"]
+        self.transposed = f"{out},{terms[1 - k]}->{terms[k]}"
+
+    def emit_forward(self, b, x, weight, bias):
+        return b.op("Einsum", *((x, self.other) if self.k == 0 else (self.other, x)), equation=self.equation)
+
+    def transpose(self, b, g, weight):
+        return b.op("Einsum", g, self.other, equation=self.transposed)
+
+
+def _einsum_terms(unit):
+    """(input index strings, output index string) of an explicit two-operand equation, else None."""
+    equation = unit.head.attrs.get("equation", "")
+    equation = (equation.decode() if isinstance(equation, bytes) else equation).replace(" ", "")
+    if "->" not in equation:
+        return None
+    inputs, out = equation.split("->")
+    return inputs.split(","), out
+
+
+def _check_einsum(unit):
+    parsed = _einsum_terms(unit)
+    if parsed is None or len(parsed[0]) != 2 or len(unit.inputs) != 2:
+        return "Einsum needs two operands and an explicit output (->)"
+    (a, b), out = parsed
+    if "." in a + b + out:
+        return "Einsum with an ellipsis is not supported"
+    if not all(unit.relevant):
+        return "Einsum with a fixed operand is not supported, only products of two explained activations"
+    for term, other in ((a, b), (b, a)):
+        if len(set(term)) != len(term) or any(i not in out + other for i in term):
+            return f"Einsum operand {term!r} repeats an index or sums one of its own (a trace or a diagonal)"
+    return None
+
+
+@mapped("Einsum", role="product", traits=PRODUCT, check=_check_einsum)
+def einsum(b, unit):
+    return [EinsumFactorMap(unit, k) for k in range(2)]
