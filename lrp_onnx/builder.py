@@ -48,7 +48,12 @@ class Builder:
                 return name
 
     def op(self, op_type, *inputs, outputs=1, **attrs):
-        """Emit one node; returns its output tensor, or a tuple when ``outputs`` > 1."""
+        """Emit one node; returns its output tensor, or a tuple when ``outputs`` > 1. Trailing
+        absent inputs (None) are left out, not written as empty names: some runtimes (OpenVINO)
+        cannot compile an empty optional input such as Gemm's C."""
+        inputs = list(inputs)
+        while inputs and inputs[-1] is None:
+            inputs.pop()
         inputs = [self.const(i) if not isinstance(i, gs.Tensor) and i is not None else i for i in inputs]
         key = (op_type, tuple(i.name if i is not None else "" for i in inputs), outputs,
                tuple(sorted((k, _freeze(v)) for k, v in attrs.items())))

@@ -130,7 +130,9 @@ def _seed(b, logits, seed_input, gradient=False):
         logits = b.op("Flatten", logits, axis=1)
     predicted = b.op("ArgMax", logits, axis=1, keepdims=0)
     chosen = b.op("Where", b.op("Less", target, b.ints(0)), predicted, target)
-    classes = b.op("Gather", b.shape(logits), b.ints([1]))
+    count = logits.shape[1] if logits.shape is not None else None
+    # a constant depth where the class count is static: TensorRT takes OneHot with a build-time depth only
+    classes = b.ints([count]) if isinstance(count, int) else b.op("Gather", b.shape(logits), b.ints([1]))
     onehot = b.op("OneHot", chosen, classes, b.const([0.0, 1.0]), axis=-1)
     chosen_logit = b.op("ReduceSum", b.mul(logits, onehot), b.ints([1]), keepdims=0)
     seed = onehot if gradient else b.mul(logits, onehot)

@@ -124,7 +124,9 @@ class ConvTransposeMap(_WeightedMap):
 class GemmMap(_WeightedMap):
     """Gemm y = α·op(x)·op(W) + β·C, with α folded into W and β into the bias.
 
-    Fᵀ(g) = g·op(W)ᵀ, or (g·op(W)ᵀ)ᵀ = op(W)·gᵀ when x is transposed (transA=1).
+    Fᵀ(g) = g·op(W)ᵀ, emitted as (op(W)·gᵀ)ᵀ, the weight first: OpenVINO's CPU plug-in shares one
+    repacked weight between Gemms that read it with opposite transB, and silently computes g·op(W)
+    instead when W is square. When x is transposed (transA=1), op(W)·gᵀ is Fᵀ(g) itself.
     """
 
     def __init__(self, b, unit):
@@ -138,13 +140,13 @@ class GemmMap(_WeightedMap):
         return b.op("Gemm", x, weight, bias, transA=self.trans_a, transB=self.trans_b)
 
     def transpose(self, b, g, weight):
-        if self.trans_a:
-            return b.op("Gemm", weight, g, transA=self.trans_b, transB=1)
-        return b.op("Gemm", g, weight, transB=1 - self.trans_b)
+        transposed = b.op("Gemm", weight, g, transA=self.trans_b, transB=1)
+        return transposed if self.trans_a else b.op("Transpose", transposed, perm=[1, 0])
 
 
 class MatMulMap(_WeightedMap):
-    """MatMul x·W with a constant 2-D W, plus the bias Add that follows it. Fᵀ(g) = g·Wᵀ."""
+    """MatMul x·W with a constant 2-D W, plus the bias Add that follows it. Fᵀ(g) = g·Wᵀ, emitted
+    weight first as (W·gᵀ)ᵀ over the last two axes, for OpenVINO (see GemmMap)."""
 
     def __init__(self, b, unit):
         super().__init__(b, unit, lambda s: s)
@@ -154,7 +156,10 @@ class MatMulMap(_WeightedMap):
         return z if bias is None else b.add(z, bias)
 
     def transpose(self, b, g, weight):
-        return b.op("MatMul", g, b.op("Transpose", weight, perm=[1, 0]))
+        if self.input_rank == 1:
+            return b.op("MatMul", weight, g)
+        swap = list(range(self.input_rank - 2)) + [self.input_rank - 1, self.input_rank - 2]
+        return b.op("Transpose", b.op("MatMul", weight, b.op("Transpose", g, perm=swap)), perm=swap)
 
 
 class ChannelAffineMap(LinearMap):
