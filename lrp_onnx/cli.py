@@ -1,8 +1,9 @@
-"""The ``lrp-onnx`` command line: ``convert``, ``inspect``, ``explain``, ``evaluate`` and ``compare``.
+"""The ``lrp-onnx`` command line: ``convert``, ``inspect``, ``explain``, ``evaluate``, ``compare`` and ``check``.
 
 Exit codes (``EXIT_CODES``, one per class of ``errors``; the README lists them): 0 success, 1 an
 internal error (a bug: please report it), 2 bad input or arguments, 3 a model that cannot be loaded,
-4 an unsafe model, 5 an unsupported model, 6 an output that cannot or may not be written.
+4 an unsafe model, 5 an unsupported model, 6 an output that cannot or may not be written, 7 another
+runtime that cannot run an explainer or disagrees with ONNX Runtime.
 """
 
 import argparse
@@ -18,21 +19,22 @@ from .analysis.evaluate import context_report, evaluate, parse_method, plot, rea
 from .composites import COMPOSITES, DEFAULT_COMPOSITE, METHODS
 from .emit import convert, is_explainer, read_metadata
 from .errors import (InputError, LrpOnnxError, ModelLoadError, ModelWarning, OutputError, RuleError,
-                     UnsafeModelError, UnsupportedModelError)
+                     RuntimeMismatchError, UnsafeModelError, UnsupportedModelError, first_line)
 from .explain import explain_to_folder, read_labels
-from .external import DATA_SUFFIX, external_files, past_protobuf_limit
+from .external import DATA_SUFFIX, EXTERNAL_DATA_THRESHOLD, external_files, wants_external_data
 from .io.files import writable_folder
 from .io.heatmap import COLORMAPS
 from .io.inputs import InputSpec, Preprocess, load_samples
 from .load import read_model
 from .plan import plan
 from .runtime import Explainer, save_model
+from .runtimes import RUNTIMES, TOLERANCE, check, sample_feeds
 from .text import token_table, write_text_explanations
 
 EXIT_OK, EXIT_INTERNAL = 0, 1
 # The most specific class first: UnsafeModelError is a ModelLoadError with its own code.
 EXIT_CODES = ((InputError, 2), (RuleError, 2), (UnsafeModelError, 4), (ModelLoadError, 3),
-              (UnsupportedModelError, 5), (OutputError, 6), (LrpOnnxError, 2))
+              (UnsupportedModelError, 5), (OutputError, 6), (RuntimeMismatchError, 7), (LrpOnnxError, 2))
 
 
 def exit_code(error):
@@ -129,7 +131,7 @@ def cmd_convert(args):
     _check_output(out, args, inputs)
     explainer = convert(args.model, layers=args.layer, layer_sum=args.layer_sum, **_conversion(args))
     # A model that keeps its weights beside it gets an explainer that does too: OUT and OUT.data.
-    external = bool(data) or past_protobuf_limit(explainer)
+    external = bool(data) or args.external_data or wants_external_data(explainer)
     if external:
         _check_output(out + DATA_SUFFIX, args, inputs)
     try:
@@ -137,7 +139,51 @@ def cmd_convert(args):
     except OSError as e:  # a full disk, say: atomic_write has removed its temporary file
         raise OutputError(f"{out!r}: cannot write ({e.strerror or e})") from None
     print(f"wrote {out}{f' and {out}{DATA_SUFFIX}' if external else ''} ({args.composite})")
+    if args.check_runtime:
+        _report_parity(out, args.check_runtime, None, TOLERANCE)
     return EXIT_OK
+
+
+def cmd_check(args):
+    proto, label = read_model(args.explainer)
+    if not is_explainer(proto):
+        raise InputError(f"{label}: not an explainer graph; convert it first")
+    feeds = None
+    if args.input:
+        feeds = _feeds_with_input(args.explainer, read_metadata(proto).get("explained_input"), args.input)
+    _report_parity(args.explainer, args.runtime, feeds, args.tolerance, args.repeats)
+    return EXIT_OK
+
+
+def _feeds_with_input(path, explained, array_path):
+    """Sampled feeds, with the explained input taken from an .npy file."""
+    try:
+        array = np.load(array_path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{array_path}: cannot read the array ({first_line(e)})") from None
+    feeds = sample_feeds(path, batch=len(array))
+    if explained not in feeds:
+        raise InputError(f"{path}: the explainer does not name the input it explains")
+    feeds[explained] = array.astype(feeds[explained].dtype)
+    return feeds
+
+
+def _report_parity(path, runtimes, feeds, tolerance, repeats=3):
+    """Run ``path`` on each runtime and print a table; RuntimeMismatchError if any runtime fails."""
+    reference, results = check(path, runtimes, feeds, repeats)
+    print(f"{'runtime':<10} {'relevance':>10} {'worst output':>13} {'ms per run':>11}  verdict")
+    print(f"{'ort':<10} {'reference':>10} {'':>13} {reference.seconds * 1e3:>11.2f}  ONNX Runtime Python, CPU")
+    for parity in results:
+        if parity.failure:
+            print(f"{parity.runtime:<10} {'-':>10} {'-':>13} {'-':>11}  FAILED: {parity.failure}")
+            continue
+        verdict = "ok" if parity.passed(tolerance) else f"DIFFERS (tolerance {tolerance:g})"
+        print(f"{parity.runtime:<10} {parity.errors.get('relevance', float('nan')):>10.1e} {parity.worst:>13.1e} "
+              f"{parity.seconds * 1e3:>11.2f}  {verdict}")
+    failed = [p.runtime for p in results if not p.passed(tolerance)]
+    if failed:
+        raise RuntimeMismatchError(f"{path}: {', '.join(failed)} did not reproduce ONNX Runtime within {tolerance:g} "
+                                   "relative L2")
 
 
 def cmd_inspect(args):
@@ -291,6 +337,11 @@ def build_parser():
     p.add_argument("--layer", action="append", default=[], metavar="TENSOR",
                    help="also output the relevance at this tensor as relevance:TENSOR (repeatable)")
     p.add_argument("--layer-sum", choices=["channel"], help="sum each --layer output per channel: [N, C]")
+    p.add_argument("--external-data", action="store_true",
+                   help=f"save initializers over 1 MiB to OUT{DATA_SUFFIX} beside OUT (automatic past "
+                        f"{EXTERNAL_DATA_THRESHOLD >> 20} MiB, which ONNX Runtime Web cannot load as one file)")
+    p.add_argument("--check-runtime", nargs="+", choices=sorted(set(RUNTIMES) - {"ort"}), metavar="RUNTIME",
+                   help="then run the explainer on these runtimes against ONNX Runtime (see check)")
     _add_rule_flags(p)
     p.set_defaults(run=cmd_convert)
     p = sub.add_parser("inspect", help="print each node with the rule it would get; list unsupported nodes")
@@ -353,6 +404,18 @@ def build_parser():
     _add_rule_flags(p, choose=False)
     _add_input_flags(p)
     p.set_defaults(run=cmd_compare)
+    p = sub.add_parser("check", help="run an explainer on other runtimes and compare with ONNX Runtime Python")
+    p.add_argument("explainer")
+    p.add_argument("--runtime", nargs="+", required=True, choices=sorted(set(RUNTIMES) - {"ort"}),
+                   help="openvino (pip openvino), ort-node (npm onnxruntime-node), ort-web (npm onnxruntime-web "
+                        "in headless Chromium)")
+    p.add_argument("--input", metavar="ARRAY.npy",
+                   help="values of the explained input (default: 2 random samples, standard normal)")
+    p.add_argument("--tolerance", type=float, default=TOLERANCE,
+                   help=f"largest relative L2 of any output (default {TOLERANCE:g})")
+    p.add_argument("--repeats", type=_positive_int, default=3, help="timed runs after one warm-up (default 3)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.set_defaults(run=cmd_check)
     return parser
 
 

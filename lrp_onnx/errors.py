@@ -61,6 +61,11 @@ class InputError(LrpOnnxError, ValueError):
     conversion a requested layer that names no tensor on the explained path."""
 
 
+class RuntimeMismatchError(LrpOnnxError):
+    """Another runtime could not run an explainer, or its outputs differ from ONNX Runtime's
+    (``lrp-onnx check``, ``convert --check-runtime``)."""
+
+
 class OutputError(LrpOnnxError):
     """An output path that exists (without ``force``), is the input model, or cannot be written."""
 

@@ -213,6 +213,17 @@ def require_loaded(proto, label):
                              "model's path so that the file can be found and checked")
 
 
+# Explainers past this size are saved with external data by default: ONNX Runtime Web (WASM) failed
+# with std::bad_alloc on a 515 MB single-file explainer and ran it with external data.
+EXTERNAL_DATA_THRESHOLD = 256 << 20
+
+
+def wants_external_data(proto):
+    """Whether ``proto`` is saved with its large weights beside it by default: past
+    EXTERNAL_DATA_THRESHOLD bytes, or too large to serialise at all."""
+    return past_protobuf_limit(proto) or proto.ByteSize() > EXTERNAL_DATA_THRESHOLD
+
+
 def past_protobuf_limit(proto):
     """Whether ``proto`` is too large to serialise. (ByteSize cannot say: it serialises to measure.)"""
     try:

@@ -20,8 +20,7 @@ from .external import check_tensor_sizes, load_external_data, require_loaded, wi
 from .precision import upcast_to_float32
 
 MIN_OPSET = 13
-# The backward of MaxPool, of a Gather with computed indices and of every GatherND scatter-adds into
-# the input (ScatterElements or ScatterND with reduction="add", opset 16).
+# The backward of a Gather with computed indices and of every GatherND scatter-adds into the input (ScatterElements or ScatterND with reduction="add", opset 16).
 SCATTER_OPSET = 16
 
 
@@ -238,12 +237,12 @@ def drop_initializer_inputs(proto, label):
 
 def upgrade_opset(proto, label):
     """Convert to opset >= 13 (the opset the propagators are written for), >= 16 where a backward
-    pass scatter-adds: MaxPool, GatherND, or Gather with indices that are computed rather than constant."""
+    pass scatter-adds: GatherND, or Gather with indices that are computed rather than constant."""
     opset = ai_onnx_opset(proto)
     target = max(opset, MIN_OPSET)
     constants = {t.name for t in proto.graph.initializer} | \
         {o for n in proto.graph.node if n.op_type == "Constant" for o in n.output}
-    if any(n.op_type in ("MaxPool", "GatherND") or (n.op_type == "Gather" and n.input[1] not in constants)
+    if any(n.op_type == "GatherND" or (n.op_type == "Gather" and n.input[1] not in constants)
            for n in proto.graph.node):
         target = max(target, SCATTER_OPSET)
     if target == opset:

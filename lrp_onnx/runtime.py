@@ -11,7 +11,7 @@ from google.protobuf.message import EncodeError
 from .composites import DEFAULT_COMPOSITE
 from .emit import LAYER_PREFIX, convert, is_explainer, read_metadata
 from .errors import InputError, RuleError
-from .external import past_protobuf_limit, save_with_external_data
+from .external import save_with_external_data, wants_external_data
 from .io.files import atomic_write
 from .load import read_model
 from .plan import EXPLAINED_CLASS, EXPLAINED_LOGIT, RELEVANCE, TARGET
@@ -180,10 +180,11 @@ def inference_session(proto, options, providers):
 
 def save_model(proto: onnx.ModelProto, path, external_data=None):
     """Serialise ``proto`` to ``path`` atomically: a temporary file beside it, then a rename. With
-    ``external_data`` (by default: when the model is past protobuf's 2 GB limit), initializers over
-    1 MiB go to ``path + ".data"`` beside it, written the same way and first."""
+    ``external_data`` (by default: past EXTERNAL_DATA_THRESHOLD, 256 MiB, which ONNX Runtime Web
+    cannot load as one file, or protobuf's 2 GB limit), initializers over 1 MiB go to
+    ``path + ".data"`` beside it, written the same way and first."""
     if external_data is None:
-        external_data = past_protobuf_limit(proto)
+        external_data = wants_external_data(proto)
     if external_data:
         save_with_external_data(proto, path, atomic_write)
     else:

@@ -62,15 +62,17 @@ def average_pool(x, kernel, strides, pads, count_include_pad):
     return total / conv(np.ones_like(x), ones, strides, pads, group=x.shape[0])
 
 
-def max_pool_routing(x, r, kernel, strides, pads):
-    """Winner-take-all: each output's relevance goes to its window's first maximum, summed over windows."""
+def max_pool_routing(x, r, kernel, strides, pads, dilations=None):
+    """Winner-take-all: each output's relevance goes to its window's first maximum (row-major), summed
+    over windows. Window positions outside the input (padding, ceil_mode's last windows) never win."""
+    dilations = dilations or [1] * len(kernel)
     spatial = len(kernel)
     out = np.zeros_like(x)
     for c in range(x.shape[0]):
         for o in itertools.product(*[range(n) for n in r.shape[1:]]):
             best, where = -np.inf, None
             for k in itertools.product(*[range(n) for n in kernel]):
-                pos = tuple(o[i] * strides[i] + k[i] - pads[i] for i in range(spatial))
+                pos = tuple(o[i] * strides[i] + k[i] * dilations[i] - pads[i] for i in range(spatial))
                 if all(0 <= p < x.shape[1 + i] for i, p in enumerate(pos)) and x[(c,) + pos] > best:
                     best, where = x[(c,) + pos], pos
             out[(c,) + where] += r[(c,) + o]

@@ -79,7 +79,7 @@ ROUNDING = 32 * 2.0**-24
 # R·ε/(z + ε) ≈ ε), so at ε = 1e-9 a logit under 1e-4 could not conserve within 1e-5.
 LOGIT_FLOOR = 1e-4
 # One draw in UNSUPPORTED_ODDS of an eligible block (with allow_unsupported) takes an attribute
-# the converter refuses: AveragePool ceil_mode=1, MaxPool storage_order=1, Pad mode "reflect".
+# the converter refuses: AveragePool ceil_mode=1, Pad mode "reflect".
 UNSUPPORTED_ODDS = 12
 
 
@@ -319,11 +319,9 @@ class _Builder:
         dilation = _dilation(draws, kernel, [h, w])
         # ORT wants pooling pads below the kernel: a dilated window (wider than its kernel) gets none
         pads = _window_pads(draws, kernel, [h, w]) if dilation == 1 else [0] * 4
-        storage_order = 1 if self.rare("MaxPool storage_order=1") else 0
-        out = self.node("MaxPool", [x], kernel_shape=kernel, strides=strides, pads=pads, dilations=[dilation] * 2,
-                        storage_order=storage_order)
+        out = self.node("MaxPool", [x], kernel_shape=kernel, strides=strides, pads=pads, dilations=[dilation] * 2)
         self.parts.append(f"maxpool{kernel[0]}x{kernel[1]}/s{strides[0]}{strides[1]}/p{''.join(map(str, pads))}"
-                          f"/d{dilation}{'/storage_order' if storage_order else ''}")
+                          f"/d{dilation}")
         return out, (c,) + tuple(_window_out(n, k, s, p0, p1, dilation)
                                  for n, k, s, p0, p1 in zip((h, w), kernel, strides, pads[:2], pads[2:]))
 

@@ -1,5 +1,9 @@
 """Explainers on runtimes other than ONNX Runtime's Python CPU build, against it: OpenVINO's CPU
-plug-in (with its f32 precision hint: its default on this CPU is bf16)."""
+plug-in (with its f32 precision hint: its default on this CPU is bf16), ONNX Runtime Node, and
+ONNX Runtime Web (WASM) in headless Chromium, through ``lrp_onnx.runtimes`` and ``lrp-onnx check``.
+
+The JavaScript runtimes need Node.js, ``npm ci`` in the checkout and Debian's chromium; .ci/run
+installs them, so in CI (CI set) a missing one fails instead of skipping."""
 
 import os
 
@@ -10,10 +14,27 @@ from torch import nn
 
 import exporters
 import lrp_onnx
+from lrp_onnx import runtimes
+from lrp_onnx.cli import main
 
-openvino = pytest.importorskip("openvino")
+pytest.importorskip("openvino")
 TOLERANCE = 1e-5  # relative L2 of the relevance against ONNX Runtime
 MODELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
+OTHER_RUNTIMES = ["openvino", "ort-node", "ort-web"]
+
+
+def _javascript_missing():
+    try:
+        runtimes.node_root("ort-web")
+        runtimes.node_root("ort-node")
+    except lrp_onnx.InputError as e:
+        return str(e)
+    import shutil
+    return None if shutil.which("node") and shutil.which("chromium") else "node or chromium is not installed"
+
+
+needs_javascript = pytest.mark.skipif(bool(_javascript_missing()) and not os.environ.get("CI"),
+                                      reason=str(_javascript_missing()))
 
 
 def square_mlp():
@@ -24,14 +45,8 @@ def square_mlp():
                          nn.Linear(32, 10)).eval()
 
 
-def relative_l2(a, b):
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
 def on_openvino(path, feeds):
-    core = openvino.Core()
-    compiled = core.compile_model(core.read_model(str(path)), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    return compiled(feeds)[compiled.output("relevance")]
+    return runtimes.run_openvino(str(path), feeds, repeats=0).outputs["relevance"]
 
 
 def explainer_file(model_path, composite, folder):
@@ -48,7 +63,7 @@ def test_openvino_matches_ort_on_square_dense_layers(tmp_path, exporter, composi
     path = explainer_file(tmp_path / "mlp.onnx", composite, tmp_path)
     feeds = {"x": x.numpy(), "target": np.full(4, -1, np.int64)}
     expected = lrp_onnx.Explainer(str(path)).run(feeds["x"])["relevance"]
-    assert relative_l2(on_openvino(path, feeds), expected) <= TOLERANCE
+    assert runtimes.relative_l2(on_openvino(path, feeds), expected) <= TOLERANCE
 
 
 @pytest.mark.parametrize("composite", ["alpha-beta", "epsilon-plus-flat"])
@@ -57,7 +72,7 @@ def test_openvino_matches_ort_on_the_digits_cnn(tmp_path, composite):
     path = explainer_file(os.path.join(MODELS, "digits_cnn.onnx"), composite, tmp_path)
     expected = lrp_onnx.Explainer(str(path)).run(images)["relevance"]
     feeds = {"image": images, "target": np.full(len(images), -1, np.int64)}
-    assert relative_l2(on_openvino(path, feeds), expected) <= TOLERANCE
+    assert runtimes.relative_l2(on_openvino(path, feeds), expected) <= TOLERANCE
 
 
 def test_openvino_matches_ort_on_a_tiny_bert(tmp_path):
@@ -65,7 +80,7 @@ def test_openvino_matches_ort_on_a_tiny_bert(tmp_path):
     feeds = exporters.hf_text_classifier("bert", str(tmp_path / "bert.onnx"))
     path = explainer_file(tmp_path / "bert.onnx", "attnlrp", tmp_path)
     expected = lrp_onnx.Explainer(str(path)).run(feeds)["relevance"]
-    assert relative_l2(on_openvino(path, {**feeds, "target": np.full(2, -1, np.int64)}), expected) <= TOLERANCE
+    assert runtimes.relative_l2(on_openvino(path, {**feeds, "target": np.full(2, -1, np.int64)}), expected) <= TOLERANCE
 
 
 @pytest.mark.parametrize("composite", ["alpha-beta", "epsilon-plus-flat", "epsilon-gamma-box"])
@@ -80,3 +95,71 @@ def test_explainers_are_portable_by_default(tmp_path, composite):
                                                             for o in n.output}
     (onehot,) = [n for n in proto.graph.node if n.op_type == "OneHot"]
     assert onehot.input[1] in constants
+
+
+# The issue's matrix: the digits CNN, resnet18 (64 px) and vgg11_bn (224 px, 531 MB: saved with
+# external data, which ONNX Runtime Web needs), both exporters, the default composite and the
+# epsilon-plus-flat one.
+ZOO = [("digits_cnn", None), ("resnet18", "torchscript"), ("resnet18", "dynamo"), ("vgg11_bn", "torchscript"),
+       ("vgg11_bn", "dynamo")]
+
+
+@pytest.fixture(scope="module", params=ZOO, ids=[f"{m}-{e}" if e else m for m, e in ZOO])
+def zoo_model(request, tmp_path_factory):
+    name, exporter = request.param
+    if exporter is None:
+        return os.path.join(MODELS, f"{name}.onnx")
+    path = str(tmp_path_factory.mktemp(name) / f"{name}-{exporter}.onnx")
+    exporters.torchvision_classifier(name, path, exporter)
+    return path
+
+
+@needs_javascript
+@pytest.mark.parametrize("composite", ["alpha-beta", "epsilon-plus-flat"])
+def test_every_runtime_matches_ort(zoo_model, composite, tmp_path):
+    path = str(tmp_path / "explainer.onnx")
+    lrp_onnx.save_model(lrp_onnx.convert(zoo_model, composite), path)
+    assert os.path.exists(path + ".data") == ("vgg11_bn" in zoo_model)  # past 256 MiB: external data
+    reference, results = runtimes.check(path, OTHER_RUNTIMES, repeats=0)
+    assert {"relevance", "explained_class"} <= set(reference.outputs)
+    for parity in results:
+        assert parity.failure is None, parity.failure
+        assert set(parity.errors) == set(reference.outputs), parity.runtime
+        assert parity.worst <= TOLERANCE, (parity.runtime, parity.errors)
+
+
+@needs_javascript
+def test_check_reports_each_runtime_and_fails_on_a_mismatch(tmp_path, capsys):
+    out = str(tmp_path / "digits.lrp.onnx")
+    assert main(["convert", os.path.join(MODELS, "digits_cnn.onnx"), "-o", out, "--check-runtime", *OTHER_RUNTIMES]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[2:]}
+    assert set(rows) == {"ort", *OTHER_RUNTIMES} and all(rows[r].endswith("ok") for r in OTHER_RUNTIMES)
+    # OpenVINO's relevance is close but not bit-identical: a zero tolerance must fail, with exit 7
+    samples = os.path.join(MODELS, "digits_samples.npy")
+    assert main(["check", out, "--runtime", "openvino", "--input", samples, "--tolerance", "0"]) == 7
+    assert "DIFFERS" in capsys.readouterr().out
+
+
+@needs_javascript
+def test_a_runtime_that_cannot_start_is_a_failed_row_and_exit_7(tmp_path, capsys, monkeypatch):
+    out = str(tmp_path / "digits.lrp.onnx")
+    lrp_onnx.save_model(lrp_onnx.convert(os.path.join(MODELS, "digits_cnn.onnx")), out)
+    monkeypatch.setenv("LRP_ONNX_CHROMIUM", "/bin/false")  # a real binary that is not a browser
+    assert main(["check", out, "--runtime", "ort-web", "ort-node"]) == 7
+    captured = capsys.readouterr()
+    assert "ort-web" in captured.err and "FAILED" in captured.out and captured.out.count(" ok") == 1
+
+
+def test_check_refuses_a_plain_model(capsys):
+    assert main(["check", os.path.join(MODELS, "digits_cnn.onnx"), "--runtime", "openvino"]) == 2
+    assert "not an explainer graph" in capsys.readouterr().err
+
+
+@needs_javascript
+def test_external_data_on_request_runs_on_the_web_runtime(tmp_path, capsys):
+    model = str(tmp_path / "resnet18.onnx")
+    exporters.torchvision_classifier("resnet18", model)
+    out = str(tmp_path / "resnet18.lrp.onnx")
+    assert main(["convert", model, "-o", out, "--external-data", "--check-runtime", "ort-web"]) == 0
+    assert os.path.getsize(out + ".data") > os.path.getsize(out)  # the weights went beside the graph
+    assert capsys.readouterr().out.splitlines()[-1].endswith("ok")

@@ -186,9 +186,14 @@ class ChannelAffineMap(LinearMap):
 def conv_attrs(unit):
     """Explicit Conv attributes; auto_pad SAME_* is resolved to pads from the static input shape."""
     head = unit.head
-    w = head.inputs[1].values
-    spatial = w.ndim - 2
-    kernel = list(w.shape[2:])
+    return dict(window_attrs(unit, list(head.inputs[1].values.shape[2:])), group=head.attrs.get("group", 1))
+
+
+def window_attrs(unit, kernel):
+    """Strides, pads, dilations and kernel of a sliding-window op (Conv, MaxPool), with auto_pad
+    resolved to explicit pads from the static input shape."""
+    head = unit.head
+    spatial = len(kernel)
     strides = head.attrs.get("strides", [1] * spatial)
     dilations = head.attrs.get("dilations", [1] * spatial)
     pads = list(head.attrs.get("pads", [0] * 2 * spatial))
@@ -204,8 +209,7 @@ def conv_attrs(unit):
             total = max((-(-n // s) - 1) * s + (k - 1) * d + 1 - n, 0)
             small, large = total // 2, total - total // 2
             pads[i], pads[i + spatial] = (small, large) if auto_pad == "SAME_UPPER" else (large, small)
-    return {"strides": list(strides), "pads": pads, "dilations": list(dilations), "group": head.attrs.get("group", 1),
-            "kernel_shape": kernel}
+    return {"strides": list(strides), "pads": pads, "dilations": list(dilations), "kernel_shape": list(kernel)}
 
 
 def static_spatial(unit):

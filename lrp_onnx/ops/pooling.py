@@ -2,12 +2,11 @@
 routes relevance to the window's winner, as the gradient does."""
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
 from ..graph import is_constant
 from ..maps import LinearMap, Traits
 from ..registry import mapped, routing
-from .linear import first_input_only, unread_rows
+from .linear import first_input_only, unread_rows, window_attrs
 
 # Averages have no weight for rules to modify: they take the ε-rule (norm) and the chain rule.
 AVERAGE = Traits(affine=True, differentiable=True, kind="an average")
@@ -110,32 +109,110 @@ def reduction(b, unit):
 
 
 def _check_max_pool(unit):
-    if unit.head.attrs.get("storage_order", 0):
-        return "MaxPool with storage_order=1 is not supported"
+    shape, out = unit.inputs[0].shape, unit.head.outputs[0].shape
+    if any(s is None or not all(isinstance(d, int) for d in s[2:]) for s in (shape, out)):
+        return f"MaxPool needs static spatial sizes, got input {shape} and output {out}"
     return None
 
 
 @routing("MaxPool", check=_check_max_pool)
 def max_pool(b, unit, relevance_out):
-    """Winner-take-all: R goes to the argmax of each window, summed where windows overlap.
+    """Winner-take-all: each window's relevance goes to its first maximum in row-major order (the
+    gradient of max pooling, as PyTorch and MaxPool's Indices break ties), summed where windows overlap.
 
-    The forward MaxPool is given its Indices output (flat indices into N·C·H·W, first maximum on
-    ties), and R is scatter-added there: the gradient of max pooling.
+    Built from data movement and comparisons only, with no Indices output and no scatter, so that
+    TensorRT and the web runtimes take it: kernel offset j reads the strided view v_j of the input
+    padded with −inf, and the winner of a window is the first j with v_j = y. Views are copies, not
+    Conv patches, so v_j = y holds exactly on any runtime (TF32 or Winograd would round).
     """
-    indices = _indices_output(b, unit.head)
-    flat = b.ints([-1])
-    numel = b.op("Reshape", b.op("Size", unit.inputs[0]), flat)
-    zeros = b.fill(numel, 0.0)
-    summed = b.op("ScatterElements", zeros, b.op("Reshape", indices, flat), b.op("Reshape", relevance_out[0], flat),
-                  axis=0, reduction="add")
-    return [b.reshape_like(summed, unit.inputs[0])]
+    x, y = unit.inputs[0], unit.head.outputs[0]
+    window = _Window(window_attrs(unit, list(unit.head.attrs["kernel_shape"])), x.shape[2:], y.shape[2:])
+    phases = window.phases(b, x)
+    shares, taken = [], None
+    for offset in window.offsets:
+        hit = b.op("Equal", window.view(b, phases, offset), y)
+        won = hit if taken is None else b.op("And", hit, b.op("Not", taken))
+        taken = hit if taken is None else b.op("Or", taken, hit)
+        shares.append(b.mul(b.op("Cast", won, to=1), relevance_out[0]))
+    return [window.place(b, shares)]
 
 
-def _indices_output(b, node):
-    """The forward MaxPool's Indices output, added to the node if the model did not ask for it."""
-    if len(node.outputs) < 2:
-        node.outputs.append(gs.Variable(b.name("indices"), dtype=np.int64))
-    return node.outputs[1]
+class _Window:
+    """A pooling window's K strided views of the padded input, and their transpose.
+
+    Along axis i, offset a = (kernel index)·d reads padded rows a + m·s, m < o. Writing a = q·s + r,
+    that is row m + q of phase r, the rows r, r + s, r + 2s, … So the padded input is cut into its
+    phases once (strided slices, which ONNX Runtime runs slowly, one per phase rather than one per
+    offset), and each view is an unstrided slice of a phase, L = o + max(q) rows long. The
+    transpose adds each share into its phase, shifted by q, and interleaves the phases again.
+    """
+
+    def __init__(self, window, sizes, out_sizes):
+        self.strides, self.sizes, self.out_sizes = window["strides"], list(sizes), list(out_sizes)
+        self.begin = window["pads"][:len(sizes)]
+        self.offsets = [[k * d for k, d in zip(index, window["dilations"])]
+                        for index in np.ndindex(*window["kernel_shape"])]
+        most_shift = [((k - 1) * d) // s for k, d, s in zip(window["kernel_shape"], window["dilations"], self.strides)]
+        self.coarse = [o + q for o, q in zip(out_sizes, most_shift)]
+        # Padded rows of the phases, p + n plus the end padding; every view reads within them. The
+        # input's last rows may lie past them (rows no window reads), and get no relevance.
+        self.frame = [c * s for c, s in zip(self.coarse, self.strides)]
+        self.axes = list(range(2, 2 + len(sizes)))
+
+    def phases(self, b, x):
+        """{phase r: rows r, r + s, … of x padded with −inf} (padding never wins, as in MaxPool)."""
+        kept = [min(n, f - p) for n, f, p in zip(self.sizes, self.frame, self.begin)]
+        if kept != self.sizes:
+            x = b.op("Slice", x, b.ints([0] * len(kept)), b.ints(kept), b.ints(self.axes))
+        end = [f - p - n for f, p, n in zip(self.frame, self.begin, kept)]
+        padded = b.op("Pad", x, b.ints([0, 0] + self.begin + [0, 0] + end), b.const(-np.inf))
+        if all(s == 1 for s in self.strides):
+            return {tuple(0 for _ in self.strides): padded}
+        return {phase: b.op("Slice", padded, b.ints(list(phase)), b.ints(self.frame), b.ints(self.axes),
+                            b.ints(self.strides))
+                for phase in np.ndindex(*self.strides)}
+
+    def view(self, b, phases, offset):
+        """The view at ``offset``, [N, C, o…]: rows q … q + o − 1 of phase r."""
+        phase = phases[tuple(a % s for a, s in zip(offset, self.strides))]
+        shift = [a // s for a, s in zip(offset, self.strides)]
+        if shift == [0] * len(shift) and self.coarse == self.out_sizes:
+            return phase
+        ends = [q + o for q, o in zip(shift, self.out_sizes)]
+        return b.op("Slice", phase, b.ints(shift), b.ints(ends), b.ints(self.axes))
+
+    def place(self, b, shares):
+        """Σ_j Fᵀ_j(share_j), cropped to the input: the transpose of every view at once."""
+        phases = {}
+        for offset, share in zip(self.offsets, shares):
+            shift = [a // s for a, s in zip(offset, self.strides)]
+            after = [c - o - q for c, o, q in zip(self.coarse, self.out_sizes, shift)]
+            pads = [0, 0] + shift + [0, 0] + after
+            phase = tuple(a % s for a, s in zip(offset, self.strides))
+            phases.setdefault(phase, []).append(b.op("Pad", share, b.ints(pads)) if any(pads) else share)
+        summed = {phase: b.total(terms) for phase, terms in phases.items()}
+        frame = self._interleave(b, summed, b.zeros_like(next(iter(summed.values()))), ())
+        unread = [max(p + n - f, 0) for p, n, f in zip(self.begin, self.sizes, self.frame)]
+        if any(unread):
+            frame = b.op("Pad", frame, b.ints([0] * (2 + len(unread)) + [0, 0] + unread))
+        ends = [p + n for p, n in zip(self.begin, self.sizes)]
+        return b.op("Slice", frame, b.ints(self.begin), b.ints(ends), b.ints(self.axes))
+
+    def _interleave(self, b, phases, zeros, prefix):
+        """The phases starting with ``prefix`` as rows m·s + r, one axis at a time: Concat along a
+        new axis after the spatial one, then merge the two (absent phases are 0)."""
+        axis = len(prefix)
+        if axis == len(self.strides):
+            return phases.get(prefix, zeros)
+        parts = [self._interleave(b, phases, zeros, prefix + (r,)) for r in range(self.strides[axis])]
+        if len(parts) == 1:
+            return parts[0]
+        spatial = 2 + axis
+        stacked = b.op("Concat", *[b.op("Unsqueeze", p, b.ints([spatial + 1])) for p in parts], axis=spatial + 1)
+        shape = b.op("Shape", stacked)
+        merged = b.op("Concat", b.op("Slice", shape, b.ints([0]), b.ints([spatial])), b.ints([-1]),
+                      b.op("Slice", shape, b.ints([spatial + 2]), b.ints([np.iinfo(np.int64).max])), axis=0)
+        return b.op("Reshape", stacked, merged)
 
 
 @routing("GlobalMaxPool")

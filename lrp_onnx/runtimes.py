@@ -1,0 +1,222 @@
+"""An explainer file on other runtimes, against ONNX Runtime's Python CPU build (``lrp-onnx check``).
+
+Each runtime runs the file on the same feeds and gives its outputs by name and the median seconds
+of a run (after one warm-up run):
+
+- ``ort``: ONNX Runtime for Python on the CPU, the reference.
+- ``openvino``: OpenVINO's CPU plug-in (pip ``openvino``), with INFERENCE_PRECISION_HINT=f32: its
+  default on CPUs with bf16 units is bf16, which moves relevance by 1e-2 and more.
+- ``ort-node``: ONNX Runtime Node (npm ``onnxruntime-node``).
+- ``ort-web``: ONNX Runtime Web, WASM, in headless Chromium (Debian's ``chromium``, or the binary
+  in LRP_ONNX_CHROMIUM), driven by npm ``playwright-core``.
+
+The npm packages come from the ``node_modules`` folder of LRP_ONNX_NODE_ROOT, else of the current
+folder or one above it, else of the lrp-onnx checkout (its package.json pins them: ``npm ci``).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .errors import InputError, first_line
+from .external import external_files
+from .plan import TARGET
+
+JS_FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "js")
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NPM_PACKAGES = {"ort-node": ["onnxruntime-node"], "ort-web": ["onnxruntime-web", "playwright-core"]}
+TOLERANCE = 1e-5  # relative L2 against ONNX Runtime Python that `check` accepts
+ELEMENT_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
+                 onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.INT64: np.int64,
+                 onnx.TensorProto.INT32: np.int32, onnx.TensorProto.UINT8: np.uint8,
+                 onnx.TensorProto.INT8: np.int8, onnx.TensorProto.BOOL: np.bool_}
+
+
+class RuntimeFailure(Exception):
+    """The runtime could not load or run the explainer: a finding of the check, not a usage error."""
+
+
+@dataclass
+class Run:
+    outputs: dict
+    seconds: float  # median of the timed runs
+
+
+def run_ort(path, feeds, repeats):
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return _timed(lambda: dict(zip(names, session.run(None, feeds))), repeats)
+
+
+def run_openvino(path, feeds, repeats):
+    try:
+        import openvino
+    except ImportError:
+        raise InputError("the openvino runtime needs the pip package openvino (pip install openvino)") from None
+    core = openvino.Core()
+    compiled = core.compile_model(core.read_model(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    # compiled(...) keys results by internal port names: look each graph output up by its own name.
+    names = [o.name for o in onnx.load(path, load_external_data=False).graph.output]
+
+    def once():
+        results = compiled(feeds)
+        return {name: np.asarray(results[compiled.output(name)]) for name in names}
+    return _timed(once, repeats)
+
+
+def _timed(run, repeats):
+    outputs = run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return Run(outputs, float(np.median(times)) if times else None)
+
+
+def run_ort_node(path, feeds, repeats):
+    return _run_node("ort-node", "run_ort_node.mjs", path, feeds, {"repeats": repeats})
+
+
+def run_ort_web(path, feeds, repeats):
+    chromium = os.environ.get("LRP_ONNX_CHROMIUM") or shutil.which("chromium")
+    if not chromium:
+        raise InputError("the ort-web runtime needs Chromium: apt-get install chromium, or set LRP_ONNX_CHROMIUM")
+    folder = os.path.dirname(os.path.abspath(path))
+    extra = {"repeats": repeats, "threads": os.cpu_count() or 1,
+             "externalData": [os.path.relpath(f, folder) for f in external_files(path)]}
+    return _run_node("ort-web", "run_ort_web.mjs", path, feeds, extra, LRP_ONNX_CHROMIUM=chromium)
+
+
+def node_root(runtime):
+    """The folder whose node_modules holds the npm packages ``runtime`` needs."""
+    wanted = NPM_PACKAGES[runtime]
+    if os.environ.get("LRP_ONNX_NODE_ROOT"):
+        candidates = [os.environ["LRP_ONNX_NODE_ROOT"]]
+    else:
+        here = os.path.abspath(os.getcwd())
+        candidates = [here]
+        while os.path.dirname(candidates[-1]) != candidates[-1]:
+            candidates.append(os.path.dirname(candidates[-1]))
+        candidates.append(CHECKOUT)
+    for folder in candidates:
+        if all(os.path.isfile(os.path.join(folder, "node_modules", p, "package.json")) for p in wanted):
+            return folder
+    raise InputError(f"the {runtime} runtime needs the npm package(s) {', '.join(wanted)}: run "
+                     f"`ONNXRUNTIME_NODE_INSTALL=skip npm ci` in the lrp-onnx checkout, or set LRP_ONNX_NODE_ROOT "
+                     f"to a folder whose node_modules has them")
+
+
+def _run_node(runtime, script, path, feeds, extra, **env):
+    """Run a JS runner on ``path``: tensors go both ways as raw files described by a JSON request."""
+    if not shutil.which("node"):
+        raise InputError(f"the {runtime} runtime needs Node.js (node on PATH)")
+    root = node_root(runtime)
+    with tempfile.TemporaryDirectory(prefix="lrp-onnx-js-") as folder:
+        inputs = []
+        for k, (name, value) in enumerate(feeds.items()):
+            value = np.ascontiguousarray(value)
+            file = os.path.join(folder, f"input-{k}.bin")
+            value.tofile(file)
+            inputs.append({"name": name, "dtype": value.dtype.name.replace("bool_", "bool"), "shape": list(value.shape),
+                           "file": file})
+        request = os.path.join(folder, "request.json")
+        with open(request, "w") as f:
+            json.dump({"model": os.path.abspath(path), "inputs": inputs, "folder": folder, **extra}, f)
+        done = subprocess.run(["node", os.path.join(JS_FOLDER, script), request], capture_output=True, text=True,
+                              env={**os.environ, "LRP_ONNX_NODE_ROOT": root, **env})
+        if done.returncode:
+            raise RuntimeFailure(f"{runtime}: {_js_error(done.stderr)}")
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        outputs = {o["name"]: np.fromfile(o["file"], dtype=o["dtype"]).reshape(o["shape"]) for o in result["outputs"]}
+    return Run(outputs, result["seconds"])
+
+
+def _js_error(stderr):
+    """The line of a Node error report that says what went wrong, without the stack and framing."""
+    noise = ("at ", "node:", "^", "triggerUncaughtException", "Node.js", "name:", "log:", "}", "{")
+    lines = [line.strip() for line in stderr.splitlines() if line.strip() and not line.strip().startswith(noise)]
+    return first_line(lines[0] if lines else "exited without a message")
+
+
+RUNTIMES = {"ort": run_ort, "openvino": run_openvino, "ort-node": run_ort_node, "ort-web": run_ort_web}
+
+
+def sample_feeds(path, batch=2, seed=0):
+    """Feeds for every input of the explainer at ``path``: floats standard normal (as normalised
+    images), token ids 0 or 1, attention masks 1, the target −1 (the predicted class). Symbolic axes
+    get ``batch``. (Uniform [0, 1) images left a random-init vgg11_bn so ill-conditioned under
+    epsilon-plus-flat that ONNX Runtime with and without graph optimisations differed by 1.7e-4.)"""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for value in onnx.load(path, load_external_data=False).graph.input:
+        tensor = value.type.tensor_type
+        dtype = ELEMENT_TYPES.get(tensor.elem_type)
+        if dtype is None:
+            raise InputError(f"{path}: input {value.name!r} has an element type sample_feeds cannot fill")
+        shape = [d.dim_value if d.HasField("dim_value") else batch for d in tensor.shape.dim]
+        if value.name == TARGET:
+            feeds[value.name] = np.full(shape, -1, dtype)
+        elif np.dtype(dtype).kind == "f":
+            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            feeds[value.name] = (np.ones(shape) if "mask" in value.name else rng.integers(0, 2, shape)).astype(dtype)
+    return feeds
+
+
+@dataclass
+class Parity:
+    """One runtime against ONNX Runtime Python: relative L2 per output, or why it did not run."""
+    runtime: str
+    errors: dict = field(default_factory=dict)
+    seconds: float = None
+    failure: str = None
+
+    @property
+    def worst(self):
+        return max(self.errors.values()) if self.errors else None
+
+    def passed(self, tolerance=TOLERANCE):
+        return self.failure is None and self.worst is not None and self.worst <= tolerance
+
+
+def relative_l2(ours, reference):
+    ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
+    if ours.shape != reference.shape:
+        return float("inf")
+    scale = np.linalg.norm(reference)
+    return float(np.linalg.norm(ours - reference) / (scale if scale else 1.0))
+
+
+def check(path, runtimes, feeds=None, repeats=3):
+    """(reference Run on ONNX Runtime Python, [Parity per runtime]) for the explainer at ``path``."""
+    unknown = sorted(set(runtimes) - set(RUNTIMES))
+    if unknown:
+        raise InputError(f"unknown runtime(s) {unknown}; choose from {sorted(RUNTIMES)}")
+    feeds = sample_feeds(path) if feeds is None else feeds
+    reference = run_ort(path, feeds, repeats)
+    results = []
+    for runtime in runtimes:
+        try:
+            run = RUNTIMES[runtime](path, feeds, repeats)
+        except RuntimeFailure as e:
+            results.append(Parity(runtime, failure=str(e)))
+            continue
+        except InputError:
+            raise
+        except Exception as e:  # the runtime's own refusal (OpenVINO raises RuntimeError and more)
+            results.append(Parity(runtime, failure=f"{runtime}: {first_line(e)}"))
+            continue
+        missing = sorted(set(reference.outputs) - set(run.outputs))
+        errors = {name: relative_l2(run.outputs[name], value) for name, value in reference.outputs.items()
+                  if name in run.outputs}
+        results.append(Parity(runtime, errors, run.seconds, f"{runtime}: missing outputs {missing}" if missing else None))
+    return reference, results
