@@ -170,7 +170,7 @@ def _feeds_with_input(path, explained, array_path):
 
 def _report_parity(path, runtimes, feeds, tolerance, repeats=3):
     """Run ``path`` on each runtime and print a table; RuntimeMismatchError if any runtime fails."""
-    reference, results = check(path, runtimes, feeds, repeats)
+    reference, results = check(path, runtimes, feeds, repeats, tolerance)
     print(f"{'runtime':<10} {'relevance':>10} {'worst output':>13} {'ms per run':>11}  verdict")
     print(f"{'ort':<10} {'reference':>10} {'':>13} {reference.seconds * 1e3:>11.2f}  ONNX Runtime Python, CPU")
     for parity in results:
@@ -178,6 +178,9 @@ def _report_parity(path, runtimes, feeds, tolerance, repeats=3):
             print(f"{parity.runtime:<10} {'-':>10} {'-':>13} {'-':>11}  FAILED: {parity.failure}")
             continue
         verdict = "ok" if parity.passed(tolerance) else f"DIFFERS (tolerance {tolerance:g})"
+        if parity.winner_flips:
+            verdict += (f": {parity.winner_flips} max-pool window(s) picked another winner, their largest inputs "
+                        "tied within the runtimes' rounding")
         print(f"{parity.runtime:<10} {parity.errors.get('relevance', float('nan')):>10.1e} {parity.worst:>13.1e} "
               f"{parity.seconds * 1e3:>11.2f}  {verdict}")
     failed = [p.runtime for p in results if not p.passed(tolerance)]
@@ -408,7 +411,8 @@ def build_parser():
     p.add_argument("explainer")
     p.add_argument("--runtime", nargs="+", required=True, choices=sorted(set(RUNTIMES) - {"ort"}),
                    help="openvino (pip openvino), ort-node (npm onnxruntime-node), ort-web (npm onnxruntime-web "
-                        "in headless Chromium)")
+                        "in headless Chromium), ort-unoptimised (ONNX Runtime with graph optimisations off: "
+                        "the rounding floor)")
     p.add_argument("--input", metavar="ARRAY.npy",
                    help="values of the explained input (default: 2 random samples, standard normal)")
     p.add_argument("--tolerance", type=float, default=TOLERANCE,

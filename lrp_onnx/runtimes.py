@@ -4,6 +4,8 @@ Each runtime runs the file on the same feeds and gives its outputs by name and t
 of a run (after one warm-up run):
 
 - ``ort``: ONNX Runtime for Python on the CPU, the reference.
+- ``ort-unoptimised``: the same with every graph optimisation off. Fused and unfused kernels round
+  differently, so its distance from ``ort`` is the floor any other runtime can be held to.
 - ``openvino``: OpenVINO's CPU plug-in (pip ``openvino``), with INFERENCE_PRECISION_HINT=f32: its
   default on CPUs with bf16 units is bf16, which moves relevance by 1e-2 and more.
 - ``ort-node``: ONNX Runtime Node (npm ``onnxruntime-node``).
@@ -50,10 +52,19 @@ class Run:
     seconds: float  # median of the timed runs
 
 
-def run_ort(path, feeds, repeats):
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+def run_ort(path, feeds, repeats, optimise=True, provider="CPUExecutionProvider"):
+    options = ort.SessionOptions()
+    if not optimise:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(path, options, providers=[provider])
+    if session.get_providers()[0] != provider:  # ORT falls back to the CPU without a word
+        raise RuntimeFailure(f"ONNX Runtime's {provider} did not load (it gave {session.get_providers()})")
     names = [o.name for o in session.get_outputs()]
     return _timed(lambda: dict(zip(names, session.run(None, feeds))), repeats)
+
+
+def run_ort_unoptimised(path, feeds, repeats):
+    return run_ort(path, feeds, repeats, optimise=False)
 
 
 def run_openvino(path, feeds, repeats):
@@ -147,7 +158,7 @@ def _js_error(stderr):
     return first_line(lines[0] if lines else "exited without a message")
 
 
-RUNTIMES = {"ort": run_ort, "openvino": run_openvino, "ort-node": run_ort_node, "ort-web": run_ort_web}
+RUNTIMES = {"ort": run_ort, "ort-unoptimised": run_ort_unoptimised, "openvino": run_openvino, "ort-node": run_ort_node, "ort-web": run_ort_web}
 
 
 def sample_feeds(path, batch=2, seed=0):
@@ -179,6 +190,8 @@ class Parity:
     errors: dict = field(default_factory=dict)
     seconds: float = None
     failure: str = None
+    # max-pool windows whose winner differs from the reference's (counted where the relevance differs)
+    winner_flips: int = None
 
     @property
     def worst(self):
@@ -196,8 +209,10 @@ def relative_l2(ours, reference):
     return float(np.linalg.norm(ours - reference) / (scale if scale else 1.0))
 
 
-def check(path, runtimes, feeds=None, repeats=3):
-    """(reference Run on ONNX Runtime Python, [Parity per runtime]) for the explainer at ``path``."""
+def check(path, runtimes, feeds=None, repeats=3, tolerance=TOLERANCE):
+    """(reference Run on ONNX Runtime Python, [Parity per runtime]) for the explainer at ``path``.
+    Where a runtime's relevance is more than ``tolerance`` off, its Parity counts the max-pool
+    windows in which it picked another winner than the reference."""
     unknown = sorted(set(runtimes) - set(RUNTIMES))
     if unknown:
         raise InputError(f"unknown runtime(s) {unknown}; choose from {sorted(RUNTIMES)}")
@@ -218,5 +233,61 @@ def check(path, runtimes, feeds=None, repeats=3):
         missing = sorted(set(reference.outputs) - set(run.outputs))
         errors = {name: relative_l2(run.outputs[name], value) for name, value in reference.outputs.items()
                   if name in run.outputs}
-        results.append(Parity(runtime, errors, run.seconds, f"{runtime}: missing outputs {missing}" if missing else None))
+        parity = Parity(runtime, errors, run.seconds, f"{runtime}: missing outputs {missing}" if missing else None)
+        if parity.failure is None and errors.get("relevance", 0.0) > tolerance:
+            parity.winner_flips = max_pool_winner_flips(path, feeds, runtime)
+        results.append(parity)
     return reference, results
+
+
+def max_pool_winner_flips(path, feeds, runtime):
+    """How many windows of the model's max pools have another winner (first maximum) on ``runtime``
+    than on the reference, judged from each pool's input as that runtime computes it.
+
+    Winner-take-all is discontinuous: where a window's two largest inputs are nearer each other than
+    two runtimes' convolutions round apart, each picks its own winner and the window's relevance
+    lands on another pixel, however exactly both run the explainer. A relevance difference with no
+    flipped window is the explainer's (or the runtime's) fault; one with flips may be rounding."""
+    proto = onnx.load(path, load_external_data=False)
+    pools = [n for n in proto.graph.node if n.op_type == "MaxPool"]
+    if not pools:
+        return 0
+    dtype = next(o.type.tensor_type.elem_type for o in proto.graph.output if o.name == "relevance")
+    shown = {o.name for o in proto.graph.output}
+    for name in dict.fromkeys(t for n in pools for t in (n.input[0], n.output[0])):
+        if name not in shown:
+            proto.graph.output.append(onnx.helper.make_tensor_value_info(name, dtype, None))
+    # beside the explainer, so that its external data (a relative location) is found
+    handle, probe = tempfile.mkstemp(suffix=".onnx", dir=os.path.dirname(os.path.abspath(path)))
+    os.close(handle)
+    try:
+        onnx.save(proto, probe)
+        theirs = RUNTIMES[runtime](probe, feeds, 0).outputs
+        ours = run_ort(probe, feeds, 0).outputs
+    finally:
+        os.remove(probe)
+    return sum(int(np.count_nonzero(_window_winners(n, ours[n.input[0]], ours[n.output[0]].shape)
+                                    != _window_winners(n, theirs[n.input[0]], ours[n.output[0]].shape)))
+               for n in pools)
+
+
+def _window_winners(node, x, out_shape):
+    """The flat kernel offset of each window's first maximum, [N, C, out…] (MaxPool's semantics:
+    padding is −inf, so it never wins)."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    kernel = list(attrs["kernel_shape"])
+    rank = len(kernel)
+    strides, dilations = list(attrs.get("strides", [1] * rank)), list(attrs.get("dilations", [1] * rank))
+    spans = [(k - 1) * d + s * (o - 1) + 1 for k, d, s, o in zip(kernel, dilations, strides, out_shape[2:])]
+    auto_pad = attrs.get("auto_pad", b"NOTSET").decode()
+    if auto_pad == "NOTSET":
+        begin = list(attrs.get("pads", [0] * 2 * rank))[:rank]
+    else:  # SAME_UPPER puts the odd padding row at the end, SAME_LOWER at the beginning; VALID none
+        total = [max(span - n, 0) for span, n in zip(spans, x.shape[2:])]
+        begin = [0] * rank if auto_pad == "VALID" else [t // 2 if auto_pad == "SAME_UPPER" else t - t // 2 for t in total]
+    ends = [max(span - p - n, 0) for span, p, n in zip(spans, begin, x.shape[2:])]
+    padded = np.pad(x, [(0, 0), (0, 0)] + list(zip(begin, ends)), constant_values=-np.inf)
+    views = [padded[(slice(None), slice(None)) + tuple(slice(i * d, i * d + s * (o - 1) + 1, s) for i, d, s, o in
+                                                     zip(index, dilations, strides, out_shape[2:]))]
+             for index in np.ndindex(*kernel)]
+    return np.argmax(np.stack(views, axis=-1), axis=-1)

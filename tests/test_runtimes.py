@@ -19,6 +19,7 @@ from lrp_onnx.cli import main
 
 pytest.importorskip("openvino")
 TOLERANCE = 1e-5  # relative L2 of the relevance against ONNX Runtime
+FLIPPED_TOLERANCE = 1e-3  # where max-pool windows picked another winner (see test_every_runtime_matches_ort)
 MODELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
 OTHER_RUNTIMES = ["openvino", "ort-node", "ort-web"]
 
@@ -125,7 +126,46 @@ def test_every_runtime_matches_ort(zoo_model, composite, tmp_path):
     for parity in results:
         assert parity.failure is None, parity.failure
         assert set(parity.errors) == set(reference.outputs), parity.runtime
-        assert parity.worst <= TOLERANCE, (parity.runtime, parity.errors)
+        if parity.errors["relevance"] <= TOLERANCE:
+            assert parity.worst <= TOLERANCE, (parity.runtime, parity.errors)
+            continue
+        # vgg11_bn on OpenVINO and ORT Web: their convolutions round differently (logits 1e-6 to
+        # 5e-6 apart) and a few max-pool windows whose largest inputs tie within that pick another
+        # winner, which moves that window's relevance (3.4e-5 to 8.4e-5 measured). Accepted only
+        # with such flips, logits within the tolerance, and a difference a few windows can make.
+        assert parity.winner_flips, (parity.runtime, parity.errors, "a relevance difference with no max-pool flip")
+        assert parity.errors["logits"] <= TOLERANCE, (parity.runtime, parity.errors)
+        assert parity.errors["relevance"] <= FLIPPED_TOLERANCE, (parity.runtime, parity.errors, parity.winner_flips)
+
+
+@pytest.mark.parametrize("attrs", [dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+                                   dict(kernel_shape=[2, 2], strides=[2, 2]),
+                                   dict(kernel_shape=[3, 2], strides=[2, 1], ceil_mode=1),
+                                   dict(kernel_shape=[2, 2], auto_pad="SAME_UPPER")])
+def test_window_winners_are_the_first_maximum_of_each_window(attrs):
+    """The max-pool flip count's winners against a loop over the windows, on ORT's own MaxPool
+    output shape, with ties (integers) that the first maximum must break."""
+    import onnx
+    import onnxruntime as ort
+    x = np.random.default_rng(0).integers(0, 3, (2, 3, 7, 6)).astype(np.float32)
+    node = onnx.helper.make_node("MaxPool", ["x"], ["y"], **attrs)
+    graph = onnx.helper.make_graph([node], "pool", [onnx.helper.make_tensor_value_info("x", 1, x.shape)],
+                                   [onnx.helper.make_tensor_value_info("y", 1, None)])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    winners = runtimes._window_winners(node, x, y.shape)
+    kh, kw = attrs["kernel_shape"]
+    sh, sw = attrs.get("strides", [1, 1])
+    if attrs.get("auto_pad") == "SAME_UPPER":
+        top, left = ((y.shape[2] - 1) * sh + kh - 7) // 2, ((y.shape[3] - 1) * sw + kw - 6) // 2
+    else:
+        top, left = attrs.get("pads", [0, 0])[:2]
+    padded = np.full((2, 3, 7 + 2 * kh, 6 + 2 * kw), -np.inf, np.float32)
+    padded[:, :, top:top + 7, left:left + 6] = x
+    for i, j in np.ndindex(*y.shape[2:]):
+        window = padded[:, :, i * sh:i * sh + kh, j * sw:j * sw + kw].reshape(2, 3, -1)
+        assert np.array_equal(window.max(-1), y[:, :, i, j])  # the same windows as MaxPool's
+        assert np.array_equal(winners[:, :, i, j], window.argmax(-1))
 
 
 @needs_javascript

@@ -122,15 +122,20 @@ def max_pool(b, unit, relevance_out):
 
     Built from data movement and comparisons only, with no Indices output and no scatter, so that
     TensorRT and the web runtimes take it: kernel offset j reads the strided view v_j of the input
-    padded with −inf, and the winner of a window is the first j with v_j = y. Views are copies, not
-    Conv patches, so v_j = y holds exactly on any runtime (TF32 or Winograd would round).
+    padded with −inf, and the winner of a window is the first j with v_j = max_k v_k. Views are
+    copies, not Conv patches, so the equality is exact on any runtime (TF32 or Winograd would
+    round). The maximum is taken over the views rather than read from MaxPool's output, so every
+    window has exactly one winner even where a runtime fuses the pool into the layer before it and
+    rounds that layer differently on the two paths.
     """
     x, y = unit.inputs[0], unit.head.outputs[0]
     window = _Window(window_attrs(unit, list(unit.head.attrs["kernel_shape"])), x.shape[2:], y.shape[2:])
     phases = window.phases(b, x)
+    views = [window.view(b, phases, offset) for offset in window.offsets]
+    peak = b.op("Max", *views) if len(views) > 1 else views[0]
     shares, taken = [], None
-    for offset in window.offsets:
-        hit = b.op("Equal", window.view(b, phases, offset), y)
+    for view in views:
+        hit = b.op("Equal", view, peak)
         won = hit if taken is None else b.op("And", hit, b.op("Not", taken))
         taken = hit if taken is None else b.op("Or", taken, hit)
         shares.append(b.mul(b.op("Cast", won, to=1), relevance_out[0]))
@@ -200,7 +205,8 @@ class _Window:
 
     def _interleave(self, b, phases, zeros, prefix):
         """The phases starting with ``prefix`` as rows m·s + r, one axis at a time: Concat along a
-        new axis after the spatial one, then merge the two (absent phases are 0)."""
+        new axis after the spatial one, then merge the two (absent phases are 0). The merged size is
+        the static frame size, not −1, which an empty batch cannot infer."""
         axis = len(prefix)
         if axis == len(self.strides):
             return phases.get(prefix, zeros)
@@ -210,7 +216,7 @@ class _Window:
         spatial = 2 + axis
         stacked = b.op("Concat", *[b.op("Unsqueeze", p, b.ints([spatial + 1])) for p in parts], axis=spatial + 1)
         shape = b.op("Shape", stacked)
-        merged = b.op("Concat", b.op("Slice", shape, b.ints([0]), b.ints([spatial])), b.ints([-1]),
+        merged = b.op("Concat", b.op("Slice", shape, b.ints([0]), b.ints([spatial])), b.ints([self.frame[axis]]),
                       b.op("Slice", shape, b.ints([spatial + 2]), b.ints([np.iinfo(np.int64).max])), axis=0)
         return b.op("Reshape", stacked, merged)
 
@@ -219,7 +225,9 @@ class _Window:
 def global_max_pool(b, unit, relevance_out):
     """Winner-take-all over all spatial positions: ArgMax (first maximum) of each channel gets R."""
     x = unit.inputs[0]
-    rows = b.op("Concat", b.op("Slice", b.shape(x), b.ints([0]), b.ints([2])), b.ints([-1]), axis=0)
+    shape = b.shape(x)
+    positions = b.op("ReduceProd", b.op("Slice", shape, b.ints([2]), b.ints([np.iinfo(np.int64).max])), keepdims=1)
+    rows = b.op("Concat", b.op("Slice", shape, b.ints([0]), b.ints([2])), positions, axis=0)
     flat = b.op("Reshape", x, rows)
     winner = b.op("ArgMax", flat, axis=2, keepdims=1)
     r = b.op("Reshape", relevance_out[0], b.op("Shape", winner))
