@@ -172,8 +172,8 @@ NOTES = """## What the figures say
 def triton_section(triton):
     head = "## Triton Inference Server\n\n"
     if triton is None:
-        return head + ("Load test not run (benchmarks/out/triton_load.json is missing: no `tritonserver` where "
-                       "this report was made; `benchmarks/triton_load.py` runs it).")
+        return head + ("Load test not run here (benchmarks/out/triton_load.json is missing): the Triton export "
+                       "and its load test are not on this branch yet.")
     latency = triton["latency_ms"]
     return head + (f"`{triton['clients']}` clients × `{triton['requests_per_client']}` requests against "
                    f"{triton['server']}: {triton['errors']} errors, largest difference from in-process ONNX "
