@@ -56,13 +56,13 @@ def explainer_file(model, composite, folder):
     return path
 
 
-def cell(model, exporter, composite, runtime, parity=None, reference_seconds=None, failure=None):
-    row = {"model": model, "exporter": exporter, "composite": composite, "runtime": runtime}
-    if failure is not None:
-        return {**row, "status": "failed", "why": failure}
+def cell(model, exporter, composite, parity):
+    row = {"model": model, "exporter": exporter, "composite": composite, "runtime": parity.runtime}
+    if parity.failure is not None:
+        return {**row, "status": "failed", "why": parity.failure}
     return {**row, "status": "ran here", "relevance": parity.errors.get("relevance"),
             "logits": parity.errors.get("logits"), "ms": 1e3 * parity.seconds / BATCH,
-            "reference_ms": 1e3 * reference_seconds / BATCH, "winner_flips": parity.winner_flips}
+            "winner_flips": parity.winner_flips}
 
 
 def measure(models, repeats):
@@ -75,11 +75,9 @@ def measure(models, repeats):
             for composite in COMPOSITES:
                 path = explainer_file(model, composite, folder)
                 reference, results = runtimes.check(path, CPU_RUNTIMES, repeats=repeats)
-                rows.append(cell(name, exporter, composite, "ort", runtimes.Parity("ort", {"relevance": 0.0, "logits": 0.0},
-                                                                                   reference.seconds), reference.seconds))
-                for parity in results:
-                    rows.append(cell(name, exporter, composite, parity.runtime, parity, reference.seconds,
-                                     parity.failure))
+                itself = runtimes.Parity("ort", {"relevance": 0.0, "logits": 0.0}, reference.seconds)
+                for parity in [itself, *results]:
+                    rows.append(cell(name, exporter, composite, parity))
                     print(_line(rows[-1]), flush=True)
                 for f in os.listdir(folder):
                     if f.startswith(os.path.basename(path)):
