@@ -173,12 +173,14 @@ def triton_section(triton):
         return head + ("Load test not run here (benchmarks/out/triton_load.json is missing): the Triton export "
                        "and its load test are not on this branch yet.")
     latency = triton["latency_ms"]
-    return head + (f"`{triton['clients']}` clients × `{triton['requests_per_client']}` requests against "
+    return head + (f"{triton['clients']} clients × {triton['requests_per_client']} requests against "
                    f"{triton['server']}: {triton['errors']} errors, largest difference from in-process ONNX "
                    f"Runtime {triton['max_abs_diff']:.1e}; latency p50 {latency['p50']:.1f} ms, p90 "
                    f"{latency['p90']:.1f} ms, p99 {latency['p99']:.1f} ms; {triton['throughput_rps']:.0f} "
                    f"requests/s; {triton['inference_count']} inferences in {triton['execution_count']} "
-                   f"executions (dynamic batching). Ran {triton['date']} on {triton['machine']}.")
+                   f"executions (dynamic batching). Ran {triton['date']} on {triton['machine']}, clients "
+                   "and server sharing the cores. The ORT-backend configuration (`--backend onnxruntime`) "
+                   "passes Triton's schema check but has not been served: that server has no ORT backend.")
 
 
 def versions():

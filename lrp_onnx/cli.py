@@ -1,4 +1,5 @@
-"""The ``lrp-onnx`` command line: ``convert``, ``inspect``, ``explain``, ``evaluate``, ``compare`` and ``check``.
+"""The ``lrp-onnx`` command line: ``convert``, ``inspect``, ``explain``, ``evaluate``, ``compare``, ``check``
+and ``export-triton``.
 
 Exit codes (``EXIT_CODES``, one per class of ``errors``; the README lists them): 0 success, 1 an
 internal error (a bug: please report it), 2 bad input or arguments, 3 a model that cannot be loaded,
@@ -327,6 +328,15 @@ def cmd_compare(args):
     return EXIT_OK
 
 
+def cmd_export_triton(args):
+    from .triton import export_triton  # here, not above: the other commands never need it
+
+    files = export_triton(args.model, args.repo, name=args.name, max_batch_size=args.max_batch_size,
+                          backend=args.backend, force=args.force)
+    print(f"wrote {', '.join(files)} ({args.backend} backend, max_batch_size {args.max_batch_size})")
+    return EXIT_OK
+
+
 DEFAULT_EVALUATION = (f"lrp:{DEFAULT_COMPOSITE}", "lrp:epsilon-plus-flat", "sensitivity", "gradient-x-input")
 
 
@@ -420,6 +430,18 @@ def build_parser():
     p.add_argument("--repeats", type=_positive_int, default=3, help="timed runs after one warm-up (default 3)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(run=cmd_check)
+    p = sub.add_parser("export-triton", help="write an explainer into a Triton Inference Server model repository")
+    p.add_argument("model", help="an explainer graph (lrp-onnx convert)")
+    p.add_argument("repo", help="the model repository folder (created if missing)")
+    p.add_argument("--name", help="model name, the folder REPO/NAME (default: MODEL's file name without .lrp.onnx)")
+    p.add_argument("--max-batch-size", type=_positive_int, default=8, metavar="N",
+                   help="largest batch Triton's dynamic batcher forms (default 8)")
+    p.add_argument("--backend", choices=["onnxruntime", "python"], default="onnxruntime",
+                   help="onnxruntime: Triton's ORT backend runs the graph (default); python: a model.py hosting "
+                        "an ONNX Runtime session, for servers without the ORT backend")
+    p.add_argument("--force", action="store_true", help="replace an existing REPO/NAME")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.set_defaults(run=cmd_export_triton)
     return parser
 
 

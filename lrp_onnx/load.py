@@ -41,8 +41,10 @@ def check_strings(proto, label):
         for field in message.DESCRIPTOR.fields:  # not ListFields: it would copy every tensor's bytes
             if field.type not in (field.TYPE_STRING, field.TYPE_MESSAGE):
                 continue
-            # protobuf 7 dropped FieldDescriptor.label for is_repeated, which older releases lack
-            if getattr(field, "is_repeated", None) or getattr(field, "label", None) == field.LABEL_REPEATED:
+            # protobuf 7 dropped FieldDescriptor.label for is_repeated, which older releases lack (6.x
+            # has both, and warns on every read of label)
+            repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+            if repeated:
                 values = getattr(message, field.name)
             else:
                 values = [getattr(message, field.name)] if message.HasField(field.name) else []
