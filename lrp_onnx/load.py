@@ -5,6 +5,7 @@ Each step leaves the model's outputs unchanged (tests/test_load.py checks every 
 import contextlib
 import hashlib
 import math
+import mmap
 import os
 import warnings
 
@@ -56,6 +57,62 @@ def check_strings(proto, label):
                 raise ModelLoadError(f"{label}: {message.DESCRIPTOR.name}.{field.name} {bad!r} is not UTF-8")
 
 
+# Wire-format field numbers on the way from a ModelProto down to a subgraph: ModelProto.graph,
+# GraphProto.node, NodeProto.attribute, AttributeProto.g and AttributeProto.graphs.
+SUBGRAPH_PATH = {"model": {7: "graph"}, "graph": {1: "node"}, "node": {5: "attribute"},
+                 "attribute": {6: "graph", 11: "graph"}}
+# The protobuf parser refuses messages nested past its recursion limit of 100; each level of
+# subgraph nests three (graph, node, attribute), so 33 levels is as deep as a file can go.
+PROTOBUF_SUBGRAPH_LIMIT = 33
+
+
+def subgraph_depth(data):
+    """How many levels of subgraphs serialized ModelProto ``data`` nests (0: none), read from the
+    wire format, for a file the protobuf parser refused; stops quietly at bytes it cannot read."""
+    deepest, pending = 0, [("model", 0, len(data), -1)]
+    while pending:
+        kind, at, end, depth = pending.pop()
+        while at < end:
+            key, at = _read_varint(data, at)
+            number, wire_type = key >> 3, key & 7
+            if wire_type == 0:
+                _, at = _read_varint(data, at)
+            elif wire_type in (1, 5):
+                at += 8 if wire_type == 1 else 4
+            elif wire_type == 2:
+                size, at = _read_varint(data, at)
+                child = SUBGRAPH_PATH[kind].get(number)
+                if child is not None and at + size <= end:
+                    deeper = depth + (child == "graph")
+                    deepest = max(deepest, deeper)
+                    pending.append((child, at, at + size, deeper))
+                at += size
+            else:
+                break
+    return deepest
+
+
+def _read_varint(data, at):
+    value, shift = 0, 0
+    while at < len(data):
+        byte = data[at]
+        value, shift, at = value | (byte & 0x7F) << shift, shift + 7, at + 1
+        if byte < 0x80:
+            break
+    return value, at
+
+
+def refused_parse(label, error, what, data=b""):
+    """The ModelLoadError for a model that did not parse: subgraphs nested past protobuf's limit
+    in ``data`` are named as such (protobuf's own message says so in some releases and not in
+    others), anything else is ``what`` with the parser's message."""
+    depth = subgraph_depth(data)
+    if depth > PROTOBUF_SUBGRAPH_LIMIT:
+        return ModelLoadError(
+            f"{label}: subgraphs nested {depth} deep; protobuf parses at most {PROTOBUF_SUBGRAPH_LIMIT} levels")
+    return ModelLoadError(f"{label}: {what} ({first_line(error)})")
+
+
 def read_model(model):
     """A ModelProto from a path, bytes or a ModelProto; every failure is one ModelLoadError line.
     External data is read only from a path, and only after ``external.load_external_data`` has
@@ -67,7 +124,7 @@ def read_model(model):
         try:
             proto = onnx.load_from_string(model)
         except (DecodeError, RuntimeError, ValueError) as e:
-            raise ModelLoadError(f"{label}: not an ONNX model ({first_line(e)})") from None
+            raise refused_parse(label, e, "not an ONNX model", model) from None
     else:
         if not os.path.isfile(label):
             raise ModelLoadError(f"{label}: no such file")
@@ -75,8 +132,11 @@ def read_model(model):
             raise ModelLoadError(f"{label}: the file is empty (0 bytes)")
         try:
             proto = onnx.load(label, load_external_data=False)
-        except (DecodeError, RuntimeError, ValueError, OSError) as e:
-            raise ModelLoadError(f"{label}: not an ONNX model, or truncated ({first_line(e)})") from None
+        except DecodeError as e:  # read the bytes once more, only to measure their nesting
+            with open(label, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                raise refused_parse(label, e, "not an ONNX model, or truncated", data) from None
+        except (RuntimeError, ValueError, OSError) as e:
+            raise refused_parse(label, e, "not an ONNX model, or truncated") from None
     check_strings(proto, label)
     if not isinstance(model, (onnx.ModelProto, bytes)):  # a path: its external data lies beside it
         load_external_data(proto, label)

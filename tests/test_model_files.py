@@ -21,6 +21,7 @@ import exporters
 import lrp_onnx
 from lrp_onnx.cli import main
 from lrp_onnx.external import DATA_SUFFIX, LARGE_TENSOR_BYTES
+from lrp_onnx.load import subgraph_depth
 from test_cli import assert_bad_input, cli, only_files
 
 FEATURES, CLASSES = 600, 500  # the weight is 1.2 MB: above LARGE_TENSOR_BYTES, so it goes external on save
@@ -218,7 +219,7 @@ MALFORMED = {
                            "holds 8 bytes but its dims"),
     "typed data too short": (_edited(_typed_field_too_short), f"holds {CLASSES - 1} values"),
     "declared shape against the weights": (_edited(_input_dims("N", FEATURES + 1)), "fails the ONNX checker"),
-    "nested subgraphs 200 deep": (nested_graph_bytes(200), "MaxDepth"),
+    "nested subgraphs 200 deep": (nested_graph_bytes(200), "subgraphs nested 200 deep; protobuf parses at most 33"),
     "opset imported twice": (_edited(lambda proto: proto.opset_import.add(domain="", version=9)),
                              "imports opset domain(s) [''] at more than one version"),
     "a node name that is not UTF-8": (dense_classifier().SerializeToString().replace(b"relu", b"r\xffl\xfe"),
@@ -243,6 +244,11 @@ def test_the_hand_encoded_nesting_is_a_model_protobuf_can_read_at_depth_20():
     while graph.node:
         graph, depth = graph.node[0].attribute[0].g, depth + 1
     assert depth == 20
+
+
+@pytest.mark.parametrize("depth", [0, 1, 20, 33, 34])
+def test_the_wire_format_nesting_depth_matches_the_encoded_depth(depth):
+    assert subgraph_depth(nested_graph_bytes(depth)) == depth
 
 
 @pytest.mark.parametrize("case", list(MALFORMED))
