@@ -4,7 +4,8 @@ and ``export-triton``.
 Exit codes (``EXIT_CODES``, one per class of ``errors``; the README lists them): 0 success, 1 an
 internal error (a bug: please report it), 2 bad input or arguments, 3 a model that cannot be loaded,
 4 an unsafe model, 5 an unsupported model, 6 an output that cannot or may not be written, 7 another
-runtime that cannot run an explainer or disagrees with ONNX Runtime.
+runtime that cannot run an explainer or disagrees with ONNX Runtime, 8 (explain) some inputs could
+not be explained while the others were.
 """
 
 import argparse
@@ -33,6 +34,7 @@ from .runtimes import RUNTIMES, TOLERANCE, check, sample_feeds
 from .text import token_table, write_text_explanations
 
 EXIT_OK, EXIT_INTERNAL = 0, 1
+EXIT_SOME_INPUTS_FAILED = 8  # explain: the other inputs were explained, the failed ones have error rows
 # The most specific class first: UnsafeModelError is a ModelLoadError with its own code.
 EXIT_CODES = ((InputError, 2), (RuleError, 2), (UnsafeModelError, 4), (ModelLoadError, 3),
               (UnsupportedModelError, 5), (OutputError, 6), (RuntimeMismatchError, 7), (LrpOnnxError, 2))
@@ -233,11 +235,22 @@ def cmd_explain(args):
     labels = read_labels(args.labels) if args.labels else None
     if args.text:
         return _explain_texts(explainer, args, labels)
-    preprocess = _preprocess(args)
-    rows = explain_to_folder(explainer, args.inputs, args.output, preprocess, args.target, args.top_k, labels,
-                             args.batch_size, args.cmap, args.overlay, args.json, zoom=args.zoom)
-    print(f"wrote {len(rows)} explanation(s) to {args.output}/ (heatmaps, relevance .npy, summary.csv"
-          f"{', summary.json' if args.json else ''})")
+    totals, summaries = explain_to_folder(
+        explainer, args.inputs, args.output, _preprocess(args), args.target, args.top_k, labels, args.batch_size,
+        args.cmap, args.overlay, args.json, zoom=args.zoom, heatmaps=not args.no_heatmaps,
+        relevance_dtype=args.relevance_dtype, shard_inputs=args.shard_size, restart=args.restart,
+        fail_fast=args.fail_fast)
+    resumed = f", {totals.resumed} of them done by the run this one continued" if totals.resumed else ""
+    print(f"explained {totals.inputs - totals.failed} of {totals.inputs} input(s){resumed}: {totals.explanations} "
+          f"explanation(s) in {args.output}/ ({'' if args.no_heatmaps else 'heatmaps, '}relevance/, "
+          f"{', '.join(summaries)})")
+    if totals.overflowed:
+        print(f"lrp-onnx: warning: {totals.overflowed} relevance value(s) lie past float16's range and are stored "
+              "as inf; use --relevance-dtype float32", file=sys.stderr)
+    if totals.failed:
+        print(f"lrp-onnx: {totals.failed} input(s) could not be explained; the error column of "
+              f"{args.output}/summary.csv says why", file=sys.stderr)
+        return EXIT_SOME_INPUTS_FAILED
     return EXIT_OK
 
 
@@ -361,7 +374,7 @@ def build_parser():
     p.add_argument("model")
     _add_rule_flags(p)
     p.set_defaults(run=cmd_inspect)
-    p = sub.add_parser("explain", help="explain images, folders, arrays or texts: heatmaps, relevance, summary.csv")
+    p = sub.add_parser("explain", help="explain images, folders, arrays or texts: heatmaps, relevance shards, summaries")
     p.add_argument("model", help="an explainer graph, or a classifier (converted in memory)")
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="image files (PNG, JPEG, BMP), folders, .npy, .npz")
     p.add_argument("--text", action="append", metavar="TEXT",
@@ -371,7 +384,17 @@ def build_parser():
     p.add_argument("--target", help="class index, or label name with --labels (default: the predicted class)")
     p.add_argument("--top-k", type=_positive_int, metavar="K", help="explain the K highest-scoring classes")
     p.add_argument("--labels", metavar="FILE", help="class names, one per line")
-    p.add_argument("--batch-size", type=_positive_int, default=32, metavar="B")
+    p.add_argument("--batch-size", type=_positive_int, default=32, metavar="B",
+                   help="inputs per ONNX Runtime run; memory grows with it, not with the number of inputs")
+    p.add_argument("--no-heatmaps", action="store_true", help="write no PNGs: relevance shards and summaries only")
+    p.add_argument("--relevance-dtype", choices=["float32", "float16"], default="float32",
+                   help="element type of the relevance shards (float16 halves them)")
+    p.add_argument("--shard-size", type=_positive_int, metavar="N",
+                   help="inputs per relevance shard and part (default: about 64 MiB of relevance, at most 1024)")
+    p.add_argument("--restart", action="store_true",
+                   help="discard what an earlier run left in the output folder, instead of continuing it")
+    p.add_argument("--fail-fast", action="store_true",
+                   help="stop at the first input that cannot be explained (default: an error row, and exit 8)")
     _add_input_flags(p)
     p.add_argument("--cmap", default="bwr", choices=sorted(COLORMAPS), help="heatmap colormap (default bwr)")
     p.add_argument("--overlay", action="store_true", help="blend the heatmap over the input image")

@@ -1,9 +1,8 @@
 """The ``explain`` job: image files or arrays → batches → explainer → Explanations, heatmaps,
-relevance files and a summary."""
+relevance shards and summaries, streamed."""
 
-import csv
-import io
-import json
+import dataclasses
+import functools
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -12,10 +11,12 @@ import numpy as np
 from PIL import Image
 
 from .errors import InputError
-from .io.files import atomic_write, png_bytes, writable_folder
+from .io.files import atomic_write, png_bytes
 from .io.heatmap import heatmap
-from .io.inputs import InputSpec, Preprocess, Sample, batches, load_samples
+from .io.inputs import InputSpec, Pending, Preprocess, Sample, load_samples, read_inputs
+from .io.prefetch import prefetched
 from .io.progress import progress_bar
+from .io.run_folder import RunFolder, default_shard_inputs
 
 
 @dataclass
@@ -82,16 +83,94 @@ def check_request(explainer, target=None, top_k=None, labels=None):
     return resolve_target(target, labels, classes)
 
 
-def explain_samples(explainer, samples, target=None, top_k=None, labels=None, batch_size=32, progress=False):
-    """Yield an Explanation per sample and target: the given target, the top-k classes, or the prediction."""
+@dataclass
+class Outcome:
+    """One input's result, in input order: its explanations (one per explained class), or the
+    reason it has none."""
+    index: int
+    name: str
+    source: str
+    explanations: list
+    error: Optional[str] = None
+
+
+def explain_stream(explainer, inputs, target=None, top_k=None, labels=None, batch_size=32, prefetch=2,
+                   fail_fast=False):
+    """Outcomes of ``inputs`` (an iterable of ``io.inputs.Pending``, Samples or model-ready arrays),
+    lazily: inputs are read, explained and handed over in batches, each stage in its own thread, at
+    most ``prefetch`` batches ahead, so memory depends on ``batch_size``, not on the number of
+    inputs. An input that cannot be read or does not fit the model is an Outcome with an error,
+    and the rest go on; ``fail_fast`` raises its InputError instead."""
     target = check_request(explainer, target, top_k, labels)
+    loaded = prefetched(_read_batches(explainer, inputs, batch_size, fail_fast), prefetch)
+    return _flatten(prefetched(_explained_batches(explainer, loaded, target, top_k, labels), prefetch))
+
+
+def _read_batches(explainer, inputs, batch_size, fail_fast):
+    """Lists of (index, Sample, error) of up to ``batch_size`` inputs whose samples share one shape
+    (a model with free spatial dimensions takes images of several sizes). A sample that could not
+    be read has no array, and the error says why."""
+    batch, shape = [], None
+    for index, item in enumerate(inputs):
+        try:
+            sample, error = _as_sample(item, index), None
+            explainer.check_sample(sample.array)
+        except InputError as e:
+            if fail_fast:
+                raise
+            sample, error = Sample(_name_of(item, index), _source_of(item, index), None), str(e)
+        fits = error is not None or shape is None or sample.array.shape == shape
+        if batch and (len(batch) == batch_size or not fits):
+            yield batch
+            batch, shape = [], None
+        if error is None:
+            shape = sample.array.shape
+        batch.append((index, sample, error))
+    if batch:
+        yield batch
+
+
+def _as_sample(item, index):
+    if isinstance(item, Pending):
+        return item.sample()
+    if isinstance(item, Sample):
+        return item
+    return Sample(_name_of(item, index), _source_of(item, index), np.asarray(item))
+
+
+def _name_of(item, index):
+    return item.name if isinstance(item, (Pending, Sample)) else f"input{index}"
+
+
+def _source_of(item, index):
+    return item.source if isinstance(item, (Pending, Sample)) else f"<input {index}>"
+
+
+def _explained_batches(explainer, batches, target, top_k, labels):
+    """A list of Outcomes per batch: one run per explained rank over the batch's readable samples."""
+    for batch in batches:
+        readable = [(i, sample) for i, sample, error in batch if error is None]
+        explained = {i: [] for i, _ in readable}
+        if readable:
+            for run, predicted in ranked_runs(explainer, np.stack([s.array for _, s in readable]), target, top_k):
+                for k, (i, sample) in enumerate(readable):
+                    explained[i].append(Explanation(sample, int(run["explained_class"][k]), int(predicted[k]),
+                                                    float(run["explained_logit"][k]), run["relevance"][k], labels))
+        yield [Outcome(i, sample.name, sample.source, explained.get(i, []), error) for i, sample, error in batch]
+
+
+def _flatten(batches):
+    for batch in batches:
+        yield from batch
+
+
+def explain_samples(explainer, samples, target=None, top_k=None, labels=None, batch_size=32, progress=False):
+    """Yield an Explanation per sample and target: the given target, the top-k classes, or the
+    prediction; the first sample that does not fit the model is an InputError."""
     bar = progress_bar(len(samples) * (top_k or 1), progress)
-    for batch in batches(samples, batch_size):
-        for run, predicted in ranked_runs(explainer, np.stack([s.array for s in batch]), target, top_k):
-            for i, sample in enumerate(batch):
-                yield Explanation(sample, int(run["explained_class"][i]), int(predicted[i]),
-                                  float(run["explained_logit"][i]), run["relevance"][i], labels)
-            bar.update(len(batch))
+    for outcome in explain_stream(explainer, samples, target, top_k, labels, batch_size, fail_fast=True):
+        yield from outcome.explanations
+        bar.update(len(outcome.explanations))
     bar.close()
 
 
@@ -116,40 +195,51 @@ def explain_images(explainer, inputs, target=None, top_k=None, labels=None, prep
     return list(explain_samples(explainer, samples, target, top_k, labels, batch_size))
 
 
-def write_explanation(e: Explanation, folder, cmap="bwr", overlay=False, channel_axis=0, zoom=1):
-    """<input>_class<k>.png (heatmap, the input's size × zoom) and <input>_class<k>.npy (raw relevance)."""
-    stem = f"{e.sample.name}_class{e.target}"
+def write_heatmap(e: Explanation, folder, cmap="bwr", overlay=False, channel_axis=0, zoom=1):
+    """<input>_class<k>.png: the heatmap, the input's size × zoom; returns the file's name."""
+    name = f"{e.sample.name}_class{e.target}.png"
     image = heatmap(e.relevance, cmap, channel_axis, overlay=e.sample.image if overlay else None)
     if zoom > 1:
         image = image.resize((image.width * zoom, image.height * zoom), Image.NEAREST)
-    npy = io.BytesIO()
-    np.save(npy, e.relevance, allow_pickle=False)
-    atomic_write(os.path.join(folder, stem + ".png"), png_bytes(image))
-    atomic_write(os.path.join(folder, stem + ".npy"), npy.getvalue())
-    return stem + ".png", stem + ".npy"
-
-
-def write_summary(rows, folder, as_json=False):
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(os.path.join(folder, "summary.csv"), text.getvalue().encode())
-    if as_json:
-        atomic_write(os.path.join(folder, "summary.json"), json.dumps(rows, indent=2).encode())
+    # renamed into place, not flushed to disk: the part that lists it is (io.run_folder)
+    atomic_write(os.path.join(folder, name), png_bytes(image), durable=False)
+    return name
 
 
 def explain_to_folder(explainer, inputs, folder, preprocess=None, target=None, top_k=None, labels=None,
-                      batch_size=32, cmap="bwr", overlay=False, as_json=False, progress=True, zoom=1):
-    """The whole CLI job; every input is read and checked before anything is written."""
+                      batch_size=32, cmap="bwr", overlay=False, as_json=False, progress=True, zoom=1,
+                      heatmaps=True, relevance_dtype="float32", shard_inputs=None, restart=False, fail_fast=False,
+                      prefetch=2):
+    """The CLI's explain job over image files, folders and arrays, streamed in batches: heatmaps,
+    relevance shards and summaries in ``folder``, laid out as ``io.run_folder`` describes. A folder
+    left by a run with the same settings is continued; ``restart`` discards it. An input that
+    cannot be explained becomes a summary row with its error (``fail_fast``: an InputError).
+    Returns the run's ``Totals`` and the summaries written."""
+    preprocess = preprocess or Preprocess()
+    inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     spec = InputSpec(explainer.input_shape)
-    samples = load_samples(inputs, spec, preprocess or Preprocess())
+    pending = read_inputs(inputs, spec, preprocess)
     check_request(explainer, target, top_k, labels)
-    writable_folder(folder)
-    layout = spec.layout(preprocess.layout if preprocess else None)
-    rows = []
-    for e in explain_samples(explainer, samples, target, top_k, labels, batch_size, progress):
-        png, npy = write_explanation(e, folder, cmap, overlay, 0 if layout == "nchw" else -1, zoom)
-        rows.append(dict(e.summary(), heatmap=png, relevance_file=npy))
-    write_summary(rows, folder, as_json)
-    return rows
+    layout = spec.layout(preprocess.layout)
+    draw = functools.partial(write_heatmap, cmap=cmap, overlay=overlay, zoom=zoom,
+                             channel_axis=0 if layout == "nchw" else -1)
+    shard_inputs = shard_inputs or default_shard_inputs(
+        [d if isinstance(d, int) else 224 for d in spec.shape[1:]], relevance_dtype, top_k or 1)
+    settings = {"explainer": explainer.metadata, "inputs": [os.path.abspath(p) for p in inputs],
+                "preprocess": dataclasses.asdict(preprocess), "target": target, "top_k": top_k, "labels": labels,
+                "heatmaps": {"cmap": cmap, "overlay": overlay, "zoom": zoom} if heatmaps else None,
+                "relevance_dtype": relevance_dtype, "shard_inputs": shard_inputs}
+    run = RunFolder(folder, settings, shard_inputs, relevance_dtype, draw if heatmaps else None, restart)
+    completed = False
+    try:
+        remaining = run.skip_done(pending)
+        bar = progress_bar(None, progress, unit="input")
+        for outcome in explain_stream(explainer, remaining, target, top_k, labels, batch_size, prefetch, fail_fast):
+            run.add(outcome)
+            bar.update(1)
+        bar.close()
+        result = run.finish(as_json)
+        completed = True
+    finally:
+        run.close(completed)
+    return result

@@ -115,6 +115,11 @@ class Explainer:
             tokenizer = text.load_tokenizer(tokenizer)
         return text.explain_texts(self, texts, tokenizer, target, top_k, labels)
 
+    def check_sample(self, array):
+        """An InputError if one sample (no batch axis) of the explained input would be refused by ``run``."""
+        name = self.input_name
+        self._check_input(name, self._as_input_type(name, np.asarray(array)[None]))
+
     def _check_input(self, name, value):
         """One-line InputErrors instead of ORT's messages, or of silently non-finite relevance: a
         fixed dimension that does not match, a wrong dtype, NaN or infinite values."""

@@ -32,8 +32,8 @@ def test_explain_the_bundled_cnn_on_its_samples(tmp_path):
     assert [r["input"] for r in rows] == [f"digit{d}" for d in range(10)]
     assert [r["predicted_label"] for r in rows] == [str(d) for d in range(10)]  # all ten samples classified right
     for row in rows:
-        relevance = np.load(out / row["relevance_file"])
-        assert relevance.shape == (1, 8, 8)
+        relevance = np.load(out / row["relevance_shard"], mmap_mode="r")[int(row["relevance_row"])]
+        assert relevance.shape == (1, 8, 8) and row["error"] == ""
         assert float(row["relevance_sum"]) == pytest.approx(relevance.sum(), rel=1e-5)
         assert float(row["conservation"]) == pytest.approx(relevance.sum() / float(row["logit"]), rel=1e-5)
         positive, negative = relevance[relevance > 0].sum(), -relevance[relevance < 0].sum()
@@ -43,7 +43,9 @@ def test_explain_the_bundled_cnn_on_its_samples(tmp_path):
         assert png.shape == (8, 8, 3)
         zero = relevance[0] == 0  # background pixels (x = 0) get exactly zero relevance under alpha-beta
         assert zero.any() and (png[zero] == 255).all()  # bwr's centre is white
-    assert len(os.listdir(out)) == 10 * 2 + 2  # png + npy per input, summary.csv, summary.json
+    assert sorted(os.listdir(out)) == sorted([f"digit{d}_class{d}.png" for d in range(10)] + [
+        ".lock", "run.json", "parts", "relevance", "summary.csv", "summary.json", "summary.parquet"])
+    assert os.listdir(out / "relevance") == ["part-00000.npy"] and os.listdir(out / "parts") == ["part-00000.json"]
 
 
 def test_strokes_carry_the_relevance(tmp_path):
@@ -94,7 +96,7 @@ def test_mlp_from_skl2onnx_with_npz_arrays(tmp_path):
 def test_images_are_resized_with_size(tmp_path):
     big = tmp_path / "big.png"
     Image.open(os.path.join(SAMPLES, "digit5.png")).resize((40, 32), Image.NEAREST).save(big)
-    assert_bad_input(cli("explain", CNN, big, "-o", tmp_path / "no"), "32x40", "--size")
+    assert_bad_input(cli("explain", CNN, big, "-o", tmp_path / "no", "--fail-fast"), "32x40", "--size")
     assert not (tmp_path / "no").exists()
     result = cli("explain", CNN, big, "-o", tmp_path / "yes", "--size", "8")
     assert result.returncode == 0, result.stderr
@@ -120,11 +122,47 @@ def _bad(tmp_path, name, data):
     return path
 
 
+def _wrong_size_png(tmp_path):
+    Image.open(os.path.join(SAMPLES, "digit5.png")).resize((12, 12)).save(tmp_path / "big.png")
+    return tmp_path / "big.png"
+
+
+# Inputs that cannot be explained: an error row each, the others explained, exit 8; or, with
+# --fail-fast, a one-line error (exit 2) at the first.
+BAD_INPUTS = {
+    "corrupt image": (lambda t: _bad(t, "broken.png", b"\x89PNG\r\n\x1a\nbroken"), "unreadable or corrupt image"),
+    "wrong channels": (lambda t: np.save(t / "rgb.npy", np.zeros((2, 3, 8, 8), np.float32)) or t / "rgb.npy",
+                       "wrong number of channels: 3"),
+    "pickled array": (lambda t: _bad(t, "pickled.npy", _pickled_npy()), "pickled"),
+    "image of another size": (_wrong_size_png, "image is 12x12 (HxW) but the model takes 8x8"),
+    "NaN values": (lambda t: np.save(t / "nan.npy", np.full((1, 8, 8), np.nan, np.float32)) or t / "nan.npy",
+                   "64 NaN or infinite value(s)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_an_input_that_cannot_be_explained_is_an_error_row(tmp_path, case):
+    make, phrase = BAD_INPUTS[case]
+    bad, out = make(tmp_path), tmp_path / "out"
+    result = cli("explain", CNN, os.path.join(SAMPLES, "digit3.png"), bad, os.path.join(SAMPLES, "digit4.png"),
+                 "-o", out)
+    assert result.returncode == 8, result.stderr
+    assert "1 input(s) could not be explained" in result.stderr
+    rows = read_summary(out)
+    assert [r["predicted"] for r in rows] == ["3", "", "4"]
+    assert phrase in rows[1]["error"] and rows[1]["source"].startswith(str(bad)) and rows[1]["relevance_shard"] == ""
+    assert np.load(out / rows[2]["relevance_shard"]).shape == (2, 1, 8, 8)  # a row per explained input
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_fail_fast_stops_at_the_first_bad_input_with_nothing_written(tmp_path, case):
+    make, phrase = BAD_INPUTS[case]
+    out = tmp_path / "out"
+    assert_bad_input(cli("explain", CNN, make(tmp_path), SAMPLES, "-o", out, "--fail-fast"), phrase)
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("make,args,phrase", [
-    (lambda t: _bad(t, "broken.png", b"\x89PNG\r\n\x1a\nbroken"), [], "unreadable or corrupt image"),
-    (lambda t: np.save(t / "rgb.npy", np.zeros((2, 3, 8, 8), np.float32)) or t / "rgb.npy", [],
-     "wrong number of channels: 3"),
-    (lambda t: _bad(t, "pickled.npy", _pickled_npy()), [], "pickled"),
     (lambda t: SAMPLES, ["--target", "10"], "target 10 is out of range"),
     (lambda t: SAMPLES, ["--target", "seven", "--labels", LABELS], "'seven' is not a class index"),
     (lambda t: SAMPLES, ["--labels", _bad_labels], "3 labels but the model has 10 classes"),
@@ -132,7 +170,7 @@ def _bad(tmp_path, name, data):
     (lambda t: SAMPLES, ["--mean", "0.1,0.2"], "--mean has 2 values"),
     (lambda t: t / "missing.png", [], "no such file"),
 ])
-def test_bad_inputs(tmp_path, make, args, phrase):
+def test_bad_arguments_stop_before_anything_is_written(tmp_path, make, args, phrase):
     args = [a(tmp_path) if callable(a) else a for a in args]
     out = tmp_path / "out"
     assert_bad_input(cli("explain", CNN, make(tmp_path), "-o", out, *args), phrase)
@@ -162,7 +200,7 @@ def test_pickle_is_never_loaded(tmp_path):
             return (open, (str(marker), "w"))
     with open(tmp_path / "evil.npy", "wb") as f:
         np.lib.format.write_array(f, np.array([Payload()], dtype=object), allow_pickle=True)
-    assert_bad_input(cli("explain", CNN, tmp_path / "evil.npy", "-o", tmp_path / "out"), "pickled")
+    assert_bad_input(cli("explain", CNN, tmp_path / "evil.npy", "-o", tmp_path / "out", "--fail-fast"), "pickled")
     assert not marker.exists()
 
 

@@ -6,10 +6,11 @@ lay out as NCHW or NHWC. Defaults come from the model's input shape where it is 
 are taken as model-ready (no preprocessing): one sample, or a batch along axis 0.
 """
 
+import functools
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -24,7 +25,7 @@ ARRAY_SUFFIXES = (".npy", ".npz")
 class Sample:
     name: str                         # unique stem for output files
     source: str                       # file, with the index or key for arrays
-    array: np.ndarray                 # one model-ready sample, no batch axis
+    array: Optional[np.ndarray]       # one model-ready sample, no batch axis (None: it could not be read)
     image: Optional[np.ndarray] = None  # the picture as seen (H×W or H×W×3 in [0, 1]), for overlays
 
 
@@ -89,62 +90,119 @@ def expand_paths(paths):
     return files
 
 
+@dataclass
+class Pending:
+    """One input not read yet: ``read()`` gives its Sample, or raises the InputError that says why
+    it cannot be explained (corrupt, wrong shape, not numeric...)."""
+    name: str
+    source: str
+    read: Callable[[], Sample]
+
+    def sample(self):
+        sample = self.read()
+        sample.name = self.name  # read() knows the file's stem, not the name made unique
+        return sample
+
+
+def read_inputs(paths, spec: InputSpec, preprocess: Preprocess):
+    """Every input as a Pending, lazily and in order: image files are decoded by ``read()``, .npy
+    files are memory-mapped and read a row at a time, an .npz member is loaded when reached. A
+    file that cannot hold inputs at all (pickled, not numeric, wrong shape) is one Pending that
+    raises. Paths that do not exist and settings that contradict the model fail here, at once."""
+    files = expand_paths(paths)
+    if any(not f.lower().endswith(ARRAY_SUFFIXES) for f in files):
+        check_preprocess(spec, preprocess)
+    return _unique_names(p for path in files for p in _file_inputs(path, spec, preprocess))
+
+
 def load_samples(paths, spec: InputSpec, preprocess: Preprocess):
-    """Every input as model-ready samples; any unreadable or mismatching input is an InputError."""
-    samples = []
-    for path in expand_paths(paths):
-        if path.lower().endswith(ARRAY_SUFFIXES):
-            samples.extend(_array_samples(path, spec))
-        else:
-            samples.append(_image_sample(path, spec, preprocess))
-    return _unique_names(samples)
+    """Every input as model-ready samples, all read now; the first bad one is an InputError."""
+    return [p.sample() for p in read_inputs(paths, spec, preprocess)]
 
 
-def _unique_names(samples):
+def _file_inputs(path, spec, preprocess):
+    if not path.lower().endswith(ARRAY_SUFFIXES):
+        yield Pending(_stem(path), path, functools.partial(_image_sample, path, spec, preprocess))
+        return
+    arrays = _arrays(path)
+    while True:
+        try:
+            stem, source, array = next(arrays)
+        except StopIteration:
+            return
+        except InputError as e:  # the file itself: nothing more can be read from it
+            yield _failed(_stem(path), path, e)
+            return
+        try:
+            array = _batch_of_samples(source, array, spec)
+        except InputError as e:
+            yield _failed(stem, source, e)
+            continue
+        many = len(array) > 1
+        for i in range(len(array)):
+            name, where = (f"{stem}_{i}", f"{source}[{i}]") if many else (stem, source)
+            yield Pending(name, where, functools.partial(_array_sample, name, where, array, i))
+
+
+def _failed(name, source, error):
+    return Pending(name, source, functools.partial(_raise, error))
+
+
+def _raise(error):
+    raise error
+
+
+def _unique_names(pending):
     seen = {}
-    for s in samples:
-        base, n = s.name, seen.get(s.name, 0)
+    for p in pending:
+        base, n = p.name, seen.get(p.name, 0)
         seen[base] = n + 1
         if n:
-            s.name = f"{base}-{n}"
-    return samples
+            p.name = f"{base}-{n}"
+        yield p
 
 
 def _stem(path):
     return os.path.splitext(os.path.basename(path))[0]
 
 
-def _array_samples(path, spec):
+def _arrays(path):
+    """(stem, source, array) per array in the file: a .npy memory-mapped, each .npz member loaded
+    only when the caller reaches it."""
     try:
-        if path.lower().endswith(".npz"):
-            with np.load(path, allow_pickle=False) as data:
-                arrays = [(f"{_stem(path)}_{key}", f"{path}[{key}]", data[key]) for key in data.files]
-        else:
-            arrays = [(_stem(path), path, np.load(path, allow_pickle=False))]
+        if path.lower().endswith(".npy"):
+            yield _stem(path), path, np.load(path, mmap_mode="r", allow_pickle=False)
+            return
+        with np.load(path, allow_pickle=False) as data:
+            for key in data.files:
+                yield f"{_stem(path)}_{key}", f"{path}[{key}]", data[key]
     except ValueError as e:
-        if "pickle" in str(e).lower():
+        if "pickle" in str(e).lower() or "Python objects" in str(e):  # np.load, or np.load with mmap_mode
             raise InputError(f"{path}: holds pickled objects; lrp-onnx never loads pickles") from None
         raise InputError(f"{path}: not a readable numpy array ({e})") from None
     except OSError as e:
         raise InputError(f"{path}: not a readable numpy array ({e})") from None
-    samples = []
-    for stem, source, array in arrays:
-        if array.dtype.kind not in "fiub":
-            raise InputError(f"{source}: array of {array.dtype} is not numeric")
-        if array.ndim == spec.rank - 1:
-            array = array[None]
-        if array.ndim != spec.rank:
-            raise InputError(f"{source}: shape {list(array.shape)} does not fit the model input {spec.shape} "
-                             "(one sample, or a batch along axis 0)")
-        for axis, (got, want) in enumerate(zip(array.shape[1:], spec.shape[1:]), start=1):
-            if isinstance(want, int) and got != want:
-                what = "channels" if spec.rank == 4 and axis in (1, 3) and want in (1, 3) else f"axis {axis}"
-                raise InputError(f"{source}: wrong number of {what}: {got}, the model takes {want} "
-                                 f"(input shape {spec.shape})")
-        many = len(array) > 1
-        samples.extend(Sample(f"{stem}_{i}" if many else stem, f"{source}[{i}]" if many else source,
-                              array[i].astype(np.float32)) for i in range(len(array)))
-    return samples
+
+
+def _batch_of_samples(source, array, spec):
+    """``array`` as a batch along axis 0 (it holds one sample, or a batch), checked against the model."""
+    if array.dtype.kind not in "fiub":
+        raise InputError(f"{source}: array of {array.dtype} is not numeric")
+    if array.ndim == spec.rank - 1:
+        array = array[None]
+    if array.ndim != spec.rank:
+        raise InputError(f"{source}: shape {list(array.shape)} does not fit the model input {spec.shape} "
+                         "(one sample, or a batch along axis 0)")
+    for axis, (got, want) in enumerate(zip(array.shape[1:], spec.shape[1:]), start=1):
+        if isinstance(want, int) and got != want:
+            what = "channels" if spec.rank == 4 and axis in (1, 3) and want in (1, 3) else f"axis {axis}"
+            raise InputError(f"{source}: wrong number of {what}: {got}, the model takes {want} "
+                             f"(input shape {spec.shape})")
+    return array
+
+
+def _array_sample(name, source, array, i):
+    return Sample(name, source, np.array(array[i], np.float32))
 
 
 def _open_image(path):
@@ -170,22 +228,37 @@ def _resize_and_crop(image, size):
     return resized.crop((left, top, left + width, top + height))
 
 
-def _image_sample(path, spec, p: Preprocess):
+def check_preprocess(spec, p: Preprocess):
+    """The image settings against the model, before any image is read."""
     if spec.rank != 4:
-        raise InputError(f"{path}: the model input {spec.shape} is not an image batch (rank 4)")
+        raise InputError(f"the model input {spec.shape} is not an image batch (rank 4); give arrays, not images")
     layout = spec.layout(p.layout)
     channels = spec.channels(layout)
     if channels not in (1, 3, None):
-        raise InputError(f"{path}: the model takes {channels} channels; images have 1 (grey) or 3 (RGB)")
+        raise InputError(f"the model takes {channels} channels; images have 1 (grey) or 3 (RGB)")
+    fixed = spec.spatial(layout)
+    if p.size is not None and fixed is not None and _size(p) != fixed:
+        raise InputError(f"--size {_size(p)[0]} {_size(p)[1]} does not match the model's fixed input size "
+                         f"{fixed[0]}x{fixed[1]}")
+    c = 1 if (p.grayscale or channels == 1) and channels != 3 else 3
+    for name, values in (("mean", p.mean), ("std", p.std)):
+        if values is not None and len(values) not in (1, c):
+            raise InputError(f"--{name} has {len(values)} values; the images have {c} channel(s)")
+
+
+def _size(p):
+    return tuple(p.size) if len(p.size) == 2 else (p.size[0], p.size[0])
+
+
+def _image_sample(path, spec, p: Preprocess):
+    """The image at ``path`` as the model takes it (settings already passed ``check_preprocess``)."""
+    layout = spec.layout(p.layout)
+    channels = spec.channels(layout)
     grey = p.grayscale or channels == 1
     image = _open_image(path).convert("L" if grey else "RGB")
     fixed = spec.spatial(layout)
     if p.size is not None:
-        size = tuple(p.size) if len(p.size) == 2 else (p.size[0], p.size[0])
-        if fixed is not None and size != fixed:
-            raise InputError(f"--size {size[0]} {size[1]} does not match the model's fixed input size "
-                             f"{fixed[0]}x{fixed[1]}")
-        image = _resize_and_crop(image, size)
+        image = _resize_and_crop(image, _size(p))
     elif fixed is not None and (image.height, image.width) != fixed:
         raise InputError(f"{path}: image is {image.height}x{image.width} (HxW) but the model takes "
                          f"{fixed[0]}x{fixed[1]}; pass --size to resize and crop")
@@ -195,25 +268,9 @@ def _image_sample(path, spec, p: Preprocess):
     if grey and channels == 3:
         hwc = np.repeat(hwc, 3, axis=2)
     hwc = hwc * p.scale
-    c = hwc.shape[2]
-    for name, values in (("mean", p.mean), ("std", p.std)):
-        if values is not None and len(values) not in (1, c):
-            raise InputError(f"--{name} has {len(values)} values; the image has {c} channel(s)")
     if p.mean is not None:
         hwc = hwc - np.asarray(p.mean, np.float32)
     if p.std is not None:
         hwc = hwc / np.asarray(p.std, np.float32)
     array = hwc.transpose(2, 0, 1) if layout == "nchw" else hwc
     return Sample(_stem(path), path, np.ascontiguousarray(array, np.float32), shown)
-
-
-def batches(samples, batch_size):
-    """Consecutive samples of equal shape, at most ``batch_size`` at a time."""
-    batch = []
-    for sample in samples:
-        if batch and (len(batch) == batch_size or sample.array.shape != batch[0].array.shape):
-            yield batch
-            batch = []
-        batch.append(sample)
-    if batch:
-        yield batch
