@@ -13,7 +13,7 @@ from PIL import Image
 from .errors import InputError
 from .io.files import atomic_write, png_bytes
 from .io.heatmap import heatmap
-from .io.inputs import InputSpec, Pending, Preprocess, Sample, load_samples, read_inputs
+from .io.inputs import InputReader, InputSpec, Pending, Preprocess, Sample, load_samples, read_inputs
 from .io.prefetch import prefetched
 from .io.progress import progress_bar
 from .io.run_folder import RunFolder, default_shard_inputs
@@ -95,25 +95,26 @@ class Outcome:
 
 
 def explain_stream(explainer, inputs, target=None, top_k=None, labels=None, batch_size=32, prefetch=2,
-                   fail_fast=False):
-    """Outcomes of ``inputs`` (an iterable of ``io.inputs.Pending``, Samples or model-ready arrays),
-    lazily: inputs are read, explained and handed over in batches, each stage in its own thread, at
+                   fail_fast=False, reader=None):
+    """Outcomes of ``inputs`` (an iterable of ``io.inputs.Pending``, read by ``reader``, an
+    ``io.inputs.InputReader``; or of Samples or model-ready arrays), lazily: inputs are read, explained and handed over in batches, each stage in its own thread, at
     most ``prefetch`` batches ahead, so memory depends on ``batch_size``, not on the number of
     inputs. An input that cannot be read or does not fit the model is an Outcome with an error,
     and the rest go on; ``fail_fast`` raises its InputError instead."""
     target = check_request(explainer, target, top_k, labels)
-    loaded = prefetched(_read_batches(explainer, inputs, batch_size, fail_fast), prefetch)
+    reader = reader or InputReader(InputSpec(explainer.input_shape), Preprocess())
+    loaded = prefetched(_read_batches(explainer, inputs, batch_size, fail_fast, reader), prefetch)
     return _flatten(prefetched(_explained_batches(explainer, loaded, target, top_k, labels), prefetch))
 
 
-def _read_batches(explainer, inputs, batch_size, fail_fast):
+def _read_batches(explainer, inputs, batch_size, fail_fast, reader):
     """Lists of (index, Sample, error) of up to ``batch_size`` inputs whose samples share one shape
     (a model with free spatial dimensions takes images of several sizes). A sample that could not
     be read has no array, and the error says why."""
     batch, shape = [], None
     for index, item in enumerate(inputs):
         try:
-            sample, error = _as_sample(item, index), None
+            sample, error = _as_sample(item, index, reader), None
             explainer.check_sample(sample.array)
         except InputError as e:
             if fail_fast:
@@ -130,9 +131,9 @@ def _read_batches(explainer, inputs, batch_size, fail_fast):
         yield batch
 
 
-def _as_sample(item, index):
+def _as_sample(item, index, reader):
     if isinstance(item, Pending):
-        return item.sample()
+        return reader.sample(item)
     if isinstance(item, Sample):
         return item
     return Sample(_name_of(item, index), _source_of(item, index), np.asarray(item))
@@ -234,7 +235,9 @@ def explain_to_folder(explainer, inputs, folder, preprocess=None, target=None, t
     try:
         remaining = run.skip_done(pending)
         bar = progress_bar(None, progress, unit="input")
-        for outcome in explain_stream(explainer, remaining, target, top_k, labels, batch_size, prefetch, fail_fast):
+        outcomes = explain_stream(explainer, remaining, target, top_k, labels, batch_size, prefetch, fail_fast,
+                                  InputReader(spec, preprocess))
+        for outcome in outcomes:
             run.add(outcome)
             bar.update(1)
         bar.close()

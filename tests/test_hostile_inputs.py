@@ -76,5 +76,5 @@ def png_header_only(width, height):
 def test_decompression_bomb_image_is_refused_before_decoding(tmp_path, side):
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(png_header_only(side, side))
-    assert_bad_input(cli("explain", CNN, bomb, "-o", tmp_path / "out"), "refused, too many pixels")
+    assert_bad_input(cli("explain", CNN, bomb, "-o", tmp_path / "out", "--fail-fast"), "refused, too many pixels")
     assert not (tmp_path / "out").exists()

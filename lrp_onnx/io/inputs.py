@@ -6,11 +6,12 @@ lay out as NCHW or NHWC. Defaults come from the model's input shape where it is 
 are taken as model-ready (no preprocessing): one sample, or a batch along axis 0.
 """
 
-import functools
+import contextlib
 import os
 import warnings
+import zipfile
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -92,64 +93,74 @@ def expand_paths(paths):
 
 @dataclass
 class Pending:
-    """One input not read yet: ``read()`` gives its Sample, or raises the InputError that says why
-    it cannot be explained (corrupt, wrong shape, not numeric...)."""
-    name: str
+    """One input, located but not read: an image file, or a row of an array in a .npy file or an
+    .npz member. Small and picklable, so that another process (a Ray worker) can read it."""
+    name: str                     # unique stem for output files
     source: str
-    read: Callable[[], Sample]
-
-    def sample(self):
-        sample = self.read()
-        sample.name = self.name  # read() knows the file's stem, not the name made unique
-        return sample
+    path: str
+    key: Optional[str] = None     # the .npz member
+    row: Optional[int] = None     # the sample's index along the array's axis 0; None for an image
+    error: Optional[str] = None   # why it cannot be read, found while listing the inputs
 
 
 def read_inputs(paths, spec: InputSpec, preprocess: Preprocess):
-    """Every input as a Pending, lazily and in order: image files are decoded by ``read()``, .npy
-    files are memory-mapped and read a row at a time, an .npz member is loaded when reached. A
-    file that cannot hold inputs at all (pickled, not numeric, wrong shape) is one Pending that
-    raises. Paths that do not exist and settings that contradict the model fail here, at once."""
+    """Every input as a Pending, lazily and in order, for ``InputReader.sample``. Arrays are checked
+    against the model here (a file that is pickled, not numeric or of the wrong shape is one
+    Pending with its error); images when they are read. Paths that do not exist and settings
+    that contradict the model fail here, at once."""
     files = expand_paths(paths)
     if any(not f.lower().endswith(ARRAY_SUFFIXES) for f in files):
         check_preprocess(spec, preprocess)
-    return _unique_names(p for path in files for p in _file_inputs(path, spec, preprocess))
+    return _unique_names(p for path in files for p in _file_inputs(path, spec))
 
 
 def load_samples(paths, spec: InputSpec, preprocess: Preprocess):
     """Every input as model-ready samples, all read now; the first bad one is an InputError."""
-    return [p.sample() for p in read_inputs(paths, spec, preprocess)]
+    reader = InputReader(spec, preprocess)
+    return [reader.sample(p) for p in read_inputs(paths, spec, preprocess)]
 
 
-def _file_inputs(path, spec, preprocess):
+class InputReader:
+    """Reads Pendings as model-ready Samples with the given settings, keeping the last array file
+    open: consecutive rows of one .npy or .npz member are read without opening it again."""
+
+    def __init__(self, spec: InputSpec, preprocess: Preprocess):
+        self.spec, self.preprocess = spec, preprocess
+        self._open = (None, None)
+
+    def sample(self, pending: Pending):
+        """The Sample of ``pending``, or the InputError that says why it cannot be explained."""
+        if pending.error is not None:
+            raise InputError(pending.error)
+        if pending.row is None:
+            sample = _image_sample(pending.path, self.spec, self.preprocess)
+            sample.name = pending.name
+            return sample
+        location = (pending.path, pending.key)
+        if self._open[0] != location:
+            self._open = (location, _batch_of_samples(pending.source, _array(*location), self.spec))
+        return Sample(pending.name, pending.source, np.array(self._open[1][pending.row], np.float32))
+
+
+def _file_inputs(path, spec):
     if not path.lower().endswith(ARRAY_SUFFIXES):
-        yield Pending(_stem(path), path, functools.partial(_image_sample, path, spec, preprocess))
+        yield Pending(_stem(path), path, path)
         return
-    arrays = _arrays(path)
-    while True:
+    try:
+        keys = _array_keys(path)
+    except InputError as e:  # the file itself: nothing can be read from it
+        yield Pending(_stem(path), path, path, error=str(e))
+        return
+    for key in keys:
+        stem, source = (_stem(path), path) if key is None else (f"{_stem(path)}_{key}", f"{path}[{key}]")
         try:
-            stem, source, array = next(arrays)
-        except StopIteration:
-            return
-        except InputError as e:  # the file itself: nothing more can be read from it
-            yield _failed(_stem(path), path, e)
-            return
-        try:
-            array = _batch_of_samples(source, array, spec)
+            count = len(_batch_of_samples(source, _array(path, key), spec))
         except InputError as e:
-            yield _failed(stem, source, e)
+            yield Pending(stem, source, path, key, error=str(e))
             continue
-        many = len(array) > 1
-        for i in range(len(array)):
-            name, where = (f"{stem}_{i}", f"{source}[{i}]") if many else (stem, source)
-            yield Pending(name, where, functools.partial(_array_sample, name, where, array, i))
-
-
-def _failed(name, source, error):
-    return Pending(name, source, functools.partial(_raise, error))
-
-
-def _raise(error):
-    raise error
+        for i in range(count):
+            name, where = (f"{stem}_{i}", f"{source}[{i}]") if count > 1 else (stem, source)
+            yield Pending(name, where, path, key, i)
 
 
 def _unique_names(pending):
@@ -166,21 +177,33 @@ def _stem(path):
     return os.path.splitext(os.path.basename(path))[0]
 
 
-def _arrays(path):
-    """(stem, source, array) per array in the file: a .npy memory-mapped, each .npz member loaded
-    only when the caller reaches it."""
-    try:
-        if path.lower().endswith(".npy"):
-            yield _stem(path), path, np.load(path, mmap_mode="r", allow_pickle=False)
-            return
+def _array_keys(path):
+    """[None] for a .npy file, the member names of an .npz."""
+    if path.lower().endswith(".npy"):
+        return [None]
+    with _numpy_errors(path):
         with np.load(path, allow_pickle=False) as data:
-            for key in data.files:
-                yield f"{_stem(path)}_{key}", f"{path}[{key}]", data[key]
+            return list(data.files)
+
+
+def _array(path, key):
+    """A .npy file memory-mapped (key None), or an .npz member, loaded whole."""
+    with _numpy_errors(path):
+        if key is None:
+            return np.load(path, mmap_mode="r", allow_pickle=False)
+        with np.load(path, allow_pickle=False) as data:
+            return data[key]
+
+
+@contextlib.contextmanager
+def _numpy_errors(path):
+    try:
+        yield
     except ValueError as e:
         if "pickle" in str(e).lower() or "Python objects" in str(e):  # np.load, or np.load with mmap_mode
             raise InputError(f"{path}: holds pickled objects; lrp-onnx never loads pickles") from None
         raise InputError(f"{path}: not a readable numpy array ({e})") from None
-    except OSError as e:
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
         raise InputError(f"{path}: not a readable numpy array ({e})") from None
 
 
@@ -199,10 +222,6 @@ def _batch_of_samples(source, array, spec):
             raise InputError(f"{source}: wrong number of {what}: {got}, the model takes {want} "
                              f"(input shape {spec.shape})")
     return array
-
-
-def _array_sample(name, source, array, i):
-    return Sample(name, source, np.array(array[i], np.float32))
 
 
 def _open_image(path):
