@@ -239,7 +239,7 @@ def cmd_explain(args):
         explainer, args.inputs, args.output, _preprocess(args), args.target, args.top_k, labels, args.batch_size,
         args.cmap, args.overlay, args.json, zoom=args.zoom, heatmaps=not args.no_heatmaps,
         relevance_dtype=args.relevance_dtype, shard_inputs=args.shard_size, restart=args.restart,
-        fail_fast=args.fail_fast)
+        fail_fast=args.fail_fast, engine=_engine(args))
     resumed = f", {totals.resumed} of them done by the run this one continued" if totals.resumed else ""
     print(f"explained {totals.inputs - totals.failed} of {totals.inputs} input(s){resumed}: {totals.explanations} "
           f"explanation(s) in {args.output}/ ({'' if args.no_heatmaps else 'heatmaps, '}relevance/, "
@@ -252,6 +252,18 @@ def cmd_explain(args):
               f"{args.output}/summary.csv says why", file=sys.stderr)
         return EXIT_SOME_INPUTS_FAILED
     return EXIT_OK
+
+
+def _engine(args):
+    """None for --engine local; the Ray engine with its flags (which are refused without it)."""
+    if args.engine == "local":
+        given = [flag for flag, value in (("--address", args.address), ("--workers", args.workers),
+                                          ("--threads", args.threads)) if value is not None]
+        if given:
+            raise InputError(f"{', '.join(given)} apply to --engine ray only")
+        return None
+    from .distributed import RayEngine  # here, not above: Ray is an extra
+    return RayEngine(args.address, args.workers or 1, args.threads or 1, args.gpus)
 
 
 def _explain_texts(explainer, args, labels):
@@ -395,6 +407,13 @@ def build_parser():
                    help="discard what an earlier run left in the output folder, instead of continuing it")
     p.add_argument("--fail-fast", action="store_true",
                    help="stop at the first input that cannot be explained (default: an error row, and exit 8)")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local (default): this process; ray: a pool of Ray Data actors (the ray extra)")
+    p.add_argument("--address", help="--engine ray: the cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--workers", type=_positive_int, help="--engine ray: actors, each with one session (default 1)")
+    p.add_argument("--threads", type=_positive_int, help="--engine ray: CPUs and ONNX Runtime threads per actor "
+                   "(default 1)")
+    p.add_argument("--gpus", type=float, default=0, help="--engine ray: GPUs per actor (CUDA); default 0")
     _add_input_flags(p)
     p.add_argument("--cmap", default="bwr", choices=sorted(COLORMAPS), help="heatmap colormap (default bwr)")
     p.add_argument("--overlay", action="store_true", help="blend the heatmap over the input image")

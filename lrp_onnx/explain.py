@@ -94,20 +94,19 @@ class Outcome:
     error: Optional[str] = None
 
 
-def explain_stream(explainer, inputs, target=None, top_k=None, labels=None, batch_size=32, prefetch=2,
-                   fail_fast=False, reader=None):
+def explain_stream(explainer, inputs, target=None, top_k=None, labels=None, batch_size=32, prefetch=2, reader=None):
     """Outcomes of ``inputs`` (an iterable of ``io.inputs.Pending``, read by ``reader``, an
     ``io.inputs.InputReader``; or of Samples or model-ready arrays), lazily: inputs are read, explained and handed over in batches, each stage in its own thread, at
     most ``prefetch`` batches ahead, so memory depends on ``batch_size``, not on the number of
     inputs. An input that cannot be read or does not fit the model is an Outcome with an error,
-    and the rest go on; ``fail_fast`` raises its InputError instead."""
+    and the rest go on."""
     target = check_request(explainer, target, top_k, labels)
     reader = reader or InputReader(InputSpec(explainer.input_shape), Preprocess())
-    loaded = prefetched(_read_batches(explainer, inputs, batch_size, fail_fast, reader), prefetch)
+    loaded = prefetched(_read_batches(explainer, inputs, batch_size, reader), prefetch)
     return _flatten(prefetched(_explained_batches(explainer, loaded, target, top_k, labels), prefetch))
 
 
-def _read_batches(explainer, inputs, batch_size, fail_fast, reader):
+def _read_batches(explainer, inputs, batch_size, reader):
     """Lists of (index, Sample, error) of up to ``batch_size`` inputs whose samples share one shape
     (a model with free spatial dimensions takes images of several sizes). A sample that could not
     be read has no array, and the error says why."""
@@ -117,8 +116,6 @@ def _read_batches(explainer, inputs, batch_size, fail_fast, reader):
             sample, error = _as_sample(item, index, reader), None
             explainer.check_sample(sample.array)
         except InputError as e:
-            if fail_fast:
-                raise
             sample, error = Sample(_name_of(item, index), _source_of(item, index), None), str(e)
         fits = error is not None or shape is None or sample.array.shape == shape
         if batch and (len(batch) == batch_size or not fits):
@@ -169,7 +166,9 @@ def explain_samples(explainer, samples, target=None, top_k=None, labels=None, ba
     """Yield an Explanation per sample and target: the given target, the top-k classes, or the
     prediction; the first sample that does not fit the model is an InputError."""
     bar = progress_bar(len(samples) * (top_k or 1), progress)
-    for outcome in explain_stream(explainer, samples, target, top_k, labels, batch_size, fail_fast=True):
+    for outcome in explain_stream(explainer, samples, target, top_k, labels, batch_size):
+        if outcome.error is not None:
+            raise InputError(outcome.error)
         yield from outcome.explanations
         bar.update(len(outcome.explanations))
     bar.close()
@@ -210,17 +209,20 @@ def write_heatmap(e: Explanation, folder, cmap="bwr", overlay=False, channel_axi
 def explain_to_folder(explainer, inputs, folder, preprocess=None, target=None, top_k=None, labels=None,
                       batch_size=32, cmap="bwr", overlay=False, as_json=False, progress=True, zoom=1,
                       heatmaps=True, relevance_dtype="float32", shard_inputs=None, restart=False, fail_fast=False,
-                      prefetch=2):
+                      prefetch=2, engine=None):
     """The CLI's explain job over image files, folders and arrays, streamed in batches: heatmaps,
     relevance shards and summaries in ``folder``, laid out as ``io.run_folder`` describes. A folder
     left by a run with the same settings is continued; ``restart`` discards it. An input that
     cannot be explained becomes a summary row with its error (``fail_fast``: an InputError).
-    Returns the run's ``Totals`` and the summaries written."""
+    ``engine`` (a ``distributed.RayEngine``) explains on Ray actors instead of in this process;
+    the files are the same. Returns the run's ``Totals`` and the summaries written."""
+    if engine is not None and overlay:
+        raise InputError("--overlay is not available with --engine ray: the workers do not send the images back")
     preprocess = preprocess or Preprocess()
     inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     spec = InputSpec(explainer.input_shape)
     pending = read_inputs(inputs, spec, preprocess)
-    check_request(explainer, target, top_k, labels)
+    target = check_request(explainer, target, top_k, labels)  # a label name becomes its class index
     layout = spec.layout(preprocess.layout)
     draw = functools.partial(write_heatmap, cmap=cmap, overlay=overlay, zoom=zoom,
                              channel_axis=0 if layout == "nchw" else -1)
@@ -235,9 +237,14 @@ def explain_to_folder(explainer, inputs, folder, preprocess=None, target=None, t
     try:
         remaining = run.skip_done(pending)
         bar = progress_bar(None, progress, unit="input")
-        outcomes = explain_stream(explainer, remaining, target, top_k, labels, batch_size, prefetch, fail_fast,
-                                  InputReader(spec, preprocess))
+        if engine is None:
+            outcomes = explain_stream(explainer, remaining, target, top_k, labels, batch_size, prefetch,
+                                      InputReader(spec, preprocess))
+        else:
+            outcomes = engine.outcomes(explainer, remaining, target, top_k, labels, batch_size, preprocess)
         for outcome in outcomes:
+            if fail_fast and outcome.error is not None:
+                raise InputError(outcome.error)
             run.add(outcome)
             bar.update(1)
         bar.close()
