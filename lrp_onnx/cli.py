@@ -231,7 +231,7 @@ def cmd_explain(args):
                          else "nothing to explain: give INPUT files or --text")
     if bool(args.text) != bool(args.tokenizer):
         raise InputError("--text needs --tokenizer" if args.text else "--tokenizer is for --text")
-    explainer = Explainer(args.model, providers=args.provider, **_conversion(args))
+    explainer = Explainer(args.model, providers=args.provider, threads=args.threads, **_conversion(args))
     labels = read_labels(args.labels) if args.labels else None
     if args.text:
         return _explain_texts(explainer, args, labels)
@@ -257,8 +257,8 @@ def cmd_explain(args):
 def _engine(args):
     """None for --engine local; the Ray engine with its flags (which are refused without it)."""
     if args.engine == "local":
-        given = [flag for flag, value in (("--address", args.address), ("--workers", args.workers),
-                                          ("--threads", args.threads)) if value is not None]
+        given = [flag for flag, value in (("--address", args.address), ("--workers", args.workers)) if value is not None]
+        given += ["--gpus"] if args.gpus else []
         if given:
             raise InputError(f"{', '.join(given)} apply to --engine ray only")
         return None
@@ -411,8 +411,8 @@ def build_parser():
                    help="local (default): this process; ray: a pool of Ray Data actors (the ray extra)")
     p.add_argument("--address", help="--engine ray: the cluster to join (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--workers", type=_positive_int, help="--engine ray: actors, each with one session (default 1)")
-    p.add_argument("--threads", type=_positive_int, help="--engine ray: CPUs and ONNX Runtime threads per actor "
-                   "(default 1)")
+    p.add_argument("--threads", type=_positive_int, help="ONNX Runtime threads (default: ONNX Runtime's choice); "
+                   "with --engine ray, CPUs and threads per actor (default 1)")
     p.add_argument("--gpus", type=float, default=0, help="--engine ray: GPUs per actor (CUDA); default 0")
     _add_input_flags(p)
     p.add_argument("--cmap", default="bwr", choices=sorted(COLORMAPS), help="heatmap colormap (default bwr)")

@@ -178,3 +178,16 @@ def test_shape_subgraphs_carry_no_relevance(tmp_path):
     units = find_units(graph, graph.inputs[0], graph.outputs)
     assert units and all(carries_relevance(t) for u in units for t in u.outputs)
     assert not any(u.op in ("Shape", "ArgMax", "Equal", "Less") for u in units)
+
+
+def test_converting_does_not_import_torch():
+    """ORT's shape inference lives in onnxruntime.tools, whose __init__ imports torch wherever it is
+    installed (as here): lrp-onnx loads the one file it needs instead."""
+    import os
+    import subprocess
+    import sys
+    code = ("import sys, lrp_onnx; lrp_onnx.convert(sys.argv[1]); "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    model = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "digits_cnn.onnx")
+    result = subprocess.run([sys.executable, "-c", code, model], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
