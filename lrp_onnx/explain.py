@@ -96,10 +96,10 @@ class Outcome:
 
 def explain_stream(explainer, inputs, target=None, top_k=None, labels=None, batch_size=32, prefetch=2, reader=None):
     """Outcomes of ``inputs`` (an iterable of ``io.inputs.Pending``, read by ``reader``, an
-    ``io.inputs.InputReader``; or of Samples or model-ready arrays), lazily: inputs are read, explained and handed over in batches, each stage in its own thread, at
-    most ``prefetch`` batches ahead, so memory depends on ``batch_size``, not on the number of
-    inputs. An input that cannot be read or does not fit the model is an Outcome with an error,
-    and the rest go on."""
+    ``io.inputs.InputReader``; or of Samples or model-ready arrays), lazily: inputs are read,
+    explained and handed over in batches, each stage in its own thread, at most ``prefetch``
+    batches ahead, so memory depends on ``batch_size``, not on the number of inputs. An input
+    that cannot be read or does not fit the model is an Outcome with an error, and the rest go on."""
     target = check_request(explainer, target, top_k, labels)
     reader = reader or InputReader(InputSpec(explainer.input_shape), Preprocess())
     loaded = prefetched(_read_batches(explainer, inputs, batch_size, reader), prefetch)

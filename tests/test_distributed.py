@@ -87,3 +87,12 @@ def test_a_killed_actor_is_restarted_and_no_input_is_lost_or_repeated():
             after_kill += len(batch["id"])
     assert killed is not None and after_kill > 0
     assert sorted(seen) == list(range(count))  # every input once: none lost, none twice
+
+
+def test_input_paths_are_read_on_the_workers_as_explain_reads_them():
+    explainer = lrp_onnx.Explainer(CNN)
+    rows = explain_dataset([os.path.join(ROOT, "models", "samples")], explainer, batch_size=3, workers=2).take_all()
+    assert [row["name"] for row in rows] == [f"digit{d}" for d in range(10)]
+    local = lrp_onnx.explain_images(explainer, os.path.join(ROOT, "models", "samples"))
+    np.testing.assert_array_equal(np.stack([row["relevance"] for row in rows]), np.stack([e.relevance for e in local]))
+    assert [row["predicted"] for row in rows] == list(range(10))

@@ -169,6 +169,8 @@ def test_fail_fast_stops_at_the_first_bad_input_with_nothing_written(tmp_path, c
     (lambda t: SAMPLES, ["--size", "16"], "does not match the model's fixed input size"),
     (lambda t: SAMPLES, ["--mean", "0.1,0.2"], "--mean has 2 values"),
     (lambda t: t / "missing.png", [], "no such file"),
+    (lambda t: SAMPLES, ["--workers", "2"], "--workers apply to --engine ray only"),
+    (lambda t: SAMPLES, ["--engine", "ray", "--overlay"], "--overlay is not available with --engine ray"),
 ])
 def test_bad_arguments_stop_before_anything_is_written(tmp_path, make, args, phrase):
     args = [a(tmp_path) if callable(a) else a for a in args]

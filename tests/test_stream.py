@@ -162,3 +162,15 @@ def test_two_runs_cannot_write_one_folder(tmp_path):
     finally:
         holder.close(completed=False)
     assert not out.exists()  # the holder committed nothing, and made the folder
+
+
+def test_without_pyarrow_the_summary_is_csv_and_nothing_fails(tmp_path):
+    """pyarrow is an extra: where it cannot be imported, summary.parquet is left out, and said so."""
+    out = tmp_path / "out"
+    code = ("import sys; sys.modules['pyarrow'] = None; from lrp_onnx.cli import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    result = subprocess.run([sys.executable, "-c", code, "explain", CNN, os.path.join(ROOT, "models", "samples"),
+                             "-o", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "summary.csv)" in result.stdout and not (out / "summary.parquet").exists()
+    assert len(read_csv(out)) == 10

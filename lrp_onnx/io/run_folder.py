@@ -75,6 +75,9 @@ class RunFolder:
             remove_temporaries(os.path.join(folder, sub))
         remove_temporaries(folder)
         previous = self._read_settings()
+        if previous is None and self._committed_parts() and not restart:
+            raise OutputError(f"{folder}: holds parts of a run whose run.json is gone; pass --restart to discard "
+                              "them, or choose another -o")
         if previous is not None and previous != settings:
             if not restart:
                 changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
