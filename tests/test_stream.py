@@ -11,7 +11,6 @@ import weakref
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 
 import lrp_onnx
 from lrp_onnx.explain import explain_stream
