@@ -154,6 +154,15 @@ def format_row(r):
             f"{r['rss_explainer']:.0f} | {r['rss_zennit']:.0f} | {r['convert']:.1f} | {r['size_ratio']:.3f} |")
 
 
+def cpu_name():
+    """The CPU's model name from /proc/cpuinfo, else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def environment(threads, repeats, models="random-init torchvision models, 224×224, dynamo export; peak RSS in a "
                 "fresh subprocess each", script="benchmarks/bench.py",
                 reference="zennit 0.5.1"):
@@ -161,13 +170,7 @@ def environment(threads, repeats, models="random-init torchvision models, 224×2
     import torch
 
     import lrp_onnx
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"- Machine: {cpu}, {os.cpu_count()} cores; {threads} threads for ORT (intra-op) and torch\n"
+    return (f"- Machine: {cpu_name()}, {os.cpu_count()} cores; {threads} threads for ORT (intra-op) and torch\n"
             f"- Versions: lrp-onnx {lrp_onnx.__version__}, onnxruntime {onnxruntime.__version__}, "
             f"torch {torch.__version__}, {reference}, numpy {np.__version__}, Python {platform.python_version()}\n"
             f"- Medians of {repeats} interleaved runs after one warm-up; {models}\n"

@@ -186,8 +186,7 @@ class RunFolder:
 
     def _rows_in_order(self):
         for part in self._read_parts():
-            for row in part["rows"]:
-                yield {column: row.get(column) for column in SUMMARY_COLUMNS}
+            yield from map(_in_columns, part["rows"])
 
     def _read_settings(self):
         path = os.path.join(self.folder, "run.json")
@@ -229,7 +228,7 @@ class RunFolder:
         with atomic_path(os.path.join(self.folder, "summary.parquet")) as tmp:
             with pq.ParquetWriter(tmp, schema) as writer:
                 for part in self._read_parts():
-                    rows = [{column: row.get(column) for column in SUMMARY_COLUMNS} for row in part["rows"]]
+                    rows = [_in_columns(row) for row in part["rows"]]
                     writer.write_table(pa.Table.from_pylist(rows, schema=schema))
         return "summary.parquet"
 
@@ -245,6 +244,11 @@ class RunFolder:
         if self._lock is not None:
             self._lock.close()
             self._lock = None
+
+
+def _in_columns(row):
+    """A part's row with every summary column, in order (an error row has nulls)."""
+    return {column: row.get(column) for column in SUMMARY_COLUMNS}
 
 
 def _lock(folder):
