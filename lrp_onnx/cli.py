@@ -26,7 +26,7 @@ from .explain import explain_to_folder, read_labels
 from .external import DATA_SUFFIX, EXTERNAL_DATA_THRESHOLD, external_files, wants_external_data
 from .io.files import writable_folder
 from .io.heatmap import COLORMAPS
-from .io.inputs import InputSpec, Preprocess, load_samples
+from .io.inputs import InputReader, InputSpec, Preprocess, load_samples, read_inputs
 from .load import read_model
 from .plan import plan
 from .runtime import Explainer, save_model
@@ -58,11 +58,17 @@ def _bound(text):
     return values[0] if len(values) == 1 else values
 
 
-def _positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _at_least(smallest):
+    def parse(text):
+        value = int(text)
+        if value < smallest:
+            raise argparse.ArgumentTypeError(f"must be at least {smallest}, got {value}")
+        return value
+    parse.__name__ = "int"  # argparse names the type in its message: "invalid int value: 'x'"
+    return parse
+
+
+_positive_int, _non_negative_int = _at_least(1), _at_least(0)
 
 
 def _add_rule_flags(p, composite_default=DEFAULT_COMPOSITE, bounds=("--low", "--high"), choose=True):
@@ -308,16 +314,18 @@ def cmd_evaluate(args):
     methods = args.method or list(DEFAULT_EVALUATION)
     for spec in methods:
         parse_method(spec)  # a bad spec fails before any work
-    samples, x = _batch(args.data, _input_spec(args.model), args)
-    boxes = read_boxes(args.boxes, samples) if args.boxes else None
+    spec, preprocess = _input_spec(args.model), _preprocess(args)
+    pending = list(read_inputs(args.data, spec, preprocess))  # locators only: each input is read when it is used
+    boxes = read_boxes(args.boxes, pending) if args.boxes else None
     writable_folder(args.output)
     low, high = _noise_range(args)
-    results = evaluate(args.model, x, methods, steps=args.steps, region=args.region, repeats=args.repeats,
+    results = evaluate(args.model, pending, methods, steps=args.steps, region=args.region, repeats=args.repeats,
                        low=low, high=high, layout=args.layout, batch_size=args.batch_size, seed=args.seed,
-                       progress=True, rule_params=rule_params(args))
-    settings = {"model": args.model, "samples": len(x), "steps": len(results[0].drops) - 1, "region": args.region,
-                "repeats": args.repeats, "seed": args.seed}
-    context = context_report(results, boxes, [s.name for s in samples]) if boxes else None
+                       progress=True, rule_params=rule_params(args), boxes=boxes,
+                       reader=InputReader(spec, preprocess))
+    settings = {"model": args.model, "samples": len(pending), "steps": len(results[0].drops) - 1,
+                "region": args.region, "repeats": args.repeats, "seed": args.seed}
+    context = context_report(results, [p.name for p in pending]) if boxes else None
     write_json(results, os.path.join(args.output, "evaluate.json"), settings, context)
     plot(results, os.path.join(args.output, "aopc.png"))
     print(report(results))
@@ -439,7 +447,8 @@ def build_parser():
     p.add_argument("--low", type=float, help="deprecated: --noise-low")
     p.add_argument("--high", type=float, help="deprecated: --noise-high")
     p.add_argument("--batch-size", type=_positive_int, default=256, metavar="B")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_non_negative_int, default=0,
+                   help="noise seed; sample i draws from the generator seeded (SEED, i) (default 0)")
     p.add_argument("--boxes", metavar="CSV", help="input, x0, y0, x1, y1 per input (model-input pixels, end "
                    "exclusive): report positive relevance inside and outside each box")
     _add_rule_flags(p, bounds=(), choose=False)

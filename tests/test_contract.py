@@ -64,6 +64,22 @@ def test_explained_class_and_logit(cnn_path, images):
     np.testing.assert_allclose(run["explained_logit"], logits[np.arange(3), expected_class], rtol=1e-6)
 
 
+def test_score_gives_run_s_class_and_logit_from_the_forward_pass_alone(cnn_path, images):
+    from lrp_onnx.runtime import SCORE_OUTPUTS, pruned
+    explainer = lrp_onnx.Explainer(cnn_path)
+    for target in (None, [-1, 3, 0]):
+        run, score = explainer.run(images, target), explainer.score(images, target)
+        np.testing.assert_array_equal(score["explained_class"], run["explained_class"])
+        np.testing.assert_allclose(score["explained_logit"], run["explained_logit"], rtol=1e-5, atol=1e-6)
+    part = pruned(explainer.model, SCORE_OUTPUTS)
+    onnx.checker.check_model(part, full_check=True)
+    assert [o.name for o in part.graph.output] == list(SCORE_OUTPUTS)
+    # the forward's nodes, and those that pick the class and its logit; none of the relevance pass
+    forward = {n.name for n in onnx.load(cnn_path).graph.node}
+    assert forward <= {n.name for n in part.graph.node}
+    assert all(n.name in forward or n.name.startswith(("lrp/seed/", "lrp/explained_")) for n in part.graph.node)
+
+
 def test_softmax_output_seeds_the_pre_softmax_logit(tmp_path, images):
     plain = export(small_cnn(), torch.randn(2, 3, 12, 12), str(tmp_path / "plain.onnx"), dynamo=False)
     with_softmax = export(small_cnn(softmax=True), torch.randn(2, 3, 12, 12), str(tmp_path / "soft.onnx"),

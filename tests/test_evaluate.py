@@ -3,6 +3,7 @@ bundled digits classifier, and the evaluate command's files."""
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -40,6 +41,8 @@ def test_aopc_by_hand(linear_model, method):
     assert [r.method for r in results] == [method, RANDOM]
     np.testing.assert_allclose(results[0].drops, [0, 4, 7, 9, 10], rtol=1e-6)
     assert results[0].aopc == pytest.approx(6.0)
+    np.testing.assert_allclose(results[0].per_sample, [6.0, 6.0], rtol=1e-6)
+    assert results[0].standard_error == pytest.approx(0.0, abs=1e-6)
     assert results[1].aopc <= 6.0  # no order beats the best one
 
 
@@ -105,3 +108,65 @@ def test_evaluate_command_with_boxes(tmp_path):
     boxes.write_text("input,x0,y0,x1,y1\ndigits_0,2,0,6,8\n")
     assert_bad_input(cli("evaluate", DIGITS_CNN, data, "-o", tmp_path / "e2", "--boxes", boxes), "no box for 3 input(s)")
     assert not (tmp_path / "e2").exists()
+
+
+def noisy_digits(count):
+    digits = np.load(os.path.join(ROOT, "models", "digits_samples.npy"))
+    rng = np.random.default_rng(1)
+    return (digits[np.arange(count) % 10] + rng.uniform(0, 0.2, (count, 1, 8, 8))).astype(np.float32)
+
+
+def test_evaluate_streams_a_generator_with_a_few_chunks_alive():
+    """Samples are pulled as they are scored, and each sample's noise is its own: a generator of
+    400 inputs gives the batch's figures with no more than the prefetch queue's chunks alive."""
+    import weakref
+    x = noisy_digits(400)
+    alive, most_alive = [0], [0]
+
+    def inputs():
+        for sample in x:
+            sample = sample.copy()
+            alive[0] += 1
+            most_alive[0] = max(most_alive[0], alive[0])
+            weakref.finalize(sample, lambda: alive.__setitem__(0, alive[0] - 1))
+            yield sample
+
+    settings = dict(steps=4, region=2, low=0.0, high=1.0, batch_size=40, seed=5)  # 8 samples per chunk
+    streamed = evaluate(DIGITS_CNN, inputs(), ["lrp:zplus"], **settings)
+    batched = evaluate(DIGITS_CNN, x, ["lrp:zplus"], **settings)
+    for s, b in zip(streamed, batched):
+        np.testing.assert_allclose(s.drops, b.drops, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(s.classes, b.classes)
+        assert s.per_sample.shape == (400,) and s.per_sample.mean() == pytest.approx(s.aopc, rel=1e-9)
+    assert most_alive[0] <= (2 + 2 + 1) * 8, most_alive[0]  # queued, being stacked, being scored
+
+
+def test_evaluate_figures_do_not_depend_on_the_batch_size_or_the_other_methods():
+    x = noisy_digits(30)
+    one = evaluate(DIGITS_CNN, x, ["sensitivity"], steps=6, seed=2, batch_size=7)
+    two = evaluate(DIGITS_CNN, x, ["lrp:zplus", "sensitivity"], steps=6, seed=2, batch_size=500)
+    np.testing.assert_allclose(one[0].drops, two[1].drops, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(one[-1].drops, two[-1].drops, rtol=1e-5, atol=1e-6)  # random
+    other_seed = evaluate(DIGITS_CNN, x, ["sensitivity"], steps=6, seed=3, batch_size=7)
+    assert not np.allclose(one[-1].drops, other_seed[-1].drops)
+
+
+@pytest.mark.parametrize("inputs, settings, message", [
+    (lambda x: iter(x), {}, "give low and high when the inputs are a one-pass iterator"),
+    (lambda x: [x[0], x[1, :, :4]], {"low": 0.0, "high": 1.0}, "input 1 is [1, 4, 8], the first is [1, 8, 8]"),
+    (lambda x: [], {"low": 0.0, "high": 1.0}, "at least one input"),
+    (lambda x: x, {"seed": -1}, "the seed must be 0 or more"),
+])
+def test_evaluate_refuses_what_it_cannot_stream(inputs, settings, message):
+    from lrp_onnx.errors import InputError
+    with pytest.raises(InputError, match=re.escape(message)):
+        evaluate(DIGITS_CNN, inputs(noisy_digits(2)), ["lrp:zplus"], steps=2, **settings)
+
+
+def test_the_paired_difference_is_the_difference_of_the_aopcs():
+    from lrp_onnx.analysis.evaluate import paired_difference
+    lrp, random = evaluate(DIGITS_CNN, noisy_digits(40), ["lrp:alpha-beta"], steps=6, seed=4)
+    gain, error = paired_difference(lrp, random)
+    assert gain == pytest.approx(lrp.aopc - random.aopc, rel=1e-9)
+    d = lrp.per_sample - random.per_sample
+    assert error == pytest.approx(np.sqrt(np.sum((d - d.mean()) ** 2) / (len(d) - 1) / len(d)), rel=1e-9) and error > 0

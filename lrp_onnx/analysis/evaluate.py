@@ -8,6 +8,7 @@ A better explanation puts the regions the score depends on first, so the score f
 the AOPC is larger. The ``random`` order is the baseline.
 """
 
+import itertools
 import json
 import math
 import os
@@ -20,7 +21,8 @@ from PIL import Image, ImageDraw
 from ..composites import BASELINE_METHODS, DEFAULT_COMPOSITE
 from ..errors import InputError
 from ..io.files import atomic_write, png_bytes
-from ..io.inputs import InputSpec
+from ..io.inputs import InputReader, InputSpec, Pending, Preprocess, Sample
+from ..io.prefetch import prefetched
 from ..io.progress import progress_bar
 from ..runtime import Explainer
 
@@ -29,13 +31,31 @@ RANDOM = "random"
 
 @dataclass
 class Perturbation:
-    """Per method: the mean score drop f(x⁽⁰⁾) − f(x⁽ᵏ⁾) after each step k = 0..L, the AOPC, and
-    the channel-summed relevance of every sample (None for random)."""
+    """Per method: the mean score drop f(x⁽⁰⁾) − f(x⁽ᵏ⁾) after each step k = 0..L, the AOPC, each
+    sample's own AOPC (its mean over the repeats), the class explained per sample (its
+    prediction), and, given boxes, each sample's shares of positive relevance inside and outside
+    its box (None for random, or without boxes)."""
     method: str
     drops: np.ndarray  # [L+1]
     aopc: float
-    maps: Optional[np.ndarray] = None  # [N, H, W] or [N, features]
-    classes: Optional[np.ndarray] = None  # the class explained per sample (its prediction)
+    per_sample: np.ndarray  # [N]
+    classes: np.ndarray  # [N]
+    inside: Optional[np.ndarray] = None  # [N]
+    outside: Optional[np.ndarray] = None  # [N]
+
+    @property
+    def standard_error(self):
+        """Of the AOPC, over the samples (0 for one sample)."""
+        n = len(self.per_sample)
+        return float(self.per_sample.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+
+
+def paired_difference(a: Perturbation, b: Perturbation):
+    """(mean, standard error) of AOPC_a − AOPC_b over the same samples: comparing per sample removes
+    the spread between samples that both methods share, so it separates methods that the two
+    AOPCs' own standard errors would not."""
+    d = a.per_sample - b.per_sample
+    return float(d.mean()), (float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else 0.0)
 
 
 def parse_method(spec):
@@ -78,13 +98,13 @@ def channel_summed(relevance, layout):
     return relevance.sum(axis=channel) if channel is not None else relevance
 
 
-def region_order(relevance, region, layout, rng=None):
-    """Regions (flat indices on the region grid), most relevant first, per sample; shuffled when
-    ``rng`` is given instead (the random baseline)."""
+def region_order(relevance, region, layout, rngs=None):
+    """Regions (flat indices on the region grid), most relevant first, per sample; shuffled by each
+    sample's generator in ``rngs`` instead (the random baseline)."""
     r = channel_summed(relevance, layout)
     grid = _region_sums(r, region, len(spatial_axes(relevance, layout)[1]))
-    if rng is not None:
-        return np.stack([rng.permutation(grid[0].size) for _ in range(len(r))])
+    if rngs is not None:
+        return np.stack([rng.permutation(grid[0].size) for rng in rngs])
     return np.argsort(-grid.reshape(len(r), -1), axis=1, kind="stable")
 
 
@@ -98,13 +118,14 @@ def _region_sums(r, region, spatial_rank):
     return padded.reshape(split).sum(axis=tuple(range(2, 2 + 2 * spatial_rank, 2)))
 
 
-def perturbed_inputs(x, order, steps, region, layout, low, high, rng):
-    """[N, steps+1, ...]: step k has the first k regions of ``order`` replaced by uniform noise."""
+def perturbed_inputs(x, order, steps, region, layout, low, high, rngs):
+    """[N, steps+1, ...]: step k has the first k regions of ``order`` replaced by uniform noise,
+    drawn from each sample's own generator in ``rngs``."""
     _, spatial = spatial_axes(x, layout)
     out = np.repeat(x[:, None], steps + 1, axis=1)
     sizes = [x.shape[a] for a in spatial]
     blocks = [math.ceil(d / region) for d in sizes]
-    for n in range(len(x)):
+    for n, rng in enumerate(rngs):
         current = x[n].copy()
         for k, flat in enumerate(order[n][:steps], start=1):
             index = [slice(None)] * (x.ndim - 1)
@@ -117,58 +138,142 @@ def perturbed_inputs(x, order, steps, region, layout, low, high, rng):
 
 
 def scores(explainer, inputs, targets, batch_size):
-    """The targets' logits f for a batch of [N, steps+1, ...] inputs."""
+    """The targets' logits f for a batch of [N, steps+1, ...] inputs, from the forward pass alone."""
     n, k = inputs.shape[:2]
     flat = inputs.reshape((n * k,) + inputs.shape[2:])
     repeated = np.repeat(targets, k)
-    out = [explainer.run(flat[i:i + batch_size], repeated[i:i + batch_size])["explained_logit"]
+    out = [explainer.score(flat[i:i + batch_size], repeated[i:i + batch_size])["explained_logit"]
            for i in range(0, len(flat), batch_size)]
     return np.concatenate(out).reshape(n, k)
 
 
-def evaluate(model, x, methods, steps=100, region=None, repeats=1, low=None, high=None, layout=None,
-             batch_size=256, seed=0, threads=None, progress=False, rule_params=None):
-    """AOPC of each method (specs as ``parse_method``; random is always added) on the batch ``x``,
-    explaining each sample's predicted class. Noise is uniform on [low, high], by default the
-    data's range. ``rule_params`` (as ``convert``'s) apply to every LRP method. Returns a list of
-    Perturbation, in the order given, random last."""
+@dataclass
+class _Geometry:
+    """How the inputs are cut into regions, fixed by the first sample's shape."""
+    layout: str
+    region: int
+    steps: int
+
+    @classmethod
+    def of(cls, sample, layout, region, steps):
+        _, spatial = spatial_axes(sample[None], layout)
+        sizes = [sample.shape[a - 1] for a in spatial]
+        region = region or (default_region(*sizes) if len(sizes) == 2 else 1)
+        regions = int(np.prod([math.ceil(d / region) for d in sizes]))
+        return cls(layout, region, min(steps, regions))
+
+
+def evaluate(model, inputs, methods, steps=100, region=None, repeats=1, low=None, high=None, layout=None,
+             batch_size=256, seed=0, threads=None, progress=False, rule_params=None, boxes=None, reader=None):
+    """AOPC of each method (specs as ``parse_method``; random is always added), explaining each
+    sample's predicted class. Returns a list of Perturbation, in the order given, random last.
+
+    ``inputs`` is a batch [N, ...] or a sequence of samples (arrays, Samples, or Pendings read by
+    ``reader``, an ``io.inputs.InputReader``). They are read, explained and scored a few at a time,
+    so memory depends on ``batch_size`` (perturbed copies scored per run), not on their number.
+    Noise is uniform on [low, high], by default the data's range, which costs one more pass over
+    the inputs. Each sample draws its noise (and its random order) from its own generator, seeded
+    with (``seed``, its index) and the same for every method, so the figures do not depend on the
+    batch size or on which other methods run. ``rule_params`` (as ``convert``'s) apply to every
+    LRP method; ``boxes`` (x0, y0, x1, y1 per sample) add each method's context shares."""
     specs = [m for m in methods if m != RANDOM] + [RANDOM]
     explainers = {m: Explainer(model, threads=threads, **_conversion(m, rule_params)) for m in specs if m != RANDOM}
     scorer = next(iter(explainers.values())) if explainers else Explainer(model, threads=threads)
-    layout = layout or InputSpec(scorer.input_shape).layout()
-    low = float(x.min()) if low is None else low
-    high = float(x.max()) if high is None else high
+    reader = reader or InputReader(InputSpec(scorer.input_shape), Preprocess())
+    if seed < 0:
+        raise InputError(f"the seed must be 0 or more; got {seed}")
+    if low is None or high is None:
+        data_low, data_high = _data_range(inputs, reader)
+        low, high = data_low if low is None else low, data_high if high is None else high
     if not low <= high:
         raise InputError(f"the noise range needs low <= high; got [{low}, {high}]")
-    _, spatial = spatial_axes(x, layout)
-    region = region or (default_region(*[x.shape[a] for a in spatial]) if len(spatial) == 2 else 1)
-    regions = int(np.prod([math.ceil(x.shape[a] / region) for a in spatial]))
-    steps = min(steps, regions)
-    targets = np.concatenate([scorer.run(x[i:i + batch_size])["explained_class"]
-                              for i in range(0, len(x), batch_size)])
-    rng = np.random.default_rng(seed)
-    chunk = max(1, batch_size // (steps + 1))  # samples whose perturbed copies fill one batch
-    bar = progress_bar(len(specs) * repeats * len(x), progress)
+    samples = _sample_arrays(inputs, reader)
+    first = next(samples, None)
+    if first is None:
+        raise InputError("evaluate needs at least one input")
+    geometry = _Geometry.of(first, layout or InputSpec(scorer.input_shape).layout(), region, steps)
+    chunk = max(1, batch_size // (geometry.steps + 1))  # samples whose perturbed copies fill one batch
+    totals = {spec: np.zeros(geometry.steps + 1) for spec in specs}
+    per_sample = {spec: [] for spec in specs}  # each chunk's per-sample AOPC, summed over the repeats
+    shares = {spec: [] for spec in explainers}  # (inside, outside) per chunk, given boxes
+    classes = []
+    bar = progress_bar(len(inputs) * len(specs) * repeats if hasattr(inputs, "__len__") else None, progress,
+                       unit="sample")
+    for start, xs in prefetched(_stacked(itertools.chain([first], samples), chunk)):
+        targets = scorer.score(xs)["explained_class"]
+        indices = range(start, start + len(xs))
+        for spec in specs:
+            rngs = [np.random.default_rng([seed, i]) for i in indices]
+            if spec == RANDOM:
+                order = region_order(xs, geometry.region, geometry.layout, rngs)
+            else:
+                _, relevance = explainers[spec].explain(xs, targets)
+                order = region_order(relevance, geometry.region, geometry.layout)
+                if boxes is not None:
+                    share_in, share_out, _ = context_shares(channel_summed(relevance, geometry.layout),
+                                                            boxes[start:start + len(xs)])
+                    shares[spec].append((share_in, share_out))
+            chunk_aopc = np.zeros(len(xs))
+            for _ in range(repeats):
+                perturbed = perturbed_inputs(xs, order, geometry.steps, geometry.region, geometry.layout, low, high,
+                                             rngs)
+                drops = scores(scorer, perturbed, targets, batch_size).astype(np.float64)
+                drops = drops[:, :1] - drops
+                totals[spec] += drops.sum(axis=0)
+                chunk_aopc += drops.mean(axis=1)
+                bar.update(len(xs))
+            per_sample[spec].append(chunk_aopc / repeats)
+        classes.append(targets)
+    bar.close()
+    classes = np.concatenate(classes)
     results = []
     for spec in specs:
-        total, maps = np.zeros(steps + 1), []
-        for start in range(0, len(x), chunk):
-            xs, ts = x[start:start + chunk], targets[start:start + chunk]
-            if spec == RANDOM:
-                order = region_order(xs, region, layout, rng)
-            else:
-                _, relevance = explainers[spec].explain(xs, ts)
-                order = region_order(relevance, region, layout)
-                maps.append(channel_summed(relevance, layout))
-            for _ in range(repeats):
-                f = scores(scorer, perturbed_inputs(xs, order, steps, region, layout, low, high, rng), ts, batch_size)
-                total += (f[:, :1] - f).sum(axis=0)
-                bar.update(len(xs))
-        drops = total / (len(x) * repeats)
-        results.append(Perturbation(spec, drops, float(drops.mean()), np.concatenate(maps) if maps else None,
-                                    targets))
-    bar.close()
+        drops = totals[spec] / (len(classes) * repeats)
+        parts = shares.get(spec)
+        inside, outside = (np.concatenate(p) for p in zip(*parts)) if parts else (None, None)
+        results.append(Perturbation(spec, drops, float(drops.mean()), np.concatenate(per_sample[spec]), classes,
+                                    inside, outside))
     return results
+
+
+def _sample_arrays(inputs, reader):
+    """Each input as one model-ready array (no batch axis), read when it is needed."""
+    for item in inputs:
+        if isinstance(item, Pending):
+            yield reader.sample(item).array
+        elif isinstance(item, Sample):
+            yield item.array
+        else:
+            yield np.asarray(item)
+
+
+def _data_range(inputs, reader):
+    """(min, max) over every input: the default noise range."""
+    if isinstance(inputs, np.ndarray):
+        return float(inputs.min()), float(inputs.max())
+    if iter(inputs) is inputs:
+        raise InputError("the default noise range is the data's, which needs a second pass over the inputs: "
+                         "give low and high when the inputs are a one-pass iterator")
+    low, high = math.inf, -math.inf
+    for array in _sample_arrays(inputs, reader):
+        low, high = min(low, float(array.min())), max(high, float(array.max()))
+    return low, high
+
+
+def _stacked(samples, size):
+    """(index of the first, [≤ size, ...] batch) of consecutive samples, all of the first one's shape."""
+    batch, start, shape = [], 0, None
+    for index, array in enumerate(samples):
+        shape = shape or array.shape
+        if array.shape != shape:
+            raise InputError(f"evaluate needs inputs of one shape: input {index} is {list(array.shape)}, "
+                             f"the first is {list(shape)}")
+        batch.append(array)
+        if len(batch) == size:
+            yield start, np.stack(batch)
+            batch, start = [], index + 1
+    if batch:
+        yield start, np.stack(batch)
 
 
 def context_shares(maps, boxes):
@@ -180,8 +285,12 @@ def context_shares(maps, boxes):
     total = positive.reshape(len(positive), -1).sum(1)
     share_in = np.where(total > 0, inside / np.where(total > 0, total, 1), 0.0)
     share_out = np.where(total > 0, 1 - share_in, 0.0)
-    ratio = np.where(share_in > 0, share_out / np.where(share_in > 0, share_in, 1), np.inf)
-    return share_in, share_out, ratio
+    return share_in, share_out, outside_inside_ratio(share_in, share_out)
+
+
+def outside_inside_ratio(share_in, share_out):
+    """share_out / share_in per sample; infinite where no positive relevance falls inside."""
+    return np.where(share_in > 0, share_out / np.where(share_in > 0, share_in, 1), np.inf)
 
 
 def read_boxes(path, samples):
@@ -213,14 +322,15 @@ def read_boxes(path, samples):
     return [boxes[k] for k in keys]
 
 
-def context_report(results, boxes, names):
+def context_report(results, names):
     """{method: {"inside", "outside", "ratio", "per_class": {class: ...}, "per_input": [...]}}: mean
     shares and the median ratio (None where no positive relevance falls inside the boxes)."""
     summary = {}
     for r in results:
-        if r.maps is None:
+        if r.inside is None:
             continue
-        share_in, share_out, ratio = context_shares(r.maps, boxes)
+        share_in, share_out = r.inside, r.outside
+        ratio = outside_inside_ratio(share_in, share_out)
 
         def finite(v):
             return float(v) if np.isfinite(v) else None
@@ -237,16 +347,20 @@ def context_report(results, boxes, names):
 
 
 def report(results):
-    """A markdown table: method, AOPC, AOPC − random."""
-    random = next(r.aopc for r in results if r.method == RANDOM)
+    """A markdown table: method, AOPC, AOPC − random, each ± its standard error over the samples
+    (for the difference, paired: per sample)."""
+    random = next(r for r in results if r.method == RANDOM)
     lines = ["| method | AOPC | AOPC − random |", "|---|---|---|"]
-    lines += [f"| {r.method} | {r.aopc:.4f} | {r.aopc - random:+.4f} |" for r in results]
+    for r in results:
+        gain, error = paired_difference(r, random)
+        lines.append(f"| {r.method} | {r.aopc:.4f} ± {r.standard_error:.4f} | {gain:+.4f} ± {error:.4f} |")
     return "\n".join(lines)
 
 
 def write_json(results, path, settings, context=None):
     data = {"settings": settings,
-            "methods": [{"method": r.method, "aopc": r.aopc, "mean_drop_per_step": r.drops.tolist()}
+            "methods": [{"method": r.method, "aopc": r.aopc, "aopc_standard_error": r.standard_error,
+                         "mean_drop_per_step": r.drops.tolist()}
                         for r in results]}
     if context is not None:
         data["context"] = context
