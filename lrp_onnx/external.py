@@ -242,14 +242,12 @@ def without_large_weights(step, proto):
     if not large:
         return step(proto)
     names = {t.name for t in large}
-    everything = list(graph.initializer)
+    # field by field, so that neither the shell nor the model copies a weight: a repeated field of
+    # messages copies every message it is extended with
     shell = onnx.ModelProto()
-    graph.ClearField("initializer")  # so that copying the model leaves the weights behind
-    try:
-        shell.CopyFrom(proto)
-    finally:
-        graph.initializer.extend(everything)
-    shell.graph.initializer.extend(t for t in everything if t.name not in names)
+    _copy_fields(proto, shell, skip="graph")
+    _copy_fields(graph, shell.graph, skip="initializer")
+    shell.graph.initializer.extend(t for t in graph.initializer if t.name not in names)
     listed = {i.name for i in graph.input}  # IR 3 files list initializers as inputs already
     added = {t.name for t in large if t.name not in listed}
     shell.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims)
@@ -262,6 +260,20 @@ def without_large_weights(step, proto):
     result.graph.input.extend(inputs)
     result.graph.initializer.extend(large)
     return result
+
+
+def _copy_fields(source, target, skip):
+    """Every field set in ``source`` but ``skip``, copied into the empty message ``target``."""
+    for field, value in source.ListFields():
+        if field.name == skip:
+            continue
+        current = getattr(target, field.name)
+        if hasattr(current, "extend"):
+            current.extend(value)
+        elif hasattr(current, "CopyFrom"):
+            current.CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
 
 
 def save_with_external_data(proto, path, write):
