@@ -176,12 +176,12 @@ def evaluate(model, inputs, methods, steps=100, region=None, repeats=1, low=None
     with (``seed``, its index) and the same for every method, so the figures do not depend on the
     batch size or on which other methods run. ``rule_params`` (as ``convert``'s) apply to every
     LRP method; ``boxes`` (x0, y0, x1, y1 per sample) add each method's context shares."""
+    if seed < 0:
+        raise InputError(f"the seed must be 0 or more; got {seed}")
     specs = [m for m in methods if m != RANDOM] + [RANDOM]
     explainers = {m: Explainer(model, threads=threads, **_conversion(m, rule_params)) for m in specs if m != RANDOM}
     scorer = next(iter(explainers.values())) if explainers else Explainer(model, threads=threads)
     reader = reader or InputReader(InputSpec(scorer.input_shape), Preprocess())
-    if seed < 0:
-        raise InputError(f"the seed must be 0 or more; got {seed}")
     if low is None or high is None:
         data_low, data_high = _data_range(inputs, reader)
         low, high = data_low if low is None else low, data_high if high is None else high
@@ -194,7 +194,7 @@ def evaluate(model, inputs, methods, steps=100, region=None, repeats=1, low=None
     geometry = _Geometry.of(first, layout or InputSpec(scorer.input_shape).layout(), region, steps)
     chunk = max(1, batch_size // (geometry.steps + 1))  # samples whose perturbed copies fill one batch
     totals = {spec: np.zeros(geometry.steps + 1) for spec in specs}
-    per_sample = {spec: [] for spec in specs}  # each chunk's per-sample AOPC, summed over the repeats
+    per_sample = {spec: [] for spec in specs}  # each chunk's per-sample AOPC, the mean over the repeats
     shares = {spec: [] for spec in explainers}  # (inside, outside) per chunk, given boxes
     classes = []
     bar = progress_bar(len(inputs) * len(specs) * repeats if hasattr(inputs, "__len__") else None, progress,
