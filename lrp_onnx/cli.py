@@ -446,7 +446,9 @@ def build_parser():
     p.add_argument("--noise-high", type=float, help="noise range (default: the data's maximum)")
     p.add_argument("--low", type=float, help="deprecated: --noise-low")
     p.add_argument("--high", type=float, help="deprecated: --noise-high")
-    p.add_argument("--batch-size", type=_positive_int, default=256, metavar="B")
+    p.add_argument("--batch-size", type=_positive_int, default=256, metavar="B",
+                   help="perturbed copies scored per ONNX Runtime run (default 256); B // (L+1) inputs are "
+                        "explained at a time, which sets the memory")
     p.add_argument("--seed", type=_non_negative_int, default=0,
                    help="noise seed; sample i draws from the generator seeded (SEED, i) (default 0)")
     p.add_argument("--boxes", metavar="CSV", help="input, x0, y0, x1, y1 per input (model-input pixels, end "
