@@ -9,8 +9,9 @@ Synthetic PNG images (seeded noise) in a temporary folder: 8×8 grey for the bun
 alpha-beta explainer). Each cell is one `lrp-onnx explain ... --no-heatmaps` command, timed from
 start to exit (Ray's start-up included; the 1-input row gives the fixed cost). Peak memory is the
 largest sum, sampled every 50 ms, of the resident memory of the command's processes and of the
-Ray actors. The evaluate rows run `lrp-onnx evaluate` on the digits the same way. Writes SCALE.md; rows of an earlier SCALE.md that this run did not measure are
-kept, with the day they were measured, so a long sweep can be run a part at a time.
+Ray actors. The evaluate rows run `lrp-onnx evaluate` on the digits the same way. Writes
+SCALE.md; rows of an earlier SCALE.md that this run did not measure are kept, with the day they
+were measured, so a long sweep can be run a part at a time.
 """
 
 import argparse

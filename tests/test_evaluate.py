@@ -1,6 +1,7 @@
 """Perturbation analysis (AOPC): a hand-computed value on a linear model, LRP above random on the
 bundled digits classifier, and the evaluate command's files."""
 
+import functools
 import json
 import os
 import re
@@ -11,8 +12,10 @@ from onnx import TensorProto, helper
 
 from lrp_onnx.analysis.evaluate import RANDOM, evaluate, region_order
 from test_cli import ROOT, assert_bad_input, cli
+from test_stream import noisy_digits as seeded_digits
 
 DIGITS_CNN = os.path.join(ROOT, "models", "digits_cnn.onnx")
+noisy_digits = functools.partial(seeded_digits, seed=1)
 
 WEIGHTS = [4.0, 3.0, 2.0, 1.0]
 
@@ -108,12 +111,6 @@ def test_evaluate_command_with_boxes(tmp_path):
     boxes.write_text("input,x0,y0,x1,y1\ndigits_0,2,0,6,8\n")
     assert_bad_input(cli("evaluate", DIGITS_CNN, data, "-o", tmp_path / "e2", "--boxes", boxes), "no box for 3 input(s)")
     assert not (tmp_path / "e2").exists()
-
-
-def noisy_digits(count):
-    digits = np.load(os.path.join(ROOT, "models", "digits_samples.npy"))
-    rng = np.random.default_rng(1)
-    return (digits[np.arange(count) % 10] + rng.uniform(0, 0.2, (count, 1, 8, 8))).astype(np.float32)
 
 
 def test_evaluate_streams_a_generator_with_a_few_chunks_alive():
