@@ -19,7 +19,7 @@ from .analysis.compare import compare, write_grid
 from .analysis.compare import write_json as write_comparison
 from .analysis.evaluate import context_report, evaluate, parse_method, plot, read_boxes, report, write_json
 from .composites import COMPOSITES, DEFAULT_COMPOSITE, METHODS
-from .emit import convert, is_explainer, read_metadata
+from .emit import convert_held, is_explainer, read_metadata
 from .errors import (InputError, LrpOnnxError, ModelLoadError, ModelWarning, OutputError, RuleError,
                      RuntimeMismatchError, UnsafeModelError, UnsupportedModelError, first_line)
 from .explain import explain_to_folder, read_labels
@@ -138,13 +138,13 @@ def cmd_convert(args):
     data = external_files(args.model) if os.path.isfile(args.model) else []
     inputs = [args.model] + data
     _check_output(out, args, inputs)
-    explainer = convert(args.model, layers=args.layer, layer_sum=args.layer_sum, **_conversion(args))
+    explainer, held = convert_held(args.model, layers=args.layer, layer_sum=args.layer_sum, **_conversion(args))
     # A model that keeps its weights beside it gets an explainer that does too: OUT and OUT.data.
-    external = bool(data) or args.external_data or wants_external_data(explainer)
+    external = bool(data) or args.external_data or wants_external_data(explainer, held)
     if external:
         _check_output(out + DATA_SUFFIX, args, inputs)
     try:
-        save_model(explainer, out, external_data=external)
+        save_model(explainer, out, external_data=external, held=held)
     except OSError as e:  # a full disk, say: atomic_write has removed its temporary file
         raise OutputError(f"{out!r}: cannot write ({e.strerror or e})") from None
     print(f"wrote {out}{f' and {out}{DATA_SUFFIX}' if external else ''} ({args.composite})")

@@ -12,6 +12,7 @@ from importlib.metadata import version
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from .builder import Builder
 from .composites import DEFAULT_COMPOSITE
@@ -26,8 +27,7 @@ LAYER_SUMS = ("channel",)
 META_PREFIX = "lrp_onnx."
 
 
-def convert(model, composite=DEFAULT_COMPOSITE, *, input_name=None, rules=None, seed_input=False, layers=(),
-            layer_sum=None, method="lrp", **rule_params) -> onnx.ModelProto:
+def convert(model, composite=DEFAULT_COMPOSITE, **options) -> onnx.ModelProto:
     """The explainer of ``model`` (a path, bytes or ModelProto) as a checked ModelProto.
 
     Inputs: the original inputs plus ``target`` (int64 [N], -1 = predicted class); with
@@ -40,7 +40,18 @@ def convert(model, composite=DEFAULT_COMPOSITE, *, input_name=None, rules=None, 
 
     ``method``: "lrp", or a baseline in the same output: "gradient" ∂f/∂x, "sensitivity"
     (∂f/∂x)², "gradient-x-input" x·∂f/∂x (f the target's logit; the seed is the one-hot).
+
+    Keyword options: ``input_name``, ``rules``, ``seed_input``, ``layers``, ``layer_sum``,
+    ``method`` and the rule parameters.
     """
+    proto, held = convert_held(model, composite, **options)
+    return held.restored(proto)
+
+
+def convert_held(model, composite=DEFAULT_COMPOSITE, *, input_name=None, rules=None, seed_input=False, layers=(),
+                 layer_sum=None, method="lrp", **rule_params):
+    """``convert``, with the explainer's large weights left out of the proto: (proto, HeldWeights).
+    Saving them from there (``runtime.save_model``) copies no weight into a protobuf message."""
     p = plan(model, composite, input_name=input_name, rules=rules, method=method, **rule_params)
     p.raise_problems()
     graph = p.graph
@@ -76,6 +87,13 @@ def convert(model, composite=DEFAULT_COMPOSITE, *, input_name=None, rules=None, 
         graph.nodes.append(gs.Node("Identity", name=f"lrp/{name}", inputs=[tensor], outputs=[out]))
         graph.outputs.append(out)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    # Exported, a large constant would be copied into the proto. Held, it is a reference in the main
+    # graph's initializers (not in a subgraph's, where graphsurgeon puts what a subgraph reads).
+    main = {id(node) for node in graph.nodes}
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Constant) and p.held.takes(tensor.dtype, tensor.shape) and \
+                all(id(node) in main for node in tensor.outputs):
+            tensor.values = LazyValues(p.held.hold_array(tensor.name, tensor.values))
     out = gs.export_onnx(graph, do_type_check=False)
     out.ir_version = max(out.ir_version, 8)
     for output in out.graph.output:  # graphsurgeon knows only tensor types: restore ZipMap's map type
@@ -91,7 +109,7 @@ def convert(model, composite=DEFAULT_COMPOSITE, *, input_name=None, rules=None, 
         # (a weight whose rank contradicts an attribute, say) that the explainer's ops expose.
         raise UnsupportedModelError(f"{p.label}: the explainer fails the ONNX checker ({first_line(e)}); "
                                     "the model is likely inconsistent: if ONNX Runtime runs it, please report this") from None
-    return out
+    return out, p.held
 
 
 def metadata(p):

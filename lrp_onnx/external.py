@@ -10,12 +10,18 @@ Large models: protobuf cannot serialise a message of 2 GB or more, yet the ONNX 
 version converter, shape inference and ONNX Runtime sessions all take serialised models. Steps
 that serialise run on a *shell* of the model (``without_large_weights``); explainers that large
 are saved, and run, with their weights in a data file beside the graph.
+
+Held weights: while a model is converted its large initializers stay out of the ModelProto, in a
+``HeldWeights`` (protobuf copies a tensor's bytes on every ``extend`` and ``CopyFrom``, and those
+copies were most of a conversion's time and memory). They go into a proto once, at the end, or
+straight from memory into the explainer's data file.
 """
 
 import math
 import os
 import stat
 
+import numpy as np
 import onnx
 from google.protobuf.message import EncodeError
 from onnx import TensorProto
@@ -129,8 +135,9 @@ def check_tensor_sizes(proto, label):
 
 def is_large(tensor):
     """Raw data over LARGE_TENSOR_BYTES, judged by the dims (which ``check_tensor_sizes`` has matched
-    to it): reading ``raw_data`` to measure it would copy the bytes."""
-    return tensor.HasField("raw_data") and (tensor_nbytes(tensor, tensor.name) or 0) > LARGE_TENSOR_BYTES
+    to it): reading ``raw_data`` to measure it would copy the bytes. A held weight is large."""
+    return is_held(tensor) or (tensor.HasField("raw_data") and
+                               (tensor_nbytes(tensor, tensor.name) or 0) > LARGE_TENSOR_BYTES)
 
 
 def _field_values(data_type, count):
@@ -142,17 +149,21 @@ def _field_values(data_type, count):
     return count
 
 
-def load_external_data(proto, path):
+def load_external_data(proto, path, held=None):
     """Read every external tensor of ``proto``, loaded from ``path``, into the proto, after
-    ``external_file`` has checked where its bytes come from."""
+    ``_read_external`` has checked where its bytes come from; not those that ``held`` holds."""
     label = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(label))
+    folder = _folder(label)
     for tensor in model_tensors(proto):
-        if not is_external(tensor):
+        if not is_external(tensor) or (held is not None and held.holds(tensor)):
             continue
         tensor.raw_data = _read_external(tensor, folder, label)
         del tensor.external_data[:]
         tensor.data_location = TensorProto.DEFAULT
+
+
+def _folder(path):
+    return os.path.dirname(os.path.abspath(os.fspath(path)))
 
 
 def _read_external(tensor, folder, label):
@@ -205,12 +216,135 @@ def _read_external(tensor, folder, label):
         return f.read(length)
 
 
-def require_loaded(proto, label):
-    """A model given as bytes or a ModelProto has no folder to read external data from."""
-    stray = next((t for t in model_tensors(proto) if is_external(t)), None)
+def require_loaded(proto, label, held=None):
+    """A model given as bytes or a ModelProto has no folder to read external data from (the
+    references of ``held`` aside)."""
+    stray = next((t for t in model_tensors(proto) if is_external(t) and not (held is not None and held.holds(t))), None)
     if stray is not None:
         raise ModelLoadError(f"{label}: tensor {stray.name!r} keeps its data in an external file; pass the "
                              "model's path so that the file can be found and checked")
+
+
+# A held weight's location: NUL cannot be in a real one (``_read_external`` refuses it), so no file
+# can pass for held bytes.
+HELD_LOCATION = "\x00held/"
+# Element types held as they are. The others (float16 and bfloat16 ones, which the converter
+# upcasts, 4-bit, strings) stay in the proto.
+HELD_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.INT8, TensorProto.INT16, TensorProto.INT32,
+              TensorProto.INT64, TensorProto.UINT8, TensorProto.UINT16, TensorProto.UINT32, TensorProto.UINT64}
+
+
+def is_held(tensor):
+    return is_external(tensor) and any(e.key == "location" and e.value.startswith(HELD_LOCATION)
+                                       for e in tensor.external_data)
+
+
+class HeldWeights:
+    """The bytes of a model's large initializers, kept out of its ModelProto while it is
+    converted. In the proto each is an external-data tensor at HELD_LOCATION + a number;
+    the graph that is built reads them as read-only numpy arrays over the same bytes."""
+
+    def __init__(self):
+        self._data = {}    # location -> bytes
+        self._arrays = {}  # location -> the array over them, once asked for
+
+    @property
+    def nbytes(self):
+        return sum(map(len, self._data.values()))
+
+    def hold(self, tensor, data):
+        """The reference that stands for ``tensor`` (its name, type and dims) in the proto, its
+        bytes ``data`` kept here."""
+        location = f"{HELD_LOCATION}{len(self._data)}"
+        self._data[location] = data
+        return self._reference(tensor, location)
+
+    @staticmethod
+    def _reference(tensor, location):
+        reference = TensorProto()
+        _copy_fields(tensor, reference, skip=("raw_data", "external_data", "data_location"))
+        reference.data_location = TensorProto.EXTERNAL
+        reference.external_data.add(key="location", value=location)
+        return reference
+
+    @staticmethod
+    def takes(dtype, shape):
+        """Whether a constant of numpy ``dtype`` and ``shape`` is held: one of HELD_TYPES, over
+        LARGE_TENSOR_BYTES."""
+        if dtype is None or shape is None or np.dtype(dtype).kind not in "biuf":
+            return False
+        dtype = np.dtype(dtype)
+        return (onnx.helper.np_dtype_to_tensor_dtype(dtype) in HELD_TYPES and
+                math.prod(shape) * dtype.itemsize > LARGE_TENSOR_BYTES)
+
+    def hold_array(self, name, array):
+        """A reference for a graph constant ``name`` with values ``array``: an array of
+        ``array_of`` is held already, under its own location, so its bytes are not copied."""
+        location = next((at for at, held in self._arrays.items() if held is array), None)
+        header = _tensor_header(name, array)
+        if location is None:
+            return self.hold(header, np.ascontiguousarray(array).tobytes())
+        return self._reference(header, location)
+
+    def array_of(self, tensor):
+        """The held bytes of reference ``tensor`` as a read-only array of its type and dims."""
+        location = _location(tensor)
+        if location not in self._arrays:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+            self._arrays[location] = np.frombuffer(self._data[location], dtype).reshape(tuple(tensor.dims))
+        return self._arrays[location]
+
+    def data_of(self, tensor):
+        return self._data[_location(tensor)]
+
+    def holds(self, tensor):
+        """Whether ``tensor`` is a reference to bytes held here."""
+        return is_external(tensor) and _location(tensor) in self._data
+
+    def restored(self, proto):
+        """``proto`` with the held bytes back in its main graph's references (changed in place)."""
+        for tensor in proto.graph.initializer:
+            if self.holds(tensor):
+                tensor.raw_data = self.data_of(tensor)
+                del tensor.external_data[:]
+                tensor.ClearField("data_location")
+        return proto
+
+
+def _location(tensor):
+    return next((e.value for e in tensor.external_data if e.key == "location"), None)
+
+
+def _tensor_header(name, array):
+    """A TensorProto naming ``array``'s type and dims, without its values."""
+    return TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
+
+
+def holding_large_weights(proto, held, path=None):
+    """A copy of ``proto`` whose main-graph initializers over LARGE_TENSOR_BYTES, of HELD_TYPES,
+    are held in ``held``: an external one is read (after the checks of ``_read_external``, with
+    ``path`` the model's file) straight into it, an inline one copied out of the proto once.
+    ``proto`` is left as it was. A tensor whose data does not match its dims stays in the copy,
+    for ``check_tensor_sizes`` to refuse."""
+    label = os.fspath(path) if path is not None else "<model>"
+    shell = onnx.ModelProto()
+    _copy_fields(proto, shell, skip=("graph",))
+    _copy_fields(proto.graph, shell.graph, skip=("initializer",))
+    for tensor in proto.graph.initializer:
+        data = _data_to_hold(tensor, path, label)
+        shell.graph.initializer.append(tensor if data is None else held.hold(tensor, data))
+    return shell
+
+
+def _data_to_hold(tensor, path, label):
+    """The bytes of ``tensor`` if it is to be held, else None."""
+    if tensor.data_type not in HELD_TYPES or tensor.HasField("segment") or \
+            (tensor_nbytes(tensor, label) or 0) <= LARGE_TENSOR_BYTES:
+        return None
+    if is_external(tensor):
+        return _read_external(tensor, _folder(path), label) if path is not None else None
+    data = tensor.raw_data if tensor.HasField("raw_data") else None
+    return data if data is not None and len(data) == tensor_nbytes(tensor, label) else None
 
 
 # Explainers past this size are saved with external data by default: ONNX Runtime Web (WASM) failed
@@ -218,18 +352,15 @@ def require_loaded(proto, label):
 EXTERNAL_DATA_THRESHOLD = 256 << 20
 
 
-def wants_external_data(proto):
+def wants_external_data(proto, held=None):
     """Whether ``proto`` is saved with its large weights beside it by default: past
-    EXTERNAL_DATA_THRESHOLD bytes, or too large to serialise at all."""
-    return past_protobuf_limit(proto) or proto.ByteSize() > EXTERNAL_DATA_THRESHOLD
-
-
-def past_protobuf_limit(proto):
-    """Whether ``proto`` is too large to serialise. (ByteSize cannot say: it serialises to measure.)"""
+    EXTERNAL_DATA_THRESHOLD bytes, or too large to serialise at all. ``held``: the HeldWeights of
+    a proto from ``convert_held``, whose bytes count too."""
     try:
-        return proto.ByteSize() > PROTOBUF_LIMIT
+        size = proto.ByteSize()  # which serialises to measure, and so fails past protobuf's limit
     except EncodeError:
         return True
+    return size + (held.nbytes if held is not None else 0) > EXTERNAL_DATA_THRESHOLD
 
 
 def without_large_weights(step, proto):
@@ -245,8 +376,8 @@ def without_large_weights(step, proto):
     # field by field, so that neither the shell nor the model copies a weight: a repeated field of
     # messages copies every message it is extended with
     shell = onnx.ModelProto()
-    _copy_fields(proto, shell, skip="graph")
-    _copy_fields(graph, shell.graph, skip="initializer")
+    _copy_fields(proto, shell, skip=("graph",))
+    _copy_fields(graph, shell.graph, skip=("initializer",))
     shell.graph.initializer.extend(t for t in graph.initializer if t.name not in names)
     listed = {i.name for i in graph.input}  # IR 3 files list initializers as inputs already
     added = {t.name for t in large if t.name not in listed}
@@ -263,45 +394,59 @@ def without_large_weights(step, proto):
 
 
 def _copy_fields(source, target, skip):
-    """Every field set in ``source`` but ``skip``, copied into the empty message ``target``."""
-    for field, value in source.ListFields():
-        if field.name == skip:
+    """Every field set in ``source`` but those named in ``skip``, copied into the empty message
+    ``target``. Field by field, not ListFields: that would copy the bytes of a skipped ``raw_data``."""
+    for field in source.DESCRIPTOR.fields:
+        if field.name in skip:
             continue
-        current = getattr(target, field.name)
-        if hasattr(current, "extend"):
-            current.extend(value)
-        elif hasattr(current, "CopyFrom"):
-            current.CopyFrom(value)
-        else:
-            setattr(target, field.name, value)
+        if is_repeated(field):
+            getattr(target, field.name).extend(getattr(source, field.name))
+        elif source.HasField(field.name):
+            if field.type == field.TYPE_MESSAGE:
+                getattr(target, field.name).CopyFrom(getattr(source, field.name))
+            else:
+                setattr(target, field.name, getattr(source, field.name))
 
 
-def save_with_external_data(proto, path, write):
+def is_repeated(field):
+    """Whether protobuf ``field`` is repeated. Protobuf 7 dropped FieldDescriptor.label for
+    is_repeated, which older releases lack (6.x has both, and warns on every read of label)."""
+    return field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+
+
+def save_with_external_data(proto, path, write, held=None):
     """Write ``proto`` as ``path`` plus ``path + DATA_SUFFIX``, holding every initializer over
-    LARGE_TENSOR_BYTES (aligned to 4 KiB, so a runtime may map it). ``write(path, data)``
-    (``files.atomic_write``) writes each file; the data file goes first, so the graph never names
-    bytes that are missing.
+    LARGE_TENSOR_BYTES (aligned to 4 KiB, so a runtime may map it); the bytes of ``held``'s
+    references are written from there. ``write(path, data)`` (``files.atomic_write``) writes
+    each file; the data file goes first, so the graph never names bytes that are missing.
     ``proto`` is left as it was."""
     data_path = path + DATA_SUFFIX
-    large = [t for t in proto.graph.initializer if is_large(t)]
-    chunks, offset = [], 0
-    for tensor in large:
+    chunks, offset, moved = [], 0, []  # moved: (tensor, its bytes or its held location before)
+    for tensor in (t for t in proto.graph.initializer if is_large(t)):
         padding = -offset % 4096
         chunks.append(b"\0" * padding)
         offset += padding
-        data = tensor.raw_data
+        if is_held(tensor):
+            data, before = held.data_of(tensor), _location(tensor)
+        else:
+            data = before = tensor.raw_data
+            tensor.ClearField("raw_data")
         chunks.append(data)
-        entries = {"location": os.path.basename(data_path), "offset": str(offset), "length": str(len(data))}
-        offset += len(data)
-        tensor.ClearField("raw_data")
+        moved.append((tensor, before))
+        del tensor.external_data[:]
         tensor.data_location = TensorProto.EXTERNAL
-        for key, value in entries.items():
+        for key, value in {"location": os.path.basename(data_path), "offset": str(offset),
+                           "length": str(len(data))}.items():
             tensor.external_data.add(key=key, value=value)
+        offset += len(data)
     try:
         write(data_path, chunks)
         write(path, proto.SerializeToString())
     finally:
-        for tensor, data in zip(large, chunks[1::2]):
+        for tensor, before in moved:
             del tensor.external_data[:]
-            tensor.data_location = TensorProto.DEFAULT
-            tensor.raw_data = data
+            if isinstance(before, str):
+                tensor.external_data.add(key="location", value=before)
+            else:
+                tensor.data_location = TensorProto.DEFAULT
+                tensor.raw_data = before

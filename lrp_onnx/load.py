@@ -19,7 +19,8 @@ from google.protobuf.message import DecodeError, EncodeError
 from onnx import version_converter
 
 from .errors import ModelLoadError, ModelWarning, UnsupportedModelError, first_line
-from .external import check_tensor_sizes, load_external_data, require_loaded, without_large_weights
+from .external import (check_tensor_sizes, holding_large_weights, is_repeated, load_external_data,
+                       require_loaded, without_large_weights)
 from .precision import upcast_to_float32
 
 MIN_OPSET = 13
@@ -44,10 +45,7 @@ def check_strings(proto, label):
         for field in message.DESCRIPTOR.fields:  # not ListFields: it would copy every tensor's bytes
             if field.type not in (field.TYPE_STRING, field.TYPE_MESSAGE):
                 continue
-            # protobuf 7 dropped FieldDescriptor.label for is_repeated, which older releases lack (6.x
-            # has both, and warns on every read of label)
-            repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
-            if repeated:
+            if is_repeated(field):
                 values = getattr(message, field.name)
             else:
                 values = [getattr(message, field.name)] if message.HasField(field.name) else []
@@ -115,11 +113,14 @@ def refused_parse(label, error, what, data=b""):
     return ModelLoadError(f"{label}: {what} ({first_line(error)})")
 
 
-def read_model(model):
+def read_model(model, held=None):
     """A ModelProto from a path, bytes or a ModelProto; every failure is one ModelLoadError line.
     External data is read only from a path, and only after ``external.load_external_data`` has
-    checked that it lies inside the model's folder (an UnsafeModelError otherwise)."""
+    checked that it lies inside the model's folder (an UnsafeModelError otherwise). With ``held``
+    (a HeldWeights), the large initializers go there instead (``external.holding_large_weights``),
+    and the proto is a copy: a ModelProto given is never changed."""
     label = model_label(model)
+    path = None
     if isinstance(model, onnx.ModelProto):
         proto = model
     elif isinstance(model, bytes):
@@ -139,10 +140,13 @@ def read_model(model):
                 raise refused_parse(label, e, "not an ONNX model, or truncated", data) from None
         except (RuntimeError, ValueError, OSError) as e:
             raise refused_parse(label, e, "not an ONNX model, or truncated") from None
+        path = label  # its external data lies beside it
     check_strings(proto, label)
-    if not isinstance(model, (onnx.ModelProto, bytes)):  # a path: its external data lies beside it
-        load_external_data(proto, label)
-    require_loaded(proto, label)
+    if held is not None:
+        proto = holding_large_weights(proto, held, path)
+    if path is not None:
+        load_external_data(proto, path, held)
+    require_loaded(proto, label, held)
     return proto, label
 
 
@@ -168,11 +172,11 @@ def ai_onnx_opset(proto):
     return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-def load_model(model):
+def load_model(model, held=None):
     """Validated, canonical ModelProto and a label for error messages: the file-level checks, the
     full ONNX check, then the steps of PROTO_STEPS, in order (the graph-level ones follow in
-    ``import_graph``)."""
-    proto, label = read_model(model)
+    ``import_graph``). ``held``: as ``read_model``."""
+    proto, label = read_model(model, held)
     if not proto.graph.node:
         raise ModelLoadError(f"{label}: the model has no nodes (empty, truncated or not an ONNX file)")
     check_tensor_sizes(proto, label)
@@ -388,11 +392,19 @@ def _symbolic_shape_inference():
 PROTO_STEPS = (drop_initializer_inputs, upcast_to_float32, upgrade_opset, infer_shapes)
 
 
-def import_graph(proto):
+def import_graph(proto, held=None):
     """The graph after GRAPH_STEPS: ML classifiers in standard ops, constant sub-graphs (weight
     chains, ConstantOfShape weights, static shape arithmetic) folded, no-op nodes gone, and every
-    node uniquely named (rules, errors and emitted nodes are keyed by node name)."""
+    node uniquely named (rules, errors and emitted nodes are keyed by node name). The weights
+    that ``held`` holds are read-only arrays over its bytes."""
     graph = gs.import_onnx(proto)
+    if held is not None:
+        references = {t.name: t for t in proto.graph.initializer if held.holds(t)}
+        # a weight that only a subgraph reads is not among the main graph's tensors
+        for constant in (t for g in [graph, *graph.subgraphs(recursive=True)] for t in g.tensors().values()
+                         if t.name in references and isinstance(t, gs.Constant)):
+            # the values are in memory: exported again, they are not external data
+            constant.values, constant.data_location = held.array_of(references[constant.name]), None
     for step in GRAPH_STEPS:
         step(graph)
     return graph

@@ -15,6 +15,7 @@ import onnx_graphsurgeon as gs
 from . import ops  # noqa: F401  (registers every propagator)
 from .composites import DEFAULT_COMPOSITE, METHODS, Composite, gradient_composite, make_composite
 from .errors import RuleError, UnsupportedModelError, UnsupportedOpError
+from .external import HeldWeights
 from .graph import carries_relevance, find_units, is_constant, nonnegative_tensors
 from .load import import_graph, load_model, source_digest
 from .precision import upcast_types
@@ -52,6 +53,7 @@ class Plan:
     output_types: dict      # graph output name -> the original TypeProto (sequence and map types included)
     upcast: dict            # graph input/output name -> the float16/bfloat16 type it had (precision.py)
     source_sha256: Optional[str]
+    held: HeldWeights       # the large weights, out of the graph's protos (external.py)
 
     def raise_problems(self):
         """The errors ``convert`` raises: unsupported nodes first, then rules that do not fit."""
@@ -159,8 +161,9 @@ def plan(model, composite=DEFAULT_COMPOSITE, *, input_name=None, rules=None, met
     beta, epsilon, gamma, low, high, stabilizer, zero_params); ``method`` other than "lrp" replaces
     the composite by the chain rule everywhere."""
     composite = choose_composite(composite, method, rules, RuleParams.of(rule_params))
-    proto, label = load_model(model)
-    graph = import_graph(proto)
+    held = HeldWeights()
+    proto, label = load_model(model, held)
+    graph = import_graph(proto, held)
     for name in ADDED_NAMES:
         if name in graph.tensors():
             raise UnsupportedModelError(f"{label}: the model already has a tensor named {name!r}")
@@ -189,7 +192,7 @@ def plan(model, composite=DEFAULT_COMPOSITE, *, input_name=None, rules=None, met
     _check_overrides(composite, units)
     output_types = {o.name: o.type for o in proto.graph.output}
     return Plan(graph, label, explained_input, explained, score, logits, units, rules_by_unit, problems,
-                rule_problems, composite, method, output_types, upcast_types(proto), source_digest(model))
+                rule_problems, composite, method, output_types, upcast_types(proto), source_digest(model), held)
 
 
 def _check_overrides(composite, units):

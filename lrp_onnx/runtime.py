@@ -231,14 +231,20 @@ def inference_session(proto, options, providers):
         return ort.InferenceSession(path, options, providers=providers)
 
 
-def save_model(proto: onnx.ModelProto, path, external_data=None):
+def save_model(proto: onnx.ModelProto, path, external_data=None, held=None):
     """Serialise ``proto`` to ``path`` atomically: a temporary file beside it, then a rename. With
     ``external_data`` (by default: past EXTERNAL_DATA_THRESHOLD, 256 MiB, which ONNX Runtime Web
     cannot load as one file, or protobuf's 2 GB limit), initializers over 1 MiB go to
-    ``path + ".data"`` beside it, written the same way and first."""
+    ``path + ".data"`` beside it, written the same way and first. ``held``: the HeldWeights of a
+    proto from ``convert_held``; with external data, its bytes go to the data file from memory."""
+    path = os.fspath(path)
     if external_data is None:
-        external_data = wants_external_data(proto)
+        external_data = wants_external_data(proto, held)
     if external_data:
-        save_with_external_data(proto, path, atomic_write)
+        save_with_external_data(proto, path, atomic_write, held)
+    elif held is not None:
+        whole = onnx.ModelProto()
+        whole.CopyFrom(proto)  # cheap: the weights are held, and ``proto`` stays as it was
+        atomic_write(path, held.restored(whole).SerializeToString())
     else:
         atomic_write(path, proto.SerializeToString())

@@ -20,7 +20,8 @@ from onnx import TensorProto, helper, numpy_helper
 import exporters
 import lrp_onnx
 from lrp_onnx.cli import main
-from lrp_onnx.external import DATA_SUFFIX, LARGE_TENSOR_BYTES
+from lrp_onnx.emit import convert_held
+from lrp_onnx.external import DATA_SUFFIX, HELD_LOCATION, LARGE_TENSOR_BYTES
 from lrp_onnx.load import subgraph_depth
 from test_cli import assert_bad_input, cli, only_files
 
@@ -113,6 +114,74 @@ def test_a_missing_data_file(external_model):
     os.remove(external_model.parent / "weights.bin")
     with pytest.raises(lrp_onnx.ModelLoadError, match="'weights.bin' is missing"):
         lrp_onnx.convert(str(external_model))
+
+
+@pytest.mark.parametrize("external_data", [False, True], ids=["one-file", "external-data"])
+@pytest.mark.parametrize("source", ["inline", "external"])
+def test_held_weights_are_saved_byte_for_byte_as_the_converted_model(source, external_data, external_model, tmp_path):
+    """``convert_held`` keeps the large weight (w1, 1.2 MB) out of the proto it returns, and
+    ``save_model`` writes from it exactly the files that ``convert``'s proto gives, without
+    changing a ModelProto it was given."""
+    model = str(external_model) if source == "external" else dense_classifier()
+    before = model if isinstance(model, str) else model.SerializeToString()
+    proto, held = convert_held(model, "epsilon")
+    references = [t.name for t in proto.graph.initializer if held.holds(t)]
+    assert references == ["w1"] and held.nbytes == CLASSES * FEATURES * 4
+    assert all(len(t.raw_data) <= LARGE_TENSOR_BYTES for t in proto.graph.initializer)
+    direct, from_held = tmp_path / "direct", tmp_path / "held"
+    for folder in (direct, from_held):
+        folder.mkdir()
+    lrp_onnx.save_model(lrp_onnx.convert(model, "epsilon"), direct / "e.onnx", external_data=external_data)
+    lrp_onnx.save_model(proto, from_held / "e.onnx", external_data=external_data, held=held)
+    assert digests(from_held) == digests(direct)
+    assert len(digests(direct)) == (2 if external_data else 1)
+    assert (model if isinstance(model, str) else model.SerializeToString()) == before
+    assert [t.name for t in proto.graph.initializer if held.holds(t)] == ["w1"]  # saving left the proto as it was
+
+
+def test_large_weights_that_subgraphs_read(tmp_path):
+    """If branches read large weights of the main graph, one that the main graph reads too (w1)
+    and one that it does not: they reach the branches with their values, and the explainer's side
+    output equals the model's, saved either way."""
+    model = dense_classifier()
+    side = numpy_helper.from_array(np.random.default_rng(3).standard_normal((CLASSES, FEATURES)).astype(np.float32),
+                                   "side_w")
+    model.graph.initializer.append(side)
+    # each reads x too, or folding would make its output a constant
+    branch = {name: helper.make_graph([helper.make_node("Gemm", ["x", weight], [f"{name}_y"], transB=1),
+                                       helper.make_node("ReduceSum", [f"{name}_y"], [f"{name}_sum"], keepdims=0),
+                                       helper.make_node(op, [f"{name}_sum"], [f"{name}_out"])], name, [],
+                                      [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, [])])
+              for name, weight, op in (("then", "side_w", "Identity"), ("else", "w1", "Neg"))}
+    model.graph.node.extend([
+        helper.make_node("ReduceSum", ["x"], ["x_sum"], keepdims=0),
+        helper.make_node("Constant", [], ["zero"], value=numpy_helper.from_array(np.array(0, np.float32))),
+        helper.make_node("Greater", ["x_sum", "zero"], ["positive"]),
+        helper.make_node("If", ["positive"], ["side"], then_branch=branch["then"], else_branch=branch["else"])])
+    model.graph.output.append(helper.make_tensor_value_info("side", TensorProto.FLOAT, []))
+    x = np.random.default_rng(4).standard_normal((2, FEATURES)).astype(np.float32)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    proto, held = convert_held(model, "epsilon")
+    for sign in (1, -1):  # the then branch, then the else branch
+        expected = session.run(["side"], {"x": sign * x})[0]
+        for external_data in (False, True):
+            path = tmp_path / f"{external_data}.onnx"
+            lrp_onnx.save_model(proto, path, external_data=external_data, held=held)
+            explainer = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            side = explainer.run(["side"], {"x": sign * x, "target": np.array([-1, -1])})[0]
+            np.testing.assert_allclose(side, expected, rtol=1e-6)
+
+
+def test_a_held_location_in_a_given_model_is_refused():
+    """The location that marks held bytes cannot come from outside: in a ModelProto it is external
+    data like any other (refused without a path); a file cannot name it at all (NUL, test_fuzz_loader)."""
+    proto = dense_classifier()
+    w1 = proto.graph.initializer[0]
+    w1.ClearField("raw_data")
+    w1.data_location = TensorProto.EXTERNAL
+    w1.external_data.add(key="location", value=HELD_LOCATION + "0")
+    with pytest.raises(lrp_onnx.ModelLoadError, match="'w1' keeps its data in an external file"):
+        lrp_onnx.convert(proto, "epsilon")
 
 
 def _free_gib(kind):
