@@ -5,10 +5,11 @@
 For each torchvision model (random init, 224×224, dynamo export) and composite, in one process
 and with the same thread count, the ORT forward pass (A), the explainer on ORT (B) and Zennit on
 the same torch model with the same composite and canonizers (C) run interleaved A B C A B C...
-Peak RSS of the explainer and of Zennit is measured in a subprocess each. Conversion time and
-the explainer file's size are recorded too. Prints the table and writes BENCHMARKS.md (the table,
-the machine and library versions, then benchmarks/LEVERS.md), keeping the sections other scripts
-own (bench_transformers.py's).
+Peak RSS of the explainer and of Zennit is measured in a subprocess each. Conversion runs as
+`lrp-onnx convert` does (``convert_held`` then ``save_model``) in a fresh subprocess too, timed
+from the call (imports aside) and with its peak RSS; the explainer file's size is recorded.
+Prints the table and writes BENCHMARKS.md (the table, the machine and library versions, then
+benchmarks/LEVERS.md), keeping the sections other scripts own (bench_transformers.py's).
 """
 
 import argparse
@@ -63,15 +64,29 @@ def zennit_runner(model, name, composite, x):
     return lambda: zennit_relevance(model, tensor, targets, zc)
 
 
-def peak_rss_mb(args):
-    """Peak RSS of a fresh subprocess running one side of the comparison twice."""
+def child_figures(args):
+    """What a fresh ``rss_child`` subprocess prints: what it measured, then its peak RSS in MB."""
     result = subprocess.run([sys.executable, __file__, "--rss", *map(str, args)], capture_output=True, text=True,
                             check=True)
-    return float(result.stdout.strip().splitlines()[-1])
+    return [float(v) for v in result.stdout.strip().splitlines()[-1].split()]
+
+
+def peak_rss_mb(args):
+    """Peak RSS of a fresh subprocess running one side of the comparison twice."""
+    return child_figures(args)[-1]
 
 
 def rss_child(kind, *args):
-    if kind == "explainer":
+    printed = []
+    if kind == "convert":  # as the CLI converts: the large weights go from memory to the file
+        from lrp_onnx.emit import convert_held
+        from lrp_onnx.runtime import save_model
+        model, composite, out = args
+        start = time.perf_counter()
+        proto, held = convert_held(model, composite)
+        save_model(proto, out, held=held)
+        printed.append(time.perf_counter() - start)
+    elif kind == "explainer":
         path, batch, threads = args[0], int(args[1]), int(args[2])
         s = session(path, threads, explainer=True)
         x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
@@ -85,7 +100,8 @@ def rss_child(kind, *args):
             run()
     # VmHWM, not ru_maxrss: the latter keeps the forking parent's peak across exec.
     with open("/proc/self/status") as f:
-        print(next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024)
+        printed.append(next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024)
+    print(*printed)
 
 
 def model_bytes(path):
@@ -96,13 +112,20 @@ def model_bytes(path):
     return os.path.getsize(path) + sum(os.path.getsize(os.path.join(os.path.dirname(path), loc)) for loc in locations)
 
 
+# Seconds of rest before each timed run. After a run, ONNX Runtime's and torch's worker threads
+# spin-wait for more work; on 2 cores they took a core from whatever ran next (resnet50's ORT
+# forward: 60 ms right after an explainer run, 39 ms after a rest).
+REST_S = 0.25
+
+
 def interleaved(runs, repeats):
-    """Median seconds of each callable, run round-robin after one warm-up each."""
+    """Median seconds of each callable, run round-robin after one warm-up each, each after a rest."""
     for run in runs:
         run()
     times = [[] for _ in runs]
     for _ in range(repeats):
         for run, bucket in zip(runs, times):
+            time.sleep(REST_S)
             start = time.perf_counter()
             run()
             bucket.append(time.perf_counter() - start)
@@ -110,7 +133,6 @@ def interleaved(runs, repeats):
 
 
 def bench_model(name, batches, repeats, threads, workdir):
-    import lrp_onnx
     import torch
 
     from zennit_reference import export
@@ -119,12 +141,8 @@ def bench_model(name, batches, repeats, threads, workdir):
     forward = session(path, threads)
     rows = []
     for composite in COMPOSITES:
-        start = time.perf_counter()
-        explainer_proto = lrp_onnx.convert(path, composite)
-        convert_s = time.perf_counter() - start
         explainer_path = os.path.join(workdir, f"{name}-{composite}.lrp.onnx")
-        lrp_onnx.save_model(explainer_proto, explainer_path)
-        del explainer_proto
+        convert_s, convert_mb = child_figures(["convert", path, composite, explainer_path])
         explainer = session(explainer_path, threads, explainer=True)
         for batch in batches:
             x = np.random.default_rng(batch).standard_normal((batch, 3, 224, 224)).astype(np.float32)
@@ -138,20 +156,20 @@ def bench_model(name, batches, repeats, threads, workdir):
                 "explainer": t_explainer, "zennit": t_zennit,
                 "rss_explainer": peak_rss_mb(["explainer", explainer_path, batch, threads]),
                 "rss_zennit": peak_rss_mb(["zennit", name, composite, batch, threads]),
-                "convert": convert_s, "size_ratio": model_bytes(explainer_path) / model_bytes(path)})
+                "convert": convert_s, "rss_convert": convert_mb, "size_ratio": model_bytes(explainer_path) / model_bytes(path)})
             print(format_row(rows[-1]), flush=True)
     return rows
 
 
 HEADER = ("| model | batch | composite | ORT forward (s) | explainer (s) | Zennit (s) | explainer / forward | "
-          "Zennit / explainer | peak RSS explainer (MB) | peak RSS Zennit (MB) | convert (s) | file size / model |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "Zennit / explainer | peak RSS explainer (MB) | peak RSS Zennit (MB) | convert (s) | peak RSS convert (MB) | file size / model |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def format_row(r):
     return (f"| {r['model']} | {r['batch']} | {r['composite']} | {r['forward']:.3f} | {r['explainer']:.3f} | "
             f"{r['zennit']:.3f} | {r['explainer'] / r['forward']:.2f} | {r['zennit'] / r['explainer']:.2f} | "
-            f"{r['rss_explainer']:.0f} | {r['rss_zennit']:.0f} | {r['convert']:.1f} | {r['size_ratio']:.3f} |")
+            f"{r['rss_explainer']:.0f} | {r['rss_zennit']:.0f} | {r['convert']:.2f} | {r['rss_convert']:.0f} | {r['size_ratio']:.3f} |")
 
 
 def cpu_name():
@@ -173,7 +191,8 @@ def environment(threads, repeats, models="random-init torchvision models, 224×2
     return (f"- Machine: {cpu_name()}, {os.cpu_count()} cores; {threads} threads for ORT (intra-op) and torch\n"
             f"- Versions: lrp-onnx {lrp_onnx.__version__}, onnxruntime {onnxruntime.__version__}, "
             f"torch {torch.__version__}, {reference}, numpy {np.__version__}, Python {platform.python_version()}\n"
-            f"- Medians of {repeats} interleaved runs after one warm-up; {models}\n"
+            f"- Medians of {repeats} interleaved runs after one warm-up, each after {REST_S} s of rest (so that no "
+            f"runtime's spinning worker threads slow the next); {models}\n"
             f"- Generated by `python {script}` on {time.strftime('%Y-%m-%d')}")
 
 

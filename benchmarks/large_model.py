@@ -79,9 +79,9 @@ def main():
         f"{explain_s:.1f} s | {run_gib:.1f} GiB |",
         "",
         f"- Conservation of that run: max |Σ R − logit| / |logit| = {conservation:.1e}.",
-        "- Memory: conversion holds several copies of the weights at once (the file's, graphsurgeon's "
-        "arrays, the exported explainer, the data written out), so budget about "
-        f"{convert_gib / (weights.nbytes / 2**30):.0f}× the weights.",
+        f"- Memory: converting peaks at {convert_gib / (weights.nbytes / 2**30):.1f}× the weights. The weights are read "
+        "from the file once and held (`lrp_onnx/external.py`, `HeldWeights`): the graph build reads them as arrays "
+        "over those bytes, and the data file is written from them; the explainer's proto only refers to them.",
     ]
     text = "\n".join(lines)
     print(text)
