@@ -5,6 +5,9 @@
 For each torchvision model (random init, 224×224, dynamo export) and composite, in one process
 and with the same thread count, the ORT forward pass (A), the explainer on ORT (B) and Zennit on
 the same torch model with the same composite and canonizers (C) run interleaved A B C A B C...
+*floor / forward* is the explainer's time times the share of its kernel time that its linear
+passes (Conv, ConvTranspose, Gemm, MatMul) take, over the forward's: the least this graph shape
+costs on ONNX Runtime, every other op being free.
 Peak RSS of the explainer and of Zennit is measured in a subprocess each. Conversion runs as
 `lrp-onnx convert` does (``convert_held`` then ``save_model``) in a fresh subprocess too, timed
 from the call (imports aside) and with its peak RSS; the explainer file's size is recorded.
@@ -132,6 +135,36 @@ def interleaved(runs, repeats):
     return [statistics.median(t) for t in times]
 
 
+# The explainer's linear passes: what its graph shape must compute whatever else is saved (ONNX
+# Runtime's CPU provider names its fused and blocked-layout versions of them so too).
+LINEAR_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul"}
+
+
+def linear_share(path, feeds, threads, runs=3):
+    """Share of the explainer's kernel time that its linear passes take, from ONNX Runtime's
+    profiler over ``runs`` runs after a warm-up. Times the explainer's measured time, it is the
+    floor of the graph shape: the explainer with every other op free."""
+    import json
+
+    import onnxruntime as ort
+
+    from lrp_onnx.runtime import session_options
+    options = session_options(threads)
+    options.enable_profiling = True
+    options.profile_file_prefix = os.path.join(os.path.dirname(path), "profile")
+    profiled = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    for _ in range(runs + 1):
+        profiled.run(None, feeds)
+    trace = profiled.end_profiling()
+    with open(trace) as f:
+        events = [e for e in json.load(f) if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    os.remove(trace)
+    # the warm-up's events are the first 1/(runs+1); every run has the same nodes
+    events = events[len(events) // (runs + 1):]
+    total = sum(e["dur"] for e in events)
+    return sum(e["dur"] for e in events if e["args"]["op_name"] in LINEAR_OPS) / total
+
+
 def bench_model(name, batches, repeats, threads, workdir):
     import torch
 
@@ -154,6 +187,7 @@ def bench_model(name, batches, repeats, threads, workdir):
             rows.append({
                 "model": name, "batch": batch, "composite": composite, "forward": t_forward,
                 "explainer": t_explainer, "zennit": t_zennit,
+                "floor": t_explainer * linear_share(explainer_path, {"input": x, "target": target}, threads),
                 "rss_explainer": peak_rss_mb(["explainer", explainer_path, batch, threads]),
                 "rss_zennit": peak_rss_mb(["zennit", name, composite, batch, threads]),
                 "convert": convert_s, "rss_convert": convert_mb, "size_ratio": model_bytes(explainer_path) / model_bytes(path)})
@@ -162,13 +196,15 @@ def bench_model(name, batches, repeats, threads, workdir):
 
 
 HEADER = ("| model | batch | composite | ORT forward (s) | explainer (s) | Zennit (s) | explainer / forward | "
-          "Zennit / explainer | peak RSS explainer (MB) | peak RSS Zennit (MB) | convert (s) | peak RSS convert (MB) | file size / model |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "floor / forward | Zennit / explainer | peak RSS explainer (MB) | peak RSS Zennit (MB) | convert (s) | "
+          "peak RSS convert (MB) | file size / model |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def format_row(r):
     return (f"| {r['model']} | {r['batch']} | {r['composite']} | {r['forward']:.3f} | {r['explainer']:.3f} | "
-            f"{r['zennit']:.3f} | {r['explainer'] / r['forward']:.2f} | {r['zennit'] / r['explainer']:.2f} | "
+            f"{r['zennit']:.3f} | {r['explainer'] / r['forward']:.2f} | {r['floor'] / r['forward']:.2f} | "
+            f"{r['zennit'] / r['explainer']:.2f} | "
             f"{r['rss_explainer']:.0f} | {r['rss_zennit']:.0f} | {r['convert']:.2f} | {r['rss_convert']:.0f} | {r['size_ratio']:.3f} |")
 
 

@@ -127,13 +127,31 @@ class Builder:
         ``like``'s shape."""
         if like.shape is None or out.shape is None or list(like.shape) == list(out.shape):
             return r
-        padded = [1] * (len(out.shape) - len(like.shape)) + list(like.shape)
+        leading = len(out.shape) - len(like.shape)
+        padded = [1] * leading + list(like.shape)
         axes = [i for i, (d, o) in enumerate(zip(padded, out.shape)) if d == 1 and o != 1]
         summed = self.op("ReduceSum", r, self.ints(axes), keepdims=1) if axes else r
-        return self.reshape_like(summed, like)
+        # the axes broadcasting prepended are now of size 1: drop them (a Squeeze keeps every other size)
+        return self.op("Squeeze", summed, self.ints(list(range(leading)))) if leading else summed
 
-    def reshape_like(self, r, like):
-        return self.op("Reshape", r, self.shape(like))
+    def reshape_like(self, r, like, source=None):
+        """r with ``like``'s shape; ``source`` is the tensor r is shaped like, where known."""
+        return self.op("Reshape", r, self.target_shape(like, source, keep=0))
+
+    def target_shape(self, like, source=None, keep=0):
+        """``like``'s shape as the target of a Reshape (keep=0, which copies the input's size) or an
+        Expand (keep=1, which keeps it): a constant where ``like``'s sizes are static but the first,
+        and ``source`` (the input's shape) has the same first size; Shape(like) otherwise. A
+        constant lets shape inference keep the symbolic batch size, which ONNX Runtime's blocked
+        NCHWc layout needs to prove that two tensors match before it multiplies them in that layout
+        (benchmarks/LEVERS.md)."""
+        shape = like.shape
+        if shape is not None and all(isinstance(d, int) for d in shape):
+            return self.ints(list(shape))
+        if (shape and source is not None and source.shape and shape[0] is not None and shape[0] == source.shape[0]
+                and all(isinstance(d, int) for d in shape[1:])):
+            return self.ints([keep] + list(shape[1:]))
+        return self.shape(like)
 
     def fill(self, shape, value):
         """A float tensor of the given (run-time) shape, every element ``value``."""

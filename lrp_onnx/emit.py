@@ -155,7 +155,7 @@ def _seed(b, logits, seed_input, gradient=False):
     chosen_logit = b.op("ReduceSum", b.mul(logits, onehot), b.ints([1]), keepdims=0)
     seed = onehot if gradient else b.mul(logits, onehot)
     if logits is not scores:
-        seed = b.reshape_like(seed, scores)
+        seed = b.reshape_like(seed, scores, scores)
     return seed, [target], {EXPLAINED_CLASS: (chosen, np.int64, [batch]),
                             EXPLAINED_LOGIT: (chosen_logit, np.float32, [batch])}
 

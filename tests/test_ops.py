@@ -459,6 +459,12 @@ def _forward_z(case, x):
     ("Conv", {"pads": [1, 2, 0, 1], "dilations": [2, 1], "group": 2}, (1, 4, 7, 6), (6, 2, 3, 3)),
     ("Conv", {"pads": [3, 0], "dilations": [1]}, (1, 2, 9), (3, 2, 2)),
     ("Conv", {"auto_pad": "SAME_LOWER", "strides": [2, 2]}, (1, 2, 8, 7), (3, 2, 2, 3)),
+    # strided and undilated: a Conv per phase, interleaved (phases without a kernel row stay 0)
+    ("Conv", {"strides": [2, 2]}, (2, 4, 9, 8), (5, 4, 1, 1)),
+    ("Conv", {"strides": [2, 2], "pads": [3, 3, 3, 3]}, (1, 3, 11, 12), (4, 3, 7, 7)),
+    ("Conv", {"strides": [2, 3], "pads": [1, 0, 0, 2], "group": 2}, (1, 4, 10, 11), (6, 2, 3, 4)),
+    ("Conv", {"strides": [3, 3], "pads": [0, 0, 2, 2]}, (1, 2, 7, 7), (3, 2, 2, 2)),
+    ("Conv", {"strides": [2, 2], "pads": [0, 0, 3, 3]}, (1, 2, 5, 5), (3, 2, 1, 1)),  # g's last row in the padding
     ("ConvTranspose", {"strides": [2, 2], "pads": [1, 0, 0, 1], "output_padding": [1, 0], "group": 2},
      (1, 4, 4, 5), (4, 1, 3, 3)),
     ("Gemm", {"transB": 1}, (3, 6), (5, 6)),

@@ -61,7 +61,7 @@ class ReduceMap(LinearMap):
     def transpose(self, b, g, weight):
         if not self.keepdims:
             g = b.op("Unsqueeze", g, b.ints(self.axes))
-        spread = b.op("Expand", g, b.shape(self.x))
+        spread = b.op("Expand", g, b.target_shape(self.x, self.output, keep=1))
         return b.mul(spread, self._scale(b)) if self.mean else spread
 
 
@@ -232,4 +232,4 @@ def global_max_pool(b, unit, relevance_out):
     winner = b.op("ArgMax", flat, axis=2, keepdims=1)
     r = b.op("Reshape", relevance_out[0], b.op("Shape", winner))
     scattered = b.op("ScatterElements", b.zeros_like(flat), winner, r, axis=2)
-    return [b.reshape_like(scattered, x)]
+    return [b.reshape_like(scattered, x, x)]

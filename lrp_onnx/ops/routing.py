@@ -18,7 +18,7 @@ def unchanged(b, unit, relevance_out):
 @routing("Flatten", "Reshape", "Squeeze", "Unsqueeze")
 def rearranged(b, unit, relevance_out):
     """Same elements, new shape: give R back the input's shape."""
-    return [b.reshape_like(relevance_out[0], unit.inputs[0])] + _inputs_after_first(unit)
+    return [b.reshape_like(relevance_out[0], unit.inputs[0], unit.outputs[0])] + _inputs_after_first(unit)
 
 
 def _check_expand(unit):
