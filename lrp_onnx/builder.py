@@ -107,14 +107,8 @@ class Builder:
             return terms[0]
         return self.op("Sum", *terms)
 
-    def stabilize(self, z, epsilon, sign=None):
-        """z + ε·sign(z) with sign(0) = +1. ONNX's Sign(0) is 0, so build it from a comparison.
-
-        ``sign`` = +1 or -1: z is a sum of terms of that sign, so z ± ε is enough. For -1 this differs
-        from sign(0) = +1 only where every term is 0, and there the relevance it scales is 0 anyway.
-        """
-        if sign is not None:
-            return self.add(z, self.const(sign * epsilon))
+    def stabilize(self, z, epsilon):
+        """z + ε·sign(z) with sign(0) = +1. ONNX's Sign(0) is 0, so build it from a comparison."""
         signed_epsilon = self.op("Where", self.op("GreaterOrEqual", z, self.const(0.0)), self.const(epsilon),
                                  self.const(-epsilon))
         return self.add(z, signed_epsilon)

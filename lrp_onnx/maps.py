@@ -40,6 +40,9 @@ class LinearMap:
     shares = 1
     attention = False
     attention_partner = False
+    # Whether K weights can run as one map K times wider (``forward_stacked``, ``divide_stacked``,
+    # ``transpose_stacked``): rules.proportional then stacks shares of known sign.
+    stackable = False
 
     def __init__(self, unit, x=None, output=None):
         self.unit = unit
@@ -68,6 +71,10 @@ class LinearMap:
 
     def transpose(self, b, g, weight):
         raise NotImplementedError
+
+    def shifted_bias(self, b, bias, shift):
+        """The bias plus a constant ``shift`` (a stabilizer folded into the layer)."""
+        return b.const(shift) if bias is None else b.add(bias, b.const(shift))
 
     def gradient(self, b, g):
         """∂⟨F(x), g⟩/∂x, the chain rule's step. For most maps the transpose itself; a map that

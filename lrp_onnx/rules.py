@@ -1,9 +1,10 @@
 """LRP rules as parameter objects, with Zennit's semantics (zennit 0.5, ``rules.py``).
 
 Every rule that redistributes relevance through a linear map z = F(x; W, b) is one instance of
-the *proportional split*: pick some terms (input', W', b'), let z' = Σ F(input'; W', b'), then
+the *proportional split*: pick one or more shares, each some terms (input', W', b') with a weight
+c (αβ's α and −β), let z' = Σ F(input'; W', b') over a share's terms, then
 
-    R_x = Σ_terms input' ⊙ Fᵀ(R / stabilize(z'); W')
+    R_x = Σ_shares c · Σ_terms input' ⊙ Fᵀ(R / stabilize(z'); W')
 
 A ``LinearMap`` (maps.py; the ops in ``ops/`` implement it) supplies F and Fᵀ for Conv,
 ConvTranspose, Gemm, MatMul, the pooling ops, sums, products and shifts by a fixed tensor,
@@ -33,16 +34,77 @@ class Term:
     bias: object = None
 
 
-def proportional(b, layer, terms, relevance, stabilizer, gate=None, sign=None):
-    """R_x = Σ input ⊙ Fᵀ(s; W') with s = R / stabilize(Σ F(input; W', b')), optionally gated.
+@dataclass(frozen=True)
+class Share:
+    """One denominator of the split: its terms make z', and R·weight / stabilize(z') goes back
+    through them. ``sign``: +1 or -1 when every term is of that sign, so that z' ± ε is its
+    stabilized form (for -1 that differs from sign(0) = +1 only where every term is 0, and there
+    the relevance it divides is 0 anyway). ``gate``: a 0/1 tensor the share applies to (γ's z > 0)."""
+    terms: Sequence[Term]
+    weight: float = 1.0
+    sign: Optional[int] = None
+    gate: object = None
 
-    ``sign``: +1 or -1 when every term of the denominator has that sign (see Builder.stabilize).
+
+def proportional(b, layer, shares, relevance, stabilizer):
+    """R_x = Σ_shares weight · Σ_terms input ⊙ Fᵀ(s; W') with s = R / stabilize(Σ F(input; W', b')).
+
+    Fᵀ is linear in s, so the terms are gathered by input: each input is multiplied once, by
+    Fᵀ summed over its terms. Shares of known sign over the same inputs run stacked where the map
+    can (``_stacked``).
     """
-    z = b.total(layer.forward(b, t.input, t.weight, t.bias) for t in terms)
-    s = b.div(relevance, b.stabilize(z, stabilizer, sign))
-    if gate is not None:
-        s = b.mul(s, gate)
-    return b.total(b.mul(t.input, layer.transpose(b, s, t.weight)) for t in terms)
+    if (len(shares) > 1 and layer.stackable and all(sh.sign is not None and sh.gate is None for sh in shares)
+            and len({tuple(t.input.name for t in sh.terms) for sh in shares}) == 1):
+        return _stacked(b, layer, shares, relevance, stabilizer)
+    by_input = {}  # input name -> (input, [Fᵀ(weight · s; W')])
+    for share in shares:
+        s = b.div(relevance, _stabilized_sum(b, layer, share, stabilizer))
+        if share.gate is not None:
+            s = b.mul(s, share.gate)
+        for t in share.terms:
+            transposed = layer.transpose(b, scaled(b, s, share.weight), t.weight)
+            by_input.setdefault(t.input.name, (t.input, []))[1].append(transposed)
+    return b.total(b.mul(x, b.total(parts)) for x, parts in by_input.values())
+
+
+def _stacked(b, layer, shares, relevance, stabilizer):
+    """The K shares as one layer K times wider: W'_k stacked along the output channels, each
+    share's bias with its ±ε likewise, so one pass gives every z'_k and one division every
+    s_k = R / z'_k (R broadcast over the blocks). One transposed pass over the stacked s, with
+    weight_k folded into block k of W', gives Σ_k weight_k·Fᵀ(s_k; W'_k). The split form runs K
+    narrow passes each way, plus the elementwise work that combines them (benchmarks/LEVERS.md)."""
+    inputs = [t.input for t in shares[0].terms]
+    biases = [layer.shifted_bias(b, _bias(b, sh), sh.sign * stabilizer) for sh in shares]
+    z = b.total(layer.forward_stacked(b, x, [sh.terms[i].weight for sh in shares], biases if i == 0 else None)
+                for i, x in enumerate(inputs))
+    s = layer.divide_stacked(b, relevance, z, len(shares))
+    return b.total(b.mul(x, layer.transpose_stacked(b, s, [scaled(b, sh.terms[i].weight, sh.weight) for sh in shares]))
+                   for i, x in enumerate(inputs))
+
+
+def _bias(b, share):
+    """Σ b' over the share's terms, None where none has one."""
+    biases = [t.bias for t in share.terms if t.bias is not None]
+    return b.total(biases) if biases else None
+
+
+def scaled(b, t, c):
+    """c·t, with no op for c = 1 and a Neg for c = −1."""
+    if c == 1:
+        return t
+    return b.neg(t) if c == -1 else b.mul(t, b.const(float(c)))
+
+
+def _stabilized_sum(b, layer, share, stabilizer):
+    """stabilize(Σ F(input; W', b')). A share of known sign adds its ±ε to the first term's bias,
+    which the runtime folds at load: one elementwise pass less than adding it to z'."""
+    terms = list(share.terms)
+    if share.sign is None:
+        return b.stabilize(b.total(layer.forward(b, t.input, t.weight, t.bias) for t in terms), stabilizer)
+    if stabilizer:
+        first = terms[0]
+        terms[0] = Term(first.input, first.weight, layer.shifted_bias(b, first.bias, share.sign * stabilizer))
+    return b.total(layer.forward(b, t.input, t.weight, t.bias) for t in terms)
 
 
 def signed_parts(b, layer, x):
@@ -143,7 +205,7 @@ class Epsilon(Rule):
         # uniform split (Achtibat et al. 2024), R_A = A ⊙ (R / (n·st(AB)))·Bᵀ for a MatMul.
         shares = self.shares(layer)
         r = r if shares == 1 else b.div(r, b.const(float(shares)))
-        return proportional(b, layer, [Term(x, layer.weight, layer.bias)], r, self.epsilon)
+        return proportional(b, layer, [Share([Term(x, layer.weight, layer.bias)])], r, self.epsilon)
 
     def shares(self, layer):
         return layer.shares
@@ -186,13 +248,11 @@ class AlphaBeta(Rule):
         w, bias = layer.weight, layer.bias
         w_pos, w_neg = b.positive(w), b.negative(w)
         x_pos, x_neg = signed_parts(b, layer, x)
-        positive = proportional(b, layer, present(Term(x_pos, w_pos, _part(b, bias, b.positive)), Term(x_neg, w_neg)),
-                                r, self.stabilizer, sign=+1)
-        if self.beta == 0:
-            return positive if self.alpha == 1 else b.mul(positive, b.const(self.alpha))
-        negative = proportional(b, layer, present(Term(x_pos, w_neg, _part(b, bias, b.negative)), Term(x_neg, w_pos)),
-                                r, self.stabilizer, sign=-1)
-        return b.sub(b.mul(positive, b.const(self.alpha)), b.mul(negative, b.const(self.beta)))
+        positive = Share(present(Term(x_pos, w_pos, _part(b, bias, b.positive)), Term(x_neg, w_neg)),
+                         weight=self.alpha, sign=+1)
+        negative = Share(present(Term(x_pos, w_neg, _part(b, bias, b.negative)), Term(x_neg, w_pos)),
+                         weight=-self.beta, sign=-1)
+        return proportional(b, layer, [positive, negative] if self.beta else [positive], r, self.stabilizer)
 
 
 @dataclass(frozen=True)
@@ -232,11 +292,11 @@ class Gamma(Rule):
         z = layer.output
         zero = b.const(0.0)
         x_pos, x_neg = signed_parts(b, layer, x)
-        up = proportional(b, layer, present(Term(x_pos, w_up, boosted(bias, b.positive)), Term(x_neg, w_down)), r,
-                          self.stabilizer, gate=b.op("Cast", b.op("Greater", z, zero), to=1))
-        down = proportional(b, layer, present(Term(x_pos, w_down, boosted(bias, b.negative)), Term(x_neg, w_up)), r,
-                            self.stabilizer, gate=b.op("Cast", b.op("Less", z, zero), to=1))
-        return b.add(up, down)
+        up = Share(present(Term(x_pos, w_up, boosted(bias, b.positive)), Term(x_neg, w_down)),
+                   gate=b.op("Cast", b.op("Greater", z, zero), to=1))
+        down = Share(present(Term(x_pos, w_down, boosted(bias, b.negative)), Term(x_neg, w_up)),
+                     gate=b.op("Cast", b.op("Less", z, zero), to=1))
+        return proportional(b, layer, [up, down], r, self.stabilizer)
 
 
 @dataclass(frozen=True)
@@ -245,7 +305,7 @@ class Flat(_Stabilized):
     name = "flat"
 
     def propagate(self, b, layer, x, r):
-        return proportional(b, layer, [Term(b.fill_like(x, 1.0), b.fill_like(layer.weight, 1.0))], r,
+        return proportional(b, layer, [Share([Term(b.fill_like(x, 1.0), b.fill_like(layer.weight, 1.0))])], r,
                             self.stabilizer)
 
 
@@ -256,8 +316,8 @@ class WSquare(_Stabilized):
 
     def propagate(self, b, layer, x, r):
         square = (lambda t: None if t is None else b.mul(t, t))
-        return proportional(b, layer, [Term(b.fill_like(x, 1.0), square(layer.weight), square(layer.bias))], r,
-                            self.stabilizer)
+        return proportional(b, layer, [Share([Term(b.fill_like(x, 1.0), square(layer.weight), square(layer.bias))])],
+                            r, self.stabilizer)
 
 
 @dataclass(frozen=True)
@@ -295,8 +355,8 @@ class ZBox(Rule):
         w = layer.weight
         minus_low = b.neg(self._bound(b, self.low, x, layer))
         minus_high = b.neg(self._bound(b, self.high, x, layer))
-        return proportional(b, layer, [Term(x, w), Term(minus_low, b.positive(w)), Term(minus_high, b.negative(w))],
-                            r, self.stabilizer)
+        terms = [Term(x, w), Term(minus_low, b.positive(w)), Term(minus_high, b.negative(w))]
+        return proportional(b, layer, [Share(terms)], r, self.stabilizer)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,8 @@
 """The linear layers' maps z = F(x; W, b) with their transposes (maps.py): Conv, ConvTranspose,
 Gemm, MatMul with any merged bias and BatchNorm, and an unmerged BatchNorm."""
 
+import math
+
 import numpy as np
 
 from ..errors import UnsupportedModelError
@@ -58,6 +60,10 @@ class _WeightedMap(LinearMap):
         else:
             self.bias = b.const(bias)
 
+    def shifted_bias(self, b, bias, shift):
+        # Conv and ConvTranspose take a bias of one value per output channel only
+        return b.const(np.full(self.channels, shift)) if bias is None else b.add(bias, b.const(shift))
+
 
 class ConvMap(_WeightedMap):
     """Conv: Fᵀ is a flipped Conv at stride 1, else ConvTranspose with the same weight, pads, strides
@@ -68,11 +74,15 @@ class ConvMap(_WeightedMap):
         w = head.inputs[1].values
         self.attrs = conv_attrs(unit)
         super().__init__(b, unit, lambda s: s.reshape([-1] + [1] * (w.ndim - 1)))
+        # stacking along the output channels would mix groups; the blocks' views need static sizes
+        shape = self.output.shape
+        self.stackable = self.attrs["group"] == 1 and shape is not None and all(isinstance(d, int) for d in shape[1:])
 
     def emit_forward(self, b, x, weight, bias):
         return b.op("Conv", x, weight, bias, **self.attrs)
 
-    def transpose(self, b, g, weight):
+    def transpose(self, b, g, weight, channels=None):
+        """``channels``: g's channel count where it is not the layer's (stacked parts)."""
         a = self.attrs
         spatial = len(a["strides"])
         reach = [(k - 1) * d for k, d in zip(a["kernel_shape"], a["dilations"])]
@@ -80,12 +90,30 @@ class ConvMap(_WeightedMap):
         if all(s == 1 for s in a["strides"]) and min(pads) >= 0:
             # Stride 1: the transpose is a Conv with the kernel flipped and its in/out channels swapped
             # (per group), padded by (k−1)·d − p. ORT runs Conv faster than ConvTranspose.
-            return b.op("Conv", g, self._flipped(b, weight), **dict(a, pads=pads, kernel_shape=a["kernel_shape"]))
+            flipped = self._flipped(b, weight, channels or self.channels)
+            return b.op("Conv", g, flipped, **dict(a, pads=pads, kernel_shape=a["kernel_shape"]))
         return b.op("ConvTranspose", g, weight, **a, output_padding=transpose_output_padding(self.unit))
 
-    def _flipped(self, b, weight):
+    def forward_stacked(self, b, x, weights, biases=None):
+        """F(x; [W_1; …; W_K], [b_1; …; b_K]): the K maps' outputs as blocks of channels."""
+        bias = None if biases is None else b.op("Concat", *biases, axis=0)
+        return b.op("Conv", x, b.op("Concat", *weights, axis=0), bias, **self.attrs)
+
+    def divide_stacked(self, b, r, z, k):
+        """r / z_k for each channel block k of z, as z is laid out: r viewed as [N, 1, C, HW] against
+        z as [N, K, C, HW] (the sizes are static, so an empty batch reshapes too)."""
+        c, spatial = self.channels, list(self.output.shape[2:])
+        blocks = b.op("Reshape", z, b.ints([0, k, c, math.prod(spatial)]))
+        s = b.div(b.op("Reshape", r, b.ints([0, 1, c, math.prod(spatial)])), blocks)
+        return b.op("Reshape", s, b.ints([0, k * c] + spatial))
+
+    def transpose_stacked(self, b, g, weights):
+        """Σ_k Fᵀ(g_k; W_k) for g stacked as ``forward_stacked`` lays it out: one transposed pass."""
+        return self.transpose(b, g, b.op("Concat", *weights, axis=0), channels=len(weights) * self.channels)
+
+    def _flipped(self, b, weight, c_out):
         """W[o, i, k] -> W'[i, o, flip(k)], per group; constant-folded by the runtime at load."""
-        c_out, c_in_per_group = self.channels, self.unit.head.inputs[1].values.shape[1]
+        c_in_per_group = self.unit.head.inputs[1].values.shape[1]
         group, kernel = self.attrs["group"], self.attrs["kernel_shape"]
         grouped = b.op("Reshape", weight, b.ints([group, c_out // group, c_in_per_group] + kernel))
         swapped = b.op("Transpose", grouped, perm=[0, 2, 1] + list(range(3, 3 + len(kernel))))
