@@ -38,15 +38,17 @@ BENCHMARKS = os.path.join(ROOT, "BENCHMARKS.md")
 
 
 def conditioning(model_name, size, composite, workdir, seeds=(1,)):
-    """(Zennit float32 vs float64, lrp-onnx vs Zennit float64): per-sample errors over a batch of
-    two per seed, each an array of 2·len(seeds) values."""
+    """Zennit float32 and lrp-onnx against Zennit float64: per-sample errors over a batch of two per
+    seed (arrays of 2·len(seeds) values each), and the max-pooling windows whose winner each float32
+    forward pass (PyTorch's, ONNX Runtime's) takes differently from float64's, summed."""
     model = torchvision_model(model_name, size)
     model64 = torchvision_model(model_name, size).double()
     batches = [torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(s)) for s in seeds]
     path = export(model, batches[0], os.path.join(workdir, f"{model_name}-cond.onnx"), dynamo=False)
     explainer = lrp_onnx.Explainer(path, composite=composite, **our_params(composite))
+    pool_inputs = PoolInputs(path)
     os.remove(path)
-    zennit32, ours = [], []
+    zennit32, ours, flips = [], [], np.zeros(2, int)
     for x in batches:
         with torch.no_grad():
             targets = distinct_targets(model(x).numpy())
@@ -56,7 +58,52 @@ def conditioning(model_name, size, composite, workdir, seeds=(1,)):
         _, relevance = explainer.explain(x.numpy(), targets)
         zennit32.append(relative_errors(ref32, ref64))
         ours.append(relative_errors(relevance, ref64))
-    return np.concatenate(zennit32), np.concatenate(ours)
+        exact = pool_inputs.torch(model64, x.double())
+        flips += [flipped_windows(pools, exact) for pools in (pool_inputs.torch(model, x), pool_inputs.ort(x))]
+    return np.concatenate(zennit32), np.concatenate(ours), flips
+
+
+class PoolInputs:
+    """The inputs of a model's max-pooling layers (with their kernel, stride and padding), from a
+    torch model by hooks or from ONNX Runtime running the exported file with them as outputs."""
+
+    def __init__(self, path):
+        import onnx
+        import onnxruntime as ort
+        proto = onnx.load(path)
+        self.names = [n.input[0] for n in proto.graph.node if n.op_type == "MaxPool"]
+        proto.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
+                                  for n in self.names)
+        self.session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        self.modules = None
+
+    def torch(self, model, x):
+        pools = [m for m in model.modules() if isinstance(m, torch.nn.MaxPool2d)]
+        self.modules = pools
+        seen = []
+        hooks = [m.register_forward_pre_hook(lambda m, i: seen.append(i[0].double())) for m in pools]
+        with torch.no_grad():
+            model(x)
+        for hook in hooks:
+            hook.remove()
+        return list(zip(pools, seen))
+
+    def ort(self, x):
+        values = self.session.run(self.names, {"input": x.numpy()})
+        return list(zip(self.modules, (torch.from_numpy(v).double() for v in values)))
+
+
+def flipped_windows(pools, exact):
+    """Windows with a positive maximum (where relevance flows) whose first maximum sits elsewhere
+    than in ``exact`` (the float64 pass), over every max-pooling layer."""
+    count = 0
+    for (pool, value), (_, reference) in zip(pools, exact):
+        def winners(t):
+            return torch.nn.functional.max_pool2d(t, pool.kernel_size, pool.stride, pool.padding,
+                                                  return_indices=True)
+        peak, where = winners(reference)
+        count += int(((winners(value)[1] != where) & (peak > 0)).sum())
+    return count
 
 
 def conditioning_section(composite, size, rows, samples):
@@ -67,12 +114,15 @@ def conditioning_section(composite, size, rows, samples):
              f"ONNX Runtime CPU.",
              f"- Relative L2 error of each float32 implementation against Zennit in float64, per sample: median / "
              f"max over {samples} samples (seeds 1 to {samples // 2}, two each), and how many samples are past 1e-3.",
-             "", "| model | Zennit float32 | lrp-onnx (ORT float32) |", "|---|---|---|", *rows, "",
+             "- Flipped windows: max-pooling windows (with a positive maximum) whose winner the float32 forward pass "
+             "of PyTorch, or of ONNX Runtime, takes elsewhere than float64's, over all samples.",
+             "", "| model | Zennit float32 | lrp-onnx (ORT float32) | flipped windows, PyTorch | flipped windows, ORT |",
+             "|---|---|---|---|---|", *rows, "",
              "The tail is float32 rounding of the forward pass, which is as large in ONNX Runtime as in PyTorch "
              "(5e-7 relative after ReLU): now and then it decides a max-pooling window whose two largest inputs lie "
              "closer than that, and the ε-rule then carries the moved relevance on, amplified. Which implementation a "
-             "given sample hits is chance; both flip about as many windows (vgg16, 80 samples: PyTorch 37, ONNX "
-             "Runtime 41). With the forward values held equal, the backward passes are equally far from float64."]
+             "sample hits is chance, and both flip about as many windows (benchmarks/LEVERS.md has the layer-by-layer "
+             "evidence)."]
     return "\n".join(lines)
 
 
@@ -104,8 +154,8 @@ def main():
             seeds = list(range(1, args.conditioning_seeds + 1))
             rows = []
             for model in args.models:
-                z32, ours = conditioning(model, args.size, args.conditioning, workdir, seeds)
-                rows.append(f"| {model} | {_spread(z32)} | {_spread(ours)} |")
+                z32, ours, (torch_flips, ort_flips) = conditioning(model, args.size, args.conditioning, workdir, seeds)
+                rows.append(f"| {model} | {_spread(z32)} | {_spread(ours)} | {torch_flips} | {ort_flips} |")
                 print(rows[-1], file=sys.stderr, flush=True)
             section = conditioning_section(args.conditioning, args.size, rows, 2 * len(seeds))
             lines += ["", section]
