@@ -154,5 +154,14 @@ class Builder:
     def fill_like(self, like, value):
         return self.fill(self.shape(like), value)
 
+    def ones_per_sample(self, like):
+        """Ones shaped like one sample of ``like`` ([1, …], which broadcasts over the batch) where its
+        other sizes are static: what is computed from them alone (flat's z', an average's divisor)
+        is then constant and folded by the runtime at load. Shaped like ``like`` otherwise."""
+        shape = like.shape
+        if shape and all(isinstance(d, int) for d in shape[1:]):
+            return self.fill(self.ints([1] + list(shape[1:])), 1.0)
+        return self.fill_like(like, 1.0)
+
     def zeros_like(self, like):
         return self.fill(self.shape(like), 0.0)

@@ -305,7 +305,7 @@ class Flat(_Stabilized):
     name = "flat"
 
     def propagate(self, b, layer, x, r):
-        return proportional(b, layer, [Share([Term(b.fill_like(x, 1.0), b.fill_like(layer.weight, 1.0))])], r,
+        return proportional(b, layer, [Share([Term(b.ones_per_sample(x), b.fill_like(layer.weight, 1.0))])], r,
                             self.stabilizer)
 
 
@@ -316,7 +316,7 @@ class WSquare(_Stabilized):
 
     def propagate(self, b, layer, x, r):
         square = (lambda t: None if t is None else b.mul(t, t))
-        return proportional(b, layer, [Share([Term(b.fill_like(x, 1.0), square(layer.weight), square(layer.bias))])],
+        return proportional(b, layer, [Share([Term(b.ones_per_sample(x), square(layer.weight), square(layer.bias))])],
                             r, self.stabilizer)
 
 
