@@ -62,7 +62,7 @@ def proportional(b, layer, shares, relevance, stabilizer):
         if share.gate is not None:
             s = b.mul(s, share.gate)
         for t in share.terms:
-            transposed = layer.transpose(b, scaled(b, s, share.weight), t.weight)
+            transposed = layer.transpose(b, _scaled(b, s, share.weight), t.weight)
             by_input.setdefault(t.input.name, (t.input, []))[1].append(transposed)
     return b.total(b.mul(x, b.total(parts)) for x, parts in by_input.values())
 
@@ -78,7 +78,8 @@ def _stacked(b, layer, shares, relevance, stabilizer):
     z = b.total(layer.forward_stacked(b, x, [sh.terms[i].weight for sh in shares], biases if i == 0 else None)
                 for i, x in enumerate(inputs))
     s = layer.divide_stacked(b, relevance, z, len(shares))
-    return b.total(b.mul(x, layer.transpose_stacked(b, s, [scaled(b, sh.terms[i].weight, sh.weight) for sh in shares]))
+    factors = [sh.weight for sh in shares]
+    return b.total(b.mul(x, layer.transpose_stacked(b, s, [sh.terms[i].weight for sh in shares], factors))
                    for i, x in enumerate(inputs))
 
 
@@ -88,7 +89,7 @@ def _bias(b, share):
     return b.total(biases) if biases else None
 
 
-def scaled(b, t, c):
+def _scaled(b, t, c):
     """c·t, with no op for c = 1 and a Neg for c = −1."""
     if c == 1:
         return t

@@ -65,6 +65,12 @@ class _WeightedMap(LinearMap):
         return b.const(np.full(self.channels, shift)) if bias is None else b.add(bias, b.const(shift))
 
 
+# Output elements per sample up to which a Conv's αβ shares run stacked. Above it (vgg16's 224 and
+# 112 px layers) stacking gained at most 4 % per layer, while its twice-as-wide buffers raised
+# vgg16's peak memory at batch 8 by 1.2 GB (benchmarks/LEVERS.md).
+STACK_MAX_OUTPUT = 1 << 20
+
+
 class ConvMap(_WeightedMap):
     """Conv: Fᵀ is a flipped Conv at stride 1, else ConvTranspose with the same weight, pads, strides
     and an output_padding that lands exactly on the input's size (a strided Conv drops trailing rows)."""
@@ -74,9 +80,10 @@ class ConvMap(_WeightedMap):
         w = head.inputs[1].values
         self.attrs = conv_attrs(unit)
         super().__init__(b, unit, lambda s: s.reshape([-1] + [1] * (w.ndim - 1)))
-        # stacking along the output channels would mix groups; the blocks' views need static sizes
+        # Stacking along the output channels would mix groups; the blocks' views need static sizes.
         shape = self.output.shape
-        self.stackable = self.attrs["group"] == 1 and shape is not None and all(isinstance(d, int) for d in shape[1:])
+        self.stackable = (self.attrs["group"] == 1 and shape is not None and all(isinstance(d, int) for d in shape[1:])
+                          and math.prod(shape[1:]) <= STACK_MAX_OUTPUT)
 
     def emit_forward(self, b, x, weight, bias):
         return b.op("Conv", x, weight, bias, **self.attrs)
@@ -107,19 +114,30 @@ class ConvMap(_WeightedMap):
         s = b.div(b.op("Reshape", r, b.ints([0, 1, c, math.prod(spatial)])), blocks)
         return b.op("Reshape", s, b.ints([0, k * c] + spatial))
 
-    def transpose_stacked(self, b, g, weights):
-        """Σ_k Fᵀ(g_k; W_k) for g stacked as ``forward_stacked`` lays it out: one transposed pass."""
-        return self.transpose(b, g, b.op("Concat", *weights, axis=0), channels=len(weights) * self.channels)
+    def transpose_stacked(self, b, g, weights, factors):
+        """Σ_k c_k·Fᵀ(g_k; W_k) for g stacked as ``forward_stacked`` lays it out: one transposed pass,
+        over the forward's stacked weight times c_k per block (one weight fewer for the runtime to
+        fold and hold at load than stacking the c_k·W_k)."""
+        weight = b.op("Concat", *weights, axis=0)
+        if any(c != 1 for c in factors):
+            per_channel = np.repeat(np.asarray(factors, np.float32), self.channels)
+            weight = b.mul(weight, b.const(per_channel.reshape([-1] + [1] * (len(self.attrs["strides"]) + 1))))
+        return self.transpose(b, g, weight, channels=len(weights) * self.channels)
 
     def _flipped(self, b, weight, c_out):
-        """W[o, i, k] -> W'[i, o, flip(k)], per group; constant-folded by the runtime at load."""
+        """W[o, i, k] -> W'[i, o, flip(k)], per group; constant-folded by the runtime at load (each
+        step a weight-sized tensor while it folds: with one group, no reshapes)."""
         c_in_per_group = self.unit.head.inputs[1].values.shape[1]
         group, kernel = self.attrs["group"], self.attrs["kernel_shape"]
-        grouped = b.op("Reshape", weight, b.ints([group, c_out // group, c_in_per_group] + kernel))
-        swapped = b.op("Transpose", grouped, perm=[0, 2, 1] + list(range(3, 3 + len(kernel))))
-        merged = b.op("Reshape", swapped, b.ints([group * c_in_per_group, c_out // group] + kernel))
+        spatial = list(range(3, 3 + len(kernel)))
+        if group == 1:
+            swapped = b.op("Transpose", weight, perm=[1, 0] + [a - 1 for a in spatial])
+        else:
+            grouped = b.op("Reshape", weight, b.ints([group, c_out // group, c_in_per_group] + kernel))
+            swapped = b.op("Reshape", b.op("Transpose", grouped, perm=[0, 2, 1] + spatial),
+                           b.ints([group * c_in_per_group, c_out // group] + kernel))
         axes = list(range(2, 2 + len(kernel)))
-        return b.op("Slice", merged, b.ints([-1] * len(kernel)), b.ints([np.iinfo(np.int64).min] * len(kernel)),
+        return b.op("Slice", swapped, b.ints([-1] * len(kernel)), b.ints([np.iinfo(np.int64).min] * len(kernel)),
                     b.ints(axes), b.ints([-1] * len(kernel)))
 
 
