@@ -30,7 +30,7 @@ TORCHVISION = {
 # Not attempted: converting a model past 2 GB holds about six copies of its weights at once
 # (RELIABILITY.md, "A model past 2 GB"): 16 GB here, next to torch's own copy, on a 24 GB machine.
 TOO_LARGE = {"regnet_y_128gf": "not attempted: 2.6 GB of weights, which the torch model, its export and Zennit's "
-                               "reference each hold again; converting alone peaks near 1.1× the weights (RELIABILITY.md)"}
+                               "reference each hold again; converting alone peaks near 1.0× the weights (RELIABILITY.md)"}
 
 
 def torchvision_classifier(name, path, exporter="torchscript", batch=2, classes=10, seed=0):
