@@ -17,7 +17,8 @@ import numpy as np
 
 from .analysis.compare import compare, write_grid
 from .analysis.compare import write_json as write_comparison
-from .analysis.evaluate import context_report, evaluate, parse_method, plot, read_boxes, report, write_json
+from .analysis.evaluate import (context_report, evaluate, parse_method, plot, read_boxes, read_masks, report,
+                                 write_json)
 from .composites import COMPOSITES, DEFAULT_COMPOSITE, METHODS
 from .emit import convert_held, is_explainer, read_metadata
 from .errors import (InputError, LrpOnnxError, ModelLoadError, ModelWarning, OutputError, RuleError,
@@ -316,22 +317,25 @@ def cmd_evaluate(args):
         parse_method(spec)  # a bad spec fails before any work
     spec, preprocess = _input_spec(args.model), _preprocess(args)
     pending = list(read_inputs(args.data, spec, preprocess))  # locators only: each input is read when it is used
+    if args.boxes and args.masks:
+        raise InputError("give --boxes or --masks as the ground truth, not both")
     boxes = read_boxes(args.boxes, pending) if args.boxes else None
+    masks = read_masks(args.masks, pending) if args.masks else None
     writable_folder(args.output)
     low, high = _noise_range(args)
     results = evaluate(args.model, pending, methods, steps=args.steps, region=args.region, repeats=args.repeats,
                        low=low, high=high, layout=args.layout, batch_size=args.batch_size, seed=args.seed,
-                       progress=True, rule_params=rule_params(args), boxes=boxes,
+                       progress=True, rule_params=rule_params(args), boxes=boxes, masks=masks,
                        reader=InputReader(spec, preprocess))
     settings = {"model": args.model, "samples": len(pending), "steps": len(results[0].drops) - 1,
                 "region": args.region, "repeats": args.repeats, "seed": args.seed}
-    context = context_report(results, [p.name for p in pending]) if boxes else None
+    context = context_report(results, [p.name for p in pending]) if boxes or masks else None
     write_json(results, os.path.join(args.output, "evaluate.json"), settings, context)
     plot(results, os.path.join(args.output, "aopc.png"))
     print(report(results))
     for method, shares in (context or {}).items():
-        print(f"{method}: positive relevance inside the boxes {shares['inside']:.1%}, outside {shares['outside']:.1%}, "
-              f"median ratio outside/inside {shares['ratio']}")
+        print(f"{method}: positive relevance inside the ground truth {shares['inside']:.1%}, outside "
+              f"{shares['outside']:.1%}, median ratio outside/inside {shares['ratio']}")
     print(f"wrote {args.output}/evaluate.json and {args.output}/aopc.png")
     return EXIT_OK
 
@@ -451,8 +455,11 @@ def build_parser():
                         "explained at a time, which sets the memory")
     p.add_argument("--seed", type=_non_negative_int, default=0,
                    help="noise seed; sample i draws from the generator seeded (SEED, i) (default 0)")
-    p.add_argument("--boxes", metavar="CSV", help="input, x0, y0, x1, y1 per input (model-input pixels, end "
-                   "exclusive): report positive relevance inside and outside each box")
+    p.add_argument("--boxes", metavar="CSV", help="ground truth: input, x0, y0, x1, y1 per input (model-input "
+                   "pixels, end exclusive): report relevance mass accuracy (positive relevance inside and outside), "
+                   "rank accuracy and the pointing game")
+    p.add_argument("--masks", metavar="DIR", help="ground truth as mask images (nonzero inside), one per input with "
+                   "the input's file name: the same measures as --boxes")
     _add_rule_flags(p, bounds=(), choose=False)
     _add_input_flags(p)
     p.set_defaults(run=cmd_evaluate)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
+import lrp_onnx
 from lrp_onnx.analysis.evaluate import RANDOM, evaluate, region_order
 from test_cli import ROOT, assert_bad_input, cli
 from test_stream import noisy_digits as seeded_digits
@@ -87,15 +88,75 @@ def test_evaluate_command_writes_json_and_plot(tmp_path):
     assert not bad.exists()
 
 
-def test_context_shares_on_synthetic_relevance():
-    from lrp_onnx.analysis.evaluate import context_shares
+def test_localisation_on_synthetic_relevance():
+    from lrp_onnx.analysis.evaluate import GroundTruth, localisation, outside_inside_ratio
     maps = np.zeros((2, 4, 4))
     maps[0, 1, 1], maps[0, 3, 3], maps[0, 0, 3] = 3.0, 1.0, -5.0   # negative relevance does not count
     maps[1, 0, 0] = 2.0                                            # all outside
-    inside, outside, ratio = context_shares(maps, [(0, 0, 2, 2), (2, 2, 4, 4)])  # x0, y0, x1, y1
+    masks = GroundTruth(boxes=[(0, 0, 2, 2), (2, 2, 4, 4)]).masks(0, 2, (4, 4))  # x0, y0, x1, y1
+    inside, outside, rank, pointing = localisation(maps, masks)
     np.testing.assert_allclose(inside, [0.75, 0.0])
     np.testing.assert_allclose(outside, [0.25, 1.0])
+    ratio = outside_inside_ratio(inside, outside)
     assert ratio[0] == pytest.approx(1 / 3) and ratio[1] == np.inf
+    # the 4 most relevant pixels: sample 0 has (1,1) inside, (3,3) and two zero pixels outside, in
+    # row-major order among ties: (0,0) and (0,1), both inside
+    np.testing.assert_allclose(rank, [0.75, 0.0])
+    np.testing.assert_array_equal(pointing, [1.0, 0.0])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_localisation_against_a_slow_rederivation(seed):
+    """Mass accuracy, rank accuracy and the pointing game, pixel by pixel in plain Python."""
+    from lrp_onnx.analysis.evaluate import localisation
+    rng = np.random.default_rng(seed)
+    maps = rng.normal(size=(3, 6, 5)).round(1)  # rounded: ties, resolved in row-major order
+    masks = rng.random((3, 6, 5)) < 0.3
+    masks[:, 0, 0] = True
+    inside, outside, rank, pointing = localisation(maps, masks)
+    for n in range(3):
+        pixels = [(maps[n][y][x], (y, x)) for y in range(6) for x in range(5)]
+        positive = sum(max(v, 0) for v, _ in pixels)
+        assert inside[n] == pytest.approx(sum(max(v, 0) for v, p in pixels if masks[n][p]) / positive)
+        assert outside[n] == pytest.approx(1 - inside[n])
+        k = int(masks[n].sum())
+        ordered = sorted(range(len(pixels)), key=lambda i: (-pixels[i][0], i))
+        assert rank[n] == pytest.approx(sum(masks[n][pixels[i][1]] for i in ordered[:k]) / k)
+        assert pointing[n] == float(masks[n][pixels[ordered[0]][1]])
+
+
+def test_evaluate_command_with_masks(tmp_path):
+    """--masks reads one mask image per input; every method, random too, gets the three measures,
+    and the measures follow from the relevance that explain writes."""
+    from PIL import Image
+    samples = np.load(os.path.join(ROOT, "models", "digits_samples.npy"))[:3]
+    data, masks = tmp_path / "images", tmp_path / "masks"
+    data.mkdir()
+    masks.mkdir()
+    for i, x in enumerate(samples):
+        Image.fromarray(np.round(x[0] * 255).astype(np.uint8)).save(data / f"d{i}.png")
+        mask = np.zeros((8, 8), np.uint8)
+        mask[:, 2:6] = 255
+        Image.fromarray(mask).save(masks / f"d{i}.png")
+    out = tmp_path / "eval"
+    result = cli("evaluate", DIGITS_CNN, data, "-o", out, "--method", "lrp:zplus", "--steps", "4", "--masks", masks)
+    assert result.returncode == 0, result.stderr
+    assert "| mass accuracy | rank accuracy | pointing game |" in result.stdout
+    saved = {m["method"]: m for m in json.loads((out / "evaluate.json").read_text())["methods"]}
+    assert set(saved) == {"lrp:zplus", "random"}
+    for m in saved.values():
+        assert 0 <= m["mass_accuracy"] <= 1 and 0 <= m["rank_accuracy"] <= 1 and m["pointing_game"] in (0, 1 / 3, 2 / 3, 1)
+    # the same measure from the explainer's own relevance
+    x = np.stack([np.asarray(Image.open(data / f"d{i}.png"), np.float32)[None] / 255 for i in range(3)])
+    _, relevance = lrp_onnx.Explainer(DIGITS_CNN, composite="zplus").explain(x)
+    positive = np.maximum(relevance[:, 0], 0)
+    expected = (positive[:, :, 2:6].sum((1, 2)) / positive.sum((1, 2))).mean()
+    assert saved["lrp:zplus"]["mass_accuracy"] == pytest.approx(expected, rel=1e-5)
+    (masks / "d2.png").unlink()
+    assert_bad_input(cli("evaluate", DIGITS_CNN, data, "-o", tmp_path / "e2", "--masks", masks), "no mask for 1 input(s)")
+    assert_bad_input(cli("evaluate", DIGITS_CNN, data, "-o", tmp_path / "e3", "--masks", masks, "--boxes", masks),
+                     "not both")
+    assert not (tmp_path / "e2").exists() and not (tmp_path / "e3").exists()
 
 
 def test_evaluate_command_with_boxes(tmp_path):

@@ -19,9 +19,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..composites import BASELINE_METHODS, DEFAULT_COMPOSITE
-from ..errors import InputError
+from ..errors import InputError, first_line
 from ..io.files import atomic_write, png_bytes
-from ..io.inputs import InputReader, InputSpec, Pending, Preprocess, Sample
+from ..io.inputs import InputReader, InputSpec, Pending, Preprocess, Sample, resized_and_cropped
 from ..io.prefetch import prefetched
 from ..io.progress import progress_bar
 from ..runtime import Explainer
@@ -33,8 +33,10 @@ RANDOM = "random"
 class Perturbation:
     """Per method: the mean score drop f(x⁽⁰⁾) − f(x⁽ᵏ⁾) after each step k = 0..L, the AOPC, each
     sample's own AOPC (its mean over the repeats), the class explained per sample (its
-    prediction), and, given boxes, each sample's shares of positive relevance inside and outside
-    its box (None for random, or without boxes)."""
+    prediction), and, given ground truth (boxes or masks), each sample's localisation
+    (``localisation``): its shares of positive relevance inside and outside the region (the inside
+    share is the relevance mass accuracy), its rank accuracy and its pointing-game hit (None
+    without ground truth). The random method's localisation is that of a uniform random map."""
     method: str
     drops: np.ndarray  # [L+1]
     aopc: float
@@ -42,6 +44,8 @@ class Perturbation:
     classes: np.ndarray  # [N]
     inside: Optional[np.ndarray] = None  # [N]
     outside: Optional[np.ndarray] = None  # [N]
+    rank: Optional[np.ndarray] = None  # [N]
+    pointing: Optional[np.ndarray] = None  # [N] of 0 / 1
 
     @property
     def standard_error(self):
@@ -164,7 +168,8 @@ class _Geometry:
 
 
 def evaluate(model, inputs, methods, steps=100, region=None, repeats=1, low=None, high=None, layout=None,
-             batch_size=256, seed=0, threads=None, progress=False, rule_params=None, boxes=None, reader=None):
+             batch_size=256, seed=0, threads=None, progress=False, rule_params=None, boxes=None, masks=None,
+             reader=None):
     """AOPC of each method (specs as ``parse_method``; random is always added), explaining each
     sample's predicted class. Returns a list of Perturbation, in the order given, random last.
 
@@ -175,9 +180,15 @@ def evaluate(model, inputs, methods, steps=100, region=None, repeats=1, low=None
     the inputs. Each sample draws its noise (and its random order) from its own generator, seeded
     with (``seed``, its index) and the same for every method, so the figures do not depend on the
     batch size or on which other methods run. ``rule_params`` (as ``convert``'s) apply to every
-    LRP method; ``boxes`` (x0, y0, x1, y1 per sample) add each method's context shares."""
+    LRP method. Ground truth, per sample, adds each method's localisation (``localisation``):
+    ``boxes`` (x0, y0, x1, y1 in model-input pixels, end exclusive) or ``masks`` (boolean arrays
+    [H, W], or paths of mask images: nonzero is inside, fitted to the model's input as images are).
+    The random method's map for it is uniform noise from generator (``seed``, i, 1)."""
     if seed < 0:
         raise InputError(f"the seed must be 0 or more; got {seed}")
+    if boxes is not None and masks is not None:
+        raise InputError("give boxes or masks as the ground truth, not both")
+    truth = GroundTruth(boxes, masks) if boxes is not None or masks is not None else None
     specs = [m for m in methods if m != RANDOM] + [RANDOM]
     explainers = {m: Explainer(model, threads=threads, **_conversion(m, rule_params)) for m in specs if m != RANDOM}
     scorer = next(iter(explainers.values())) if explainers else Explainer(model, threads=threads)
@@ -195,24 +206,26 @@ def evaluate(model, inputs, methods, steps=100, region=None, repeats=1, low=None
     chunk = max(1, batch_size // (geometry.steps + 1))  # samples whose perturbed copies fill one batch
     totals = {spec: np.zeros(geometry.steps + 1) for spec in specs}
     per_sample = {spec: [] for spec in specs}  # each chunk's per-sample AOPC, the mean over the repeats
-    shares = {spec: [] for spec in explainers}  # (inside, outside) per chunk, given boxes
+    located = {spec: [] for spec in specs}  # localisation per chunk, given ground truth
     classes = []
     bar = progress_bar(len(inputs) * len(specs) * repeats if hasattr(inputs, "__len__") else None, progress,
                        unit="sample")
     for start, xs in prefetched(_stacked(itertools.chain([first], samples), chunk)):
         targets = scorer.score(xs)["explained_class"]
         indices = range(start, start + len(xs))
+        regions = truth.masks(start, len(xs), channel_summed(xs, geometry.layout).shape[1:]) if truth else None
         for spec in specs:
             rngs = [np.random.default_rng([seed, i]) for i in indices]
             if spec == RANDOM:
                 order = region_order(xs, geometry.region, geometry.layout, rngs)
+                if truth:
+                    maps = np.stack([np.random.default_rng([seed, i, 1]).random(regions.shape[1:]) for i in indices])
             else:
                 _, relevance = explainers[spec].explain(xs, targets)
                 order = region_order(relevance, geometry.region, geometry.layout)
-                if boxes is not None:
-                    share_in, share_out, _ = context_shares(channel_summed(relevance, geometry.layout),
-                                                            boxes[start:start + len(xs)])
-                    shares[spec].append((share_in, share_out))
+                maps = channel_summed(relevance, geometry.layout) if truth else None
+            if truth:
+                located[spec].append(localisation(maps, regions))
             chunk_aopc = np.zeros(len(xs))
             for _ in range(repeats):
                 perturbed = perturbed_inputs(xs, order, geometry.steps, geometry.region, geometry.layout, low, high,
@@ -229,10 +242,9 @@ def evaluate(model, inputs, methods, steps=100, region=None, repeats=1, low=None
     results = []
     for spec in specs:
         drops = totals[spec] / (len(classes) * repeats)
-        parts = shares.get(spec)
-        inside, outside = (np.concatenate(p) for p in zip(*parts)) if parts else (None, None)
+        parts = [np.concatenate(p) for p in zip(*located[spec])] if located[spec] else [None] * 4
         results.append(Perturbation(spec, drops, float(drops.mean()), np.concatenate(per_sample[spec]), classes,
-                                    inside, outside))
+                                    *parts))
     return results
 
 
@@ -276,16 +288,67 @@ def _stacked(samples, size):
         yield start, np.stack(batch)
 
 
-def context_shares(maps, boxes):
-    """The seed paper's Figure 1b: per sample, the shares of positive relevance inside and outside
-    its box (x0, y0, x1, y1; pixels, end exclusive) and their ratio outside / inside. A classifier
-    that relies on context puts much of its evidence outside the object."""
-    positive = np.maximum(maps, 0).astype(np.float64)
-    inside = np.array([p[y0:y1, x0:x1].sum() for p, (x0, y0, x1, y1) in zip(positive, boxes)])
-    total = positive.reshape(len(positive), -1).sum(1)
+def localisation(maps, masks):
+    """Per sample, of relevance maps [N, H, W] against ground-truth masks [N, H, W] (Arras et al.
+    2022, CLEVR-XAI; the seed paper's Figure 1b):
+
+    - share inside: Σ_mask R⁺ / Σ R⁺, the relevance mass accuracy (0 where no relevance is positive);
+    - share outside: 1 − that (0 where no relevance is positive); outside / inside is the context ratio;
+    - rank accuracy: of the K most relevant pixels, K = |mask|, the share inside the mask;
+    - pointing game: 1 where the most relevant pixel (the first, in row-major order) is inside.
+    """
+    n = len(maps)
+    flat = maps.reshape(n, -1).astype(np.float64)
+    truth = masks.reshape(n, -1)
+    positive = np.maximum(flat, 0)
+    total = positive.sum(1)
+    inside = (positive * truth).sum(1)
     share_in = np.where(total > 0, inside / np.where(total > 0, total, 1), 0.0)
     share_out = np.where(total > 0, 1 - share_in, 0.0)
-    return share_in, share_out, outside_inside_ratio(share_in, share_out)
+    ranked = np.argsort(-flat, axis=1, kind="stable")
+    rank = np.array([t[order[:k]].mean() for t, order, k in zip(truth, ranked, truth.sum(1))])
+    pointing = truth[np.arange(n), ranked[:, 0]].astype(np.float64)
+    return share_in, share_out, rank, pointing
+
+
+class GroundTruth:
+    """Each sample's region: from ``boxes`` (x0, y0, x1, y1) or ``masks`` (boolean arrays or mask
+    image paths), read a chunk at a time."""
+
+    def __init__(self, boxes=None, masks=None):
+        self.boxes, self.sources = boxes, masks
+
+    def masks(self, start, count, shape):
+        """Boolean [count, H, W] for samples start … start + count − 1, inputs being [H, W]."""
+        out = np.zeros((count,) + tuple(shape), bool)
+        for k in range(count):
+            if self.boxes is not None:
+                x0, y0, x1, y1 = self.boxes[start + k]
+                out[k, y0:y1, x0:x1] = True
+            else:
+                out[k] = _mask_array(self.sources[start + k], shape)
+            if not out[k].any():
+                raise InputError(f"the ground truth of input {start + k} is empty (no pixel inside the model's "
+                                 f"{shape[1]}x{shape[0]} input)")
+        return out
+
+
+def _mask_array(source, shape):
+    """A mask as a boolean [H, W]: an array as it is, an image file resized (nearest) and
+    center-cropped to the input as images are."""
+    if not isinstance(source, (str, os.PathLike)):
+        mask = np.asarray(source, bool)
+        if mask.shape != tuple(shape):
+            raise InputError(f"a mask of shape {list(mask.shape)} does not fit inputs of {list(shape)}")
+        return mask
+    try:
+        with Image.open(source) as image:
+            image = image.convert("L")
+            if image.size != (shape[1], shape[0]):
+                image = resized_and_cropped(image, shape, Image.NEAREST)
+            return np.asarray(image) > 0
+    except (OSError, ValueError, SyntaxError) as e:
+        raise InputError(f"{source}: unreadable mask image ({first_line(e)})") from None
 
 
 def outside_inside_ratio(share_in, share_out):
@@ -322,6 +385,21 @@ def read_boxes(path, samples):
     return [boxes[k] for k in keys]
 
 
+def read_masks(folder, samples):
+    """Each sample's mask image in ``folder``: the file of the sample's file name (or of its name
+    plus .png), checked to exist before any work."""
+    if not os.path.isdir(folder):
+        raise InputError(f"{folder}: no such folder of masks")
+    paths, missing = [], []
+    for s in samples:
+        candidates = [os.path.join(folder, os.path.basename(s.source)), os.path.join(folder, f"{s.name}.png")]
+        found = next((c for c in candidates if os.path.isfile(c)), None)
+        (paths if found else missing).append(found or os.path.basename(s.source))
+    if missing:
+        raise InputError(f"{folder}: no mask for {len(missing)} input(s): {', '.join(missing[:5])}")
+    return paths
+
+
 def context_report(results, names):
     """{method: {"inside", "outside", "ratio", "per_class": {class: ...}, "per_input": [...]}}: mean
     shares and the median ratio (None where no positive relevance falls inside the boxes)."""
@@ -348,19 +426,28 @@ def context_report(results, names):
 
 def report(results):
     """A markdown table: method, AOPC, AOPC − random, each ± its standard error over the samples
-    (for the difference, paired: per sample)."""
+    (for the difference, paired: per sample); given ground truth, also the mean relevance mass
+    accuracy, rank accuracy and pointing-game hit rate."""
     random = next(r for r in results if r.method == RANDOM)
-    lines = ["| method | AOPC | AOPC − random |", "|---|---|---|"]
+    located = random.rank is not None
+    lines = ["| method | AOPC | AOPC − random |" + (" mass accuracy | rank accuracy | pointing game |" if located else ""),
+             "|---|---|---|" + ("---|---|---|" if located else "")]
     for r in results:
         gain, error = paired_difference(r, random)
-        lines.append(f"| {r.method} | {r.aopc:.4f} ± {r.standard_error:.4f} | {gain:+.4f} ± {error:.4f} |")
+        cells = f"| {r.method} | {r.aopc:.4f} ± {r.standard_error:.4f} | {gain:+.4f} ± {error:.4f} |"
+        if located:
+            cells += f" {r.inside.mean():.3f} | {r.rank.mean():.3f} | {r.pointing.mean():.3f} |"
+        lines.append(cells)
     return "\n".join(lines)
 
 
 def write_json(results, path, settings, context=None):
+    def located(r):
+        return {} if r.rank is None else {"mass_accuracy": float(r.inside.mean()), "rank_accuracy": float(r.rank.mean()),
+                                          "pointing_game": float(r.pointing.mean())}
     data = {"settings": settings,
             "methods": [{"method": r.method, "aopc": r.aopc, "aopc_standard_error": r.standard_error,
-                         "mean_drop_per_step": r.drops.tolist()}
+                         "mean_drop_per_step": r.drops.tolist(), **located(r)}
                         for r in results]}
     if context is not None:
         data["context"] = context

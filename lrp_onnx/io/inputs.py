@@ -237,12 +237,12 @@ def _open_image(path):
         raise InputError(f"{path}: unreadable or corrupt image ({first_line(e)})") from None
 
 
-def _resize_and_crop(image, size):
+def resized_and_cropped(image, size, resample=Image.BILINEAR):
     """Scale so the image covers size (H, W) (the shorter side fits), then center-crop."""
     height, width = size
     scale = max(height / image.height, width / image.width)
     resized = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
-                           Image.BILINEAR)
+                           resample)
     left, top = (resized.width - width) // 2, (resized.height - height) // 2
     return resized.crop((left, top, left + width, top + height))
 
@@ -277,7 +277,7 @@ def _image_sample(path, spec, p: Preprocess):
     image = _open_image(path).convert("L" if grey else "RGB")
     fixed = spec.spatial(layout)
     if p.size is not None:
-        image = _resize_and_crop(image, _size(p))
+        image = resized_and_cropped(image, _size(p))
     elif fixed is not None and (image.height, image.width) != fixed:
         raise InputError(f"{path}: image is {image.height}x{image.width} (HxW) but the model takes "
                          f"{fixed[0]}x{fixed[1]}; pass --size to resize and crop")
