@@ -7,7 +7,7 @@ Writes models/shapes_cnn.onnx and models/shapes_cnn_shortcut.onnx (TorchScript e
 batch, input [N, 3, 64, 64] in 0..1), models/shapes_labels.txt and models/shapes_accuracy.json:
 each model's accuracy on the clean test split and on the swapped one (the watermark on every
 class but the shortcut class). Settings are fixed here, before any explanation is evaluated.
-torch is needed here only.
+models/train_shapes_vit.py trains the transformers the same way. torch is needed here only.
 """
 
 import json
@@ -63,25 +63,37 @@ def accuracy(model, split):
     return float((predicted == split.labels).mean())
 
 
-def main():
+def train_both(prefix, train_fn, dynamo=False):
+    """Train ``prefix`` on clean data and ``prefix``_shortcut on watermarked data (same images, seed
+    and schedule), export both, and record their test accuracies in shapes_accuracy.json (keeping
+    the other models' entries)."""
     test = {"clean": shapes.generate(TEST_COUNT, TEST_SEED),
             "swapped": shapes.generate(TEST_COUNT, TEST_SEED, watermark="swapped")}
-    report = {}
-    for name, watermark in (("shapes_cnn", None), ("shapes_cnn_shortcut", "train")):
+    path = os.path.join(HERE, "shapes_accuracy.json")
+    report = json.load(open(path)) if os.path.exists(path) else {}
+    for name, watermark in ((prefix, None), (f"{prefix}_shortcut", "train")):
         data = shapes.generate(TRAIN_COUNT, TRAIN_SEED, watermark=watermark)
-        model = train(data.images, data.labels)
+        model = train_fn(data.images, data.labels)
         report[name] = {split: accuracy(model, test[split]) for split in test}
         print(f"{name}: " + ", ".join(f"{split} test accuracy {v:.4f}" for split, v in report[name].items()))
-        torch.onnx.export(model, (torch.from_numpy(as_input(test["clean"].images[:2])),),
-                          os.path.join(HERE, f"{name}.onnx"), dynamo=False, input_names=["image"],
-                          output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
-    report["settings"] = {"train": [TRAIN_COUNT, TRAIN_SEED], "test": [TEST_COUNT, TEST_SEED], "epochs": EPOCHS,
-                          "shortcut_class": shapes.CLASSES[shapes.SHORTCUT_CLASS],
-                          "shortcut_rate": shapes.SHORTCUT_RATE}
-    with open(os.path.join(HERE, "shapes_accuracy.json"), "w") as f:
+        example = (torch.from_numpy(as_input(test["clean"].images[:2])),)
+        if dynamo:
+            torch.onnx.export(model, example, os.path.join(HERE, f"{name}.onnx"), dynamo=True, input_names=["image"],
+                              output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+                              external_data=False)
+        else:
+            torch.onnx.export(model, example, os.path.join(HERE, f"{name}.onnx"), dynamo=False, input_names=["image"],
+                              output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+    report["data"] = {"train": [TRAIN_COUNT, TRAIN_SEED], "test": [TEST_COUNT, TEST_SEED],
+                      "shortcut_class": shapes.CLASSES[shapes.SHORTCUT_CLASS], "shortcut_rate": shapes.SHORTCUT_RATE}
+    with open(path, "w") as f:
         json.dump(report, f, indent=1)
     with open(os.path.join(HERE, "shapes_labels.txt"), "w") as f:
         f.write("\n".join(shapes.CLASSES) + "\n")
+
+
+def main():
+    train_both("shapes_cnn", train)
 
 
 if __name__ == "__main__":

@@ -66,3 +66,25 @@ def test_bundled_text_classifier_accuracy_and_explanation():
     explainer = lrp_onnx.Explainer(os.path.join(ROOT, "models", "sentiment_bert.onnx"), composite="attnlrp")
     (e,) = explainer.explain_text("a dull film", tokenizer)
     assert e.tokens == ["[CLS]", "a", "dull", "film", "[SEP]"] and np.isfinite(e.relevance).all()
+
+
+@pytest.mark.parametrize("name", ["shapes_cnn", "shapes_cnn_shortcut", "shapes_vit", "shapes_vit_shortcut"])
+def test_bundled_shapes_models_score_as_recorded(name):
+    """The committed synthetic-shapes models reproduce models/shapes_accuracy.json on the test splits
+    (regenerated from their seed), and only the shortcut models fail where the watermark moved."""
+    import json
+    import sys
+    sys.path.insert(0, os.path.join(ROOT, "models"))
+    import synthetic_shapes as shapes
+    from train_shapes_cnn import TEST_COUNT, TEST_SEED, as_input
+    recorded = json.load(open(os.path.join(ROOT, "models", "shapes_accuracy.json")))[name]
+    session = ort.InferenceSession(os.path.join(ROOT, "models", f"{name}.onnx"), providers=["CPUExecutionProvider"])
+    for split, watermark in (("clean", None), ("swapped", "swapped")):
+        data = shapes.generate(TEST_COUNT, TEST_SEED, watermark=watermark)
+        accuracy = (session.run(None, {"image": as_input(data.images)})[0].argmax(1) == data.labels).mean()
+        assert accuracy == pytest.approx(recorded[split], abs=0.002), split
+    # a shortcut model also misses the unmarked images of its shortcut class, so only the clean
+    # models are held to 90 % on clean images
+    shortcut = name.endswith("_shortcut")
+    assert shortcut or recorded["clean"] >= 0.9
+    assert (recorded["clean"] - recorded["swapped"] > 0.2) == shortcut
