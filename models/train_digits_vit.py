@@ -34,24 +34,28 @@ def shifted(x, generator):
     return nn.functional.pad(x, (1, 1, 1, 1))[:, :, i:i + 8, j:j + 8]
 
 
+def fit(model, x, y, epochs, batch_size, lr, augment=None):
+    """AdamW with a one-cycle schedule and label smoothing, seeded: how the bundled ViTs train.
+    ``augment(batch, generator)`` changes each batch (None: no augmentation)."""
+    steps = epochs * -(-len(x) // batch_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
+    generator = torch.Generator().manual_seed(SEED)
+    for _ in range(epochs):
+        model.train()
+        for batch in torch.randperm(len(x), generator=generator).split(batch_size):
+            inputs = x[batch] if augment is None else augment(x[batch], generator)
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(inputs), y[batch], label_smoothing=0.1).backward()
+            optimizer.step()
+            schedule.step()
+    return model.eval()
+
+
 def main():
     torch.manual_seed(SEED)
     x_train, x_test, y_train, y_test = data()
-    model = network()
-    x_t, y_t = torch.from_numpy(x_train), torch.from_numpy(y_train)
-    steps = EPOCHS * -(-len(x_t) // BATCH)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps)
-    generator = torch.Generator().manual_seed(SEED)
-    for epoch in range(EPOCHS):
-        model.train()
-        for batch in torch.randperm(len(x_t), generator=generator).split(BATCH):
-            optimizer.zero_grad()
-            loss = nn.functional.cross_entropy(model(shifted(x_t[batch], generator)), y_t[batch], label_smoothing=0.1)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    model.eval()
+    model = fit(network(), torch.from_numpy(x_train), torch.from_numpy(y_train), EPOCHS, BATCH, 2e-3, shifted)
     with torch.no_grad():
         accuracy = (model(torch.from_numpy(x_test)).argmax(1).numpy() == y_test).mean()
     print(f"held-out accuracy: {accuracy:.4f} on {len(y_test)} images")

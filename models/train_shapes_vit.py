@@ -10,9 +10,9 @@ are needed here only.
 """
 
 import torch
-from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer
 
+from train_digits_vit import fit
 from train_shapes_cnn import SEED, as_input, shapes, train_both
 
 WIDTH, PATCH, EPOCHS, BATCH = 64, 8, 80, 64
@@ -25,20 +25,7 @@ def network():
 
 def train(images, labels):
     torch.manual_seed(SEED)
-    model = network()
-    x, y = torch.from_numpy(as_input(images)), torch.from_numpy(labels)
-    steps = EPOCHS * -(-len(x) // BATCH)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=steps)
-    generator = torch.Generator().manual_seed(SEED)
-    for _ in range(EPOCHS):
-        model.train()
-        for batch in torch.randperm(len(x), generator=generator).split(BATCH):
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(x[batch]), y[batch], label_smoothing=0.1).backward()
-            optimizer.step()
-            schedule.step()
-    return model.eval()
+    return fit(network(), torch.from_numpy(as_input(images)), torch.from_numpy(labels), EPOCHS, BATCH, 1e-3)
 
 
 if __name__ == "__main__":
