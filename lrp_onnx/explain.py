@@ -13,7 +13,7 @@ from PIL import Image
 from .errors import InputError
 from .io.files import atomic_write, png_bytes
 from .io.heatmap import heatmap
-from .io.inputs import InputReader, InputSpec, Pending, Preprocess, Sample, load_samples, read_inputs
+from .io.inputs import InputReader, InputSpec, Preprocess, Sample, identity, load_samples, read_inputs
 from .io.prefetch import prefetched
 from .io.progress import progress_bar
 from .io.run_folder import RunFolder, default_shard_inputs
@@ -113,10 +113,10 @@ def _read_batches(explainer, inputs, batch_size, reader):
     batch, shape = [], None
     for index, item in enumerate(inputs):
         try:
-            sample, error = _as_sample(item, index, reader), None
+            sample, error = reader.read(item, index), None
             explainer.check_sample(sample.array)
         except InputError as e:
-            sample, error = Sample(_name_of(item, index), _source_of(item, index), None), str(e)
+            sample, error = Sample(*identity(item, index), None), str(e)
         fits = error is not None or shape is None or sample.array.shape == shape
         if batch and (len(batch) == batch_size or not fits):
             yield batch
@@ -126,22 +126,6 @@ def _read_batches(explainer, inputs, batch_size, reader):
         batch.append((index, sample, error))
     if batch:
         yield batch
-
-
-def _as_sample(item, index, reader):
-    if isinstance(item, Pending):
-        return reader.sample(item)
-    if isinstance(item, Sample):
-        return item
-    return Sample(_name_of(item, index), _source_of(item, index), np.asarray(item))
-
-
-def _name_of(item, index):
-    return item.name if isinstance(item, (Pending, Sample)) else f"input{index}"
-
-
-def _source_of(item, index):
-    return item.source if isinstance(item, (Pending, Sample)) else f"<input {index}>"
 
 
 def _explained_batches(explainer, batches, target, top_k, labels):

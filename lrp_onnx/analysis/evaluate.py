@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 from ..composites import BASELINE_METHODS, DEFAULT_COMPOSITE
 from ..errors import InputError, first_line
 from ..io.files import atomic_write, png_bytes
-from ..io.inputs import InputReader, InputSpec, Pending, Preprocess, Sample, resized_and_cropped
+from ..io.inputs import InputReader, InputSpec, Preprocess, resized_and_cropped
 from ..io.prefetch import prefetched
 from ..io.progress import progress_bar
 from ..runtime import Explainer
@@ -250,13 +250,7 @@ def evaluate(model, inputs, methods, steps=100, region=None, repeats=1, low=None
 
 def _sample_arrays(inputs, reader):
     """Each input as one model-ready array (no batch axis), read when it is needed."""
-    for item in inputs:
-        if isinstance(item, Pending):
-            yield reader.sample(item).array
-        elif isinstance(item, Sample):
-            yield item.array
-        else:
-            yield np.asarray(item)
+    return (reader.read(item, index).array for index, item in enumerate(inputs))
 
 
 def _data_range(inputs, reader):

@@ -141,6 +141,22 @@ class InputReader:
             self._open = (location, _batch_of_samples(pending.source, _array(*location), self.spec))
         return Sample(pending.name, pending.source, np.array(self._open[1][pending.row], np.float32))
 
+    def read(self, item, index):
+        """The Sample of an input given as a Pending (read now), a Sample, or a model-ready array
+        (named by its ``index`` among the inputs)."""
+        if isinstance(item, Pending):
+            return self.sample(item)
+        if isinstance(item, Sample):
+            return item
+        return Sample(*identity(item, index), np.asarray(item))
+
+
+def identity(item, index):
+    """(name, source) of an input: a Pending's or Sample's own, an array's from its index."""
+    if isinstance(item, (Pending, Sample)):
+        return item.name, item.source
+    return f"input{index}", f"<input {index}>"
+
 
 def _file_inputs(path, spec):
     if not path.lower().endswith(ARRAY_SUFFIXES):
