@@ -25,8 +25,8 @@ sys.path.insert(0, os.path.join(ROOT, "models"))
 
 import evaluate_digits  # noqa: E402
 import synthetic_shapes as shapes  # noqa: E402
-from lrp_onnx.analysis.evaluate import (RANDOM, default_region, evaluate, paired_difference, parse_method,  # noqa: E402
-                                        plot, region_order, report)
+from lrp_onnx.analysis.evaluate import (RANDOM, default_region, evaluate, outside_inside_ratio,  # noqa: E402
+                                        paired_difference, parse_method, plot, region_order, report)
 from lrp_onnx.io.heatmap import heatmap  # noqa: E402
 from lrp_onnx.runtime import Explainer  # noqa: E402
 from train_shapes_cnn import TEST_SEED, as_input  # noqa: E402
@@ -52,14 +52,16 @@ def explanations(name, method, x):
 
 
 def localisation_table(results):
-    """Per method: mass accuracy, rank accuracy, pointing game, AOPC and AOPC − random (± standard errors)."""
+    """Per method: mass accuracy, rank accuracy, pointing game, the median context ratio, AOPC and
+    AOPC − random (± standard errors)."""
     random = next(r for r in results if r.method == RANDOM)
-    lines = ["| method | mass accuracy | rank accuracy | pointing game | AOPC | AOPC − random |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| method | mass accuracy | rank accuracy | pointing game | context ratio | AOPC | AOPC − random |",
+             "|---|---|---|---|---|---|---|"]
     for r in results:
         gain, error = paired_difference(r, random)
+        context = np.median(outside_inside_ratio(r.inside, r.outside))
         lines.append(f"| {r.method} | {r.inside.mean():.3f} | {r.rank.mean():.3f} | {r.pointing.mean():.3f} | "
-                     f"{r.aopc:.3f} ± {r.standard_error:.3f} | {gain:+.3f} ± {error:.3f} |")
+                     f"{context:.2f} | {r.aopc:.3f} ± {r.standard_error:.3f} | {gain:+.3f} ± {error:.3f} |")
     return "\n".join(lines)
 
 
@@ -152,7 +154,9 @@ def main():
         "trained with the Clever-Hans watermark (the `_shortcut` models, below).",
         f"- Each sample's predicted class is explained. Mass accuracy: share of positive relevance inside the "
         "mask; rank accuracy: share of the K most relevant pixels inside it (K its size); pointing game: how often "
-        "the most relevant pixel is inside (Arras et al. 2022). AOPC (Samek et al. 2017): the most relevant "
+        "the most relevant pixel is inside (Arras et al. 2022); context ratio: the seed paper's outside / inside "
+        "(its Figure 1b), the median over the samples of positive relevance outside the mask over that inside. "
+        "AOPC (Samek et al. 2017): the most relevant "
         f"{region}×{region} regions first, L = {STEPS}, uniform noise on [0, 1], seed {SEED}; ± is the standard "
         "error over the samples, paired per sample for AOPC − random. Random is a uniform random map.",
         "- epsilon-gamma-box's first layer takes z^B with its default bounds [0, 1], the inputs' range.",
