@@ -27,7 +27,7 @@ from .explain import explain_to_folder, read_labels
 from .external import DATA_SUFFIX, EXTERNAL_DATA_THRESHOLD, external_files, wants_external_data
 from .io.files import writable_folder
 from .io.heatmap import COLORMAPS
-from .io.inputs import InputReader, InputSpec, Preprocess, load_samples, read_inputs
+from .io.inputs import InputReader, InputSpec, Preprocess, read_inputs
 from .load import read_model
 from .plan import plan
 from .runtime import Explainer, save_model
@@ -305,12 +305,6 @@ def _input_spec(model):
     return InputSpec(list(plan(model).explained_input.shape or []))
 
 
-def _batch(data, spec, args):
-    """The samples of DATA made ready for a model with input ``spec``, and their stacked batch."""
-    samples = load_samples(data, spec, _preprocess(args))
-    return samples, np.stack([s.array for s in samples])
-
-
 def cmd_evaluate(args):
     methods = args.method or list(DEFAULT_EVALUATION)
     for spec in methods:
@@ -352,13 +346,13 @@ def _noise_range(args):
 def cmd_compare(args):
     spec_a, spec_b = _input_spec(args.model_a), _input_spec(args.model_b)
     layout_a, layout_b = spec_a.layout(args.layout), spec_b.layout()
-    samples, x = _batch(args.data, spec_a, args)
+    preprocess = _preprocess(args)
+    pending = list(read_inputs(args.data, spec_a, preprocess))  # locators only: each input is read when it is used
     writable_folder(args.output)
-    result = compare(args.model_a, args.model_b, x, layout_a, layout_b, args.composite, args.aopc_steps,
-                     args.composite_b, **rule_params(args))
-    write_grid(result, samples, layout_a, os.path.join(args.output, "compare.png"))
-    write_comparison(result, [s.name for s in samples], os.path.join(args.output, "compare.json"),
-                     args.model_a, args.model_b)
+    result = compare(args.model_a, args.model_b, pending, layout_a, layout_b, args.composite, args.aopc_steps,
+                     args.composite_b, args.batch_size, args.grid, InputReader(spec_a, preprocess), **rule_params(args))
+    write_grid(result, layout_a, os.path.join(args.output, "compare.png"))
+    write_comparison(result, os.path.join(args.output, "compare.json"), args.model_a, args.model_b)
     for key, value in result.summary().items():
         print(f"{key}: {value}")
     print(f"wrote {args.output}/compare.json and {args.output}/compare.png")
@@ -474,6 +468,10 @@ def build_parser():
     p.add_argument("--composite-b", choices=sorted(COMPOSITES), help="for MODEL_B (default: --composite)")
     p.add_argument("--aopc-steps", type=int, default=100, metavar="L",
                    help="perturbation steps for each model's AOPC (0: skip)")
+    p.add_argument("--batch-size", type=_positive_int, default=32, metavar="B",
+                   help="inputs per ONNX Runtime run; memory grows with it, not with the number of inputs")
+    p.add_argument("--grid", type=_positive_int, default=16, metavar="N",
+                   help="inputs shown in compare.png (default 16; compare.json has every input)")
     _add_rule_flags(p, choose=False)
     _add_input_flags(p)
     p.set_defaults(run=cmd_compare)

@@ -5,11 +5,14 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 import torch
 from torch import nn
 
 from conftest import small_cnn
 from lrp_onnx.analysis.compare import compare, gini, pearson, spearman
+from lrp_onnx.errors import InputError
+from lrp_onnx.io.inputs import InputReader, InputSpec, Preprocess, read_inputs
 from test_cli import cli
 from zennit_reference import export
 
@@ -49,10 +52,40 @@ def test_a_model_against_itself(twins):
 def test_nchw_against_nhwc_copies(twins, composite):
     nchw, nhwc, x = twins
     result = compare(nchw, nhwc, x, "nchw", "nhwc", composite)
-    a, b = result.relevance
+    a, b = (np.stack(maps) for maps in list(zip(*result.examples))[1:])
+    assert len(a) == len(x)
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6 * np.abs(a).max())
     assert result.pearson.min() > 0.9999
     np.testing.assert_array_equal(*result.predictions)
+
+
+def test_streamed_in_batches_as_one_batch(tmp_path, twins):
+    """Inputs read from a file two at a time give every measure the whole batch gives; only the
+    first ``shown`` maps are kept."""
+    nchw, nhwc, x = twins
+    whole = compare(nchw, nhwc, x, "nchw", "nhwc", aopc_steps=4)
+    np.save(tmp_path / "x.npy", x)
+    pending = list(read_inputs([str(tmp_path / "x.npy")], InputSpec([None, 3, 12, 12]), Preprocess()))
+    streamed = compare(nchw, nhwc, pending, "nchw", "nhwc", aopc_steps=4, batch_size=2, shown=3,
+                       reader=InputReader(InputSpec([None, 3, 12, 12]), Preprocess()))
+    np.testing.assert_allclose(streamed.pearson, whole.pearson, rtol=1e-6)
+    np.testing.assert_allclose(streamed.spearman, whole.spearman, rtol=1e-6)
+    for pair in ("gini", "png_bytes", "predictions"):
+        for s, w in zip(getattr(streamed, pair), getattr(whole, pair)):
+            np.testing.assert_allclose(s, w, rtol=1e-6)
+    np.testing.assert_allclose(streamed.aopc, whole.aopc, rtol=1e-5)
+    assert [e[0].name for e in streamed.examples] == streamed.names[:3] and len(streamed.names) == len(x)
+    np.testing.assert_allclose(streamed.examples[2][1], whole.examples[2][1], rtol=1e-5, atol=1e-7)
+
+
+def test_refusals(twins):
+    nchw, nhwc, x = twins
+    with pytest.raises(InputError, match="needs at least one input"):
+        compare(nchw, nhwc, x[:0], "nchw", "nhwc")
+    with pytest.raises(InputError, match="one-pass iterator"):
+        compare(nchw, nhwc, iter(list(x)), "nchw", "nhwc", aopc_steps=4)
+    with pytest.raises(InputError, match="compare needs inputs of one shape: input 1"):
+        compare(nchw, nhwc, [x[0], x[1, :, :8, :8]], "nchw", "nhwc")
 
 
 def test_measures_against_known_values():
@@ -71,9 +104,10 @@ def test_compare_command(tmp_path, twins):
     data = tmp_path / "x.npy"
     np.save(data, x[:3])
     out = tmp_path / "cmp"
-    result = cli("compare", nchw, nhwc, data, "-o", out, "--aopc-steps", "0")
+    result = cli("compare", nchw, nhwc, data, "-o", out, "--aopc-steps", "0", "--batch-size", "2", "--grid", "2")
     assert result.returncode == 0, result.stderr
     saved = json.loads((out / "compare.json").read_text())
     assert saved["mean"]["prediction_agreement"] == 1.0 and saved["mean"]["pearson"] > 0.9999
-    assert len(saved["inputs"]) == 3
-    assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    assert [row["input"] for row in saved["inputs"]] == ["x_0", "x_1", "x_2"]
+    grid = Image.open(out / "compare.png")
+    assert grid.size == (3 * 96, 2 * 96)  # two rows, as --grid asked

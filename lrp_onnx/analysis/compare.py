@@ -8,21 +8,25 @@ import numpy as np
 from PIL import Image
 
 from ..composites import DEFAULT_COMPOSITE
+from ..errors import InputError
 from ..io.files import atomic_write, png_bytes
 from ..io.heatmap import heatmap
+from ..io.inputs import InputReader, InputSpec, Preprocess, stacked_batches
+from ..io.prefetch import prefetched
 from ..runtime import Explainer
-from .evaluate import channel_summed, evaluate
+from .evaluate import channel_summed, evaluate, read_samples
 
 
 @dataclass
 class Comparison:
+    names: list              # per input
     pearson: np.ndarray      # per input, of the two channel-summed relevance maps
     spearman: np.ndarray
     gini: tuple              # (A, B) per input: sparsity of |relevance|, 0 even .. 1 one pixel
     png_bytes: tuple         # (A, B) per input: compressed heatmap size, the complexity measure
     predictions: tuple       # (A, B) per input
     aopc: tuple              # (A, B) over all inputs, or None when not measured
-    relevance: tuple         # (A, B): [N, H, W] channel-summed maps
+    examples: list           # (Sample, A's map, B's map) of the first inputs, channel-summed, for the grid
     composites: tuple        # (A, B): the composite each model was explained with
 
     def summary(self):
@@ -82,34 +86,73 @@ def png_size(relevance_2d):
     return len(png_bytes(heatmap(relevance_2d[None], channel_axis=0), optimize=True))
 
 
-def compare(model_a, model_b, x, layout_a, layout_b, composite=DEFAULT_COMPOSITE, aopc_steps=None, composite_b=None,
-            **rule_params):
-    """Explain the batch ``x`` (laid out for A) with both models under ``composite`` (B under
-    ``composite_b`` if given: a CNN beside a transformer under attnlrp, say) and ``rule_params``
-    (as ``convert``), each for its own prediction; with ``aopc_steps``, also each model's AOPC
-    (``evaluate``) on the same inputs."""
-    x_b = to_layout(x, layout_a, layout_b)
+def compare(model_a, model_b, inputs, layout_a, layout_b, composite=DEFAULT_COMPOSITE, aopc_steps=None,
+            composite_b=None, batch_size=32, shown=16, reader=None, **rule_params):
+    """Explain ``inputs`` with both models under ``composite`` (B under ``composite_b`` if given: a
+    CNN beside a transformer under attnlrp, say) and ``rule_params`` (as ``convert``), each for its
+    own prediction; with ``aopc_steps``, also each model's AOPC (``evaluate``) on the same inputs.
+
+    ``inputs`` is a batch [N, ...] laid out for A, or a sequence of samples for A (arrays, Samples,
+    or Pendings read by ``reader``, an ``io.inputs.InputReader``); B gets each moved to its layout.
+    They are read and explained ``batch_size`` at a time and only the measures are kept, so memory
+    depends on the batch size, not on the number of inputs; the maps of the first ``shown`` inputs
+    are kept too, for ``write_grid``."""
+    if aopc_steps and iter(inputs) is inputs:
+        raise InputError("compare's AOPC reads the inputs again for each model: give a sequence, not a one-pass "
+                         "iterator")
     composites = (composite, composite_b or composite)
-    named_a = Explainer(model_a, composite=composites[0], **rule_params).run(x)
-    named_b = Explainer(model_b, composite=composites[1], **rule_params).run(x_b)
-    maps = (channel_summed(named_a["relevance"], layout_a), channel_summed(named_b["relevance"], layout_b))
+    layouts = (layout_a, layout_b)
+    explainers = [Explainer(model, composite=name, **rule_params)
+                  for model, name in zip((model_a, model_b), composites)]
+    reader = reader or InputReader(InputSpec(explainers[0].input_shape), Preprocess())
+    pearsons, spearmans, names, examples = [], [], [], []
+    per_model = [{"gini": [], "png_bytes": [], "predictions": []} for _ in explainers]
+    for _, samples, x in prefetched(stacked_batches(read_samples(inputs, reader), batch_size, "compare")):
+        runs = [e.run(to_layout(x, layout_a, layout)) for e, layout in zip(explainers, layouts)]
+        maps = [channel_summed(run["relevance"], layout) for run, layout in zip(runs, layouts)]
+        pearsons.append(pearson(*maps))
+        spearmans.append(spearman(*maps))
+        for measures, run, relevance in zip(per_model, runs, maps):
+            measures["gini"].append(gini(relevance))
+            measures["png_bytes"].append([png_size(r) for r in relevance])
+            measures["predictions"].append(run["explained_class"])
+        names += [s.name for s in samples]
+        examples += list(zip(samples, *maps))[:shown - len(examples)]
+    if not names:
+        raise InputError("compare needs at least one input")
+    a, b = ({key: np.concatenate(values) for key, values in measures.items()} for measures in per_model)
     aopc = None
     if aopc_steps:
+        relaid = _Relaid(inputs, reader, layout_a, layout_b)
         aopc = tuple(next(r.aopc for r in evaluate(model, data, [f"lrp:{name}"], steps=aopc_steps, layout=layout,
-                                                   rule_params=rule_params)
+                                                   rule_params=rule_params, reader=reader)
                           if r.method == f"lrp:{name}")
-                     for model, data, layout, name in ((model_a, x, layout_a, composites[0]),
-                                                       (model_b, x_b, layout_b, composites[1])))
-    return Comparison(pearson(*maps), spearman(*maps), tuple(gini(m) for m in maps),
-                      tuple(np.array([png_size(r) for r in m]) for m in maps),
-                      (named_a["explained_class"], named_b["explained_class"]), aopc, maps, composites)
+                     for model, data, layout, name in ((model_a, inputs, layout_a, composites[0]),
+                                                       (model_b, relaid, layout_b, composites[1])))
+    return Comparison(names, np.concatenate(pearsons), np.concatenate(spearmans), (a["gini"], b["gini"]),
+                      (a["png_bytes"], b["png_bytes"]), (a["predictions"], b["predictions"]), aopc, examples,
+                      composites)
 
 
-def write_grid(comparison, samples, layout, path, cell=96):
-    """One row per input: the input | A's heatmap | B's heatmap."""
-    a_maps, b_maps = comparison.relevance
-    grid = Image.new("RGB", (3 * cell, cell * len(a_maps)), "white")
-    for row, (sample, a, b) in enumerate(zip(samples, a_maps, b_maps)):
+class _Relaid:
+    """``inputs`` as A reads them, each moved to B's layout when it is read: a sequence that
+    ``evaluate`` can pass over twice."""
+
+    def __init__(self, inputs, reader, source, target):
+        self.inputs, self.reader, self.source, self.target = inputs, reader, source, target
+
+    def __len__(self):
+        return len(self.inputs)
+
+    def __iter__(self):
+        return (to_layout(sample.array[None], self.source, self.target)[0]
+                for sample in read_samples(self.inputs, self.reader))
+
+
+def write_grid(comparison, layout, path, cell=96):
+    """One row per kept example: the input | A's heatmap | B's heatmap."""
+    grid = Image.new("RGB", (3 * cell, cell * len(comparison.examples)), "white")
+    for row, (sample, a, b) in enumerate(comparison.examples):
         tiles = [_input_tile(sample, layout), heatmap(a[None], channel_axis=0), heatmap(b[None], channel_axis=0)]
         for column, tile in enumerate(tiles):
             grid.paste(tile.convert("RGB").resize((cell, cell), Image.NEAREST), (column * cell, row * cell))
@@ -131,11 +174,11 @@ def _input_tile(sample, layout):
     return Image.fromarray((np.clip(picture, 0, 1) * 255).astype(np.uint8))
 
 
-def write_json(comparison, names, path, model_a, model_b):
+def write_json(comparison, path, model_a, model_b):
     a_pred, b_pred = comparison.predictions
     rows = [{"input": name, "pearson": float(p), "spearman": float(s), "gini": [float(ga), float(gb)],
              "png_bytes": [int(pa), int(pb)], "predicted": [int(x), int(y)]}
-            for name, p, s, ga, gb, pa, pb, x, y in zip(names, comparison.pearson, comparison.spearman,
+            for name, p, s, ga, gb, pa, pb, x, y in zip(comparison.names, comparison.pearson, comparison.spearman,
                                                          *comparison.gini, *comparison.png_bytes, a_pred, b_pred)]
     data = {"model_a": model_a, "model_b": model_b, "composites": list(comparison.composites),
             "mean": comparison.summary(), "inputs": rows}

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 from ..composites import BASELINE_METHODS, DEFAULT_COMPOSITE
 from ..errors import InputError, first_line
 from ..io.files import atomic_write, png_bytes
-from ..io.inputs import InputReader, InputSpec, Preprocess, resized_and_cropped
+from ..io.inputs import InputReader, InputSpec, Preprocess, resized_and_cropped, stacked_batches
 from ..io.prefetch import prefetched
 from ..io.progress import progress_bar
 from ..runtime import Explainer
@@ -198,11 +198,11 @@ def evaluate(model, inputs, methods, steps=100, region=None, repeats=1, low=None
         low, high = data_low if low is None else low, data_high if high is None else high
     if not low <= high:
         raise InputError(f"the noise range needs low <= high; got [{low}, {high}]")
-    samples = _sample_arrays(inputs, reader)
+    samples = read_samples(inputs, reader)
     first = next(samples, None)
     if first is None:
         raise InputError("evaluate needs at least one input")
-    geometry = _Geometry.of(first, layout or InputSpec(scorer.input_shape).layout(), region, steps)
+    geometry = _Geometry.of(first.array, layout or InputSpec(scorer.input_shape).layout(), region, steps)
     chunk = max(1, batch_size // (geometry.steps + 1))  # samples whose perturbed copies fill one batch
     totals = {spec: np.zeros(geometry.steps + 1) for spec in specs}
     per_sample = {spec: [] for spec in specs}  # each chunk's per-sample AOPC, the mean over the repeats
@@ -210,7 +210,7 @@ def evaluate(model, inputs, methods, steps=100, region=None, repeats=1, low=None
     classes = []
     bar = progress_bar(len(inputs) * len(specs) * repeats if hasattr(inputs, "__len__") else None, progress,
                        unit="sample")
-    for start, xs in prefetched(_stacked(itertools.chain([first], samples), chunk)):
+    for start, _, xs in prefetched(stacked_batches(itertools.chain([first], samples), chunk, "evaluate")):
         targets = scorer.score(xs)["explained_class"]
         indices = range(start, start + len(xs))
         regions = truth.masks(start, len(xs), channel_summed(xs, geometry.layout).shape[1:]) if truth else None
@@ -248,9 +248,9 @@ def evaluate(model, inputs, methods, steps=100, region=None, repeats=1, low=None
     return results
 
 
-def _sample_arrays(inputs, reader):
-    """Each input as one model-ready array (no batch axis), read when it is needed."""
-    return (reader.read(item, index).array for index, item in enumerate(inputs))
+def read_samples(inputs, reader):
+    """Each input as a Sample, read when it is needed."""
+    return (reader.read(item, index) for index, item in enumerate(inputs))
 
 
 def _data_range(inputs, reader):
@@ -261,25 +261,9 @@ def _data_range(inputs, reader):
         raise InputError("the default noise range is the data's, which needs a second pass over the inputs: "
                          "give low and high when the inputs are a one-pass iterator")
     low, high = math.inf, -math.inf
-    for array in _sample_arrays(inputs, reader):
-        low, high = min(low, float(array.min())), max(high, float(array.max()))
+    for sample in read_samples(inputs, reader):
+        low, high = min(low, float(sample.array.min())), max(high, float(sample.array.max()))
     return low, high
-
-
-def _stacked(samples, size):
-    """(index of the first, [≤ size, ...] batch) of consecutive samples, all of the first one's shape."""
-    batch, start, shape = [], 0, None
-    for index, array in enumerate(samples):
-        shape = shape or array.shape
-        if array.shape != shape:
-            raise InputError(f"evaluate needs inputs of one shape: input {index} is {list(array.shape)}, "
-                             f"the first is {list(shape)}")
-        batch.append(array)
-        if len(batch) == size:
-            yield start, np.stack(batch)
-            batch, start = [], index + 1
-    if batch:
-        yield start, np.stack(batch)
 
 
 def localisation(maps, masks):

@@ -151,6 +151,23 @@ class InputReader:
         return Sample(*identity(item, index), np.asarray(item))
 
 
+def stacked_batches(samples, size, command):
+    """(index of the first, the Samples, their arrays stacked [≤ size, ...]) of consecutive
+    ``samples``, all of the first one's shape: ``command`` refuses inputs of several shapes."""
+    batch, start, shape = [], 0, None
+    for index, sample in enumerate(samples):
+        shape = shape or sample.array.shape
+        if sample.array.shape != shape:
+            raise InputError(f"{command} needs inputs of one shape: input {index} is {list(sample.array.shape)}, "
+                             f"the first is {list(shape)}")
+        batch.append(sample)
+        if len(batch) == size:
+            yield start, batch, np.stack([s.array for s in batch])
+            batch, start = [], index + 1
+    if batch:
+        yield start, batch, np.stack([s.array for s in batch])
+
+
 def identity(item, index):
     """(name, source) of an input: a Pending's or Sample's own, an array's from its index."""
     if isinstance(item, (Pending, Sample)):
