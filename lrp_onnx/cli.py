@@ -328,8 +328,9 @@ def cmd_evaluate(args):
     plot(results, os.path.join(args.output, "aopc.png"))
     print(report(results))
     for method, shares in (context or {}).items():
+        ratio = "infinite" if shares["ratio"] is None else f"{shares['ratio']:.3g}"  # None: nothing positive inside
         print(f"{method}: positive relevance inside the ground truth {shares['inside']:.1%}, outside "
-              f"{shares['outside']:.1%}, median ratio outside/inside {shares['ratio']}")
+              f"{shares['outside']:.1%}, median ratio outside/inside {ratio}")
     print(f"wrote {args.output}/evaluate.json and {args.output}/aopc.png")
     return EXIT_OK
 
