@@ -78,6 +78,27 @@ def test_streamed_in_batches_as_one_batch(tmp_path, twins):
     np.testing.assert_allclose(streamed.examples[2][1], whole.examples[2][1], rtol=1e-5, atol=1e-7)
 
 
+def test_a_generator_is_compared_with_a_few_batches_alive(twins):
+    """Inputs are pulled as they are explained: 200 of them, 8 at a time, keep no more than the
+    prefetch queue's batches and the grid's examples alive."""
+    import weakref
+    nchw, nhwc, x = twins
+    alive, most_alive = [0], [0]
+
+    def inputs():
+        for index in range(200):
+            sample = x[index % len(x)].copy()
+            alive[0] += 1
+            most_alive[0] = max(most_alive[0], alive[0])
+            weakref.finalize(sample, lambda: alive.__setitem__(0, alive[0] - 1))
+            yield sample
+
+    result = compare(nchw, nhwc, inputs(), "nchw", "nhwc", batch_size=8, shown=2)
+    assert len(result.names) == len(result.pearson) == 200 and len(result.examples) == 2
+    assert result.pearson.min() > 0.9999
+    assert most_alive[0] <= (2 + 1 + 1) * 8 + 2, most_alive[0]  # queued, being stacked, being explained; shown
+
+
 def test_refusals(twins):
     nchw, nhwc, x = twins
     with pytest.raises(InputError, match="needs at least one input"):
