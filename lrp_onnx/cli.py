@@ -351,7 +351,8 @@ def cmd_compare(args):
     pending = list(read_inputs(args.data, spec_a, preprocess))  # locators only: each input is read when it is used
     writable_folder(args.output)
     result = compare(args.model_a, args.model_b, pending, layout_a, layout_b, args.composite, args.aopc_steps,
-                     args.composite_b, args.batch_size, args.grid, InputReader(spec_a, preprocess), **rule_params(args))
+                     args.composite_b, batch_size=args.batch_size, shown=args.grid,
+                     reader=InputReader(spec_a, preprocess), **rule_params(args))
     write_grid(result, layout_a, os.path.join(args.output, "compare.png"))
     write_comparison(result, os.path.join(args.output, "compare.json"), args.model_a, args.model_b)
     for key, value in result.summary().items():

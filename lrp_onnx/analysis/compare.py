@@ -11,10 +11,10 @@ from ..composites import DEFAULT_COMPOSITE
 from ..errors import InputError
 from ..io.files import atomic_write, png_bytes
 from ..io.heatmap import heatmap
-from ..io.inputs import InputReader, InputSpec, Preprocess, stacked_batches
+from ..io.inputs import InputReader, InputSpec, Preprocess, read_samples, stacked_batches
 from ..io.prefetch import prefetched
 from ..runtime import Explainer
-from .evaluate import channel_summed, evaluate, read_samples
+from .evaluate import channel_summed, evaluate
 
 
 @dataclass
@@ -106,6 +106,7 @@ def compare(model_a, model_b, inputs, layout_a, layout_b, composite=DEFAULT_COMP
                   for model, name in zip((model_a, model_b), composites)]
     reader = reader or InputReader(InputSpec(explainers[0].input_shape), Preprocess())
     pearsons, spearmans, names, examples = [], [], [], []
+    low, high = np.inf, -np.inf  # the data's range: the AOPC's noise range, measured here to spare evaluate a pass
     per_model = [{"gini": [], "png_bytes": [], "predictions": []} for _ in explainers]
     for _, samples, x in prefetched(stacked_batches(read_samples(inputs, reader), batch_size, "compare")):
         runs = [e.run(to_layout(x, layout_a, layout)) for e, layout in zip(explainers, layouts)]
@@ -117,6 +118,7 @@ def compare(model_a, model_b, inputs, layout_a, layout_b, composite=DEFAULT_COMP
             measures["png_bytes"].append([png_size(r) for r in relevance])
             measures["predictions"].append(run["explained_class"])
         names += [s.name for s in samples]
+        low, high = min(low, float(x.min())), max(high, float(x.max()))
         examples += list(zip(samples, *maps))[:shown - len(examples)]
     if not names:
         raise InputError("compare needs at least one input")
@@ -125,7 +127,7 @@ def compare(model_a, model_b, inputs, layout_a, layout_b, composite=DEFAULT_COMP
     if aopc_steps:
         relaid = _Relaid(inputs, reader, layout_a, layout_b)
         aopc = tuple(next(r.aopc for r in evaluate(model, data, [f"lrp:{name}"], steps=aopc_steps, layout=layout,
-                                                   rule_params=rule_params, reader=reader)
+                                                   low=low, high=high, rule_params=rule_params, reader=reader)
                           if r.method == f"lrp:{name}")
                      for model, data, layout, name in ((model_a, inputs, layout_a, composites[0]),
                                                        (model_b, relaid, layout_b, composites[1])))

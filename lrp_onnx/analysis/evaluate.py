@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 from ..composites import BASELINE_METHODS, DEFAULT_COMPOSITE
 from ..errors import InputError, first_line
 from ..io.files import atomic_write, png_bytes
-from ..io.inputs import InputReader, InputSpec, Preprocess, resized_and_cropped, stacked_batches
+from ..io.inputs import InputReader, InputSpec, Preprocess, read_samples, resized_and_cropped, stacked_batches
 from ..io.prefetch import prefetched
 from ..io.progress import progress_bar
 from ..runtime import Explainer
@@ -246,11 +246,6 @@ def evaluate(model, inputs, methods, steps=100, region=None, repeats=1, low=None
         results.append(Perturbation(spec, drops, float(drops.mean()), np.concatenate(per_sample[spec]), classes,
                                     *parts))
     return results
-
-
-def read_samples(inputs, reader):
-    """Each input as a Sample, read when it is needed."""
-    return (reader.read(item, index) for index, item in enumerate(inputs))
 
 
 def _data_range(inputs, reader):

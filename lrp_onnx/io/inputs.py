@@ -151,6 +151,11 @@ class InputReader:
         return Sample(*identity(item, index), np.asarray(item))
 
 
+def read_samples(inputs, reader):
+    """Each input as a Sample (``InputReader.read``), read when it is needed."""
+    return (reader.read(item, index) for index, item in enumerate(inputs))
+
+
 def stacked_batches(samples, size, command):
     """(index of the first, the Samples, their arrays stacked [≤ size, ...]) of consecutive
     ``samples``, all of the first one's shape: ``command`` refuses inputs of several shapes."""
