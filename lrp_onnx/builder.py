@@ -113,6 +113,15 @@ class Builder:
                                  self.const(-epsilon))
         return self.add(z, signed_epsilon)
 
+    def as_float(self, t):
+        """t as float32 where it is an integer tensor (a quantized activation, raw pixels): every
+        8- and 16-bit integer is exact in float32, so comparisons come out as on the integers."""
+        if t.dtype is None or np.dtype(t.dtype).kind not in "iu":
+            return t
+        cast = self.op("Cast", t, to=1)
+        cast.dtype, cast.shape = np.float32, t.shape  # the propagators read the input's static sizes
+        return cast
+
     def shape(self, t):
         return self.op("Shape", t)
 

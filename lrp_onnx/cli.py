@@ -2,10 +2,10 @@
 and ``export-triton``.
 
 Exit codes (``EXIT_CODES``, one per class of ``errors``; the README lists them): 0 success, 1 an
-internal error (a bug: please report it), 2 bad input or arguments, 3 a model that cannot be loaded,
-4 an unsafe model, 5 an unsupported model, 6 an output that cannot or may not be written, 7 another
-runtime that cannot run an explainer or disagrees with ONNX Runtime, 8 (explain) some inputs could
-not be explained while the others were.
+internal error (a bug: please report it), 2 bad input or arguments, 3 a model that cannot be loaded
+or whose relevance cannot reach the explained input, 4 an unsafe model, 5 an unsupported model, 6
+an output that cannot or may not be written, 7 another runtime that cannot run an explainer or
+disagrees with ONNX Runtime, 8 (explain) some inputs could not be explained while the others were.
 """
 
 import argparse
@@ -21,7 +21,8 @@ from .analysis.evaluate import (context_report, evaluate, parse_method, plot, re
                                  write_json)
 from .composites import COMPOSITES, DEFAULT_COMPOSITE, METHODS
 from .emit import convert_held, is_explainer, read_metadata
-from .errors import (InputError, LrpOnnxError, ModelLoadError, ModelWarning, OutputError, RuleError,
+from .errors import (InputError, LrpOnnxError, ModelLoadError, ModelWarning, OutputError, RelevancePathError,
+                     RelevanceWarning, RuleError,
                      RuntimeMismatchError, UnsafeModelError, UnsupportedModelError, first_line)
 from .explain import explain_to_folder, read_labels
 from .external import DATA_SUFFIX, EXTERNAL_DATA_THRESHOLD, external_files, wants_external_data
@@ -29,7 +30,7 @@ from .io.files import writable_folder
 from .io.heatmap import COLORMAPS
 from .io.inputs import InputReader, InputSpec, Preprocess, read_inputs
 from .load import read_model
-from .plan import plan
+from .plan import describe_breaks, plan
 from .runtime import Explainer, save_model
 from .runtimes import RUNTIMES, TOLERANCE, check, sample_feeds
 from .text import token_table, write_text_explanations
@@ -37,7 +38,7 @@ from .text import token_table, write_text_explanations
 EXIT_OK, EXIT_INTERNAL = 0, 1
 EXIT_SOME_INPUTS_FAILED = 8  # explain: the other inputs were explained, the failed ones have error rows
 # The most specific class first: UnsafeModelError is a ModelLoadError with its own code.
-EXIT_CODES = ((InputError, 2), (RuleError, 2), (UnsafeModelError, 4), (ModelLoadError, 3),
+EXIT_CODES = ((InputError, 2), (RuleError, 2), (UnsafeModelError, 4), (ModelLoadError, 3), (RelevancePathError, 3),
               (UnsupportedModelError, 5), (OutputError, 6), (RuntimeMismatchError, 7), (LrpOnnxError, 2))
 
 
@@ -224,6 +225,8 @@ def cmd_inspect(args):
     if p.rule_problems:
         print(f"{len(p.rule_problems)} node(s) whose rule does not fit: "
               + ", ".join(f"{n} ({op})" for n, op, _ in p.rule_problems))
+    if p.path_breaks:
+        print(f"relevance from {p.logits.name!r} cannot reach {p.explained.name!r}: {describe_breaks(p.path_breaks)}")
     try:
         p.raise_problems()
     except LrpOnnxError as e:
@@ -506,8 +509,8 @@ def build_parser():
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
-    """A ModelWarning as one line on stderr, like an error; any other warning as Python shows it."""
-    if issubclass(category, ModelWarning):
+    """Our warnings as one line on stderr, like an error; any other warning as Python shows it."""
+    if issubclass(category, (ModelWarning, RelevanceWarning)):
         print(f"lrp-onnx: warning: {message}", file=sys.stderr)
     else:
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))

@@ -184,16 +184,6 @@ def _check_layers(p, names, layer_sum):
     return layers
 
 
-def propagate(b, unit, relevance_out, rule):
-    """One relevance per unit input: a routing op moves R itself; an op that takes a rule hands
-    it one map per input, and the rule maps R through each."""
-    prop = lookup(unit)
-    if not prop.takes_rule:
-        return prop.fn(b, unit, relevance_out)
-    (r,) = relevance_out[:1]  # ops that take a rule have one output that carries relevance
-    return [None if layer is None else rule.apply(b, layer, r) for layer in prop.fn(b, unit)]
-
-
 def reverse_walk(b, p, seed, layers=()):
     """Visit units in reverse topological order; sum each tensor's fan-out relevance once.
 
@@ -210,7 +200,7 @@ def reverse_walk(b, p, seed, layers=()):
             continue
         with b.scope(unit.name):
             try:
-                relevance_in = propagate(b, unit, relevance_out, p.rules.get(unit.name))
+                relevance_in = lookup(unit).propagate(b, unit, relevance_out, p.rules.get(unit.name))
             except LrpOnnxError:
                 raise
             except Exception as e:  # a propagator bug must still name the node it failed on

@@ -5,14 +5,16 @@ The CLI maps each class to an exit code (``cli.EXIT_CODES``, listed in the READM
     LrpOnnxError
     ├── ModelLoadError          3  missing, empty, truncated, random or malformed file
     │   └── UnsafeModelError    4  the file would make us read outside its folder, or past a file's end
+    ├── RelevancePathError      3  relevance from the scores cannot reach the explained input
     ├── UnsupportedModelError   5  valid ONNX that lrp-onnx cannot explain
     │   └── UnsupportedOpError
     ├── InputError              2  bad input at explain time, or bad command-line values
     ├── RuleError               2  rule or composite parameters that break their constraints
     └── OutputError             6  an output that exists (no --force), is the input, or cannot be written
 
-and one warning, ``ModelWarning`` (a UserWarning): a checker complaint that the conversion repairs
-and does not depend on; the CLI shows it as one line on stderr and carries on.
+and two warnings (UserWarnings), each shown by the CLI as one line on stderr before it carries on:
+``ModelWarning``, a checker complaint that the conversion repairs and does not depend on, and
+``RelevanceWarning``, an explanation that came out all zero while its logit is not.
 """
 
 from collections import Counter
@@ -52,6 +54,12 @@ class UnsupportedOpError(UnsupportedModelError):
         super().__init__(f"{len(self.nodes)} unsupported node(s) ({by_op}): {listed}")
 
 
+class RelevancePathError(LrpOnnxError):
+    """Relevance seeded at the scores cannot reach the explained input: every path between them
+    breaks (a tensor that carries no relevance, an op that passes none to it), or there is no path.
+    The explainer would return all-zero relevance as if it were an explanation, so none is made."""
+
+
 class RuleError(LrpOnnxError, ValueError):
     """Rule or composite parameters break their constraints, or a rule does not fit a node."""
 
@@ -68,6 +76,11 @@ class RuntimeMismatchError(LrpOnnxError):
 
 class OutputError(LrpOnnxError):
     """An output path that exists (without ``force``), is the input model, or cannot be written."""
+
+
+class RelevanceWarning(UserWarning):
+    """A sample whose relevance is exactly zero everywhere while its explained logit is not: no
+    decomposition of a nonzero score, so that explanation must not be read as one."""
 
 
 class ModelWarning(UserWarning):

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from .quantized import QuantizedWeight, at_type_minimum, qlinear_form
+
 LINEAR_HEADS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 AFFINE_FOLLOWERS = ("Add", "Sub", "Mul", "Div", "BatchNormalization")
 
@@ -23,6 +25,7 @@ class Unit:
     relevant: list = field(default_factory=list)  # per head input: does it depend on the explained input?
     role: str = None  # set by the plan: "conv", "dense", "activation", ... (see registry.py)
     x_nonnegative: bool = False  # set by the plan: the first input is provably >= 0 (e.g. after a Relu)
+    view: object = None  # registry.View of a unit read as another op (a quantized op as its float op)
 
     @property
     def name(self):
@@ -41,9 +44,28 @@ class Unit:
         return (self.followers[-1] if self.followers else self.head).outputs
 
 
+# Integer types that carry relevance: a quantized activation stands for (q − zero point)·scale, a
+# raw pixel for itself (quantized.py). Wider integers are shapes, indices, token ids and masks.
+SMALL_INTEGERS = ("int8", "uint8", "int16", "uint16")
+# Outputs that are a quantizer's parameters, not values: DynamicQuantizeLinear's scale and zero point
+PARAMETER_OUTPUTS = {"DynamicQuantizeLinear": (1, 2)}
+
+
 def carries_relevance(t):
-    """Float tensors (or of unknown type) carry relevance; shape sub-graphs, indices and masks do not."""
-    return t.dtype is None or _dtype_kind(t.dtype) == "f"
+    """Float tensors (or of unknown type) and small-integer values carry relevance; shape
+    sub-graphs, indices, masks and quantization parameters do not."""
+    producer = t.inputs[0] if t.inputs else None
+    if producer is not None and any(i < len(producer.outputs) and producer.outputs[i] is t
+                                    for i in PARAMETER_OUTPUTS.get(producer.op, ())):
+        return False
+    return t.dtype is None or _dtype_kind(t.dtype) == "f" or _dtype_name(t.dtype) in SMALL_INTEGERS
+
+
+def _dtype_name(dtype):
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        return None
 
 
 def _dtype_kind(dtype):
@@ -54,7 +76,9 @@ def _dtype_kind(dtype):
 
 
 def is_constant(t):
-    return isinstance(t, gs.Constant)
+    """Whether ``t``'s values are fixed and at hand (``t.values``): a constant, or a weight the model
+    keeps quantized (its DequantizeLinear stays in the forward)."""
+    return isinstance(t, (gs.Constant, QuantizedWeight))
 
 
 def channel_count(node):
@@ -143,38 +167,55 @@ def find_units(graph, explained, outputs):
 
 
 # Non-negativity, propagated forward so that rules can drop terms of x⁻ = min(x, 0) that are zero.
+# For an integer tensor it is its value's: (q − zero point)·scale for a quantized one.
 MAKE_NONNEGATIVE = ("Relu", "Sigmoid", "Softplus", "HardSigmoid", "Softmax", "Abs", "Exp")
 KEEP_FIRST_INPUT_SIGN = ("MaxPool", "GlobalMaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean", "ReduceSum",
                          "ReduceMax", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity",
-                         "Dropout", "Slice", "Gather", "Split", "LRN", "Cast", "Expand")
+                         "Dropout", "Slice", "Gather", "Split", "LRN", "Cast", "Expand", "DequantizeLinear",
+                         "DynamicQuantizeLinear", "QuantizeLinear")
 KEEP_ALL_INPUTS_SIGN = ("Concat", "Add", "Sum", "Mul", "Min")
 
 
 def nonnegative_tensors(graph):
     """Names of the tensors that are >= 0 for every input: activations like Relu, non-negative
-    constants, and what pooling, routing, sums and products make of them."""
+    constants, unsigned raw inputs (pixels), what pooling, routing, sums and products make of them,
+    and quantized values whose zero point is their type's minimum (nothing below 0 representable,
+    where a quantizer folded a Relu into the range)."""
     known = {t.name for t in graph.tensors().values()
              if is_constant(t) and _dtype_kind(t.dtype) in "fiub" and t.values.size and t.values.min() >= 0}
+    known.update(t.name for t in graph.inputs if _dtype_kind(t.dtype) == "u")
 
     def nonneg(t):
-        return t.name in known
+        return bool(t.name) and t.name in known
 
     for node in graph.nodes:
-        data = [t for t in node.inputs if t.name]
-        if node.op in MAKE_NONNEGATIVE:
-            ok = True
-        elif node.op in KEEP_FIRST_INPUT_SIGN:
-            ok = nonneg(node.inputs[0])
-        elif node.op in KEEP_ALL_INPUTS_SIGN:
-            ok = all(nonneg(t) for t in data)
-        elif node.op == "Max":
-            ok = any(nonneg(t) for t in data)
-        elif node.op == "Clip":
-            ok = nonneg(node.inputs[0]) or (len(node.inputs) > 1 and nonneg(node.inputs[1]))
-        elif node.op == "Pad":
-            ok = nonneg(node.inputs[0]) and (len(node.inputs) < 3 or not node.inputs[2].name or nonneg(node.inputs[2]))
+        if all(is_constant(t) for t in node.outputs):
+            continue  # known from its values
+        form = qlinear_form(node)
+        if form is not None:
+            operands = [node.inputs[value] for value, _, _ in form.operand_triples(node)]
+            ok = at_type_minimum(form.output_zero_point(node)) or _stays_nonnegative(form.float_op, operands, nonneg)
         else:
-            ok = False
+            ok = (node.op == "QuantizeLinear" and len(node.inputs) > 2 and at_type_minimum(node.inputs[2])) or \
+                _stays_nonnegative(node.op, node.inputs, nonneg)
         if ok:
             known.update(t.name for t in node.outputs if carries_relevance(t))
     return known
+
+
+def _stays_nonnegative(op, inputs, nonneg):
+    """Whether op's output is >= 0 given which of its (positional) inputs are."""
+    if op in MAKE_NONNEGATIVE:
+        return True
+    if op in KEEP_FIRST_INPUT_SIGN:
+        return nonneg(inputs[0])
+    data = [t for t in inputs if t.name]
+    if op in KEEP_ALL_INPUTS_SIGN:
+        return all(nonneg(t) for t in data)
+    if op == "Max":
+        return any(nonneg(t) for t in data)
+    if op == "Clip":
+        return nonneg(inputs[0]) or (len(inputs) > 1 and nonneg(inputs[1]))
+    if op == "Pad":
+        return nonneg(inputs[0]) and (len(inputs) < 3 or not inputs[2].name or nonneg(inputs[2]))
+    return False

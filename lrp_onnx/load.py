@@ -5,6 +5,7 @@ Each step leaves the model's outputs unchanged (tests/test_load.py checks every 
 import contextlib
 import functools
 import hashlib
+import heapq
 import importlib.util
 import math
 import mmap
@@ -22,6 +23,7 @@ from .errors import ModelLoadError, ModelWarning, UnsupportedModelError, first_l
 from .external import (check_tensor_sizes, holding_large_weights, is_repeated, load_external_data,
                        require_loaded, without_large_weights)
 from .precision import upcast_to_float32
+from .quantized import QUANTIZERS, mirror_qdq_forward, read_quantized_weights, shape_twin
 
 MIN_OPSET = 13
 # The backward of a Gather with computed indices and of every GatherND scatter-adds into the input (ScatterElements or ScatterND with reduction="add", opset 16).
@@ -182,6 +184,7 @@ def load_model(model, held=None):
     check_tensor_sizes(proto, label)
     check_declared_shapes(proto, label)
     check_opset_imports(proto, label)
+    proto = sort_nodes(proto, label)
     proto, repairs = declare_output_shapes(proto, label)
     check_model(proto, label)
     for repair in repairs:  # only once the whole model has passed: a refused one is not "converting"
@@ -189,6 +192,84 @@ def load_model(model, held=None):
     for step in PROTO_STEPS:
         proto = step(proto, label)
     return proto, label
+
+
+def sort_nodes(proto, label):
+    """The model with its nodes in topological order, as the ONNX checker requires and ONNX Runtime
+    does not (it sorts them itself): ONNX Runtime's float16 converter, for one, appends the Casts it
+    puts on the inputs after the nodes that read them. Nodes already in order stay in place, and so
+    does the caller's model; a cycle is a ModelLoadError. Subgraphs are sorted too."""
+    if _sorted(proto.graph, set()):
+        return proto
+    proto = _copy(proto)
+    _sort_graph(proto.graph, set(), label)
+    return proto
+
+
+def _available(graph, outer):
+    """Names a graph's nodes may read before any node runs: its inputs, initializers, the outer
+    scope's names (for a subgraph), and the empty name of an absent optional input."""
+    return outer | {""} | {i.name for i in graph.input} | {t.name for t in graph.initializer} | \
+        {t.values.name for t in graph.sparse_initializer}
+
+
+def _subgraphs(node):
+    return [a.g for a in node.attribute if a.HasField("g")] + [g for a in node.attribute for g in a.graphs]
+
+
+def _sorted(graph, outer):
+    known = _available(graph, outer)
+    for node in graph.node:
+        if not known.issuperset(node.input) or not all(_sorted(g, known) for g in _subgraphs(node)):
+            return False
+        known.update(node.output)
+    return True
+
+
+def _sort_graph(graph, outer, label):
+    """Kahn's algorithm, always taking the earliest ready node, so that runs already in order keep
+    it. A subgraph's reads of outer names count as its node's inputs."""
+    nodes = list(graph.node)
+    producer = {o: k for k, node in enumerate(nodes) for o in node.output if o}
+    dependents, waiting = [[] for _ in nodes], []
+    for k, node in enumerate(nodes):
+        needed = {producer[i] for i in list(node.input) + [r for g in _subgraphs(node) for r in _reads(g)]
+                  if i in producer and producer[i] != k}
+        waiting.append(len(needed))
+        for j in needed:
+            dependents[j].append(k)
+    ready = [k for k, count in enumerate(waiting) if not count]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        k = heapq.heappop(ready)
+        order.append(nodes[k])
+        for j in dependents[k]:
+            waiting[j] -= 1
+            if not waiting[j]:
+                heapq.heappush(ready, j)
+    if len(order) < len(nodes):
+        stuck = next(nodes[k] for k, count in enumerate(waiting) if count)
+        raise ModelLoadError(f"{label}: the graph has a cycle through node {stuck.name!r} ({stuck.op_type})")
+    known = _available(graph, outer) | set(producer)
+    for node in order:
+        for g in _subgraphs(node):
+            _sort_graph(g, known, label)
+    copies = [_copied_node(n) for n in order]
+    del graph.node[:]
+    graph.node.extend(copies)
+
+
+def _reads(graph):
+    """Every name a graph's nodes read, its subgraphs' included."""
+    return {i for node in graph.node for i in node.input} | {r for node in graph.node for g in _subgraphs(node)
+                                                              for r in _reads(g)}
+
+
+def _copied_node(node):
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    return copy
 
 
 def check_model(proto, label):
@@ -384,10 +465,20 @@ def _constants_folded(proto):
 
 
 def _onnx_shapes(proto, label):
+    """ONNX's inference; on a model with QOperator nodes, on its standard-op twin (quantized.py),
+    whose shapes of the model's own tensors are then the model's."""
+    twin = shape_twin(proto)
     try:
-        return onnx.shape_inference.infer_shapes(proto, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(twin or proto, data_prop=True)
     except onnx.shape_inference.InferenceError as e:
         raise ModelLoadError(f"{label}: shape inference failed: {first_line(e)}") from None
+    if twin is None:
+        return inferred
+    names = {name for node in proto.graph.node for name in node.output}
+    shaped = _copy(proto)
+    del shaped.graph.value_info[:]
+    shaped.graph.value_info.extend(v for v in inferred.graph.value_info if v.name in names)
+    return shaped
 
 
 def _symbolic_shapes(proto):
@@ -491,9 +582,12 @@ CLASSIFIER_POST_TRANSFORMS = {"NONE": None, "SOFTMAX": "Softmax", "LOGISTIC": "S
 
 def fold_constants(graph):
     """Evaluate every sub-graph that depends on no graph input (run once, by ONNX Runtime), and
-    shape arithmetic on the static dimensions of dynamic-batch tensors."""
+    shape arithmetic on the static dimensions of dynamic-batch tensors. Quantize- and
+    DequantizeLinear nodes stay: a runtime runs a layer whose weight is DequantizeLinear(int8) in
+    integers, so folding the weight to floats would change what the forward computes
+    (``read_quantized_weights`` reads their values instead)."""
     with _quiet_ort_logs():
-        graph.fold_constants(error_ok=True).cleanup()
+        graph.fold_constants(error_ok=True, should_exclude_node=lambda node: node.op in QUANTIZERS).cleanup()
 
 
 @contextlib.contextmanager
@@ -536,7 +630,8 @@ def name_nodes(graph):
         seen.add(name)
 
 
-GRAPH_STEPS = (expand_linear_classifiers, fold_constants, drop_identities, name_nodes)
+GRAPH_STEPS = (expand_linear_classifiers, fold_constants, read_quantized_weights, drop_identities, name_nodes,
+               mirror_qdq_forward)
 
 
 def _copy(proto):

@@ -14,11 +14,12 @@ import onnx_graphsurgeon as gs
 
 from . import ops  # noqa: F401  (registers every propagator)
 from .composites import DEFAULT_COMPOSITE, METHODS, Composite, gradient_composite, make_composite
-from .errors import RuleError, UnsupportedModelError, UnsupportedOpError
+from .errors import RelevancePathError, RuleError, UnsupportedModelError, UnsupportedOpError
 from .external import HeldWeights
 from .graph import carries_relevance, find_units, is_constant, nonnegative_tensors
 from .load import import_graph, load_model, source_digest
 from .precision import upcast_types
+from .quantized import mirrored
 from .registry import lookup
 from .rules import RuleParams
 
@@ -48,6 +49,7 @@ class Plan:
     rules: dict             # unit name -> Rule, for the units that take one
     problems: list          # [(node name, op, reason)]: nodes that cannot be explained (by this method)
     rule_problems: list     # [(node name, op, reason)]: nodes whose rule does not fit them
+    path_breaks: list       # [(node name, op, reason)]: where relevance stops short of the explained input
     composite: Composite
     method: str
     output_types: dict      # graph output name -> the original TypeProto (sequence and map types included)
@@ -56,12 +58,16 @@ class Plan:
     held: HeldWeights       # the large weights, out of the graph's protos (external.py)
 
     def raise_problems(self):
-        """The errors ``convert`` raises: unsupported nodes first, then rules that do not fit."""
+        """The errors ``convert`` raises: unsupported nodes first, then rules that do not fit, then
+        a relevance path that breaks before the explained input."""
         if self.problems:
             raise UnsupportedOpError(self.problems)
         if self.rule_problems:
             listed = "; ".join(f"node {name!r} ({op}): {why}" for name, op, why in self.rule_problems)
             raise RuleError(f"{len(self.rule_problems)} node(s) with a rule that does not fit: {listed}")
+        if self.path_breaks:
+            raise RelevancePathError(f"{self.label}: relevance from {self.logits.name!r} cannot reach "
+                                     f"{self.explained.name!r}: {describe_breaks(self.path_breaks)}")
 
 
 def _is_float(t):
@@ -131,8 +137,8 @@ def find_logits(graph, label):
 
 
 def _upstream_of(units, logits):
-    """Units that relevance can reach from the logits; the others (a final Softmax, the inside of
-    a gate) get none and need no propagator."""
+    """Units that relevance can reach from the logits, and the names of the tensors it reaches; the
+    other units (a final Softmax, the inside of a gate) get none and need no propagator."""
     needed, keep = {logits.name}, []
     for unit in reversed(units):
         if any(t.name in needed for t in unit.outputs):
@@ -140,7 +146,62 @@ def _upstream_of(units, logits):
             prop = lookup(unit)
             receiving = prop.receiving(unit) if prop else unit.relevant
             needed.update(t.name for t, rel in zip(unit.inputs, receiving) if rel)
-    return keep[::-1]
+    return keep[::-1], needed
+
+
+def between(graph, source, target):
+    """Names of the tensors on some path from tensor ``source`` to tensor ``target`` through the
+    graph's nodes, whatever their types; None if ``target`` does not depend on ``source``."""
+    downstream = {source.name}
+    for node in graph.nodes:  # topological order
+        if any(t.name in downstream for t in node.inputs):
+            downstream.update(t.name for t in node.outputs)
+    if target.name not in downstream:
+        return None
+    on_path = {target.name}
+    for node in reversed(graph.nodes):
+        if any(t.name in on_path for t in node.outputs):
+            on_path.update(t.name for t in node.inputs if t.name in downstream)
+    return on_path
+
+
+def path_breaks(graph, explained, logits, units, reached):
+    """[(node name, op, reason)] where relevance flowing back from ``logits`` stops short of
+    ``explained`` ([] where it reaches it; ``reached`` from ``_upstream_of``): on every path between
+    them, the first node from the input that takes relevance-carrying input and hands none on,
+    because its output on the path carries none (an int8 QuantizeLinear output, an ArgMax) or its
+    propagator passes none to that input."""
+    if explained.name in reached:
+        return []
+    on_path = between(graph, explained, logits)
+    if on_path is None:
+        return [(logits.inputs[0].name if logits.inputs else logits.name,
+                 logits.inputs[0].op if logits.inputs else "input",
+                 f"the output {logits.name!r} does not depend on {explained.name!r}")]
+    carrying = {explained.name} | {t.name for u in units for t in u.outputs if carries_relevance(t)}
+    receiving = {u.name: lookup(u).receiving(u) if lookup(u) else u.relevant for u in units}
+    breaks = []
+    for node in graph.nodes:
+        fed = [t for t in node.inputs if t.name in carrying and t.name in on_path]
+        onward = [t for t in node.outputs if t.name in on_path]
+        if not fed or not onward:
+            continue
+        if node.name not in receiving:
+            kinds = ", ".join(f"{t.name!r} is {_type_name(t)}" for t in onward)
+            breaks.append((node.name, node.op, f"its output {kinds}, which carries no relevance"))
+            continue
+        dropped = [t for t, gets in zip(node.inputs, receiving[node.name]) if t.name in carrying and not gets]
+        if len(dropped) == len(fed):
+            breaks.append((node.name, node.op, f"it passes no relevance to its input {dropped[0].name!r}"))
+    return breaks or [(logits.name, "output", "no relevance-carrying path joins them")]
+
+
+def _type_name(t):
+    return np.dtype(t.dtype).name if t.dtype is not None else "of unknown type"
+
+
+def describe_breaks(breaks):
+    return "; ".join(f"relevance stops at node {name!r} ({op}): {why}" for name, op, why in breaks)
 
 
 def choose_composite(composite, method, rules, params):
@@ -169,7 +230,9 @@ def plan(model, composite=DEFAULT_COMPOSITE, *, input_name=None, rules=None, met
             raise UnsupportedModelError(f"{label}: the model already has a tensor named {name!r}")
     explained_input, explained = pick_input(graph, label, input_name)
     score, logits = find_logits(graph, label)
-    units = _upstream_of(find_units(graph, explained, graph.outputs), logits)
+    logits = mirrored(graph, logits)  # a QDQ model's relevance pass reads its mirror (quantized.py)
+    all_units = find_units(graph, explained, graph.outputs)
+    units, reached = _upstream_of(all_units, logits)
     nonnegative = nonnegative_tensors(graph)
     rules_by_unit, problems, rule_problems = {}, [], []
     first_seen = False
@@ -181,7 +244,7 @@ def plan(model, composite=DEFAULT_COMPOSITE, *, input_name=None, rules=None, met
             continue
         unit.x_nonnegative = unit.inputs[0].name in nonnegative
         role = unit.role = prop.role_of(unit)
-        if not prop.takes_rule:
+        if not prop.takes_rule(unit):
             continue
         is_first = role in ("conv", "dense") and not first_seen
         first_seen = first_seen or is_first
@@ -190,9 +253,10 @@ def plan(model, composite=DEFAULT_COMPOSITE, *, input_name=None, rules=None, met
         if misfit:
             (rule_problems if rule.chosen else problems).append((unit.name, unit.op, misfit))
     _check_overrides(composite, units)
+    breaks = path_breaks(graph, explained, logits, all_units, reached)
     output_types = {o.name: o.type for o in proto.graph.output}
     return Plan(graph, label, explained_input, explained, score, logits, units, rules_by_unit, problems,
-                rule_problems, composite, method, output_types, upcast_types(proto), source_digest(model), held)
+                rule_problems, breaks, composite, method, output_types, upcast_types(proto), source_digest(model), held)
 
 
 def _check_overrides(composite, units):

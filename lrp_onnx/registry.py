@@ -13,6 +13,12 @@ Two kinds, as a JAX primitive is either linear (it has a transpose) or structura
       @mapped("Conv", role="conv", traits=WEIGHTED)
       def linear_layer(b, unit): ...                # -> one LinearMap (or None) per unit input
 
+* ``@viewed(keys, view=...)``: the op stands for another op (a quantized or fused one for its
+  float form): ``view(unit)`` gives a ``View``, a unit of that op over stand-in tensors, and the
+  propagator of that op does the work, so each rule and map is written once::
+
+      @viewed(("", "QLinearConv"), view=float_view)
+
 ``role`` tells composites which rule family a unit belongs to ("conv", "dense", "activation",
 "sum", "avgpool", "batchnorm", "layernorm", "scale"); ``traits`` say what the map offers, so the
 plan can check a rule against it before anything is emitted. Either may be a function of the unit.
@@ -22,7 +28,7 @@ explained input), so that nodes feeding only a gate are never asked for a propag
 """
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 from .maps import Traits
 
@@ -39,8 +45,7 @@ class Propagator:
     check: Optional[Callable] = None
     receivers: Optional[Callable] = None
 
-    @property
-    def takes_rule(self):
+    def takes_rule(self, unit):
         return self.role != ROUTE
 
     def role_of(self, unit):
@@ -54,6 +59,78 @@ class Propagator:
 
     def receiving(self, unit):
         return self.receivers(unit) if self.receivers else list(unit.relevant)
+
+    def propagate(self, b, unit, relevance_out, rule):
+        """One relevance per unit input: a routing op moves R itself; an op that takes a rule hands
+        it one map per input, and the rule maps R through each."""
+        if not self.takes_rule(unit):
+            return self.fn(b, unit, relevance_out)
+        (r,) = relevance_out[:1]  # ops that take a rule have one output that carries relevance
+        return [None if layer is None else rule.apply(b, layer, r) for layer in self.fn(b, unit)]
+
+
+@dataclass
+class View:
+    """A unit as the op it stands for: ``unit``, a Unit of that op over stand-in tensors, where
+    its input k stands for the viewed unit's input ``sources[k]`` (None: for none, a weight, say),
+    and ``bind(b)`` emits the nodes that compute the stand-ins (once, when the explainer is built)."""
+    unit: object
+    sources: Sequence[Optional[int]]
+    bind: Callable
+
+
+@dataclass(frozen=True)
+class ViewPropagator:
+    """The propagator of an op read through ``view(unit)``: a View, or a string saying why this
+    node has none. Role, traits, checks and relevance are those of the viewed op's propagator."""
+    view: Callable
+
+    def _view(self, unit):
+        if unit.view is None:
+            unit.view = self.view(unit)
+        return unit.view
+
+    def _inner(self, unit):
+        view = self._view(unit)
+        return view, lookup(view.unit)
+
+    def takes_rule(self, unit):
+        view, prop = self._inner(unit)
+        return prop.takes_rule(view.unit)
+
+    def role_of(self, unit):
+        view, prop = self._inner(unit)
+        return prop.role_of(view.unit)
+
+    def traits_of(self, unit):
+        view, prop = self._inner(unit)
+        return prop.traits_of(view.unit)
+
+    def problem(self, unit):
+        view = self._view(unit)
+        if isinstance(view, str):
+            return view
+        prop = lookup(view.unit)
+        return f"no propagator for its form {view.unit.op}" if prop is None else prop.problem(view.unit)
+
+    def receiving(self, unit):
+        view, prop = self._inner(unit)
+        return self._onto_unit(unit, view, prop.receiving(view.unit), False)
+
+    def propagate(self, b, unit, relevance_out, rule):
+        view, prop = self._inner(unit)
+        view.bind(b)
+        view.unit.x_nonnegative, view.unit.role = unit.x_nonnegative, unit.role
+        return self._onto_unit(unit, view, prop.propagate(b, view.unit, relevance_out, rule), None)
+
+    @staticmethod
+    def _onto_unit(unit, view, per_view_input, empty):
+        """Values given per input of the view's unit, placed at the inputs they stand for."""
+        placed = [empty] * len(unit.inputs)
+        for source, value in zip(view.sources, per_view_input):
+            if source is not None:
+                placed[source] = value
+        return placed
 
 
 def _register(ops, domain, propagator):
@@ -76,6 +153,13 @@ def mapped(*ops, role, traits, domain=DEFAULT_DOMAIN, check=None, receivers=None
         _register(ops, domain, Propagator(fn, role, traits, check, receivers))
         return fn
     return register
+
+
+def viewed(*keys, view):
+    """Register (domain, op) ``keys`` as read through ``view`` (ViewPropagator)."""
+    propagator = ViewPropagator(view)
+    for domain, op in keys:
+        _register([op], domain, propagator)
 
 
 def lookup(unit):

@@ -2,6 +2,7 @@
 
 import os
 import tempfile
+import warnings
 
 import numpy as np
 import onnx
@@ -10,7 +11,7 @@ from google.protobuf.message import EncodeError
 
 from .composites import DEFAULT_COMPOSITE
 from .emit import LAYER_PREFIX, convert, is_explainer, read_metadata
-from .errors import InputError, RuleError
+from .errors import InputError, RelevanceWarning, RuleError
 from .external import save_with_external_data, wants_external_data
 from .io.files import atomic_write
 from .load import read_model
@@ -89,7 +90,9 @@ class Explainer:
     def run(self, x, target=None, **other_inputs):
         """Every output by name: the original ones, ``relevance``, ``explained_class``, ``explained_logit``."""
         results = self.session.run(None, self._feeds(x, target, other_inputs))
-        return dict(zip([o.name for o in self.session.get_outputs()], results))
+        named = dict(zip([o.name for o in self.session.get_outputs()], results))
+        warn_zero_relevance(named, f"input {self.input_name!r}")
+        return named
 
     def score(self, x, target=None, **other_inputs):
         """``explained_class`` and ``explained_logit`` as ``run`` gives them, from the forward pass
@@ -183,6 +186,21 @@ class Explainer:
             raise InputError(f"input {name!r} takes {np.dtype(dtype).name}, whose largest value is "
                              f"{np.finfo(dtype).max:g}; {overflow} value(s) are beyond it")
         return cast
+
+
+def warn_zero_relevance(outputs, where):
+    """A RelevanceWarning if some sample's relevance is exactly 0 everywhere while its explained
+    logit is not: relevance that reached the input would sum to about that logit, so such a sample
+    was not explained (relevance lost on the way; the plan refuses graphs where it always is)."""
+    relevance, logit = outputs.get(RELEVANCE), outputs.get(EXPLAINED_LOGIT)
+    if relevance is None or logit is None or not len(logit):
+        return
+    lost = np.flatnonzero(~relevance.reshape(len(logit), -1).any(axis=1) & (logit != 0))
+    if lost.size:
+        shown = ", ".join(map(str, lost[:5])) + (", ..." if lost.size > 5 else "")
+        warnings.warn(RelevanceWarning(
+            f"{where}: relevance is exactly 0 for {lost.size} of {len(logit)} sample(s) (index {shown}) whose "
+            "explained logit is not 0; no relevance reached the input, so those are not explanations"), stacklevel=3)
 
 
 def pruned(proto: onnx.ModelProto, outputs):

@@ -31,6 +31,7 @@ import onnxruntime as ort
 from .errors import InputError, first_line
 from .external import external_files
 from .plan import TARGET
+from .runtime import warn_zero_relevance
 
 JS_FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "js")
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -218,6 +219,7 @@ def check(path, runtimes, feeds=None, repeats=3, tolerance=TOLERANCE):
         raise InputError(f"unknown runtime(s) {unknown}; choose from {sorted(RUNTIMES)}")
     feeds = sample_feeds(path) if feeds is None else feeds
     reference = run_ort(path, feeds, repeats)
+    warn_zero_relevance(reference.outputs, path)
     results = []
     for runtime in runtimes:
         try:

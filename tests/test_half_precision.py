@@ -258,3 +258,17 @@ def test_a_half_precision_type_attribute_outside_the_standard_ops_is_refused():
     model.opset_import.append(helper.make_opsetid("com.example", 1))
     with pytest.raises(lrp_onnx.UnsupportedModelError, match="node 'quant' \\(com.example.Quantize\\)"):
         load_model(model)
+
+
+def test_onnx_runtimes_float16_converter_with_float32_boundary_converts(cnn):
+    """ONNX Runtime's converter appends the Casts of the kept float32 inputs after the nodes that read
+    them, which the ONNX checker refuses and ONNX Runtime runs: the nodes are sorted, not refused. Its
+    weights are the float16 ones, so the relevance is the float32 explainer's, bit for bit."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+    model = convert_float_to_float16(onnx.load(cnn["float32"]), keep_io_types=True)
+    with pytest.raises(onnx.checker.ValidationError, match="topologically sorted"):
+        onnx.checker.check_model(model)
+    x = np.random.default_rng(5).standard_normal((2, 3, 12, 12)).astype(np.float32)
+    _, relevance = lrp_onnx.Explainer(model).explain(x)
+    _, expected = lrp_onnx.Explainer(cnn["float32"]).explain(x)
+    np.testing.assert_array_equal(relevance, expected)

@@ -13,6 +13,7 @@ from lrp_onnx.errors import ModelLoadError
 from lrp_onnx.load import (GRAPH_STEPS, PROTO_STEPS, declare_output_shapes, drop_identities, drop_initializer_inputs,
                            expand_linear_classifiers, fold_constants, import_graph, infer_shapes, load_model,
                            name_nodes, upgrade_opset)
+from lrp_onnx.quantized import MIRROR, QuantizedWeight, mirror_qdq_forward, read_quantized_weights
 from lrp_onnx.precision import upcast_to_float32
 
 
@@ -44,7 +45,8 @@ def caffe2_squeezenet():
 
 def test_the_steps_are_listed_in_order():
     assert PROTO_STEPS == (drop_initializer_inputs, upcast_to_float32, upgrade_opset, infer_shapes)
-    assert GRAPH_STEPS == (expand_linear_classifiers, fold_constants, drop_identities, name_nodes)
+    assert GRAPH_STEPS == (expand_linear_classifiers, fold_constants, read_quantized_weights, drop_identities,
+                           name_nodes, mirror_qdq_forward)
 
 
 def test_initializers_leave_the_inputs(caffe2_squeezenet):
@@ -191,3 +193,79 @@ def test_converting_does_not_import_torch():
     model = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "digits_cnn.onnx")
     result = subprocess.run([sys.executable, "-c", code, model], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.fixture(scope="module")
+def quantized_cnn(tmp_path_factory):
+    import quantized_models
+    folder = tmp_path_factory.mktemp("quantized")
+    path = quantized_models.residual_cnn(folder / "cnn.onnx")
+    feeds = {"x": np.random.default_rng(4).standard_normal((2, 3, 16, 16)).astype(np.float32)}
+    return {form: quantized_models.quantize(path, form, folder / f"{form}.onnx") for form in quantized_models.FORMS}, feeds
+
+
+def test_quantized_weights_stay_in_the_forward_and_carry_their_values(quantized_cnn):
+    """Folding would turn DequantizeLinear(int8 weight) into a float weight, and a runtime would then
+    run that layer in float; the node stays, and its output holds the values it computes."""
+    paths, feeds = quantized_cnn
+    proto, _ = load_model(paths["qdq"])
+    graph = gs.import_onnx(proto)
+    before = run_graph(graph, feeds)
+    fold_constants(graph)
+    dequantized = [n for n in graph.nodes if n.op == "DequantizeLinear" and isinstance(n.inputs[0], gs.Constant)]
+    assert len(dequantized) == 10  # five layers, each a weight and a bias
+    read_quantized_weights(graph)
+    weights = [n.outputs[0] for n in dequantized]
+    assert all(isinstance(w, QuantizedWeight) for w in weights)
+    # each one's values are what ONNX Runtime computes for that node
+    exposed = gs.export_onnx(graph)
+    exposed.graph.output.extend(helper.make_empty_tensor_value_info(w.name) for w in weights)
+    computed = run(exposed, feeds)[-len(weights):]
+    for weight, value in zip(weights, computed):
+        np.testing.assert_array_equal(weight.values, value)
+    assert_same_outputs(before, run_graph(graph, feeds))
+
+
+def test_the_mirror_of_a_qdq_forward_computes_the_same_and_takes_the_node_names(quantized_cnn):
+    paths, feeds = quantized_cnn
+    graph = import_graph(load_model(paths["qdq"])[0])
+    originals = [n for n in graph.nodes if n.name.endswith(MIRROR)]
+    mirrors = [n for n in graph.nodes if n.name + MIRROR in {o.name for o in originals}]
+    assert originals and len(mirrors) == len(originals)
+    assert all(t.name.endswith(MIRROR) for n in mirrors for t in n.outputs)
+    exposed = gs.export_onnx(graph)
+    exposed.graph.output.append(helper.make_empty_tensor_value_info("logits" + MIRROR))
+    logits, mirrored = run(exposed, feeds)
+    np.testing.assert_array_equal(mirrored, logits)
+    qoperator = import_graph(load_model(paths["qoperator"])[0])  # its integer tensors are read freely
+    assert not any(n.name.endswith(MIRROR) for n in qoperator.nodes)
+
+
+def test_shapes_of_a_qoperator_model_are_inferred_through_its_standard_twin(quantized_cnn):
+    """ONNX's inference knows no com.microsoft op: without the twin, QLinearAdd's output, and all
+    after it, would have no shape, which the strided convolution after it needs."""
+    paths, _ = quantized_cnn
+    proto = infer_shapes(load_model(paths["qoperator"])[0], "qoperator")
+    shapes = {v.name: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim]
+              for v in proto.graph.value_info}
+    added = next(n.output[0] for n in proto.graph.node if n.op_type == "QLinearAdd")
+    assert shapes[added][1:] == [8, 8, 8]
+
+
+def test_nodes_out_of_order_are_sorted_and_a_cycle_is_refused():
+    proto = _identity_model()
+    shuffled = onnx.ModelProto()
+    shuffled.CopyFrom(proto)
+    nodes = list(shuffled.graph.node)
+    del shuffled.graph.node[:]
+    shuffled.graph.node.extend(reversed(nodes))
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)}
+    loaded, _ = load_model(shuffled)
+    assert [n.name for n in loaded.graph.node] == ["id1", "drop", "mm", "id_out"]
+    assert_same_outputs(run(proto, feeds), run(loaded, feeds))
+    assert [n.name for n in shuffled.graph.node] == ["id_out", "mm", "drop", "id1"], "the caller's model stays"
+    cycle = onnx.ModelProto()
+    cycle.CopyFrom(proto)
+    cycle.graph.node[0].input[0] = "y"  # id1 reads the output of id_out, which depends on id1
+    with pytest.raises(ModelLoadError, match="cycle through node"):
+        load_model(cycle)

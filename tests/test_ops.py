@@ -16,10 +16,19 @@ import numpy_reference as ref
 RNG = np.random.default_rng(7)
 
 
+KEPT_INTEGERS = (np.int8, np.uint8, np.int32)  # quantized weights, zero points and biases
+
+
 def _initializers(arrays):
-    """Float arrays as float32, integer arrays (shapes, axes, indices) as int64."""
-    return [numpy_helper.from_array(np.asarray(v, np.float32 if np.asarray(v).dtype.kind == "f" else np.int64), k)
-            for k, v in arrays.items()]
+    """Float arrays as float32, quantized ones (int8, uint8, int32) as they are, other integer arrays
+    (shapes, axes, indices) as int64."""
+    def typed(v):
+        v = np.asarray(v)
+        return v.astype(np.float32 if v.dtype.kind == "f" else v.dtype if v.dtype in KEPT_INTEGERS else np.int64)
+    return [numpy_helper.from_array(typed(v), k) for k, v in arrays.items()]
+
+
+OPSETS = lambda opset: [helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)]  # noqa: E731
 
 
 def run_explainer(nodes, x, initializers, seed, opset=17, rules=None, composite="epsilon", **params):
@@ -29,7 +38,7 @@ def run_explainer(nodes, x, initializers, seed, opset=17, rules=None, composite=
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N"] + list(x.shape[1:]))],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", seed.shape[1]])],
         _initializers(initializers))
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model = helper.make_model(graph, opset_imports=OPSETS(opset))
     explainer = lrp_onnx.convert(model, composite, rules=rules, seed_input=True, **params)
     session = ort.InferenceSession(explainer.SerializeToString(), providers=["CPUExecutionProvider"])
     y, relevance = session.run(["y", "relevance"], {"x": x, "relevance_seed": seed})
@@ -50,7 +59,9 @@ class Linear:
     affine: Callable  # numpy z = M x + b for one sample
     structure: Optional[Callable] = None  # numpy forward with all-ones weights and no bias (flat rule)
     op: str = "Conv"
-    after_relu: bool = False  # the layer reads Relu(x): the converter's non-negative-input path
+    # what the layer reads, from the model's input x: Relu(x) (the converter's non-negative-input
+    # path), or x quantized and dequantized
+    layer_input: Callable = lambda x: x
 
 
 def after_relu(case):
@@ -60,7 +71,7 @@ def after_relu(case):
                                        name=n.name, **{a.name: helper.get_attribute_value(a) for a in n.attribute})
                       for n in case.nodes]
     return Linear(case.id + "-after-relu", case.x_shape, nodes, case.weights, case.affine, case.structure, case.op,
-                  after_relu=True)
+                  lambda x: np.maximum(x, 0))
 
 
 def _conv_case(id, x_shape, w_shape, attrs=None, bias=True, **np_attrs):
@@ -163,6 +174,69 @@ LINEAR_CASES += [(_matmul_add_case(), rule, {}) for rule in ("epsilon", "alpha-b
 LINEAR_CASES += [(_conv_bn_case(), rule, {}) for rule in ("epsilon", "alpha-beta", "wsquare")]
 
 
+# --- quantized layers: a QOperator op between QuantizeLinear and DequantizeLinear, whose rule sees
+# its float form: the dequantized input, the dequantized weights and its float result --------------
+
+Q_SCALE, Q_ZERO = np.float32(0.02), np.uint8(128)  # uint8 activations over [-2.56, 2.54]
+QUANTIZE = {"q_scale": Q_SCALE, "q_zero": Q_ZERO}
+
+
+def qdq(x, scale=Q_SCALE, zero=Q_ZERO):
+    """QuantizeLinear then DequantizeLinear in numpy: the value a layer reading the quantized x sees."""
+    q = np.clip(np.rint(np.asarray(x, np.float32) / np.float32(scale)) + float(zero), 0, 255)
+    return ((q - float(zero)) * np.float32(scale)).astype(np.float64)
+
+
+def quantized(w, axis):
+    """int8 weights and per-channel float32 scales along ``axis`` (zero point 0), and their float value."""
+    scale = (np.abs(w).max(axis=tuple(i for i in range(w.ndim) if i != axis)) / 127).astype(np.float32)
+    shape = [-1 if i == axis else 1 for i in range(w.ndim)]
+    q = np.clip(np.rint(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+    return q, scale, q.astype(np.float64) * scale.reshape(shape).astype(np.float64)
+
+
+def _quantized_case(id, op, x_shape, operands, weights, affine, out_scale=0.05, domain="", **attrs):
+    """x → QuantizeLinear → ``op``(quantized x, ``operands``..., output scale and zero point) →
+    DequantizeLinear → z, the layer reading qdq(x)."""
+    nodes = [helper.make_node("QuantizeLinear", ["x", "q_scale", "q_zero"], ["qx"], name="quantize"),
+             helper.make_node(op, ["qx", "q_scale", "q_zero", *operands], ["qz"], name="layer", domain=domain, **attrs),
+             helper.make_node("DequantizeLinear", ["qz", "out_scale", "out_zero"], ["z"], name="dequantize")]
+    weights = dict(weights, **QUANTIZE, out_scale=np.float32(out_scale), out_zero=np.uint8(128))
+    return Linear(id, x_shape, nodes, weights, affine, op=op, layer_input=qdq)
+
+
+def _qlinear_conv_case():
+    w_q, w_scale, w = quantized(RNG.standard_normal((3, 2, 3, 3)), axis=0)
+    bias = RNG.integers(-2000, 2000, 3).astype(np.int32)
+    b = bias * (float(Q_SCALE) * w_scale.astype(np.float64))
+    return _quantized_case("qlinearconv-per-channel", "QLinearConv", (2, 5, 5),
+                           ["w_q", "w_scale", "w_zero", "out_scale", "out_zero", "bias"],
+                           {"w_q": w_q, "w_scale": w_scale, "w_zero": np.zeros(3, np.int8), "bias": bias},
+                           lambda s: ref.conv(s, w, pads=[1, 1, 1, 1]) + b.reshape(-1, 1, 1), pads=[1, 1, 1, 1])
+
+
+def _qlinear_matmul_case():
+    w_q, w_scale, w = quantized(RNG.standard_normal((6, 4)), axis=1)
+    return _quantized_case("qlinearmatmul-per-column", "QLinearMatMul", (3, 6),
+                           ["w_q", "w_scale", "w_zero", "out_scale", "out_zero"],
+                           {"w_q": w_q, "w_scale": w_scale, "w_zero": np.zeros(4, np.int8)}, lambda s: s @ w)
+
+
+def _qgemm_case():
+    """QGemm computes alpha·(A·B + C) with C's scale a_scale·b_scale (ONNX Runtime's contrib op)."""
+    w_q, w_scale, w = quantized(RNG.standard_normal((5, 6)), axis=0)
+    c = RNG.integers(-2000, 2000, 5).astype(np.int32)
+    c_float = c * (float(Q_SCALE) * w_scale.astype(np.float64))
+    return _quantized_case("qgemm-transB-alpha", "QGemm", (6,),
+                           ["w_q", "w_scale", "w_zero", "bias", "out_scale", "out_zero"],
+                           {"w_q": w_q, "w_scale": w_scale, "w_zero": np.zeros(5, np.int8), "bias": c},
+                           lambda s: 0.5 * (s @ w.T + c_float), domain="com.microsoft", transB=1, alpha=0.5)
+
+
+LINEAR_CASES += [(case, rule, {}) for case in (_qlinear_conv_case(), _qlinear_matmul_case(), _qgemm_case())
+                 for rule in ("epsilon", "alpha-beta")]
+
+
 def _bound(value, x_shape):
     value = np.asarray(value, np.float64)
     if value.ndim == 1:
@@ -181,7 +255,7 @@ def test_linear_rule_matches_numpy(case, rule, params):
     rule_obj = lrp_onnx.make_rule(rule, **params)
     _, relevance = run_explainer(case.nodes, x, case.weights, seed, rules={case.op: rule_obj})
     ones = ref.dense_matrix(case.structure, case.x_shape) if case.structure else None
-    layer_input = np.maximum(x, 0) if case.after_relu else x
+    layer_input = case.layer_input(x)
     for n in range(2):
         expected = ref.lrp(rule, params, m, layer_input[n].reshape(-1).astype(np.float64), bias,
                            seed[n].astype(np.float64),
@@ -430,6 +504,57 @@ CASES = ACTIVATION_CASES + [
 ]
 
 
+def _quantized(op, operands=(), out_scale=0.05, **attrs):
+    """x → QuantizeLinear → ``op`` (ONNX Runtime's contrib op) on it, then DequantizeLinear → z."""
+    return [node("QuantizeLinear", ["x", "q_scale", "q_zero"], ["qx"]),
+            node(op, ["qx", "q_scale", "q_zero", *operands, "out_scale", "out_zero"], ["qz"], domain="com.microsoft",
+                 **attrs),
+            node("DequantizeLinear", ["qz", "out_scale", "out_zero"])]
+
+
+OUT = dict(QUANTIZE, out_scale=np.float32(0.05), out_zero=np.uint8(128))
+
+
+def on_qdq(reference):
+    """A reference for the layer reading qdq(x) instead of x."""
+    return lambda x, z, r: reference(qdq(x), z, r)
+
+
+CASES += [
+    Case("QuantizeLinear-DequantizeLinear", SHAPE, [node("QuantizeLinear", ["x", "q_scale", "q_zero"], ["qx"]),
+                                                    node("DequantizeLinear", ["qx", "q_scale", "q_zero"])],
+         passed, QUANTIZE),
+    Case("DynamicQuantizeLinear", SHAPE, [node("DynamicQuantizeLinear", ["x"], ["qx", "s", "zp"]),
+                                          node("DequantizeLinear", ["qx", "s", "zp"])], passed),
+    Case("QLinearSigmoid", SHAPE, _quantized("QLinearSigmoid"), passed, OUT),
+    Case("QLinearLeakyRelu", SHAPE, _quantized("QLinearLeakyRelu", alpha=0.1), passed, OUT),
+    # one tensor twice: R_x = 2x·R / st(2x), x the dequantized input and 2x the float sum
+    Case("QLinearAdd-same-tensor", SHAPE, _quantized("QLinearAdd", ["qx", "q_scale", "q_zero"]),
+         lambda x, z, r: normed(x, 2 * qdq(x), r), OUT, conserves=False),
+    Case("QLinearMul-constant", SHAPE, _quantized("QLinearMul", ["c_q", "c_scale", "c_zero"]), passed,
+         dict(OUT, c_q=RNG.integers(0, 255, (6, 1)).astype(np.uint8), c_scale=np.float32(0.01),
+              c_zero=np.uint8(128))),
+    Case("QLinearConcat", SHAPE,
+         [node("QuantizeLinear", ["x", "q_scale", "q_zero"], ["qx"]),
+          node("QLinearConcat", ["out_scale", "out_zero", "qx", "q_scale", "q_zero", "qx", "q_scale", "q_zero"], ["qz"],
+               domain="com.microsoft", axis=2),
+          node("DequantizeLinear", ["qz", "out_scale", "out_zero"])],
+         lambda x, z, r: r[:, 0:6] + r[:, 6:12], OUT),
+    Case("QLinearAveragePool", SHAPE, _quantized("QLinearAveragePool", kernel_shape=[2, 2], strides=[2, 2]),
+         on_qdq(pooled(lambda s: ref.average_pool(s, [2, 2], [2, 2], [0, 0, 0, 0], 1))), OUT, conserves=False),
+    Case("QLinearGlobalAveragePool", SHAPE, _quantized("QLinearGlobalAveragePool"),
+         on_qdq(pooled(lambda s: s.mean((1, 2)))), OUT, conserves=False),
+    # the softmax's own output is quantized to [0, 1): scale 1/256, zero point 0
+    Case("QLinearSoftmax", SHAPE,
+         [node("QuantizeLinear", ["x", "q_scale", "q_zero"], ["qx"]),
+          node("QLinearSoftmax", ["qx", "q_scale", "q_zero", "p_scale", "p_zero"], ["qs"], domain="com.microsoft",
+               axis=-1, opset=13),
+          node("DequantizeLinear", ["qs", "p_scale", "p_zero"], ["s"]), node("Mul", ["s", "one"])],
+         lambda x, z, r: ref.softmax_rule(qdq(x), r, 1e-6),
+         dict(QUANTIZE, p_scale=np.float32(1 / 256), p_zero=np.uint8(0), one=np.float32(1)), conserves=False),
+]
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_op_matches_numpy(case):
     x = RNG.standard_normal((2,) + case.x_shape).astype(np.float32)
@@ -449,7 +574,7 @@ def _forward_z(case, x):
     graph = helper.make_graph(case.nodes, "z", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
                               [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
                               _initializers(case.weights))
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", case.opset)])
+    model = helper.make_model(graph, opset_imports=OPSETS(case.opset))
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
 
 

@@ -1,3 +1,3 @@
 """Per-op propagators; importing this package registers all of them."""
 
-from . import elementwise, linear, pooling, products, routing  # noqa: F401
+from . import elementwise, linear, pooling, products, quantized, routing  # noqa: F401

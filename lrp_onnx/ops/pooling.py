@@ -128,7 +128,7 @@ def max_pool(b, unit, relevance_out):
     window has exactly one winner even where a runtime fuses the pool into the layer before it and
     rounds that layer differently on the two paths.
     """
-    x, y = unit.inputs[0], unit.head.outputs[0]
+    x, y = b.as_float(unit.inputs[0]), unit.head.outputs[0]
     window = _Window(window_attrs(unit, list(unit.head.attrs["kernel_shape"])), x.shape[2:], y.shape[2:])
     phases = window.phases(b, x)
     views = [window.view(b, phases, offset) for offset in window.offsets]
@@ -232,7 +232,7 @@ class _Window:
 @routing("GlobalMaxPool")
 def global_max_pool(b, unit, relevance_out):
     """Winner-take-all over all spatial positions: ArgMax (first maximum) of each channel gets R."""
-    x = unit.inputs[0]
+    x = b.as_float(unit.inputs[0])
     shape = b.shape(x)
     positions = b.op("ReduceProd", b.op("Slice", shape, b.ints([2]), b.ints([np.iinfo(np.int64).max])), keepdims=1)
     rows = b.op("Concat", b.op("Slice", shape, b.ints([0]), b.ints([2])), positions, axis=0)

@@ -10,8 +10,10 @@ def _inputs_after_first(unit):
     return [None] * (len(unit.inputs) - 1)
 
 
-@routing("Identity", "Dropout", "Cast")
+@routing("Identity", "Dropout", "Cast", "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
 def unchanged(b, unit, relevance_out):
+    """The same values, or the same values rounded (a quantizer, a Cast between float types): R
+    passes one to one, as through Zennit's Pass rule. A quantized tensor's relevance is its value's."""
     return [relevance_out[0]] + _inputs_after_first(unit)
 
 

@@ -1,0 +1,78 @@
+"""QOperator ops (QLinearConv, QGemm, QLinearAdd, ...) read as their float ops (quantized.py): the
+float op's propagator sees the dequantized operands, constant ones (weights) as constants, and as
+the layer's output its float result before requantization."""
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..graph import Unit, is_constant
+from ..quantized import QLINEAR_FORMS, dequantize, qlinear_form
+from ..registry import View, viewed
+
+# Attributes of a QOperator op that its float op does not take
+QUANTIZED_ONLY_ATTRIBUTES = ("channels_last", "opset")
+
+
+def float_view(unit):
+    """The View of a QOperator unit as its float op: a Unit over stand-ins for the dequantized
+    operands (DequantizeLinear of the operand, emitted when bound) or constants (fixed operands),
+    whose output stands for the float result (the float op, emitted when bound and read)."""
+    node = unit.head
+    form = qlinear_form(node)
+    if node.attrs.get("channels_last", 0):
+        return "channels_last=1 (NHWC) is not supported"
+    if form.float_op == "Softmax" and node.attrs.get("opset", 13) < 13 and node.attrs.get("axis", 1) != -1:
+        return "QLinearSoftmax of opset < 13 flattens to 2-D from its axis; only axis -1 is supported"
+    inputs, sources, dequantizers = [], [], []
+    for k, triple in enumerate(form.operand_triples(node)):
+        q, parameters = node.inputs[triple[0]], [_present(node, i) for i in triple[1:]]
+        axis = form.operand_axis(node, k)
+        if is_constant(q) and all(p is None or is_constant(p) for p in parameters):
+            values = dequantize(q.values, *[p if p is None else p.values for p in parameters], axis=axis)
+            inputs.append(gs.Constant(f"lrp/{unit.name}/dequantized_{k}", values))
+            sources.append(None)
+            continue
+        stand_in = gs.Variable(f"lrp/{unit.name}/dequantized_{k}", np.float32, q.shape)
+        dequantizers.append(([q, *parameters], axis, stand_in))
+        inputs.append(stand_in)
+        sources.append(triple[0])
+    attrs = {k: v for k, v in node.attrs.items() if k not in QUANTIZED_ONLY_ATTRIBUTES}
+    if form.bias is not None and _present(node, form.bias) is not None:
+        bias = _bias(node, form, unit)
+        if isinstance(bias, str):
+            return bias
+        inputs.append(bias)
+        sources.append(None)
+        if form.float_op == "Gemm":  # QGemm computes alpha·(A·B + C), so C enters as Gemm's β·C with β = α
+            attrs["beta"] = attrs.get("alpha", 1.0)
+    output = gs.Variable(f"lrp/{unit.name}/float_output", np.float32, unit.outputs[0].shape)
+    head = gs.Node(form.float_op, f"lrp/{unit.name}/{form.float_op}", attrs, inputs, [output])
+    view_unit = Unit(head, relevant=[source is not None and unit.relevant[source] for source in sources])
+    return View(view_unit, sources, lambda b: _bind(b, head, dequantizers))
+
+
+def _present(node, index):
+    """Input ``index`` of ``node``, None where it is absent (an optional zero point)."""
+    return node.inputs[index] if index < len(node.inputs) and node.inputs[index].name else None
+
+
+def _bias(node, form, unit):
+    """The int32 bias as a float constant: its scale is the product of the first two operands'."""
+    scales = [node.inputs[triple[1]] for triple in form.operands[:2]]
+    bias = node.inputs[form.bias]
+    if not all(is_constant(t) for t in scales + [bias]):
+        return f"the bias of {unit.op} and its operands' scales must be constants"
+    scale = np.asarray(scales[0].values, np.float32) * np.asarray(scales[1].values, np.float32)
+    return gs.Constant(f"lrp/{unit.name}/dequantized_bias", dequantize(bias.values, scale.reshape(-1), axis=-1))
+
+
+def _bind(b, head, dequantizers):
+    """Emit what the stand-ins of a float view stand for: a DequantizeLinear per computed operand,
+    and the float op itself, which graph cleanup removes where no rule reads its output."""
+    for (inputs, axis, stand_in) in dequantizers:
+        present = inputs if inputs[-1] is not None else inputs[:-1]  # the zero point is optional
+        b.graph.nodes.append(gs.Node("DequantizeLinear", b.name("dequantize"), {"axis": axis}, present, [stand_in]))
+    b.graph.nodes.append(head)
+
+
+viewed(*QLINEAR_FORMS, view=float_view)

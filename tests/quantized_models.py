@@ -1,0 +1,290 @@
+"""Quantized ONNX models from ONNX Runtime's own quantizer, and the float networks they stand for.
+
+``quantize(path, form)`` runs ``onnxruntime.quantization`` the way its documentation asks:
+``quant_pre_process`` (shape inference and ORT's optimizer, which folds BatchNorm into the
+convolutions), then ``quantize_static`` calibrated on a few seeded inputs.
+
+``FloatNetwork`` is the reference the quantized explainers are held to: a torch module read from
+the quantized file itself, with its dequantized weights, each quantized op as its float op, and
+each activation rounding (a QuantizeLinear, or a QOperator op's requantization) as a ``Rounding``
+module, which Zennit's Pass rule passes relevance through. It is written here from the ONNX
+operator definitions, independently of lrp_onnx.
+"""
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import nn
+from zennit.composites import LayerMapComposite, layer_map_base
+from zennit.layer import Sum
+from zennit.rules import AlphaBeta, Epsilon, Pass
+
+FORMS = ("qdq", "qoperator")
+
+
+class Calibration:
+    """``onnxruntime.quantization.CalibrationDataReader``: ``count`` seeded standard-normal inputs."""
+
+    def __init__(self, name, shape, count=8, seed=0):
+        rng = np.random.default_rng(seed)
+        self.batches = iter([{name: rng.standard_normal((1, *shape)).astype(np.float32)} for _ in range(count)])
+
+    def get_next(self):
+        return next(self.batches, None)
+
+
+def quantize(path, form, out_path, input_name="x", shape=(3, 16, 16)):
+    """``path`` statically quantized, per channel: "qdq" with int8 activations and weights (the
+    quantizer's defaults), "qoperator" with uint8 activations (the x86 QOperator layout)."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    prepared = str(out_path) + ".prepared.onnx"
+    quant_pre_process(str(path), prepared)
+    activations = QuantType.QInt8 if form == "qdq" else QuantType.QUInt8
+    quantize_static(prepared, str(out_path), Calibration(input_name, shape),
+                    quant_format=QuantFormat.QDQ if form == "qdq" else QuantFormat.QOperator,
+                    per_channel=True, activation_type=activations, weight_type=QuantType.QInt8)
+    return str(out_path)
+
+
+class ResidualCNN(nn.Module):
+    """Conv+BN+ReLU, max pooling, a residual block (whose Add becomes QLinearAdd), a strided conv,
+    global average pooling and a dense head: every op a quantized CNN is made of."""
+
+    def __init__(self, classes=5):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2))
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+        self.down = nn.Sequential(nn.ReLU(), nn.Conv2d(8, 12, 3, stride=2, padding=1), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(12, classes)
+
+    def forward(self, x):
+        stem = self.stem(x)
+        return self.head(self.down(stem + self.block(stem)))
+
+
+def residual_cnn(path, seed=3):
+    """A random-init ResidualCNN (random BatchNorm statistics) exported by torch.onnx, dynamic batch."""
+    import warnings
+    torch.manual_seed(seed)
+    model = ResidualCNN().eval()
+    with torch.no_grad():
+        model.stem[1].running_mean.uniform_(-0.5, 0.5)
+        model.stem[1].running_var.uniform_(0.5, 1.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(2, 3, 16, 16),), str(path), dynamo=False, input_names=["x"],
+                          output_names=["logits"], dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
+    return str(path)
+
+
+# --- the float network a quantized file stands for ---------------------------------------------------
+
+def dequantize(q, scale, zero_point, axis):
+    """DequantizeLinear: (q − zero_point)·scale, the scale per channel along ``axis`` if 1-D."""
+    scale, zero = np.asarray(scale, np.float32), np.asarray(zero_point if zero_point is not None else 0)
+    shape = [-1 if i == axis % q.ndim else 1 for i in range(q.ndim)] if scale.ndim == 1 else scale.shape
+    return (q.astype(np.int32) - zero.astype(np.int32).reshape(shape)).astype(np.float32) * scale.reshape(shape)
+
+
+class Rounding(nn.Module):
+    """QuantizeLinear then DequantizeLinear on an activation: (clip(round(x / s) + z) − z)·s, rounding
+    half to even and saturating to the zero point's type.
+
+    With ``observed`` (the dequantized values a run of the quantized model gave this tensor), those
+    are the output instead: in a deep network a float computation that rounds its sums in another
+    order lands on the other side of a rounding step now and then, and the flips compound layer
+    by layer, so a reference must hold the activations the model had to be comparable."""
+
+    def __init__(self, scale, zero_point, name, observed=None):
+        super().__init__()
+        info = np.iinfo(zero_point.dtype)
+        self.low, self.high, self.name, self.observed = float(info.min), float(info.max), name, observed
+        self.register_buffer("scale", torch.tensor(np.float32(scale)))
+        self.register_buffer("zero", torch.tensor(float(zero_point)))
+
+    def forward(self, x):
+        if self.observed is not None and self.name in self.observed:
+            return x + (torch.as_tensor(self.observed[self.name]) - x).detach()
+        q = torch.clamp(torch.round(x / self.scale) + self.zero, self.low, self.high)
+        return (q - self.zero) * self.scale
+
+
+class Residual(nn.Module):
+    """a + b through zennit's Sum (which its Norm rule splits), as Zennit's ResNet canonizer does."""
+
+    def __init__(self):
+        super().__init__()
+        self.sum = Sum()
+
+    def forward(self, a, b):
+        return self.sum(torch.stack([a, b], dim=-1))
+
+
+class FloatNetwork(nn.Module):
+    """The float network of a quantized (QDQ or QOperator) or float ONNX CNN, node by node."""
+
+    def __init__(self, path, observed=None):
+        super().__init__()
+        self.observed = observed
+        model = onnx.load(path)
+        graph = model.graph
+        self.fixed = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        self.input_name = graph.input[0].name
+        self.output_name = graph.output[0].name
+        self.layers = nn.ModuleDict()
+        self.steps = []  # (module key or None, function, input names, output name)
+        for node in graph.node:
+            self._add(node)
+
+    def _value(self, name):
+        return self.fixed.get(name) if name else None
+
+    def _dequantized(self, node, triple, axis):
+        return dequantize(*[self._value(node.input[i]) if i < len(node.input) else None for i in triple], axis=axis)
+
+    def _module(self, node, module):
+        key = f"m{len(self.layers)}"
+        self.layers[key] = module
+        return key
+
+    def _add(self, node):
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        op, inputs, output = node.op_type, list(node.input), node.output[0]
+        if op == "DequantizeLinear" and inputs[0] in self.fixed:  # a quantized weight
+            self.fixed[output] = dequantize(*[self._value(i) for i in inputs] + [None] * (3 - len(inputs)),
+                                            axis=attrs.get("axis", 1))
+            return
+        if op == "DequantizeLinear":  # activations are held dequantized already
+            self.steps.append((None, lambda x: x, inputs[:1], output))
+            return
+        if op == "QuantizeLinear":
+            key = self._module(node, Rounding(self.fixed[inputs[1]], self.fixed[inputs[2]], output, self.observed))
+            self.steps.append((key, None, inputs[:1], output))
+            return
+        rounding = None
+        if op.startswith("QLinear") or op == "QGemm":
+            op, inputs, rounding = self._float_form(node, op, inputs, attrs)
+        if op == "Conv":
+            w, b = self.fixed[inputs[1]], self.fixed.get(inputs[2]) if len(inputs) > 2 else None
+            conv = nn.Conv2d(w.shape[1] * attrs.get("group", 1), w.shape[0], w.shape[2:], stride=attrs.get("strides", 1),
+                             padding=attrs.get("pads", [0, 0])[:2], dilation=attrs.get("dilations", 1),
+                             groups=attrs.get("group", 1), bias=b is not None)
+            self._set(conv, w, b)
+            module = conv
+        elif op == "Gemm":
+            w, b = self.fixed[inputs[1]], self.fixed.get(inputs[2]) if len(inputs) > 2 else None
+            w = w if attrs.get("transB", 0) else w.T
+            linear = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
+            self._set(linear, w * attrs.get("alpha", 1.0), None if b is None else b * attrs.get("beta", 1.0))
+            module = linear
+        elif op == "Add":
+            module = Residual()
+        elif op == "Relu":
+            module = nn.ReLU()
+        elif op == "MaxPool":
+            module = nn.MaxPool2d(attrs["kernel_shape"], attrs.get("strides", 1), attrs.get("pads", [0, 0])[:2])
+        elif op == "GlobalAveragePool":
+            module = nn.AdaptiveAvgPool2d(1)
+        elif op == "Flatten":
+            module = nn.Flatten()
+        else:
+            raise NotImplementedError(f"FloatNetwork has no {op}")
+        data = [i for i in inputs if i not in self.fixed and i]
+        key = self._module(node, module)
+        if rounding is None:
+            self.steps.append((key, None, data, output))
+        else:
+            inner = f"{output}/float"
+            self.steps.append((key, None, data, inner))
+            self.steps.append((self._module(node, rounding), None, [inner], output))
+
+    def _float_form(self, node, op, inputs, attrs):
+        """(float op, its inputs, the Rounding of its output) of a QOperator node; its weights and
+        bias are dequantized into ``fixed`` under new names."""
+        name = node.output[0]
+
+        def rounding(at):  # the requantization by the scale and zero point at inputs[at], inputs[at + 1]
+            return Rounding(self.fixed[inputs[at]], self.fixed[inputs[at + 1]], name, self.observed)
+        if op == "QLinearConv":
+            self.fixed[f"{name}/w"] = self._dequantized(node, (3, 4, 5), axis=0)
+            float_inputs = [inputs[0], f"{name}/w"]
+            if len(inputs) > 8 and inputs[8]:
+                scale = np.float32(self.fixed[inputs[1]]) * self.fixed[inputs[4]].astype(np.float32)
+                self.fixed[f"{name}/b"] = dequantize(self.fixed[inputs[8]], scale.reshape(-1), None, axis=0)
+                float_inputs.append(f"{name}/b")
+            return "Conv", float_inputs, rounding(6)
+        if op == "QGemm":
+            self.fixed[f"{name}/w"] = self._dequantized(node, (3, 4, 5), axis=0 if attrs.get("transB", 0) else 1)
+            float_inputs = [inputs[0], f"{name}/w"]
+            if len(inputs) > 6 and inputs[6]:
+                scale = np.float32(self.fixed[inputs[1]]) * self.fixed[inputs[4]].astype(np.float32)
+                self.fixed[f"{name}/b"] = dequantize(self.fixed[inputs[6]], scale.reshape(-1), None, axis=0)
+                float_inputs.append(f"{name}/b")
+            attrs["beta"] = attrs.get("alpha", 1.0)  # alpha·(A·B + C)
+            return "Gemm", float_inputs, rounding(7) if len(inputs) > 7 else None
+        if op == "QLinearAdd":
+            return "Add", [inputs[0], inputs[3]], rounding(6)
+        if op == "QLinearGlobalAveragePool":
+            return "GlobalAveragePool", inputs[:1], rounding(3)
+        raise NotImplementedError(f"FloatNetwork has no {op}")
+
+    @staticmethod
+    def _set(layer, weight, bias):
+        with torch.no_grad():
+            layer.weight.copy_(torch.tensor(np.array(weight)))
+            if bias is not None:
+                layer.bias.copy_(torch.as_tensor(bias))
+
+    def forward(self, x):
+        values = {self.input_name: x}
+        for key, function, inputs, output in self.steps:
+            call = self.layers[key] if key is not None else function
+            values[output] = call(*[values[i] for i in inputs])
+        return values[self.output_name]
+
+
+def observed_activations(path, x):
+    """{name: dequantized value} of every quantized activation of the model at ``path`` on input x,
+    as ONNX Runtime computes them with its graph optimisations off (the kernels ONNX defines; an
+    explainer session with optimisations off computes the same)."""
+    import onnxruntime as ort
+    model = onnx.load(path)
+    fixed = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    quantized = {}  # tensor -> (scale, zero point) names
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear":
+            quantized[node.output[0]] = node.input[1:3]
+        elif node.op_type in ("QLinearConv", "QLinearAdd", "QGemm", "QLinearGlobalAveragePool"):
+            at = {"QLinearConv": 6, "QLinearAdd": 6, "QGemm": 7, "QLinearGlobalAveragePool": 3}[node.op_type]
+            if len(node.input) > at:
+                quantized[node.output[0]] = node.input[at:at + 2]
+    names = [n for n in quantized if n not in {o.name for o in model.graph.output}]
+    model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    values = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(
+        names, {model.graph.input[0].name: x})
+    return {n: dequantize(v, fixed[quantized[n][0]], fixed[quantized[n][1]], axis=1) for n, v in zip(names, values)}
+
+
+def zennit_composite(composite, stabilizer=1e-6, epsilon=1e-6):
+    """lrp-onnx's ``composite`` (alpha-beta or epsilon) as Zennit rules for a FloatNetwork: the rule
+    on convolutions and dense layers, Zennit's base map (Pass on activations, Norm on sums and
+    average pooling), and Pass on the roundings."""
+    rule = {"alpha-beta": AlphaBeta(2.0, 1.0, stabilizer), "epsilon": Epsilon(epsilon)}[composite]
+    return LayerMapComposite(layer_map_base(stabilizer) + [(Rounding, Pass()), (nn.Conv2d, rule), (nn.Linear, rule)])
+
+
+def zennit_relevance(network, x, targets, composite):
+    """Zennit's relevance of ``network``, seeded with logit ⊙ onehot(target) at its output."""
+    from zennit.attribution import Gradient
+    x = torch.as_tensor(x)
+    with torch.no_grad():
+        classes = network(x).shape[1]
+    onehot = torch.nn.functional.one_hot(torch.as_tensor(targets), classes).float()
+    with Gradient(model=network, composite=composite) as attributor:
+        out, relevance = attributor(x, lambda out: out * onehot)
+    return out.detach().numpy(), relevance.detach().numpy()

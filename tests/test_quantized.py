@@ -1,0 +1,108 @@
+"""Quantized models from ONNX Runtime's quantizer (QDQ and QOperator, static, per channel): the
+explainer's outputs are the quantized model's, bit for bit, and its relevance is Zennit's on the
+float network the model stands for (quantized_models.FloatNetwork: dequantized weights, float
+ops, each rounding a pass-through), within 1e-5 relative L2 per sample."""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+import exporters
+import lrp_onnx
+import quantized_models as qm
+from lrp_onnx.emit import EXPLAINED_LOGIT, RELEVANCE
+from test_cli import cli
+
+COMPOSITES = ("alpha-beta", "epsilon")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """{(model, form): path}: the residual CNN and resnet18 (the issue's two silent-zero models),
+    each quantized to QDQ and QOperator, with the inputs they are explained on."""
+    folder = tmp_path_factory.mktemp("quantized")
+    cnn = qm.residual_cnn(folder / "cnn.onnx")
+    resnet = str(folder / "resnet18.onnx")
+    exporters.torchvision_classifier("resnet18", resnet)  # 64 px, dynamic batch, 10 classes
+    paths = {}
+    for form in qm.FORMS:
+        paths["cnn", form] = qm.quantize(cnn, form, folder / f"cnn-{form}.onnx")
+        paths["resnet18", form] = qm.quantize(resnet, form, folder / f"resnet18-{form}.onnx", shape=(3, 64, 64))
+    rng = np.random.default_rng(1)
+    inputs = {"cnn": rng.standard_normal((3, 3, 16, 16)).astype(np.float32),
+              "resnet18": rng.standard_normal((2, 3, 64, 64)).astype(np.float32)}
+    return paths, inputs
+
+
+def run(model, feeds, optimise=True):
+    options = ort.SessionOptions()
+    if not optimise:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString() if hasattr(model, "SerializeToString") else model,
+                                   options, providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+
+
+@pytest.mark.parametrize("form", qm.FORMS)
+@pytest.mark.parametrize("name", ["cnn", "resnet18"])
+def test_outputs_are_the_quantized_models_bit_for_bit(models, name, form):
+    """With ONNX Runtime's optimisations on, as deployed: for QDQ that means its integer kernels,
+    which run only while the relevance pass reads none of the forward's tensors (the mirror)."""
+    paths, inputs = models
+    x = inputs[name]
+    expected = run(paths[name, form], {"x": x})["logits"]
+    explained = run(lrp_onnx.convert(paths[name, form]), {"x": x, "target": np.full(len(x), -1)})
+    np.testing.assert_array_equal(explained["logits"], expected)
+
+
+@pytest.mark.parametrize("composite", COMPOSITES)
+@pytest.mark.parametrize("form", qm.FORMS)
+@pytest.mark.parametrize("name", ["cnn", "resnet18"])
+def test_relevance_is_zennits_on_the_float_network(models, name, form, composite):
+    """Both sides run with the activations the quantized model has with optimisations off (the
+    explainer session too, so that its float mirror rounds exactly as that run)."""
+    paths, inputs = models
+    path, x = paths[name, form], inputs[name]
+    logits = run(path, {"x": x})["logits"]
+    ranked = np.argsort(logits, axis=1)[:, ::-1]
+    targets = ranked[np.arange(len(x)), np.arange(len(x)) % 3]  # sample i explains its (i % 3 + 1)-th class
+    network = qm.FloatNetwork(path, qm.observed_activations(path, x)).eval()
+    reference_logits, reference = qm.zennit_relevance(network, x, targets, qm.zennit_composite(composite))
+    outputs = run(lrp_onnx.convert(path, composite), {"x": x, "target": targets}, optimise=False)
+    relevance = outputs[RELEVANCE]
+    np.testing.assert_allclose(outputs[EXPLAINED_LOGIT], reference_logits[np.arange(len(x)), targets], rtol=1e-6)
+    errors = np.linalg.norm((relevance - reference).reshape(len(x), -1), axis=1) / \
+        np.linalg.norm(reference.reshape(len(x), -1), axis=1)
+    assert errors.max() <= 1e-5, errors
+    assert np.isfinite(relevance).all() and (np.abs(relevance).reshape(len(x), -1).sum(axis=1) > 0).all()
+
+
+@pytest.mark.parametrize("form", qm.FORMS)
+def test_the_rounding_of_a_folded_relu_marks_activations_nonnegative(models, form):
+    """The quantizer drops the Relus and folds them into the activations' ranges (int8 with zero
+    point −128, uint8 with 0): the plan reads that from the quantization parameters, so the rules
+    leave out the x⁻ terms, as for the float model. Only the first layer reads a signed input."""
+    paths, _ = models
+    p = lrp_onnx.plan(paths["cnn", form])
+    linear = [u for u in p.units if u.role in ("conv", "dense")]
+    assert [u.x_nonnegative for u in linear] == [False, True, True, True, True], [u.name for u in linear]
+
+
+def test_the_float_network_of_the_float_model_is_the_model(models, tmp_path):
+    """The reference's own check: read from the unquantized file, FloatNetwork computes its logits."""
+    path = qm.residual_cnn(tmp_path / "cnn.onnx")
+    x = models[1]["cnn"]
+    with torch.no_grad():
+        ours = qm.FloatNetwork(path)(torch.as_tensor(x)).numpy()
+    np.testing.assert_allclose(ours, run(path, {"x": x})["logits"], rtol=1e-5, atol=1e-6)
+
+
+def test_cli_converts_and_inspects_a_quantized_model(models, tmp_path):
+    paths, _ = models
+    result = cli("inspect", paths["cnn", "qoperator"])
+    assert result.returncode == 0, result.stderr
+    assert "QLinearConv" in result.stdout and "QLinearAdd" in result.stdout and "all nodes supported" in result.stdout
+    out = tmp_path / "cnn-qdq.lrp.onnx"
+    result = cli("convert", paths["cnn", "qdq"], "-o", out)
+    assert result.returncode == 0 and out.exists(), result.stderr
