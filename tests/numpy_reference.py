@@ -162,3 +162,12 @@ def layer_norm_rule(x, y, r, scale, epsilon, axes=(-1,), eps=1e-5):
     sigma = np.sqrt(x.var(axis=axes, keepdims=True) + eps)
     g = scale * r / stabilized(y, epsilon)
     return x * (g - g.mean(axis=axes, keepdims=True)) / sigma
+
+
+def group_norm_rule(x, y, r, scale, groups, epsilon, eps=1e-5):
+    """layer_norm_rule per group of channels, x one sample [C, …]: the statistics over each group's
+    channels and positions, γ per channel. Instance norm is the case groups = C."""
+    g = np.asarray(scale).reshape([-1] + [1] * (x.ndim - 1)) * r / stabilized(y, epsilon)
+    xg, gg = x.reshape(groups, -1), g.reshape(groups, -1)
+    sigma = np.sqrt(xg.var(axis=1, keepdims=True) + eps)
+    return (xg * (gg - gg.mean(axis=1, keepdims=True)) / sigma).reshape(x.shape)

@@ -455,6 +455,25 @@ CASES = ACTIVATION_CASES + [
          passed, {"two_f": np.array(2.0, np.float32), "ln_eps": np.array(1e-6, np.float32), "w": LN_BIAS}),
     Case("RMSNormalization", SHAPE, [node("RMSNormalization", ["x", "w"], axis=-1)], passed, {"w": LN_BIAS},
          opset=23),
+    Case("LpNormalization", SHAPE, [node("LpNormalization", ["x"], axis=1, p=2)], passed),
+    Case("InstanceNormalization", SHAPE, [node("InstanceNormalization", ["x", "in_scale", "in_bias"], epsilon=1e-3)],
+         lambda x, z, r: ref.group_norm_rule(x, z, r, IN_SCALE, 3, 1e-6, eps=1e-3),
+         {"in_scale": (IN_SCALE := RNG.uniform(0.5, 2, 3)), "in_bias": RNG.standard_normal(3)}, conserves=False),
+    # opset 21's form, scale and bias per channel (the ONNX checker refuses opset 18's, per group, as deprecated)
+    Case("GroupNormalization", (4, 5, 5), [node("GroupNormalization", ["x", "gn_scale4", "gn_bias4"],
+                                                num_groups=2)],
+         lambda x, z, r: ref.group_norm_rule(x, z, r, GN_SCALE4, 2, 1e-6),
+         {"gn_scale4": (GN_SCALE4 := RNG.uniform(0.5, 2, 4)), "gn_bias4": RNG.standard_normal(4)}, opset=21,
+         conserves=False),
+    # torch.onnx's GroupNorm below opset 18: instance norm over the grouped view with γ = 1 and β = 0,
+    # then the per-channel scale and shift, which pass R on 1:1 (alpha-beta's base map)
+    Case("GroupNorm-written-out", (4, 5, 5),
+         [node("Reshape", ["x", "groups"], ["g"]), node("InstanceNormalization", ["g", "ones2", "zeros2"], ["n"]),
+          node("Reshape", ["n", "back"], ["nb"]), node("Mul", ["nb", "gn_w"], ["m"]), node("Add", ["m", "gn_b"])],
+         lambda x, z, r: ref.group_norm_rule(x, _group_normalised(x, 2), r, np.ones(4), 2, 1e-6),
+         {"groups": np.array([0, 2, -1], np.int64), "ones2": np.ones(2), "zeros2": np.zeros(2),
+          "back": np.array([-1, 4, 5, 5], np.int64), "gn_w": RNG.uniform(0.5, 2, (4, 1, 1)),
+          "gn_b": RNG.standard_normal((4, 1, 1))}, conserves=False),
     Case("Expand", (3, 1, 6), [node("Expand", ["x", "to"])], routed(lambda s: np.broadcast_to(s, (3, 4, 6))),
          {"to": np.array([1, 3, 4, 6], np.int64)}),
     # indices computed at run time, repeated in pairs: row l of x as [-1, 6] reads (i, i % 6), i = l - l % 2;
@@ -515,9 +534,26 @@ def _quantized(op, operands=(), out_scale=0.05, **attrs):
 OUT = dict(QUANTIZE, out_scale=np.float32(0.05), out_zero=np.uint8(128))
 
 
+def _group_normalised(x, groups, eps=1e-5):
+    """x [C, …] normalised per group of channels, in float64."""
+    xg = x.reshape(groups, -1)
+    return ((xg - xg.mean(axis=1, keepdims=True)) / np.sqrt(xg.var(axis=1, keepdims=True) + eps)).reshape(x.shape)
+
+
 def on_qdq(reference):
     """A reference for the layer reading qdq(x) instead of x."""
     return lambda x, z, r: reference(qdq(x), z, r)
+
+
+def _positive(nodes):
+    """``nodes`` reading sigmoid(x) where they read x."""
+    return [node("Sigmoid", ["x"], ["sx"])] + [helper.make_node(
+        n.op_type, ["sx" if i == "x" else i for i in n.input], n.output, name=n.name, domain=n.domain,
+        **{a.name: helper.get_attribute_value(a) for a in n.attribute}) for n in nodes]
+
+
+def on_positive_qdq(reference):
+    return lambda x, z, r: reference(qdq(1 / (1 + np.exp(-x))), z, r)
 
 
 CASES += [
@@ -540,10 +576,13 @@ CASES += [
                domain="com.microsoft", axis=2),
           node("DequantizeLinear", ["qz", "out_scale", "out_zero"])],
          lambda x, z, r: r[:, 0:6] + r[:, 6:12], OUT),
-    Case("QLinearAveragePool", SHAPE, _quantized("QLinearAveragePool", kernel_shape=[2, 2], strides=[2, 2]),
-         on_qdq(pooled(lambda s: ref.average_pool(s, [2, 2], [2, 2], [0, 0, 0, 0], 1))), OUT, conserves=False),
-    Case("QLinearGlobalAveragePool", SHAPE, _quantized("QLinearGlobalAveragePool"),
-         on_qdq(pooled(lambda s: s.mean((1, 2)))), OUT, conserves=False),
+    # pooled over positive values (a sigmoid's, which passes R): a window summing to near 0 would make
+    # the split ill-conditioned, R/z amplifying float32 rounding
+    Case("QLinearAveragePool", SHAPE, _positive(_quantized("QLinearAveragePool", kernel_shape=[2, 2], strides=[2, 2])),
+         on_positive_qdq(pooled(lambda s: ref.average_pool(s, [2, 2], [2, 2], [0, 0, 0, 0], 1))), OUT,
+         conserves=False),
+    Case("QLinearGlobalAveragePool", SHAPE, _positive(_quantized("QLinearGlobalAveragePool")),
+         on_positive_qdq(pooled(lambda s: s.mean((1, 2)))), OUT, conserves=False),
     # the softmax's own output is quantized to [0, 1): scale 1/256, zero point 0
     Case("QLinearSoftmax", SHAPE,
          [node("QuantizeLinear", ["x", "q_scale", "q_zero"], ["qx"]),

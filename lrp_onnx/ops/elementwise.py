@@ -200,75 +200,126 @@ def product(b, unit):
     return maps
 
 
-def _normalised_axes(unit):
-    rank = len(unit.inputs[0].shape)
-    return list(range(unit.head.attrs.get("axis", -1) % rank, rank))
+class Normalization:
+    """Where a normalisation takes its statistics and where its scale and bias apply: over ``axes``
+    of x in its grouped view (GroupNorm's [N, G, C/G·…]), and γ, β shaped to broadcast against x."""
+
+    def __init__(self, unit):
+        node, x = unit.head, unit.inputs[0]
+        rank = len(x.shape)
+        self.groups = node.attrs["num_groups"] if node.op == "GroupNormalization" else None
+        if node.op == "LayerNormalization":
+            self.axes = list(range(node.attrs.get("axis", -1) % rank, rank))
+        else:  # statistics over the spatial axes per channel, or per group of channels in the grouped view
+            self.axes = [2] if self.groups else list(range(2, rank))
+        self.epsilon = node.attrs.get("epsilon", 1e-5)
+
+    def reciprocal_count(self, b, x):
+        """1 / the number of elements each statistic is over: a constant where x's sizes are static,
+        else size(statistic)/size(x) at run time (dynamic image sizes)."""
+        sizes = list(x.shape[1:]) if self.groups else [x.shape[a] for a in self.axes]
+        if all(isinstance(d, int) for d in sizes):
+            return b.const(float(self.groups or 1) / float(np.prod(sizes)))
+        grouped = self.grouped(b, x)
+        size = (lambda u: b.op("Cast", b.op("Size", u), to=1))
+        return b.div(size(b.op("ReduceSum", grouped, b.ints(self.axes), keepdims=1)), size(grouped))
+
+    def grouped(self, b, t):
+        return t if self.groups is None else b.op("Reshape", t, b.ints([0, self.groups, -1]))
+
+    def ungrouped(self, b, t, like):
+        return t if self.groups is None else b.reshape_like(t, like, like)
+
+    def per_channel(self, b, unit, t):
+        """γ or β as it broadcasts against x: LayerNorm's as it is, instance and group norm's
+        ([C], opset 21's GroupNormalization) as [C, 1, …]."""
+        if unit.op == "LayerNormalization":
+            return t
+        return b.const(np.asarray(t.values, np.float32).reshape([-1] + [1] * (len(unit.inputs[0].shape) - 2)))
 
 
-def _check_layer_norm(unit):
+def _check_normalization(unit):
+    name = unit.op
     if any(unit.relevant[1:]):
-        return "LayerNormalization's scale and bias must not depend on the explained input"
+        return f"{name}'s scale and bias must not depend on the explained input"
     shape = unit.inputs[0].shape
-    if shape is None or not all(isinstance(shape[a], int) for a in _normalised_axes(unit)):
-        return "LayerNormalization needs static sizes on the normalised axes"
+    if shape is None:
+        return f"{name} needs the rank of its input"
+    if name == "LayerNormalization":
+        if not all(isinstance(shape[a], int) for a in Normalization(unit).axes):
+            return "LayerNormalization needs static sizes on the normalised axes"
+        return None
+    if not all(is_constant(t) for t in unit.inputs[1:] if t.name):
+        return f"{name}'s scale and bias must be constants"
+    if not isinstance(shape[1], int):
+        return f"{name} needs a static channel count"
     return None
 
 
-class LayerNormMap(LinearMap):
-    """y = γ ⊙ C(x)/σ + β, with C(x) = x − mean(x) and σ = √(var(x) + eps) over the normalised axes,
-    linearised as LXT's AttnLRP does: σ is a constant, the mean is not. F(x) = γ ⊙ C(x)/σ is then
-    linear with Fᵀ(g) = C(γ ⊙ g)/σ (C is self-adjoint), and the ε-rule on it gives
-    R_x = x ⊙ C(γ ⊙ R/st(y))/σ, with β absorbing its share."""
+class NormalizationMap(LinearMap):
+    """y = γ ⊙ C(x)/σ + β, with C(x) = x − mean(x) and σ = √(var(x) + eps) over the normalised axes
+    (LayerNorm's last ones; instance norm's spatial ones; group norm's per group), linearised as
+    LXT's AttnLRP does LayerNorm: σ is a constant, the mean is not. F(x) = γ ⊙ C(x)/σ is then
+    linear with Fᵀ(g) = C(γ ⊙ g)/σ (C is self-adjoint, and so is the grouping reshape), and the
+    ε-rule on it gives R_x = x ⊙ C(γ ⊙ R/st(y))/σ, with β absorbing its share."""
 
     def __init__(self, b, unit):
         super().__init__(unit)
-        self.axes = _normalised_axes(unit)
-        self.count = float(np.prod([self.x.shape[a] for a in self.axes]))
-        self.scale = unit.inputs[1]
-        self.bias = unit.inputs[2] if len(unit.inputs) > 2 and unit.inputs[2].name else None
-        centred = self._centre(b, self.x)
+        self.norm = Normalization(unit)
+        self.scale = self.norm.per_channel(b, unit, unit.inputs[1])
+        self.bias = self.norm.per_channel(b, unit, unit.inputs[2]) if len(unit.inputs) > 2 and unit.inputs[2].name \
+            else None
+        self.reciprocal = self.norm.reciprocal_count(b, self.x)
+        centred = self._centre(b, self.norm.grouped(b, self.x))
         variance = self._mean(b, b.mul(centred, centred))
-        self.sigma = b.op("Sqrt", b.add(variance, b.const(unit.head.attrs.get("epsilon", 1e-5))))
+        self.sigma = b.op("Sqrt", b.add(variance, b.const(self.norm.epsilon)))  # in the grouped view
 
     def _mean(self, b, t):
-        return b.mul(b.op("ReduceSum", t, b.ints(self.axes), keepdims=1), b.const(1.0 / self.count))
+        """The mean over the normalised axes: ReduceSum (ReduceMean takes its axes as an input only
+        from opset 18) times 1/count."""
+        return b.mul(b.op("ReduceSum", t, b.ints(self.norm.axes), keepdims=1), self.reciprocal)
 
     def _centre(self, b, t):
         return b.sub(t, self._mean(b, t))
 
+    def _normalised(self, b, t):
+        """C(t)/σ, back in x's layout."""
+        return self.norm.ungrouped(b, b.div(self._centre(b, self.norm.grouped(b, t)), self.sigma), self.x)
+
     def emit_forward(self, b, x, weight, bias):
-        z = b.div(b.mul(self._centre(b, x), self.scale), self.sigma)
+        z = b.mul(self._normalised(b, x), self.scale)
         return z if bias is None else b.add(z, bias)
 
     def transpose(self, b, g, weight):
-        return b.div(self._centre(b, b.mul(g, self.scale)), self.sigma)
+        return self._normalised(b, b.mul(g, self.scale))
 
     def gradient(self, b, g):
         """The true Jacobian's transpose, σ depending on x too: with h = γ ⊙ g and ŷ = C(x)/σ,
-        ∂/∂x = (C(h) − ŷ ⊙ mean(h ⊙ ŷ)) / σ."""
-        h = b.mul(g, self.scale)
-        normalised = b.div(self._centre(b, self.x), self.sigma)
-        return b.div(b.sub(self._centre(b, h), b.mul(normalised, self._mean(b, b.mul(h, normalised)))), self.sigma)
+        ∂/∂x = (C(h) − ŷ ⊙ mean(h ⊙ ŷ)) / σ (in the grouped view)."""
+        h = self.norm.grouped(b, b.mul(g, self.scale))
+        normalised = b.div(self._centre(b, self.norm.grouped(b, self.x)), self.sigma)
+        dx = b.div(b.sub(self._centre(b, h), b.mul(normalised, self._mean(b, b.mul(h, normalised)))), self.sigma)
+        return self.norm.ungrouped(b, dx, self.x)
 
 
-@mapped("LayerNormalization", role="layernorm",
-        traits=Traits(affine=True, differentiable=True, kind="LayerNormalization"),
-        check=_check_layer_norm)
-def layer_norm(b, unit):
-    return first_input_only(unit, LayerNormMap(b, unit))
+@mapped("LayerNormalization", "InstanceNormalization", "GroupNormalization", role="layernorm",
+        traits=lambda unit: Traits(affine=True, differentiable=True, kind=unit.op), check=_check_normalization)
+def normalization(b, unit):
+    return first_input_only(unit, NormalizationMap(b, unit))
 
 
-def _check_rms_norm(unit):
+def _check_scale_only(unit):
     if any(unit.relevant[1:]):
-        return "RMSNormalization's scale must not depend on the explained input"
+        return f"{unit.op}'s scale must not depend on the explained input"
     return None
 
 
-@mapped("RMSNormalization", role="scale", traits=Traits(elementwise=True, kind="RMSNormalization"),
-        check=_check_rms_norm)
-def rms_norm(b, unit):
-    """y = γ ⊙ x / √(mean(x²) + eps): LXT's identity rule (its RMSNorm stops the gradient at the
-    normaliser), R passes to x unchanged, as through the decomposed form's gate."""
+@mapped("RMSNormalization", "LpNormalization", role="scale",
+        traits=lambda unit: Traits(elementwise=True, kind=unit.op), check=_check_scale_only)
+def scale_normalization(b, unit):
+    """y = γ ⊙ x / √(mean(x²) + eps), or x / ‖x‖_p along an axis: the normaliser held constant,
+    x ↦ x/n is a scaling, so R passes to x unchanged (LXT's identity rule for RMSNorm, which stops
+    the gradient at the normaliser), as through the decomposed form's gate."""
     return first_input_only(unit, LinearMap(unit))
 
 
