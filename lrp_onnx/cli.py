@@ -54,6 +54,14 @@ def _floats(text):
         raise argparse.ArgumentTypeError(f"expected a number or comma-separated numbers, got {text!r}") from None
 
 
+def _input_shape(text):
+    """NAME=D1,D2,...: each D a size, or a name for a size left dynamic."""
+    name, _, dims = text.partition("=")
+    if not name or not dims:
+        raise argparse.ArgumentTypeError(f"expected NAME=DIMS such as x=1,3,224,224, got {text!r}")
+    return name, [int(d) if d.strip().lstrip("-").isdigit() else d.strip() for d in dims.split(",")]
+
+
 def _bound(text):
     """A float, or a comma-separated per-channel list."""
     values = _floats(text)
@@ -94,7 +102,11 @@ def _add_rule_flags(p, composite_default=DEFAULT_COMPOSITE, bounds=("--low", "--
         p.add_argument("--method", default="lrp", choices=METHODS,
                        help="lrp (default), or a baseline: gradient, sensitivity (gradient²), gradient-x-input")
         p.add_argument("--input", dest="input_name", metavar="NAME",
-                       help="graph input to explain (default: the first float input, else the token ids)")
+                       help="graph input to explain (default: the first float input, else an integer image, else "
+                            "the token ids), or a float tensor inside the graph to give relevance at")
+        p.add_argument("--shape", action="append", type=_input_shape, metavar="NAME=DIMS",
+                       help="pin a graph input's sizes, e.g. x=1,3,224,224 (a name keeps a size dynamic: "
+                            "x=N,3,224,224); repeatable")
     p.add_argument("--zero-bias", action="store_true",
                    help="layer rules ignore biases, so relevance is conserved (Zennit's zero_params=['bias'])")
     p.add_argument("--rules", metavar="FILE", help="JSON or TOML file: node-name glob or op type -> rule")
@@ -114,7 +126,8 @@ def _conversion(args):
     """Everything ``convert`` takes from the rule flags that was set: composite, method, rules,
     input and rule parameters."""
     values = dict(rule_params(args), composite=args.composite, input_name=args.input_name,
-                  method=None if args.method == "lrp" else args.method)
+                  method=None if args.method == "lrp" else args.method,
+                  input_shapes=dict(args.shape) if args.shape else None)
     return {k: v for k, v in values.items() if v is not None}
 
 
@@ -211,7 +224,8 @@ def cmd_inspect(args):
     p = plan(args.model, **_conversion(args))
     problems = {name: f"UNSUPPORTED: {reason}" for name, _, reason in p.problems}
     problems.update((name, f"RULE DOES NOT FIT: {reason}") for name, _, reason in p.rule_problems)
-    where = f" at its embedding {p.explained.name!r}" if p.explained is not p.explained_input else ""
+    where = f" at its embedding {p.explained.name!r}" if p.at_embedding else \
+        f" at tensor {p.explained.name!r} {list(p.explained.shape or [])}" if p.explained is not p.explained_input else ""
     print(f"{p.label}: explaining input {p.explained_input.name!r} {list(p.explained_input.shape or [])}{where}, "
           f"relevance from {p.logits.name!r}, {'composite ' + p.composite.name if p.method == 'lrp' else p.method}")
     width = max([len(u.name) for u in p.units] + [4])
@@ -305,7 +319,8 @@ def _preprocess(args):
 
 
 def _input_spec(model):
-    return InputSpec(list(plan(model).explained_input.shape or []))
+    explained = plan(model).explained_input
+    return InputSpec(list(explained.shape or []), explained.dtype or np.float32)
 
 
 def cmd_evaluate(args):

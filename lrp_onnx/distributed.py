@@ -17,7 +17,7 @@ import numpy as np
 
 from .errors import InputError
 from .explain import Explanation, Outcome, explain_stream
-from .io.inputs import InputReader, InputSpec, Pending, Preprocess, Sample, read_inputs
+from .io.inputs import InputReader, Pending, Preprocess, Sample, read_inputs
 from .runtime import Explainer
 
 PENDING_FIELDS = ("name", "source", "path", "key", "row", "error")
@@ -41,7 +41,7 @@ class ExplainBatches:
     def __init__(self, explainer, preprocess=None, column=None, target=None, top_k=None, threads=None,
                  provider=None):
         self.explainer = Explainer(explainer, providers=provider, threads=threads)
-        self.reader = InputReader(InputSpec(self.explainer.input_shape), preprocess or Preprocess())
+        self.reader = InputReader(self.explainer.input_spec, preprocess or Preprocess())
         self.column, self.target, self.top_k = column, target, top_k
 
     def __call__(self, batch):
@@ -111,7 +111,7 @@ def explain_dataset(data, explainer, column="image", preprocess=None, target=Non
     if not isinstance(explainer, Explainer):
         explainer = Explainer(explainer, providers="cpu")
     if not isinstance(data, ray.data.Dataset):
-        pending = read_inputs(list(data), InputSpec(explainer.input_shape), preprocess or Preprocess())
+        pending = read_inputs(list(data), explainer.input_spec, preprocess or Preprocess())
         data, column = ray.data.from_items([_fields(p) for p in pending]), None
     # An actor that dies is started again and its batches are run again: Ray Data's actor pools
     # default to max_restarts=-1 and max_task_retries=-1 (tests/test_distributed.py kills one).

@@ -42,17 +42,18 @@ def convert(model, composite=DEFAULT_COMPOSITE, **options) -> onnx.ModelProto:
     (∂f/∂x)², "gradient-x-input" x·∂f/∂x (f the target's logit; the seed is the one-hot).
 
     Keyword options: ``input_name``, ``rules``, ``seed_input``, ``layers``, ``layer_sum``,
-    ``method`` and the rule parameters.
+    ``method``, ``input_shapes`` ({input name: dims}, pinning dynamic sizes) and the rule parameters.
     """
     proto, held = convert_held(model, composite, **options)
     return held.restored(proto)
 
 
 def convert_held(model, composite=DEFAULT_COMPOSITE, *, input_name=None, rules=None, seed_input=False, layers=(),
-                 layer_sum=None, method="lrp", **rule_params):
+                 layer_sum=None, method="lrp", input_shapes=None, **rule_params):
     """``convert``, with the explainer's large weights left out of the proto: (proto, HeldWeights).
     Saving them from there (``runtime.save_model``) copies no weight into a protobuf message."""
-    p = plan(model, composite, input_name=input_name, rules=rules, method=method, **rule_params)
+    p = plan(model, composite, input_name=input_name, rules=rules, method=method, input_shapes=input_shapes,
+             **rule_params)
     p.raise_problems()
     graph = p.graph
     layers = _check_layers(p, layers, layer_sum)
@@ -64,11 +65,12 @@ def convert_held(model, composite=DEFAULT_COMPOSITE, *, input_name=None, rules=N
         if method == "sensitivity":
             relevance = b.mul(relevance, relevance)
         elif method == "gradient-x-input":
-            relevance = b.mul(relevance, p.explained)
-        if p.explained is not p.explained_input:
+            relevance = b.mul(relevance, b.as_float(p.explained))
+        if p.at_embedding:
             # token ids: one value per token, Σ over the embedding axis (the full [N, T, D] is the layer p.explained)
             relevance = b.op("ReduceSum", relevance, b.ints([-1]), keepdims=0)
-    extra_outputs = {RELEVANCE: (relevance, np.float32, p.explained_input.shape), **seed_outputs}
+    shape = p.explained_input.shape if p.at_embedding else p.explained.shape
+    extra_outputs = {RELEVANCE: (relevance, np.float32, shape), **seed_outputs}
     with b.scope("layers"):
         for name, tensor in layers.items():
             r = at_layers[name] if name in at_layers else b.zeros_like(tensor)

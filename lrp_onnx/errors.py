@@ -19,6 +19,9 @@ and two warnings (UserWarnings), each shown by the CLI as one line on stderr bef
 
 from collections import Counter
 
+# What an error about a dynamic size suggests
+SHAPE_HINT = "pin the size with convert --shape NAME=DIMS (Python: input_shapes={NAME: DIMS})"
+
 
 def first_line(error):
     """An exception's message cut to its first line, for one-line errors that quote another library."""

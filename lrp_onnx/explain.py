@@ -101,7 +101,7 @@ def explain_stream(explainer, inputs, target=None, top_k=None, labels=None, batc
     batches ahead, so memory depends on ``batch_size``, not on the number of inputs. An input
     that cannot be read or does not fit the model is an Outcome with an error, and the rest go on."""
     target = check_request(explainer, target, top_k, labels)
-    reader = reader or InputReader(InputSpec(explainer.input_shape), Preprocess())
+    reader = reader or InputReader(explainer.input_spec, Preprocess())
     loaded = prefetched(_read_batches(explainer, inputs, batch_size, reader), prefetch)
     return _flatten(prefetched(_explained_batches(explainer, loaded, target, top_k, labels), prefetch))
 
@@ -175,7 +175,7 @@ def explain_images(explainer, inputs, target=None, top_k=None, labels=None, prep
     Returns a list of ``Explanation`` (sample, target, predicted, logit, relevance, summary()).
     """
     samples = load_samples(inputs if isinstance(inputs, (list, tuple)) else [inputs],
-                           InputSpec(explainer.input_shape), preprocess or Preprocess())
+                           explainer.input_spec, preprocess or Preprocess())
     return list(explain_samples(explainer, samples, target, top_k, labels, batch_size))
 
 
@@ -204,10 +204,12 @@ def explain_to_folder(explainer, inputs, folder, preprocess=None, target=None, t
         raise InputError("--overlay is not available with --engine ray: the workers do not send the images back")
     preprocess = preprocess or Preprocess()
     inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
-    spec = InputSpec(explainer.input_shape)
+    spec = explainer.input_spec
     pending = read_inputs(inputs, spec, preprocess)
     target = check_request(explainer, target, top_k, labels)  # a label name becomes its class index
-    layout = spec.layout(preprocess.layout)
+    # relevance is laid out as the input, or as the tensor inside the graph it is given at
+    layout = spec.layout(preprocess.layout) if explainer.relevance_shape == spec.shape else \
+        InputSpec(explainer.relevance_shape).layout()
     draw = functools.partial(write_heatmap, cmap=cmap, overlay=overlay, zoom=zoom,
                              channel_axis=0 if layout == "nchw" else -1)
     shard_inputs = shard_inputs or default_shard_inputs(

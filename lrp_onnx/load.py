@@ -19,7 +19,7 @@ import onnxruntime as ort
 from google.protobuf.message import DecodeError, EncodeError
 from onnx import version_converter
 
-from .errors import ModelLoadError, ModelWarning, UnsupportedModelError, first_line
+from .errors import InputError, ModelLoadError, ModelWarning, UnsupportedModelError, first_line
 from .external import (check_tensor_sizes, holding_large_weights, is_repeated, load_external_data,
                        require_loaded, without_large_weights)
 from .precision import upcast_to_float32
@@ -174,11 +174,13 @@ def ai_onnx_opset(proto):
     return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-def load_model(model, held=None):
+def load_model(model, held=None, input_shapes=None):
     """Validated, canonical ModelProto and a label for error messages: the file-level checks, the
     full ONNX check, then the steps of PROTO_STEPS, in order (the graph-level ones follow in
-    ``import_graph``). ``held``: as ``read_model``."""
+    ``import_graph``). ``held``: as ``read_model``; ``input_shapes``: as ``pin_input_shapes``."""
     proto, label = read_model(model, held)
+    if input_shapes:
+        proto = pin_input_shapes(proto, input_shapes, label)
     if not proto.graph.node:
         raise ModelLoadError(f"{label}: the model has no nodes (empty, truncated or not an ONNX file)")
     check_tensor_sizes(proto, label)
@@ -192,6 +194,37 @@ def load_model(model, held=None):
     for step in PROTO_STEPS:
         proto = step(proto, label)
     return proto, label
+
+
+def pin_input_shapes(proto, shapes, label):
+    """The model with the graph inputs named in ``shapes`` ({name: [dims]}) declared with those
+    dims: a number pins a size, a name keeps it symbolic (as polygraphy's and onnxsim's input
+    shape options do). Static sizes the model declares must be kept; the caller's model is not
+    changed."""
+    proto = _copy(proto)
+    inputs = {i.name: i for i in proto.graph.input}
+    for name, dims in shapes.items():
+        if name not in inputs:
+            raise InputError(f"{label}: --shape names {name!r}, which is no graph input; inputs are {list(inputs)}")
+        declared = inputs[name].type.tensor_type.shape
+        if len(declared.dim) != len(dims):
+            raise InputError(f"{label}: --shape gives {name!r} {len(dims)} dims; it has {len(declared.dim)} "
+                             f"{_dims(declared)}")
+        for dim, value in zip(declared.dim, dims):
+            if isinstance(value, int) and dim.HasField("dim_value") and dim.dim_value != value:
+                raise InputError(f"{label}: --shape {name}={_listed(dims)} changes the static size {dim.dim_value} "
+                                 f"of {_dims(declared)}")
+            if isinstance(value, int):
+                if value < 1:
+                    raise InputError(f"{label}: --shape {name}={_listed(dims)}: sizes must be at least 1")
+                dim.dim_value = value
+            elif not dim.HasField("dim_value"):
+                dim.dim_param = value
+    return proto
+
+
+def _listed(dims):
+    return ",".join(map(str, dims))
 
 
 def sort_nodes(proto, label):
@@ -386,13 +419,16 @@ def drop_initializer_inputs(proto, label):
 
 def upgrade_opset(proto, label):
     """Convert to opset >= 13 (the opset the propagators are written for), >= 16 where a backward
-    pass scatter-adds: GatherND, or Gather with indices that are computed rather than constant."""
+    pass scatter-adds: GatherND, Gather with indices that are computed rather than constant, and
+    MaxPool on an input with a dynamic size past the batch (a dynamic image)."""
     opset = ai_onnx_opset(proto)
     target = max(opset, MIN_OPSET)
     constants = {t.name for t in proto.graph.initializer} | \
         {o for n in proto.graph.node if n.op_type == "Constant" for o in n.output}
+    dynamic_image = any(not d.HasField("dim_value") for i in proto.graph.input if i.name not in constants
+                        for d in i.type.tensor_type.shape.dim[1:])
     if any(n.op_type == "GatherND" or (n.op_type == "Gather" and n.input[1] not in constants)
-           for n in proto.graph.node):
+           or (n.op_type == "MaxPool" and dynamic_image) for n in proto.graph.node):
         target = max(target, SCATTER_OPSET)
     if target == opset:
         return proto

@@ -10,13 +10,14 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from . import ops  # noqa: F401  (registers every propagator)
 from .composites import DEFAULT_COMPOSITE, METHODS, Composite, gradient_composite, make_composite
 from .errors import RelevancePathError, RuleError, UnsupportedModelError, UnsupportedOpError
 from .external import HeldWeights
-from .graph import carries_relevance, find_units, is_constant, nonnegative_tensors
+from .graph import SMALL_INTEGERS, carries_relevance, find_units, is_constant, nonnegative_tensors
 from .load import import_graph, load_model, source_digest
 from .precision import upcast_types
 from .quantized import mirrored
@@ -42,7 +43,8 @@ class Plan:
     graph: gs.Graph
     label: str
     explained_input: gs.Variable  # the graph input explained
-    explained: gs.Variable  # where relevance is gathered: that input, or for token ids their embedding
+    explained: gs.Variable  # where relevance is gathered: that input, for token ids their embedding, or inside
+    at_embedding: bool      # explained is the token ids' embedding: relevance is summed over its last axis
     score: gs.Tensor        # the [N, classes] output
     logits: gs.Tensor       # where relevance starts: the score, or the input of a final softmax
     units: list             # units upstream of the logits, topological order, each with its role
@@ -75,34 +77,63 @@ def _is_float(t):
 
 
 def pick_input(graph, label, input_name=None):
-    """The explained graph input and the tensor relevance is gathered at.
+    """(the graph input fed, the tensor relevance is gathered at, whether that is the input's embedding).
 
-    A float input is explained itself. Integer token ids (BERT's ``input_ids``) carry no relevance:
-    they are explained at the output of their embedding lookup, Gather(constant table, ids), as LXT
-    explains at ``inputs_embeds``. Without ``input_name``: the first float input, else the token ids
-    (``input_ids``, or the one integer input that feeds an embedding)."""
-    if input_name is not None:
-        match = [t for t in graph.inputs if t.name == input_name]
-        if not match:
-            raise UnsupportedModelError(f"{label}: no graph input named {input_name!r}; inputs are "
-                                        f"{[t.name for t in graph.inputs]}")
-        chosen = match[0]
-    else:
-        floats = [t for t in graph.inputs if _is_float(t)]
-        tokens = [t for t in graph.inputs if not floats and _embedding_of(t)]
-        tokens.sort(key=lambda t: t.name != "input_ids")
-        if not floats and not tokens:
-            raise UnsupportedModelError(f"{label}: the graph has no float input, nor token ids feeding an embedding, "
-                                        f"to explain; inputs are {[(t.name, str(t.dtype)) for t in graph.inputs]}")
-        chosen = (floats or tokens)[0]
-    if _is_float(chosen):
-        return chosen, chosen
+    A float input is explained itself, and so is an integer image (pixels a Cast turns into
+    floats: relevance at a pixel is its value's). Integer token ids (BERT's ``input_ids``) carry no
+    relevance: they are explained at the output of their embedding lookup, Gather(constant table,
+    ids), as LXT explains at ``inputs_embeds``. Without ``input_name``: the first float input, else
+    the first image, else the token ids (``input_ids``, or the one integer input that feeds an
+    embedding). ``input_name`` may also name a float tensor inside the graph: relevance is given
+    there, and the graph input fed is the one it depends on, chosen as above."""
+    if input_name is not None and input_name not in {t.name for t in graph.inputs}:
+        return _inner_input(graph, label, input_name)
+    candidates = [t for t in graph.inputs if t.name == input_name] if input_name is not None else \
+        _default_inputs(graph.inputs)
+    if not candidates:
+        inputs = [(t.name, str(t.dtype)) for t in graph.inputs]
+        raise UnsupportedModelError(f"{label}: the graph has no float input, nor token ids feeding an embedding, nor "
+                                    f"an 8-bit image, to explain; inputs are {inputs}")
+    chosen = candidates[0]
+    if _is_float(chosen) or _is_image(chosen):
+        return chosen, chosen, False
     lookups = _embedding_of(chosen)
     if len(lookups) != 1:
         raise UnsupportedModelError(
-            f"{label}: input {chosen.name!r} is not a float tensor, nor token ids feeding one embedding lookup "
-            f"(a Gather of a constant float table on axis 0); it feeds {len(lookups)}")
-    return chosen, lookups[0].outputs[0]
+            f"{label}: input {chosen.name!r} is not a float tensor, nor token ids feeding one embedding lookup (a "
+            f"Gather of a constant float table on axis 0), nor an 8- or 16-bit image read by a Cast to float; "
+            f"it feeds {len(lookups)} embedding lookups")
+    return chosen, lookups[0].outputs[0], True
+
+
+def _default_inputs(inputs):
+    """The inputs that may be explained, in the order they are chosen: floats, images, token ids."""
+    floats = [t for t in inputs if _is_float(t)]
+    images = [t for t in inputs if _is_image(t)]
+    tokens = sorted((t for t in inputs if _embedding_of(t)), key=lambda t: t.name != "input_ids")
+    return floats + images + tokens
+
+
+def _is_image(t):
+    """An 8- or 16-bit integer tensor (uint8 pixels, which carry relevance) that a Cast turns into
+    floats, and no embedding reads. Wider integers are ids and indices, not values."""
+    return t.dtype is not None and np.dtype(t.dtype).name in SMALL_INTEGERS and not _embedding_of(t) and \
+        any(n.op == "Cast" and np.dtype(onnx.helper.tensor_dtype_to_np_dtype(n.attrs["to"])).kind == "f"
+            for n in t.outputs)
+
+
+def _inner_input(graph, label, name):
+    """``pick_input`` for a tensor inside the graph: it, and the graph input it depends on."""
+    tensor = graph.tensors().get(name)
+    if tensor is None or is_constant(tensor) or not _is_float(tensor):
+        what = "no graph input and no tensor of the graph" if tensor is None else \
+            "not a float tensor computed from an input"
+        raise UnsupportedModelError(f"{label}: the explained input {name!r} names {what}; graph inputs are "
+                                    f"{[t.name for t in graph.inputs]}, or name a float tensor inside the graph")
+    upstream = [t for t in _default_inputs(graph.inputs) if between(graph, t, tensor) is not None]
+    if not upstream:
+        raise UnsupportedModelError(f"{label}: tensor {name!r} depends on no graph input that can be explained")
+    return upstream[0], mirrored(graph, tensor), False
 
 
 def _embedding_of(t):
@@ -216,19 +247,21 @@ def choose_composite(composite, method, rules, params):
     return gradient_composite()
 
 
-def plan(model, composite=DEFAULT_COMPOSITE, *, input_name=None, rules=None, method="lrp", **rule_params):
+def plan(model, composite=DEFAULT_COMPOSITE, *, input_name=None, rules=None, method="lrp", input_shapes=None,
+         **rule_params):
     """Load the model and decide every unit's rule, listing every node that cannot be explained and
     every rule that does not fit its node. ``rule_params`` are a ``RuleParams``' fields (alpha,
     beta, epsilon, gamma, low, high, stabilizer, zero_params); ``method`` other than "lrp" replaces
-    the composite by the chain rule everywhere."""
+    the composite by the chain rule everywhere; ``input_shapes`` ({input name: dims}) pins sizes
+    the model leaves dynamic (load.pin_input_shapes)."""
     composite = choose_composite(composite, method, rules, RuleParams.of(rule_params))
     held = HeldWeights()
-    proto, label = load_model(model, held)
+    proto, label = load_model(model, held, input_shapes)
     graph = import_graph(proto, held)
     for name in ADDED_NAMES:
         if name in graph.tensors():
             raise UnsupportedModelError(f"{label}: the model already has a tensor named {name!r}")
-    explained_input, explained = pick_input(graph, label, input_name)
+    explained_input, explained, at_embedding = pick_input(graph, label, input_name)
     score, logits = find_logits(graph, label)
     logits = mirrored(graph, logits)  # a QDQ model's relevance pass reads its mirror (quantized.py)
     all_units = find_units(graph, explained, graph.outputs)
@@ -255,7 +288,7 @@ def plan(model, composite=DEFAULT_COMPOSITE, *, input_name=None, rules=None, met
     _check_overrides(composite, units)
     breaks = path_breaks(graph, explained, logits, all_units, reached)
     output_types = {o.name: o.type for o in proto.graph.output}
-    return Plan(graph, label, explained_input, explained, score, logits, units, rules_by_unit, problems,
+    return Plan(graph, label, explained_input, explained, at_embedding, score, logits, units, rules_by_unit, problems,
                 rule_problems, breaks, composite, method, output_types, upcast_types(proto), source_digest(model), held)
 
 

@@ -14,6 +14,7 @@ from .emit import LAYER_PREFIX, convert, is_explainer, read_metadata
 from .errors import InputError, RelevanceWarning, RuleError
 from .external import save_with_external_data, wants_external_data
 from .io.files import atomic_write
+from .io.inputs import InputSpec
 from .load import read_model
 from .plan import EXPLAINED_CLASS, EXPLAINED_LOGIT, RELEVANCE, TARGET
 
@@ -34,7 +35,9 @@ def session_options(threads=None):
 
 
 ONNX_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-              "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+              "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
+              "tensor(uint8)": np.uint8, "tensor(int8)": np.int8, "tensor(uint16)": np.uint16,
+              "tensor(int16)": np.int16}
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
@@ -84,8 +87,17 @@ class Explainer:
         classes = outputs[self.score_name].shape[1]
         self.class_count = classes if isinstance(classes, int) else None
         self.input_shape = list(self.inputs[self.input_name].shape)
-        # token ids, explained at their embedding: relevance is [N, T] (plan.pick_input)
-        self.explains_tokens = np.dtype(ONNX_TYPES.get(self.inputs[self.input_name].type, np.float32)).kind == "i"
+        self.input_dtype = np.dtype(ONNX_TYPES.get(self.inputs[self.input_name].type, np.float32))
+        # token ids, explained at their embedding: relevance is [N, T] (plan.pick_input); an integer
+        # image is explained at itself
+        self.explains_tokens = self.input_dtype.kind in "iu" and \
+            meta.get("explained_tensor", self.input_name) != self.input_name
+        self.relevance_shape = list(outputs[RELEVANCE].shape)
+
+    @property
+    def input_spec(self):
+        """What the explained input takes, for reading images and arrays (io.inputs.InputSpec)."""
+        return InputSpec(self.input_shape, self.input_dtype)
 
     def run(self, x, target=None, **other_inputs):
         """Every output by name: the original ones, ``relevance``, ``explained_class``, ``explained_logit``."""

@@ -164,8 +164,9 @@ def test_unsupported_ops_are_all_listed(tmp_path):
 
 
 def test_no_float_input(tmp_path):
+    """A boolean input is no image (an integer one that a Cast turns into floats is: test_preprocessing)."""
     nodes = [helper.make_node("Cast", ["x"], ["y"], name="cast", to=TensorProto.FLOAT)]
-    path = _save(tmp_path, "ints", nodes, [helper.make_tensor_value_info("x", TensorProto.INT64, ["N", 4])],
+    path = _save(tmp_path, "bools", nodes, [helper.make_tensor_value_info("x", TensorProto.BOOL, ["N", 4])],
                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
     assert_bad_input(cli("convert", path), "no float input", code=5)
 

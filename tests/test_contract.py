@@ -112,7 +112,7 @@ def test_input_name_picks_another_float_input(images):
     _, relevance_b = explainer_b.explain({"a": a, "b": b}, 0)
     assert relevance_a.shape == relevance_b.shape == (1, 4)
     assert not np.allclose(relevance_a, relevance_b)
-    with pytest.raises(lrp_onnx.UnsupportedModelError, match="no graph input named 'c'"):
+    with pytest.raises(lrp_onnx.UnsupportedModelError, match="'c' names no graph input and no tensor of the graph"):
         lrp_onnx.convert(model, input_name="c")
 
 

@@ -31,11 +31,14 @@ def _initializers(arrays):
 OPSETS = lambda opset: [helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)]  # noqa: E731
 
 
-def run_explainer(nodes, x, initializers, seed, opset=17, rules=None, composite="epsilon", **params):
-    """Model x -> nodes -> z -> Flatten -> y, converted with ``rules`` and fed ``seed`` as R at y."""
+def run_explainer(nodes, x, initializers, seed, opset=17, rules=None, composite="epsilon", dynamic=False, **params):
+    """Model x -> nodes -> z -> Flatten -> y, converted with ``rules`` and fed ``seed`` as R at y.
+    ``dynamic``: x's sizes past the channel axis are symbolic, as in an image exported with dynamic
+    height and width, so the explainer takes them from the run."""
+    dims = ["N"] + list(x.shape[1:2]) + [f"d{k}" for k in range(2, x.ndim)] if dynamic else ["N"] + list(x.shape[1:])
     graph = helper.make_graph(
         nodes + [helper.make_node("Flatten", ["z"], ["y"], name="flatten")], "case",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N"] + list(x.shape[1:]))],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", seed.shape[1]])],
         _initializers(initializers))
     model = helper.make_model(graph, opset_imports=OPSETS(opset))
@@ -704,3 +707,38 @@ def test_shapes_computed_by_a_constant_sub_graph_are_known_after_folding():
     weights = {"flat": np.array([-1], np.int64), "w": RNG.standard_normal((3, 2, 3, 3))}
     _, relevance = run_explainer(nodes, x, weights, seed, composite="epsilon", epsilon=1e-9, stabilizer=1e-9)
     np.testing.assert_allclose(relevance.reshape(2, -1).sum(1), seed.sum(1), rtol=1e-4)
+
+
+# Window ops whose transpose needs the input's size: explained with that size known only at run time
+DYNAMIC = ["conv2d", "conv-strided-dilated-grouped", "conv1d", "conv-transpose", "MaxPool-overlapping",
+           "MaxPool-ties", "MaxPool-ceil-mode", "MaxPool-dilated", "MaxPool-gaps", "AveragePool",
+           "AveragePool-pads-exclude", "AveragePool-pads-include", "GlobalAveragePool", "InstanceNormalization",
+           "GroupNormalization"]
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.id in DYNAMIC] +
+                         [c for c, rule, p in LINEAR_CASES if c.id in DYNAMIC and rule == "alpha-beta" and not p],
+                         ids=lambda c: c.id)
+def test_window_ops_take_their_sizes_from_the_run(case):
+    """Strided and padded windows and their transposes (the rows a window never reads, MaxPool's
+    winners, the count of a normalisation) on sizes the file leaves dynamic: the same relevance as
+    the numpy reference, as with the sizes in the file."""
+    x = RNG.standard_normal((2,) + case.x_shape).astype(np.float32)
+    if isinstance(case, Linear):
+        zero = np.zeros(case.x_shape)
+        m = ref.dense_matrix(lambda s: case.affine(s) - case.affine(zero), case.x_shape)
+        seed = RNG.standard_normal((2, m.shape[0])).astype(np.float32)
+        _, relevance = run_explainer(case.nodes, x, case.weights, seed, rules={case.op: lrp_onnx.make_rule("alpha-beta")},
+                                     dynamic=True)
+        expected = [ref.lrp("alpha-beta", {}, m, x[n].reshape(-1).astype(np.float64), case.affine(zero).reshape(-1),
+                            seed[n].astype(np.float64)) for n in range(2)]
+    else:
+        z = _forward_z(case, x)
+        seed = RNG.uniform(-1, 1, (2, z[0].size)).astype(np.float32)
+        _, relevance = run_explainer(case.nodes, x, case.weights, seed, opset=case.opset, composite="alpha-beta",
+                                     dynamic=True)
+        expected = [case.reference(x[n].astype(np.float64), z[n].astype(np.float64),
+                                   seed[n].reshape(z[n].shape).astype(np.float64)) for n in range(2)]
+    for n in range(2):
+        np.testing.assert_allclose(relevance[n].reshape(np.shape(expected[n])), expected[n], rtol=2e-4,
+                                   atol=2e-4 * np.abs(expected[n]).max())

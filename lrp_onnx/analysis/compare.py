@@ -11,7 +11,7 @@ from ..composites import DEFAULT_COMPOSITE
 from ..errors import InputError
 from ..io.files import atomic_write, png_bytes
 from ..io.heatmap import heatmap
-from ..io.inputs import InputReader, InputSpec, Preprocess, read_samples, stacked_batches
+from ..io.inputs import InputReader, Preprocess, read_samples, stacked_batches
 from ..io.prefetch import prefetched
 from ..runtime import Explainer
 from .evaluate import channel_summed, evaluate
@@ -104,7 +104,7 @@ def compare(model_a, model_b, inputs, layout_a, layout_b, composite=DEFAULT_COMP
     layouts = (layout_a, layout_b)
     explainers = [Explainer(model, composite=name, **rule_params)
                   for model, name in zip((model_a, model_b), composites)]
-    reader = reader or InputReader(InputSpec(explainers[0].input_shape), Preprocess())
+    reader = reader or InputReader(explainers[0].input_spec, Preprocess())
     pearsons, spearmans, names, examples = [], [], [], []
     low, high = np.inf, -np.inf  # the data's range: the AOPC's noise range, measured here to spare evaluate a pass
     per_model = [{"gini": [], "png_bytes": [], "predictions": []} for _ in explainers]

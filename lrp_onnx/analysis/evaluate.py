@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 from ..composites import BASELINE_METHODS, DEFAULT_COMPOSITE
 from ..errors import InputError, first_line
 from ..io.files import atomic_write, png_bytes
-from ..io.inputs import InputReader, InputSpec, Preprocess, read_samples, resized_and_cropped, stacked_batches
+from ..io.inputs import InputReader, Preprocess, read_samples, resized_and_cropped, stacked_batches
 from ..io.prefetch import prefetched
 from ..io.progress import progress_bar
 from ..runtime import Explainer
@@ -192,7 +192,7 @@ def evaluate(model, inputs, methods, steps=100, region=None, repeats=1, low=None
     specs = [m for m in methods if m != RANDOM] + [RANDOM]
     explainers = {m: Explainer(model, threads=threads, **_conversion(m, rule_params)) for m in specs if m != RANDOM}
     scorer = next(iter(explainers.values())) if explainers else Explainer(model, threads=threads)
-    reader = reader or InputReader(InputSpec(scorer.input_shape), Preprocess())
+    reader = reader or InputReader(scorer.input_spec, Preprocess())
     if low is None or high is None:
         data_low, data_high = _data_range(inputs, reader)
         low, high = data_low if low is None else low, data_high if high is None else high
@@ -202,7 +202,7 @@ def evaluate(model, inputs, methods, steps=100, region=None, repeats=1, low=None
     first = next(samples, None)
     if first is None:
         raise InputError("evaluate needs at least one input")
-    geometry = _Geometry.of(first.array, layout or InputSpec(scorer.input_shape).layout(), region, steps)
+    geometry = _Geometry.of(first.array, layout or scorer.input_spec.layout(), region, steps)
     chunk = max(1, batch_size // (geometry.steps + 1))  # samples whose perturbed copies fill one batch
     totals = {spec: np.zeros(geometry.steps + 1) for spec in specs}
     per_sample = {spec: [] for spec in specs}  # each chunk's per-sample AOPC, the mean over the repeats

@@ -42,8 +42,14 @@ class Preprocess:
 
 @dataclass
 class InputSpec:
-    """What the explained graph input expects: rank, layout, channels, fixed spatial size."""
+    """What the explained graph input expects: rank, layout, channels, fixed spatial size, and its
+    element type (an integer one takes raw pixels, which the model scales itself)."""
     shape: list
+    dtype: object = np.float32
+
+    @property
+    def integer(self):
+        return np.dtype(self.dtype).kind in "iu"
 
     @property
     def rank(self):
@@ -139,7 +145,10 @@ class InputReader:
         location = (pending.path, pending.key)
         if self._open[0] != location:
             self._open = (location, _batch_of_samples(pending.source, _array(*location), self.spec))
-        return Sample(pending.name, pending.source, np.array(self._open[1][pending.row], np.float32))
+        row = self._open[1][pending.row]
+        # integer arrays stay integers for an integer input (the explainer refuses floats there)
+        keep = self.spec.integer and row.dtype.kind in "iu"
+        return Sample(pending.name, pending.source, np.array(row, None if keep else np.float32))
 
     def read(self, item, index):
         """The Sample of an input given as a Pending (read now), a Sample, or a model-ready array
@@ -297,6 +306,9 @@ def check_preprocess(spec, p: Preprocess):
     if p.size is not None and fixed is not None and _size(p) != fixed:
         raise InputError(f"--size {_size(p)[0]} {_size(p)[1]} does not match the model's fixed input size "
                          f"{fixed[0]}x{fixed[1]}")
+    if spec.integer and (p.mean is not None or p.std is not None or p.scale != 1.0):
+        raise InputError(f"the model takes {np.dtype(spec.dtype).name} pixels and scales them itself; "
+                         "--mean, --std and --scale are for float inputs")
     c = 1 if (p.grayscale or channels == 1) and channels != 3 else 3
     for name, values in (("mean", p.mean), ("std", p.std)):
         if values is not None and len(values) not in (1, c):
@@ -324,6 +336,10 @@ def _image_sample(path, spec, p: Preprocess):
     hwc = pixels[..., None] if pixels.ndim == 2 else pixels
     if grey and channels == 3:
         hwc = np.repeat(hwc, 3, axis=2)
+    if spec.integer:  # the raw 8-bit values, as the model reads them
+        raw = np.rint(hwc * 255).astype(spec.dtype)
+        return Sample(_stem(path), path, np.ascontiguousarray(raw.transpose(2, 0, 1) if layout == "nchw" else raw),
+                      shown)
     hwc = hwc * p.scale
     if p.mean is not None:
         hwc = hwc - np.asarray(p.mean, np.float32)

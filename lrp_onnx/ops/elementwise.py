@@ -4,6 +4,7 @@ branch) and LayerNorm."""
 
 import numpy as np
 
+from ..errors import SHAPE_HINT
 from ..graph import is_constant
 from ..maps import LinearMap, Traits
 from ..registry import mapped
@@ -247,12 +248,12 @@ def _check_normalization(unit):
         return f"{name} needs the rank of its input"
     if name == "LayerNormalization":
         if not all(isinstance(shape[a], int) for a in Normalization(unit).axes):
-            return "LayerNormalization needs static sizes on the normalised axes"
+            return f"LayerNormalization needs static sizes on the normalised axes; {SHAPE_HINT}"
         return None
     if not all(is_constant(t) for t in unit.inputs[1:] if t.name):
         return f"{name}'s scale and bias must be constants"
     if not isinstance(shape[1], int):
-        return f"{name} needs a static channel count"
+        return f"{name} needs a static channel count; {SHAPE_HINT}"
     return None
 
 

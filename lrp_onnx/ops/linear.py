@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 
-from ..errors import UnsupportedModelError
+from ..errors import SHAPE_HINT, UnsupportedModelError
 from ..graph import batch_norm_affine, channel_count, is_constant, per_channel
 from ..maps import LinearMap, Traits
 from ..registry import mapped
@@ -99,7 +99,7 @@ class ConvMap(_WeightedMap):
             # (per group), padded by (k−1)·d − p. ORT runs Conv faster than ConvTranspose.
             flipped = self._flipped(b, weight, channels or self.channels)
             return b.op("Conv", g, flipped, **dict(a, pads=pads, kernel_shape=a["kernel_shape"]))
-        return b.op("ConvTranspose", g, weight, **a, output_padding=transpose_output_padding(self.unit))
+        return strided_transpose(b, g, weight, a, self.x)
 
     def forward_stacked(self, b, x, weights, biases=None):
         """F(x; [W_1; …; W_K], [b_1; …; b_K]): the K maps' outputs as blocks of channels."""
@@ -258,12 +258,37 @@ def window_attrs(unit, kernel):
     return {"strides": list(strides), "pads": pads, "dilations": list(dilations), "kernel_shape": list(kernel)}
 
 
-def static_spatial(unit):
+def same_padding_problem(unit):
+    """Why auto_pad SAME cannot be resolved to pads (they depend on a size the file leaves dynamic), or None."""
+    auto_pad = unit.head.attrs.get("auto_pad", "NOTSET")
     shape = unit.inputs[0].shape
-    if shape is None or not all(isinstance(d, int) for d in shape[2:]):
-        raise UnsupportedModelError(
-            f"node {unit.name!r} ({unit.op}): needs a static spatial input shape (strided or auto_pad), got {shape}")
-    return shape[2:]
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER", b"SAME_UPPER", b"SAME_LOWER") and \
+            (shape is None or not all(isinstance(d, int) for d in shape[2:])):
+        return f"auto_pad SAME needs a static spatial input shape, got {shape}; {SHAPE_HINT}"
+    return None
+
+
+def static_spatial(unit):
+    problem = same_padding_problem(unit)
+    if problem:
+        raise UnsupportedModelError(f"node {unit.name!r} ({unit.op}): {problem}")
+    return unit.inputs[0].shape[2:]
+
+
+def strided_transpose(b, g, weight, attrs, x):
+    """ConvTranspose(g; W) landing exactly on x's size. With static sizes: the rows a strided
+    window never reads (``unread_rows``) as its output_padding. With sizes known only at run time
+    (a dynamic image): the transpose without its end pads, which ends at the last row a window
+    reads, then padded with zeros, or cropped, to x's size: Shape(x) − Shape(transpose) rows at
+    the end of each axis (a negative pad crops)."""
+    sizes = x.shape[2:] if x.shape is not None else None
+    if sizes is not None and all(isinstance(d, int) for d in sizes):
+        return b.op("ConvTranspose", g, weight, **attrs, output_padding=unread_rows(sizes, attrs))
+    spatial = len(attrs["strides"])
+    transposed = b.op("ConvTranspose", g, weight, **dict(attrs, pads=attrs["pads"][:spatial] + [0] * spatial))
+    sizes_of = (lambda t: b.op("Slice", b.shape(t), b.ints([2]), b.ints([2 + spatial])))
+    missing = b.sub(sizes_of(x), sizes_of(transposed))
+    return b.op("Pad", transposed, b.op("Concat", b.ints([0] * (spatial + 4)), missing, axis=0))
 
 
 def unread_rows(sizes, attrs):
@@ -273,13 +298,6 @@ def unread_rows(sizes, attrs):
     dilations = attrs.get("dilations", [1] * spatial)
     return [(n + attrs["pads"][i] + attrs["pads"][i + spatial] - ((attrs["kernel_shape"][i] - 1) * dilations[i] + 1))
             % attrs["strides"][i] for i, n in enumerate(sizes)]
-
-
-def transpose_output_padding(unit):
-    attrs = conv_attrs(unit)
-    if all(s == 1 for s in attrs["strides"]):
-        return [0] * len(attrs["strides"])
-    return unread_rows(static_spatial(unit), attrs)
 
 
 LINEAR_MAPS = {"Conv": ConvMap, "ConvTranspose": ConvTransposeMap, "Gemm": GemmMap, "MatMul": MatMulMap}
@@ -305,12 +323,7 @@ def check_linear(unit):
     auto_pad = head.attrs.get("auto_pad", "NOTSET")
     if head.op == "ConvTranspose" and (head.attrs.get("output_shape") or auto_pad not in ("NOTSET", b"NOTSET")):
         return "ConvTranspose with output_shape or auto_pad is not supported; give explicit pads"
-    try:
-        if head.op == "Conv":
-            transpose_output_padding(unit)
-    except UnsupportedModelError as e:
-        return str(e).split(": ", 2)[-1]
-    return None
+    return same_padding_problem(unit) if head.op == "Conv" else None
 
 
 @mapped("Conv", "ConvTranspose", role="conv", traits=WEIGHTED, check=check_linear)

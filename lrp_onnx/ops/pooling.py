@@ -3,10 +3,11 @@ routes relevance to the window's winner, as the gradient does."""
 
 import numpy as np
 
+from ..errors import SHAPE_HINT
 from ..graph import is_constant
 from ..maps import LinearMap, Traits
 from ..registry import mapped, routing
-from .linear import first_input_only, unread_rows, window_attrs
+from .linear import first_input_only, same_padding_problem, strided_transpose, window_attrs
 
 # Averages have no weight for rules to modify: they take the ε-rule (norm) and the chain rule.
 AVERAGE = Traits(affine=True, differentiable=True, kind="an average")
@@ -32,8 +33,7 @@ class AveragePoolMap(LinearMap):
             divisor = b.const(float(np.prod(self.attrs["kernel_shape"])))
         else:  # border windows average over the in-bounds elements only
             divisor = b.op("Conv", b.ones_per_sample(self.x), self.ones, **self.conv)
-        return b.op("ConvTranspose", b.div(g, divisor), self.ones, **self.conv,
-                    output_padding=unread_rows(self.x.shape[2:], self.attrs))
+        return strided_transpose(b, b.div(g, divisor), self.ones, self.conv, self.x)
 
 
 class ReduceMap(LinearMap):
@@ -83,8 +83,8 @@ def _check_average_pool(unit):
     if any(d != 1 for d in attrs.get("dilations", [])):
         return "AveragePool with dilations is not supported"
     shape = unit.inputs[0].shape
-    if shape is None or not all(isinstance(d, int) for d in shape[1:]):
-        return f"needs static channel and spatial sizes, got {shape}"
+    if shape is None or not isinstance(shape[1], int):
+        return f"needs a static channel count, got {shape}; {SHAPE_HINT}"
     return None
 
 
@@ -108,14 +108,12 @@ def reduction(b, unit):
     return first_input_only(unit, ReduceMap(b, unit))
 
 
-def _check_max_pool(unit):
-    shape, out = unit.inputs[0].shape, unit.head.outputs[0].shape
-    if any(s is None or not all(isinstance(d, int) for d in s[2:]) for s in (shape, out)):
-        return f"MaxPool needs static spatial sizes, got input {shape} and output {out}"
-    return None
+def _static_spatial(unit):
+    return all(s is not None and all(isinstance(d, int) for d in s[2:]) for s in (unit.inputs[0].shape,
+                                                                                  unit.head.outputs[0].shape))
 
 
-@routing("MaxPool", check=_check_max_pool)
+@routing("MaxPool", check=same_padding_problem)
 def max_pool(b, unit, relevance_out):
     """Winner-take-all: each window's relevance goes to its first maximum in row-major order (the
     gradient of max pooling, as PyTorch and MaxPool's Indices break ties), summed where windows overlap.
@@ -128,6 +126,8 @@ def max_pool(b, unit, relevance_out):
     window has exactly one winner even where a runtime fuses the pool into the layer before it and
     rounds that layer differently on the two paths.
     """
+    if not _static_spatial(unit):
+        return [_max_pool_by_indices(b, unit, relevance_out[0])]
     x, y = b.as_float(unit.inputs[0]), unit.head.outputs[0]
     window = _Window(window_attrs(unit, list(unit.head.attrs["kernel_shape"])), x.shape[2:], y.shape[2:])
     phases = window.phases(b, x)
@@ -140,6 +140,19 @@ def max_pool(b, unit, relevance_out):
         taken = hit if taken is None else b.op("Or", taken, hit)
         shares.append(b.mul(b.op("Cast", won, to=1), relevance_out[0]))
     return [window.place(b, shares)]
+
+
+def _max_pool_by_indices(b, unit, r):
+    """MaxPool's backward on sizes known only at run time (a dynamic image): the pool run again for
+    its Indices (each window's first maximum, as a flat index into x), and R scatter-added onto
+    them, adding where windows overlap. The same winners as the view form, which needs static
+    sizes; TensorRT takes neither the Indices output nor the scatter (pin the size with --shape)."""
+    attrs = {k: v for k, v in unit.head.attrs.items() if k != "storage_order"}
+    x = b.as_float(unit.inputs[0])
+    _, indices = b.op("MaxPool", x, outputs=2, **attrs)
+    flat = (lambda t: b.op("Reshape", t, b.ints([-1])))
+    scattered = b.op("ScatterElements", flat(b.zeros_like(x)), flat(indices), flat(r), axis=0, reduction="add")
+    return b.reshape_like(scattered, unit.inputs[0])
 
 
 class _Window:

@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from ..errors import SHAPE_HINT
 from ..graph import is_constant
 from ..registry import routing
 
@@ -25,7 +26,7 @@ def rearranged(b, unit, relevance_out):
 
 def _check_expand(unit):
     if unit.inputs[0].shape is None or unit.outputs[0].shape is None:
-        return "Expand needs known input and output shapes (to find the broadcast axes)"
+        return f"Expand needs known input and output shapes (to find the broadcast axes); {SHAPE_HINT}"
     return None
 
 
@@ -83,7 +84,7 @@ def _check_slice(unit):
     if not all(is_constant(t) for t in unit.inputs[1:] if t.name):
         return "Slice starts/ends/axes/steps must be constant"
     if unit.inputs[0].shape is None or not _static_dims(unit.inputs[0], _slice_params(unit)[2]):
-        return "Slice needs static sizes on the sliced axes"
+        return f"Slice needs static sizes on the sliced axes; {SHAPE_HINT}"
     return None
 
 
