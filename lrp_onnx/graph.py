@@ -10,11 +10,16 @@ weights are derived in the graph from the original initializers.
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from .quantized import QuantizedWeight, at_type_minimum, qlinear_form
 
 LINEAR_HEADS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# Integer products of dynamic quantization (ONNX Runtime's quantize_dynamic): an int32 result that
+# a Cast to float and a Mul by the scales (the input's times the weight's) turn into the layer's
+# float result, its first two followers (ops/quantized.py reads the whole as the float layer)
+INTEGER_HEADS = ("ConvInteger", "MatMulInteger")
 AFFINE_FOLLOWERS = ("Add", "Sub", "Mul", "Div", "BatchNormalization")
 
 
@@ -84,7 +89,7 @@ def is_constant(t):
 def channel_count(node):
     """Number of output channels of a linear head, read from its weight."""
     w = node.inputs[1].values
-    if node.op == "Conv":
+    if node.op in ("Conv", "ConvInteger"):
         return w.shape[0]
     if node.op == "ConvTranspose":
         return w.shape[1] * node.attrs.get("group", 1)
@@ -99,7 +104,7 @@ def per_channel(value, node):
         return None
     v = np.asarray(value.values, np.float64)
     c = channel_count(node)
-    axis = 1 if node.op in ("Conv", "ConvTranspose") else -1
+    axis = 1 if node.op in ("Conv", "ConvTranspose", "ConvInteger") else -1
     out_rank = len(node.outputs[0].shape) if node.outputs[0].shape is not None else None
     if v.ndim == 0 or v.size == 1:
         return np.full(c, v.reshape(-1)[0])
@@ -119,12 +124,21 @@ def batch_norm_affine(node):
     return s, beta - mean * s
 
 
+def casts_to_float(node):
+    return node.op == "Cast" and np.dtype(onnx.helper.tensor_dtype_to_np_dtype(node.attrs["to"])).kind == "f"
+
+
 def _is_linear_head(node):
-    return node.op in LINEAR_HEADS and len(node.inputs) >= 2 and is_constant(node.inputs[1])
+    return node.op in LINEAR_HEADS + INTEGER_HEADS and len(node.inputs) >= 2 and is_constant(node.inputs[1])
 
 
-def _absorbable(follower, head, y):
-    """Can ``follower`` be folded into the head's weights as y ↦ s·y + t, s and t per channel?"""
+def _absorbable(follower, head, y, position):
+    """Can ``follower``, the head's ``position``-th, be folded into the head's weights as
+    y ↦ s·y + t, s and t per channel (or, for an integer head, be its Cast and scale Mul)?"""
+    if head.op in INTEGER_HEADS and position < 2:
+        if position == 0:
+            return casts_to_float(follower)
+        return follower.op == "Mul" and len(follower.inputs) == 2
     if follower.op == "BatchNormalization":
         return follower.inputs[0] is y and all(is_constant(t) for t in follower.inputs[1:5]) \
             and not follower.attrs.get("training_mode", 0)
@@ -148,19 +162,21 @@ def find_units(graph, explained, outputs):
     relevant = {explained.name}
     units, absorbed = [], set()
     for node in graph.nodes:
-        if id(node) in absorbed or not any(t.name in relevant for t in node.inputs) \
-                or not any(carries_relevance(t) for t in node.outputs):
+        if id(node) in absorbed or not any(t.name in relevant for t in node.inputs):
             continue
         unit = Unit(node, relevant=[t.name in relevant for t in node.inputs])
         if _is_linear_head(node) and unit.relevant[0] and not any(unit.relevant[1:]):
             y = node.outputs[0]
-            while len(y.outputs) == 1 and y.name not in graph_outputs and _absorbable(y.outputs[0], node, y):
+            while len(y.outputs) == 1 and y.name not in graph_outputs and \
+                    _absorbable(y.outputs[0], node, y, len(unit.followers)):
                 follower = y.outputs[0]
                 if any(t.name in relevant for t in follower.inputs if t is not y):
                     break
                 unit.followers.append(follower)
-                absorbed.add(id(follower))
                 y = follower.outputs[0]
+        if not any(carries_relevance(t) for t in unit.outputs):
+            continue
+        absorbed.update(id(f) for f in unit.followers)
         relevant.update(t.name for t in unit.outputs if carries_relevance(t))
         units.append(unit)
     return units

@@ -10,14 +10,13 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
 from . import ops  # noqa: F401  (registers every propagator)
 from .composites import DEFAULT_COMPOSITE, METHODS, Composite, gradient_composite, make_composite
 from .errors import RelevancePathError, RuleError, UnsupportedModelError, UnsupportedOpError
 from .external import HeldWeights
-from .graph import SMALL_INTEGERS, carries_relevance, find_units, is_constant, nonnegative_tensors
+from .graph import SMALL_INTEGERS, carries_relevance, casts_to_float, find_units, is_constant, nonnegative_tensors
 from .load import import_graph, load_model, source_digest
 from .precision import upcast_types
 from .quantized import mirrored
@@ -118,8 +117,7 @@ def _is_image(t):
     """An 8- or 16-bit integer tensor (uint8 pixels, which carry relevance) that a Cast turns into
     floats, and no embedding reads. Wider integers are ids and indices, not values."""
     return t.dtype is not None and np.dtype(t.dtype).name in SMALL_INTEGERS and not _embedding_of(t) and \
-        any(n.op == "Cast" and np.dtype(onnx.helper.tensor_dtype_to_np_dtype(n.attrs["to"])).kind == "f"
-            for n in t.outputs)
+        any(casts_to_float(n) for n in t.outputs)
 
 
 def _inner_input(graph, label, name):

@@ -6,8 +6,8 @@ convolutions), then ``quantize_static`` calibrated on a few seeded inputs.
 
 ``FloatNetwork`` is the reference the quantized explainers are held to: a torch module read from
 the quantized file itself, with its dequantized weights, each quantized op as its float op, and
-each activation rounding (a QuantizeLinear, or a QOperator op's requantization) as a ``Rounding``
-module, which Zennit's Pass rule passes relevance through. It is written here from the ONNX
+each activation rounding (a QuantizeLinear or DynamicQuantizeLinear, or a QOperator op's
+requantization) as a ``Rounding`` module, which Zennit's Pass rule passes relevance through. It is written here from the ONNX
 operator definitions, independently of lrp_onnx.
 """
 
@@ -20,7 +20,7 @@ from zennit.composites import LayerMapComposite, layer_map_base
 from zennit.layer import Sum
 from zennit.rules import AlphaBeta, Epsilon, Pass
 
-FORMS = ("qdq", "qoperator")
+FORMS = ("qdq", "qoperator", "dynamic")
 
 
 class Calibration:
@@ -35,12 +35,16 @@ class Calibration:
 
 
 def quantize(path, form, out_path, input_name="x", shape=(3, 16, 16)):
-    """``path`` statically quantized, per channel: "qdq" with int8 activations and weights (the
-    quantizer's defaults), "qoperator" with uint8 activations (the x86 QOperator layout)."""
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    """``path`` quantized: statically, per channel, "qdq" with int8 activations and weights (the
+    quantizer's defaults), "qoperator" with uint8 activations (the x86 QOperator layout); or
+    "dynamic" (quantize_dynamic's defaults: uint8 activations quantized at run time, int8 weights)."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
     prepared = str(out_path) + ".prepared.onnx"
     quant_pre_process(str(path), prepared)
+    if form == "dynamic":
+        quantize_dynamic(prepared, str(out_path))
+        return str(out_path)
     activations = QuantType.QInt8 if form == "qdq" else QuantType.QUInt8
     quantize_static(prepared, str(out_path), Calibration(input_name, shape),
                     quant_format=QuantFormat.QDQ if form == "qdq" else QuantFormat.QOperator,
@@ -112,6 +116,22 @@ class Rounding(nn.Module):
         return (q - self.zero) * self.scale
 
 
+class DynamicRounding(Rounding):
+    """DynamicQuantizeLinear then DequantizeLinear: uint8 with the scale and zero point of the whole
+    tensor's range, extended to hold 0 (ONNX's definition); or the observed values, as Rounding."""
+
+    def __init__(self, name, observed=None):
+        super().__init__(np.float32(1), np.uint8(0), name, observed)
+
+    def forward(self, x):
+        if self.observed is not None and self.name in self.observed:
+            return x + (torch.as_tensor(self.observed[self.name]) - x).detach()
+        low, high = torch.clamp(x.min(), max=0), torch.clamp(x.max(), min=0)
+        scale = (high - low) / 255
+        zero = torch.clamp(torch.round(-low / scale), 0, 255)
+        return (torch.clamp(torch.round(x / scale) + zero, 0, 255) - zero) * scale
+
+
 class Residual(nn.Module):
     """a + b through zennit's Sum (which its Norm rule splits), as Zennit's ResNet canonizer does."""
 
@@ -136,6 +156,9 @@ class FloatNetwork(nn.Module):
         self.output_name = graph.output[0].name
         self.layers = nn.ModuleDict()
         self.steps = []  # (module key or None, function, input names, output name)
+        # dynamic quantization: the weight part of each scales tensor, the integer products waiting
+        # for their scale Mul, and the layers whose bias Add is still to come
+        self.weight_scales, self.integer, self.biasable, self.input_scales = {}, {}, {}, set()
         for node in graph.node:
             self._add(node)
 
@@ -163,6 +186,11 @@ class FloatNetwork(nn.Module):
         if op == "QuantizeLinear":
             key = self._module(node, Rounding(self.fixed[inputs[1]], self.fixed[inputs[2]], output, self.observed))
             self.steps.append((key, None, inputs[:1], output))
+            return
+        if op == "Reshape" and all(i in self.fixed for i in inputs):  # a bias reshaped to broadcast
+            self.fixed[output] = self.fixed[inputs[0]].reshape(self.fixed[inputs[1]])
+            return
+        if self._add_dynamic(node, op, inputs, output, attrs):
             return
         rounding = None
         if op.startswith("QLinear") or op == "QGemm":
@@ -201,6 +229,50 @@ class FloatNetwork(nn.Module):
             self.steps.append((key, None, data, inner))
             self.steps.append((self._module(node, rounding), None, [inner], output))
 
+    def _add_dynamic(self, node, op, inputs, output, attrs):
+        """Dynamic quantization's patterns (True where ``node`` was one): DynamicQuantizeLinear is a
+        rounding; ConvInteger or MatMulInteger, its Cast and its Mul by (input scale · weight scale)
+        are the float layer with weights (w − w_zero)·w_scale; a constant Add after it is its bias."""
+        if op == "DynamicQuantizeLinear":
+            self.steps.append((self._module(node, DynamicRounding(output, self.observed)), None, inputs[:1], output))
+            self.input_scales.add(node.output[1])
+            return True
+        if op == "Mul" and any(i in self.input_scales for i in inputs):  # the input's scale times the weight's
+            self.weight_scales[output] = next(self.fixed[i] for i in inputs if i in self.fixed)
+            return True
+        if op in ("ConvInteger", "MatMulInteger"):
+            zero = self._value(inputs[3]) if len(inputs) > 3 else None
+            self.integer[output] = (op, inputs[0], self.fixed[inputs[1]], zero, attrs)
+            return True
+        if op == "Cast" and inputs[0] in self.integer:
+            self.integer[output] = self.integer[inputs[0]]
+            return True
+        if op == "Mul" and any(i in self.integer for i in inputs):
+            product = next(i for i in inputs if i in self.integer)
+            kind, data, w_q, w_zero, layer_attrs = self.integer[product]
+            w_scale = self.weight_scales[next(i for i in inputs if i != product)]
+            axis = 0 if kind == "ConvInteger" else 1
+            w = dequantize(w_q, np.asarray(w_scale).reshape(-1), None if w_zero is None else
+                           np.asarray(w_zero).reshape(-1), axis=axis)
+            if kind == "ConvInteger":
+                layer = nn.Conv2d(w.shape[1], w.shape[0], w.shape[2:], stride=layer_attrs.get("strides", 1),
+                                  padding=layer_attrs.get("pads", [0, 0])[:2], bias=True)
+            else:
+                w = w.T
+                layer = nn.Linear(w.shape[1], w.shape[0], bias=True)
+            self._set(layer, w, np.zeros(w.shape[0], np.float32))
+            self.steps.append((self._module(node, layer), None, [data], output))
+            self.biasable[output] = layer
+            return True
+        if op == "Add" and any(i in self.biasable for i in inputs) and any(i in self.fixed for i in inputs):
+            layer = self.biasable[next(i for i in inputs if i in self.biasable)]
+            with torch.no_grad():
+                layer.bias.copy_(torch.tensor(np.asarray(self.fixed[next(i for i in inputs if i in self.fixed)],
+                                                         np.float32).reshape(-1)))
+            self.steps.append((None, lambda x: x, [next(i for i in inputs if i in self.biasable)], output))
+            return True
+        return False
+
     def _float_form(self, node, op, inputs, attrs):
         """(float op, its inputs, the Rounding of its output) of a QOperator node; its weights and
         bias are dequantized into ``fixed`` under new names."""
@@ -236,7 +308,7 @@ class FloatNetwork(nn.Module):
         with torch.no_grad():
             layer.weight.copy_(torch.tensor(np.array(weight)))
             if bias is not None:
-                layer.bias.copy_(torch.as_tensor(bias))
+                layer.bias.copy_(torch.tensor(np.array(bias)))
 
     def forward(self, x):
         values = {self.input_name: x}
@@ -261,13 +333,17 @@ def observed_activations(path, x):
             at = {"QLinearConv": 6, "QLinearAdd": 6, "QGemm": 7, "QLinearGlobalAveragePool": 3}[node.op_type]
             if len(node.input) > at:
                 quantized[node.output[0]] = node.input[at:at + 2]
+        elif node.op_type == "DynamicQuantizeLinear":  # its scale and zero point are outputs of the run
+            quantized[node.output[0]] = node.output[1:3]
     names = [n for n in quantized if n not in {o.name for o in model.graph.output}]
-    model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
+    parameters = sorted({p for n in names for p in quantized[n] if p not in fixed} - set(names))
+    model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names + parameters)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     values = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(
-        names, {model.graph.input[0].name: x})
-    return {n: dequantize(v, fixed[quantized[n][0]], fixed[quantized[n][1]], axis=1) for n, v in zip(names, values)}
+        names + parameters, {model.graph.input[0].name: x})
+    known = dict(fixed, **dict(zip(names + parameters, values)))
+    return {n: dequantize(known[n], known[quantized[n][0]], known[quantized[n][1]], axis=1) for n in names}
 
 
 def zennit_composite(composite, stabilizer=1e-6, epsilon=1e-6):

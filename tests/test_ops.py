@@ -240,6 +240,41 @@ LINEAR_CASES += [(case, rule, {}) for case in (_qlinear_conv_case(), _qlinear_ma
                  for rule in ("epsilon", "alpha-beta")]
 
 
+def dynamic_qdq(x):
+    """DynamicQuantizeLinear then DequantizeLinear in numpy: uint8 over the whole batch's range, 0 included."""
+    x = np.asarray(x, np.float32)
+    low, high = np.float32(min(x.min(), 0)), np.float32(max(x.max(), 0))
+    scale = np.float32((high - low) / np.float32(255))
+    zero = np.clip(np.rint(-low / scale), 0, 255)
+    return ((np.clip(np.rint(x / scale) + zero, 0, 255) - zero) * scale).astype(np.float64)
+
+
+def _integer_case(id, op, x_shape, w, axis, affine_of, **attrs):
+    """x → DynamicQuantizeLinear → ``op`` with int8 weights → Cast → Mul(x_scale · w_scale) → Add(bias):
+    ONNX Runtime's dynamic quantization of a layer, which reads dynamic_qdq(x)."""
+    w_q, w_scale, w_float = quantized(w, axis=axis)
+    w_scale = np.float32(w_scale.max())  # per tensor, as quantize_dynamic writes it by default
+    w_q = np.clip(np.rint(w / w_scale), -127, 127).astype(np.int8)
+    bias = RNG.standard_normal(w.shape[axis])
+    bias_shape = [-1] + [1] * (len(x_shape) - 1) if op == "ConvInteger" else [-1]
+    nodes = [helper.make_node("DynamicQuantizeLinear", ["x"], ["qx", "x_scale", "x_zero"], name="quantize"),
+             helper.make_node("Mul", ["x_scale", "w_scale"], ["scales"], name="scales"),
+             helper.make_node(op, ["qx", "w_q", "x_zero"], ["acc"], name="layer", **attrs),
+             helper.make_node("Cast", ["acc"], ["acc_f"], name="cast", to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["acc_f", "scales"], ["scaled"], name="scale"),
+             helper.make_node("Add", ["scaled", "bias"], ["z"], name="bias")]
+    w_used = w_q.astype(np.float64) * float(w_scale)
+    return Linear(id, x_shape, nodes, {"w_q": w_q, "w_scale": w_scale, "bias": bias.reshape(bias_shape)},
+                  affine_of(w_used, bias), op=op, layer_input=dynamic_qdq)
+
+
+LINEAR_CASES += [(case, rule, {}) for case in (
+    _integer_case("convinteger", "ConvInteger", (2, 5, 5), RNG.standard_normal((3, 2, 3, 3)), 0,
+                  lambda w, b: lambda s: ref.conv(s, w, pads=[1, 1, 1, 1]) + b.reshape(-1, 1, 1), pads=[1, 1, 1, 1]),
+    _integer_case("matmulinteger", "MatMulInteger", (3, 6), RNG.standard_normal((6, 4)), 1,
+                  lambda w, b: lambda s: s @ w + b)) for rule in ("epsilon", "alpha-beta")]
+
+
 def _bound(value, x_shape):
     value = np.asarray(value, np.float64)
     if value.ndim == 1:

@@ -20,12 +20,11 @@ def folded_affine(unit, scale=None, bias=None):
     s = γ/√(σ²+ε), t = β − μ·s, exactly Zennit's MergeBatchNorm.
     """
     head = unit.head
-    y = head.outputs[0]
     for node in unit.followers:
         if node.op == "BatchNormalization":
             s, t = batch_norm_affine(node)
-        else:
-            c = per_channel(node.inputs[1] if node.inputs[0] is y else node.inputs[0], head)
+        else:  # the constant operand (find_units has checked y ↦ y ± c, c·y, y / c)
+            c = per_channel(next(t for t in node.inputs if is_constant(t)), head)
             # lazily: a zero bias is fine to add, not to divide by
             s, t = {"Add": lambda: (None, c), "Sub": lambda: (None, -c), "Mul": lambda: (c, None),
                     "Div": lambda: (1.0 / c, None)}[node.op]()
@@ -34,7 +33,6 @@ def folded_affine(unit, scale=None, bias=None):
             bias = None if bias is None else bias * s
         if t is not None:
             bias = t if bias is None else bias + t
-        y = node.outputs[0]
     return scale, bias
 
 

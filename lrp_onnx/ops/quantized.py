@@ -1,6 +1,11 @@
-"""QOperator ops (QLinearConv, QGemm, QLinearAdd, ...) read as their float ops (quantized.py): the
-float op's propagator sees the dequantized operands, constant ones (weights) as constants, and as
-the layer's output its float result before requantization."""
+"""Quantized ops read as their float ops (quantized.py): the float op's propagator sees the
+dequantized operands, constant ones (weights) as constants, and as the layer's output its float
+result before requantization.
+
+- QOperator ops (QLinearConv, QGemm, QLinearAdd, ...): ``float_view``.
+- Dynamic quantization's integer products (ConvInteger, MatMulInteger, with the Cast and scale
+  Mul that find_units gives them as followers): ``integer_view``.
+"""
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -76,3 +81,56 @@ def _bind(b, head, dequantizers):
 
 
 viewed(*QLINEAR_FORMS, view=float_view)
+
+
+def integer_view(unit):
+    """The View of ConvInteger or MatMulInteger(x_q, w_q, x_zero, w_zero) → Cast → Mul(·, x_scale·w_scale)
+    [→ a bias Add, ...] as the float layer Conv or MatMul(DequantizeLinear(x_q), (w_q − w_zero)·w_scale)
+    with the same further followers, whose output is the model's float result."""
+    head = unit.head
+    if len(unit.followers) < 2:
+        return f"{unit.op} needs the Cast to float and the Mul by its scales that dynamic quantization writes"
+    cast, scaling = unit.followers[:2]
+    x_q, w_q = head.inputs[:2]
+    x_zero, w_zero = (_present(head, i) for i in (2, 3))
+    x_scale = _scale_of(x_q)
+    scales = next(t for t in scaling.inputs if t is not cast.outputs[0])
+    producer = scales.inputs[0] if scales.inputs else None
+    w_scale = None
+    if producer is not None and producer.op == "Mul" and x_scale is not None and \
+            any(t is x_scale for t in producer.inputs):
+        w_scale = next((t for t in producer.inputs if t is not x_scale), None)
+    if w_scale is None or not is_constant(w_scale) or (w_zero is not None and not is_constant(w_zero)):
+        return f"{unit.op}'s scales are not its input's scale times a constant weight scale"
+    float_op = "Conv" if unit.op == "ConvInteger" else "MatMul"
+    axis = 0 if float_op == "Conv" else -1
+    zero = None if w_zero is None else np.asarray(w_zero.values).reshape(-1)
+    weight = dequantize(w_q.values, np.asarray(w_scale.values, np.float32).reshape(-1), zero, axis=axis)
+    stand_in = gs.Variable(f"lrp/{unit.name}/dequantized_0", np.float32, x_q.shape)
+    float_head = gs.Node(float_op, f"lrp/{unit.name}/{float_op}", dict(head.attrs),
+                         [stand_in, gs.Constant(f"lrp/{unit.name}/dequantized_1", weight)],
+                         [gs.Variable(f"lrp/{unit.name}/float_output", np.float32, scaling.outputs[0].shape)])
+    followers = unit.followers[2:]  # a bias Add, a BatchNorm: folded as for any linear layer
+    view_unit = Unit(float_head, followers, relevant=[unit.relevant[0], False])
+    result = scaling.outputs[0]
+
+    def bind(b):
+        parameters = [x_q, x_scale] + ([x_zero] if x_zero is not None else [])
+        b.graph.nodes.append(gs.Node("DequantizeLinear", b.name("dequantize"), {}, parameters, [stand_in]))
+        if not followers:  # the layer's output is the scaled product itself
+            b.graph.nodes.append(gs.Node("Identity", b.name("float_output"), {}, [result], float_head.outputs))
+    return View(view_unit, [0, None] + [None] * (len(head.inputs) - 2), bind)
+
+
+def _scale_of(q):
+    """The scale tensor a quantized activation was made with: DynamicQuantizeLinear's second output,
+    or QuantizeLinear's scale input; None for anything else."""
+    producer = q.inputs[0] if q.inputs else None
+    if producer is not None and producer.op == "DynamicQuantizeLinear":
+        return producer.outputs[1]
+    if producer is not None and producer.op == "QuantizeLinear":
+        return producer.inputs[1]
+    return None
+
+
+viewed(("", "ConvInteger"), ("", "MatMulInteger"), view=integer_view)
