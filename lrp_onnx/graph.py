@@ -20,6 +20,9 @@ LINEAR_HEADS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # a Cast to float and a Mul by the scales (the input's times the weight's) turn into the layer's
 # float result, its first two followers (ops/quantized.py reads the whole as the float layer)
 INTEGER_HEADS = ("ConvInteger", "MatMulInteger")
+# Float layers with weights kept quantized in a packed form of their own (ONNX Runtime's weight-only
+# quantization), read as MatMul by ops/quantized.py
+PACKED_HEADS = ("MatMulNBits",)
 AFFINE_FOLLOWERS = ("Add", "Sub", "Mul", "Div", "BatchNormalization")
 
 
@@ -88,6 +91,8 @@ def is_constant(t):
 
 def channel_count(node):
     """Number of output channels of a linear head, read from its weight."""
+    if node.op == "MatMulNBits":
+        return node.attrs["N"]
     w = node.inputs[1].values
     if node.op in ("Conv", "ConvInteger"):
         return w.shape[0]
@@ -129,7 +134,8 @@ def casts_to_float(node):
 
 
 def _is_linear_head(node):
-    return node.op in LINEAR_HEADS + INTEGER_HEADS and len(node.inputs) >= 2 and is_constant(node.inputs[1])
+    return node.op in LINEAR_HEADS + INTEGER_HEADS + PACKED_HEADS and len(node.inputs) >= 2 and \
+        is_constant(node.inputs[1])
 
 
 def _absorbable(follower, head, y, position):

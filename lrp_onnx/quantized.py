@@ -74,6 +74,34 @@ def _broadcast(x, parameter, axis, block_size):
     return parameter
 
 
+def unpack_bits(packed, bits):
+    """uint8 bytes holding ``bits``-bit unsigned values, the first in the lowest bits (MatMulNBits'
+    packing), unpacked along the last axis."""
+    per_byte = 8 // bits
+    shifts = np.arange(per_byte, dtype=np.uint8) * bits
+    values = (packed[..., None] >> shifts) & np.uint8((1 << bits) - 1)
+    return values.reshape(*packed.shape[:-1], packed.shape[-1] * per_byte)
+
+
+def nbits_weight(node):
+    """MatMulNBits' weight as the float [K, N] matrix it stands for: per row n and block j of
+    ``block_size`` along K, W[k, n] = (q[n, k] − zero_point[n, j])·scale[n, j], the zero point
+    2^(bits−1) where none is given (ONNX Runtime's contrib operator)."""
+    k, n, bits, block = (node.attrs[a] for a in ("K", "N", "bits", "block_size"))
+    blocks = -(-k // block)
+    q = unpack_bits(np.asarray(node.inputs[1].values, np.uint8).reshape(n, -1), bits)[:, :k].astype(np.float32)
+    scales = np.asarray(node.inputs[2].values, np.float32).reshape(n, blocks)
+    zero = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3].name else None
+    if zero is None:
+        zeros = np.full((n, blocks), 2.0 ** (bits - 1), np.float32)
+    elif np.asarray(zero.values).dtype == np.uint8:
+        zeros = unpack_bits(np.asarray(zero.values).reshape(n, -1), bits)[:, :blocks].astype(np.float32)
+    else:
+        zeros = np.asarray(zero.values, np.float32).reshape(n, blocks)
+    per_k = (lambda t: np.repeat(t, block, axis=1)[:, :k])
+    return ((q - per_k(zeros)) * per_k(scales)).T
+
+
 def evaluate(node, values):
     """A QuantizeLinear or DequantizeLinear of fixed ``values`` (its inputs', None where absent)."""
     axis, block_size = node.attrs.get("axis", 1), node.attrs.get("block_size", 0)

@@ -73,7 +73,9 @@ class Propagator:
 class View:
     """A unit as the op it stands for: ``unit``, a Unit of that op over stand-in tensors, where
     its input k stands for the viewed unit's input ``sources[k]`` (None: for none, a weight, say),
-    and ``bind(b)`` emits the nodes that compute the stand-ins (once, when the explainer is built)."""
+    and ``bind(b)`` emits the nodes that compute the stand-ins (once, when the explainer is built).
+    A view's own nodes touch no graph tensor: graphsurgeon would count them among its readers or
+    writers; the graph's tensors are read through the stand-ins ``bind`` computes."""
     unit: object
     sources: Sequence[Optional[int]]
     bind: Callable

@@ -364,3 +364,49 @@ def zennit_relevance(network, x, targets, composite):
     with Gradient(model=network, composite=composite) as attributor:
         out, relevance = attributor(x, lambda out: out * onehot)
     return out.detach().numpy(), relevance.detach().numpy()
+
+
+# --- weight-only quantization (MatMulNBits) ----------------------------------------------------------
+
+class TokenMLP(nn.Module):
+    """Per-token dense layers (MatMul + Add on [N, T, D], what ONNX Runtime's MatMulNBits quantizer
+    takes), an average over the tokens (Zennit's Norm on the pooling) and a dense head."""
+
+    def __init__(self, features=64, classes=5):
+        super().__init__()
+        self.first, self.second = nn.Linear(features, 48), nn.Linear(48, 32)
+        self.pool = nn.AdaptiveAvgPool1d(1)
+        self.head = nn.Linear(32, classes)
+
+    def forward(self, x):
+        h = torch.relu(self.second(torch.relu(self.first(x))))
+        return self.head(self.pool(h.transpose(1, 2)).squeeze(-1))
+
+
+def nbits_quantized(path, out_path, bits=4, block_size=16):
+    """``path`` with its MatMul weights quantized by ONNX Runtime's MatMulNBitsQuantizer (asymmetric)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    quantizer = MatMulNBitsQuantizer(onnx.load(path), bits=bits, block_size=block_size, is_symmetric=False)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(out_path))
+    return str(out_path)
+
+
+def nbits_dequantized(node, initializers):
+    """MatMulNBits' [K, N] weight, from the contrib operator's definition, one value at a time:
+    byte k // 2 of block j holds value 2i in its low four bits and 2i + 1 in its high ones."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    k, n, bits, block = attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]
+    assert bits == 4
+    packed = initializers[node.input[1]].reshape(n, -1, block // 2)
+    scales = initializers[node.input[2]].reshape(n, -1)
+    zeros = initializers[node.input[3]].reshape(n, -1) if len(node.input) > 3 else None
+    weight = np.zeros((k, n), np.float32)
+    for column in range(n):
+        for row in range(k):
+            j, i = divmod(row, block)
+            byte = int(packed[column, j, i // 2])
+            q = byte & 15 if i % 2 == 0 else byte >> 4
+            zero = 8 if zeros is None else (int(zeros[column, j // 2]) >> (4 * (j % 2))) & 15
+            weight[row, column] = np.float32(q - zero) * scales[column, j]
+    return weight

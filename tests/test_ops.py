@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import lrp_onnx
 import numpy_reference as ref
+import quantized_models as qm
 
 RNG = np.random.default_rng(7)
 
@@ -267,6 +268,22 @@ def _integer_case(id, op, x_shape, w, axis, affine_of, **attrs):
     return Linear(id, x_shape, nodes, {"w_q": w_q, "w_scale": w_scale, "bias": bias.reshape(bias_shape)},
                   affine_of(w_used, bias), op=op, layer_input=dynamic_qdq)
 
+
+def _nbits_case():
+    """ONNX Runtime's MatMulNBits: K = 32 inputs in blocks of 16, N = 4 outputs, 4-bit weights with
+    packed zero points, and its own bias input."""
+    packed = RNG.integers(0, 256, (4, 2, 8)).astype(np.uint8)
+    scales = RNG.uniform(0.05, 0.2, (4, 2)).astype(np.float32)
+    zeros = RNG.integers(0, 256, (4, 1)).astype(np.uint8)
+    bias = RNG.standard_normal(4)
+    node = helper.make_node("MatMulNBits", ["x", "w_q", "w_scales", "w_zeros", "", "bias"], ["z"], name="layer",
+                            domain="com.microsoft", K=32, N=4, bits=4, block_size=16)
+    weights = {"w_q": packed, "w_scales": scales, "w_zeros": zeros, "bias": bias}
+    w = qm.nbits_dequantized(node, {k: np.asarray(v) for k, v in weights.items()}).astype(np.float64)
+    return Linear("matmulnbits-4bit", (32,), [node], weights, lambda s: s @ w + bias, op="MatMulNBits")
+
+
+LINEAR_CASES += [(_nbits_case(), rule, {}) for rule in ("epsilon", "alpha-beta")]
 
 LINEAR_CASES += [(case, rule, {}) for case in (
     _integer_case("convinteger", "ConvInteger", (2, 5, 5), RNG.standard_normal((3, 2, 3, 3)), 0,

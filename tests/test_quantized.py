@@ -108,3 +108,34 @@ def test_cli_converts_and_inspects_a_quantized_model(models, tmp_path):
     out = tmp_path / "cnn-qdq.lrp.onnx"
     result = cli("convert", paths["cnn", "qdq"], "-o", out)
     assert result.returncode == 0 and out.exists(), result.stderr
+
+
+def test_weight_only_4bit_matmuls_are_their_dequantized_weights(tmp_path):
+    """ONNX Runtime's MatMulNBits quantizer (4-bit, blocks of 16): the explainer's outputs are the
+    model's, and its relevance is Zennit's on the torch network holding the dequantized weights."""
+    import warnings
+    import onnx
+    from onnx import numpy_helper
+    torch.manual_seed(0)
+    network = qm.TokenMLP().eval()
+    x = torch.randn(3, 7, 64)
+    path = str(tmp_path / "mlp.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(network, (x,), path, dynamo=False, input_names=["x"], output_names=["logits"],
+                          dynamic_axes={"x": {0: "N"}, "logits": {0: "N"}})
+    quantized = qm.nbits_quantized(path, tmp_path / "mlp-nbits.onnx")
+    model = onnx.load(quantized)
+    packed = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert len(packed) == 2
+    initializers = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    with torch.no_grad():
+        for layer, node in zip((network.first, network.second), packed):
+            layer.weight.copy_(torch.tensor(qm.nbits_dequantized(node, initializers).T))
+    outputs = run(lrp_onnx.convert(quantized, "epsilon"), {"x": x.numpy(), "target": np.full(3, -1)})
+    np.testing.assert_array_equal(outputs["logits"], run(quantized, {"x": x.numpy()})["logits"])
+    composite = qm.LayerMapComposite(qm.layer_map_base() + [(torch.nn.Linear, qm.Epsilon(1e-6))])
+    _, reference = qm.zennit_relevance(network, x.numpy(), outputs["explained_class"], composite)
+    errors = np.linalg.norm((outputs[RELEVANCE] - reference).reshape(3, -1), axis=1) / \
+        np.linalg.norm(reference.reshape(3, -1), axis=1)
+    assert errors.max() <= 1e-5, errors

@@ -5,13 +5,14 @@ result before requantization.
 - QOperator ops (QLinearConv, QGemm, QLinearAdd, ...): ``float_view``.
 - Dynamic quantization's integer products (ConvInteger, MatMulInteger, with the Cast and scale
   Mul that find_units gives them as followers): ``integer_view``.
+- Weight-only quantization (MatMulNBits): ``nbits_view``.
 """
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..graph import Unit, is_constant
-from ..quantized import QLINEAR_FORMS, dequantize, qlinear_form
+from ..quantized import QLINEAR_FORMS, dequantize, nbits_weight, qlinear_form
 from ..registry import View, viewed
 
 # Attributes of a QOperator op that its float op does not take
@@ -112,13 +113,12 @@ def integer_view(unit):
                          [gs.Variable(f"lrp/{unit.name}/float_output", np.float32, scaling.outputs[0].shape)])
     followers = unit.followers[2:]  # a bias Add, a BatchNorm: folded as for any linear layer
     view_unit = Unit(float_head, followers, relevant=[unit.relevant[0], False])
-    result = scaling.outputs[0]
 
     def bind(b):
         parameters = [x_q, x_scale] + ([x_zero] if x_zero is not None else [])
         b.graph.nodes.append(gs.Node("DequantizeLinear", b.name("dequantize"), {}, parameters, [stand_in]))
-        if not followers:  # the layer's output is the scaled product itself
-            b.graph.nodes.append(gs.Node("Identity", b.name("float_output"), {}, [result], float_head.outputs))
+        if not followers:  # the layer's output is the float layer's, computed again (cleanup drops it if unread)
+            b.graph.nodes.append(float_head)
     return View(view_unit, [0, None] + [None] * (len(head.inputs) - 2), bind)
 
 
@@ -134,3 +134,36 @@ def _scale_of(q):
 
 
 viewed(("", "ConvInteger"), ("", "MatMulInteger"), view=integer_view)
+
+
+
+def nbits_view(unit):
+    """The View of MatMulNBits(A, packed B, scales, zero points[, g_idx, bias]) as MatMul(A, W) with
+    W its dequantized weight [K, N], and a bias Add where it has one, before its own followers."""
+    head = unit.head
+    if _present(head, 4) is not None:
+        return "MatMulNBits with g_idx (deprecated) is not supported"
+    if not all(is_constant(t) for t in head.inputs[1:] if t.name):
+        return "MatMulNBits' weights, scales and zero points must be constants"
+    a = head.inputs[0]
+    stand_in = gs.Variable(f"lrp/{unit.name}/input", np.float32, a.shape)
+    product = gs.Variable(f"lrp/{unit.name}/float_output", np.float32, head.outputs[0].shape)
+    matmul = gs.Node("MatMul", f"lrp/{unit.name}/MatMul", {},
+                     [stand_in, gs.Constant(f"lrp/{unit.name}/dequantized_1", nbits_weight(head))], [product])
+    followers = list(unit.followers)
+    bias = _present(head, 5)
+    if bias is not None:  # its own bias as a follower Add, folded as any
+        biased = gs.Variable(f"lrp/{unit.name}/biased", np.float32, head.outputs[0].shape)
+        copy = gs.Constant(f"lrp/{unit.name}/bias", bias.values)  # view nodes read no graph tensor
+        followers.insert(0, gs.Node("Add", f"lrp/{unit.name}/bias", {}, [product, copy], [biased]))
+    view_unit = Unit(matmul, followers, relevant=[unit.relevant[0], False])
+    virtual = [matmul] + followers[:1 if bias is not None else 0]
+
+    def bind(b):
+        b.graph.nodes.append(gs.Node("Identity", b.name("input"), {}, [a], [stand_in]))
+        if not unit.followers:  # the view's output is computed again (cleanup drops what no rule reads)
+            b.graph.nodes.extend(virtual)
+    return View(view_unit, [0] + [None] * (len(head.inputs) - 1), bind)
+
+
+viewed(("com.microsoft", "MatMulNBits"), view=nbits_view)
