@@ -1,6 +1,7 @@
 """Explanations against ground truth (issue 17): where the evidence is, by construction, and a
 Clever-Hans model. Writes EVALUATION.md (this part first, then the digits part of
-benchmarks/evaluate_digits.py) and its figures under docs/.
+benchmarks/evaluate_digits.py, then the marked sections other scripts wrote there, kept as they
+were: benchmarks/evaluate_deployed.py's) and its figures under docs/.
 
     python benchmarks/evaluate_shapes.py     # about 15 minutes on 2 cores; needs the test extra
 
@@ -29,6 +30,7 @@ from lrp_onnx.analysis.evaluate import (RANDOM, default_region, evaluate, outsid
                                         paired_difference, parse_method, plot, region_order, report)
 from lrp_onnx.io.heatmap import heatmap  # noqa: E402
 from lrp_onnx.runtime import Explainer  # noqa: E402
+from sections import marked_sections  # noqa: E402
 from train_shapes_cnn import TEST_SEED, as_input  # noqa: E402
 
 COUNT, STEPS, SEED = 200, 100, 0
@@ -172,7 +174,8 @@ def main():
     lines += clever_hans_section(accuracy, shares, len(probe.labels))
     lines += seed_paper_section(results, x, test.masks, region)
     digits = evaluate_digits.section()
-    text = "\n".join(lines + [digits])
+    kept = marked_sections(os.path.join(ROOT, "EVALUATION.md"))  # other scripts' sections (evaluate_deployed.py)
+    text = "\n".join(lines + [digits] + [""] * bool(kept) + ["\n\n".join(kept)] * bool(kept))
     with open(os.path.join(ROOT, "EVALUATION.md"), "w") as f:
         f.write(text)
     print(text)

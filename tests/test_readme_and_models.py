@@ -2,6 +2,8 @@
 
 import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import onnxruntime as ort
@@ -68,7 +70,9 @@ def test_bundled_text_classifier_accuracy_and_explanation():
     assert e.tokens == ["[CLS]", "a", "dull", "film", "[SEP]"] and np.isfinite(e.relevance).all()
 
 
-@pytest.mark.parametrize("name", ["shapes_cnn", "shapes_cnn_shortcut", "shapes_vit", "shapes_vit_shortcut"])
+@pytest.mark.parametrize("name", ["shapes_cnn", "shapes_cnn_shortcut", "shapes_vit", "shapes_vit_shortcut",
+                                  "shapes_cnn.int8", "shapes_cnn_shortcut.int8", "shapes_cnn.fp16",
+                                  "shapes_cnn_shortcut.fp16"])
 def test_bundled_shapes_models_score_as_recorded(name):
     """The committed synthetic-shapes models reproduce models/shapes_accuracy.json on the test splits
     (regenerated from their seed), and only the shortcut models fail where the watermark moved."""
@@ -85,6 +89,26 @@ def test_bundled_shapes_models_score_as_recorded(name):
         assert accuracy == pytest.approx(recorded[split], abs=0.002), split
     # a shortcut model also misses the unmarked images of its shortcut class, so only the clean
     # models are held to 90 % on clean images
-    shortcut = name.endswith("_shortcut")
+    shortcut = name.split(".")[0].endswith("_shortcut")
     assert shortcut or recorded["clean"] >= 0.9
     assert (recorded["clean"] - recorded["swapped"] > 0.2) == shortcut
+
+
+def test_cli_compares_a_model_with_its_int8_form(tmp_path):
+    """``lrp-onnx compare model.onnx model.int8.onnx``: does quantization change what the model looks at?
+    On the bundled shapes CNN, the int8 form predicts the same classes with relevance close to the
+    float model's (EVALUATION.md, "Deployed forms", measures it on 200 images)."""
+    import json
+    sys.path.insert(0, os.path.join(ROOT, "models"))
+    import synthetic_shapes as shapes
+    from train_shapes_cnn import TEST_SEED, as_input
+    data = tmp_path / "shapes.npy"
+    np.save(data, as_input(shapes.generate(16, TEST_SEED).images))
+    out = tmp_path / "compare"
+    models = [os.path.join(ROOT, "models", name) for name in ("shapes_cnn.onnx", "shapes_cnn.int8.onnx")]
+    result = subprocess.run([sys.executable, "-m", "lrp_onnx.cli", "compare", *models, str(data), "-o", str(out)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    rows = json.load(open(out / "compare.json"))["inputs"]
+    assert len(rows) == 16 and all(a == b for a, b in (r["predicted"] for r in rows))
+    assert np.mean([r["pearson"] for r in rows]) > 0.9
