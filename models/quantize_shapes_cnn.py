@@ -15,7 +15,6 @@ import os
 import sys
 import tempfile
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 

@@ -7,8 +7,8 @@ convolutions), then ``quantize_static`` calibrated on a few seeded inputs.
 ``FloatNetwork`` is the reference the quantized explainers are held to: a torch module read from
 the quantized file itself, with its dequantized weights, each quantized op as its float op, and
 each activation rounding (a QuantizeLinear or DynamicQuantizeLinear, or a QOperator op's
-requantization) as a ``Rounding`` module, which Zennit's Pass rule passes relevance through. It is written here from the ONNX
-operator definitions, independently of lrp_onnx.
+requantization) as a ``Rounding`` module, which Zennit's Pass rule passes relevance through. It
+is written here from the ONNX operator definitions, independently of lrp_onnx.
 """
 
 import numpy as np
@@ -197,8 +197,8 @@ class FloatNetwork(nn.Module):
             op, inputs, rounding = self._float_form(node, op, inputs, attrs)
         if op == "Conv":
             w, b = self.fixed[inputs[1]], self.fixed.get(inputs[2]) if len(inputs) > 2 else None
-            conv = nn.Conv2d(w.shape[1] * attrs.get("group", 1), w.shape[0], w.shape[2:], stride=attrs.get("strides", 1),
-                             padding=attrs.get("pads", [0, 0])[:2], dilation=attrs.get("dilations", 1),
+            conv = nn.Conv2d(w.shape[1] * attrs.get("group", 1), w.shape[0], w.shape[2:],
+                             stride=attrs.get("strides", 1), padding=attrs.get("pads", [0, 0])[:2], dilation=attrs.get("dilations", 1),
                              groups=attrs.get("group", 1), bias=b is not None)
             self._set(conv, w, b)
             module = conv

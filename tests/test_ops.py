@@ -780,8 +780,8 @@ def test_window_ops_take_their_sizes_from_the_run(case):
         zero = np.zeros(case.x_shape)
         m = ref.dense_matrix(lambda s: case.affine(s) - case.affine(zero), case.x_shape)
         seed = RNG.standard_normal((2, m.shape[0])).astype(np.float32)
-        _, relevance = run_explainer(case.nodes, x, case.weights, seed, rules={case.op: lrp_onnx.make_rule("alpha-beta")},
-                                     dynamic=True)
+        rules = {case.op: lrp_onnx.make_rule("alpha-beta")}
+        _, relevance = run_explainer(case.nodes, x, case.weights, seed, rules=rules, dynamic=True)
         expected = [ref.lrp("alpha-beta", {}, m, x[n].reshape(-1).astype(np.float64), case.affine(zero).reshape(-1),
                             seed[n].astype(np.float64)) for n in range(2)]
     else:
