@@ -198,8 +198,8 @@ class FloatNetwork(nn.Module):
         if op == "Conv":
             w, b = self.fixed[inputs[1]], self.fixed.get(inputs[2]) if len(inputs) > 2 else None
             conv = nn.Conv2d(w.shape[1] * attrs.get("group", 1), w.shape[0], w.shape[2:],
-                             stride=attrs.get("strides", 1), padding=attrs.get("pads", [0, 0])[:2], dilation=attrs.get("dilations", 1),
-                             groups=attrs.get("group", 1), bias=b is not None)
+                             stride=attrs.get("strides", 1), padding=attrs.get("pads", [0, 0])[:2],
+                             dilation=attrs.get("dilations", 1), groups=attrs.get("group", 1), bias=b is not None)
             self._set(conv, w, b)
             module = conv
         elif op == "Gemm":
