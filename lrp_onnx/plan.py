@@ -20,7 +20,7 @@ from .graph import SMALL_INTEGERS, carries_relevance, casts_to_float, find_units
 from .load import import_graph, load_model, source_digest
 from .precision import upcast_types
 from .quantized import mirrored
-from .registry import lookup
+from .registry import lookup, receiving
 from .rules import RuleParams
 
 TARGET = "target"
@@ -172,9 +172,7 @@ def _upstream_of(units, logits):
     for unit in reversed(units):
         if any(t.name in needed for t in unit.outputs):
             keep.append(unit)
-            prop = lookup(unit)
-            receiving = prop.receiving(unit) if prop else unit.relevant
-            needed.update(t.name for t, rel in zip(unit.inputs, receiving) if rel)
+            needed.update(t.name for t, rel in zip(unit.inputs, receiving(unit)) if rel)
     return keep[::-1], needed
 
 
@@ -208,18 +206,18 @@ def path_breaks(graph, explained, logits, units, reached):
                  logits.inputs[0].op if logits.inputs else "input",
                  f"the output {logits.name!r} does not depend on {explained.name!r}")]
     carrying = {explained.name} | {t.name for u in units for t in u.outputs if carries_relevance(t)}
-    receiving = {u.name: lookup(u).receiving(u) if lookup(u) else u.relevant for u in units}
+    receivers = {u.name: receiving(u) for u in units}
     breaks = []
     for node in graph.nodes:
         fed = [t for t in node.inputs if t.name in carrying and t.name in on_path]
         onward = [t for t in node.outputs if t.name in on_path]
         if not fed or not onward:
             continue
-        if node.name not in receiving:
+        if node.name not in receivers:
             kinds = ", ".join(f"{t.name!r} is {_type_name(t)}" for t in onward)
             breaks.append((node.name, node.op, f"its output {kinds}, which carries no relevance"))
             continue
-        dropped = [t for t, gets in zip(node.inputs, receiving[node.name]) if t.name in carrying and not gets]
+        dropped = [t for t, gets in zip(node.inputs, receivers[node.name]) if t.name in carrying and not gets]
         if len(dropped) == len(fed):
             breaks.append((node.name, node.op, f"it passes no relevance to its input {dropped[0].name!r}"))
     return breaks or [(logits.name, "output", "no relevance-carrying path joins them")]

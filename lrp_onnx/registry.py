@@ -13,11 +13,11 @@ Two kinds, as a JAX primitive is either linear (it has a transpose) or structura
       @mapped("Conv", role="conv", traits=WEIGHTED)
       def linear_layer(b, unit): ...                # -> one LinearMap (or None) per unit input
 
-* ``@viewed(keys, view=...)``: the op stands for another op (a quantized or fused one for its
+* ``viewed(keys, view=...)``: the op stands for another op (a quantized or fused one for its
   float form): ``view(unit)`` gives a ``View``, a unit of that op over stand-in tensors, and the
   propagator of that op does the work, so each rule and map is written once::
 
-      @viewed(("", "QLinearConv"), view=float_view)
+      viewed(("", "QLinearConv"), view=float_view)
 
 ``role`` tells composites which rule family a unit belongs to ("conv", "dense", "activation",
 "sum", "avgpool", "batchnorm", "layernorm", "scale"); ``traits`` say what the map offers, so the
@@ -168,3 +168,9 @@ def lookup(unit):
     """The propagator for ``unit``, or None if its (domain, op) has none. "ai.onnx" is the default domain."""
     domain = unit.head.domain or DEFAULT_DOMAIN
     return PROPAGATORS.get((DEFAULT_DOMAIN if domain == "ai.onnx" else domain, unit.op))
+
+
+def receiving(unit):
+    """Which of ``unit``'s inputs its propagator gives relevance (every explained one where it has none)."""
+    prop = lookup(unit)
+    return prop.receiving(unit) if prop else unit.relevant

@@ -57,6 +57,12 @@ def float_view(unit):
     return View(view_unit, sources, lambda b: _bind(b, head, dequantizers))
 
 
+def _dequantize_into(b, inputs, stand_in, axis=1):
+    """A DequantizeLinear of ``inputs`` (value, scale, zero point or None) whose output is ``stand_in``."""
+    present = inputs if inputs[-1] is not None else inputs[:-1]  # the zero point is optional
+    b.graph.nodes.append(gs.Node("DequantizeLinear", b.name("dequantize"), {"axis": axis}, present, [stand_in]))
+
+
 def _present(node, index):
     """Input ``index`` of ``node``, None where it is absent (an optional zero point)."""
     return node.inputs[index] if index < len(node.inputs) and node.inputs[index].name else None
@@ -76,8 +82,7 @@ def _bind(b, head, dequantizers):
     """Emit what the stand-ins of a float view stand for: a DequantizeLinear per computed operand,
     and the float op itself, which graph cleanup removes where no rule reads its output."""
     for (inputs, axis, stand_in) in dequantizers:
-        present = inputs if inputs[-1] is not None else inputs[:-1]  # the zero point is optional
-        b.graph.nodes.append(gs.Node("DequantizeLinear", b.name("dequantize"), {"axis": axis}, present, [stand_in]))
+        _dequantize_into(b, inputs, stand_in, axis)
     b.graph.nodes.append(head)
 
 
@@ -115,8 +120,7 @@ def integer_view(unit):
     view_unit = Unit(float_head, followers, relevant=[unit.relevant[0], False])
 
     def bind(b):
-        parameters = [x_q, x_scale] + ([x_zero] if x_zero is not None else [])
-        b.graph.nodes.append(gs.Node("DequantizeLinear", b.name("dequantize"), {}, parameters, [stand_in]))
+        _dequantize_into(b, [x_q, x_scale, x_zero], stand_in)
         if not followers:  # the layer's output is the float layer's, computed again (cleanup drops it if unread)
             b.graph.nodes.append(float_head)
     return View(view_unit, [0, None] + [None] * (len(head.inputs) - 2), bind)
