@@ -22,6 +22,7 @@ from onnx import version_converter
 from .errors import InputError, ModelLoadError, ModelWarning, UnsupportedModelError, first_line
 from .external import (check_tensor_sizes, holding_large_weights, is_repeated, load_external_data,
                        require_loaded, without_large_weights)
+from .fused import expand_fused_ops
 from .precision import upcast_to_float32
 from .quantized import QUANTIZERS, mirror_qdq_forward, read_quantized_weights, shape_twin
 
@@ -187,6 +188,8 @@ def load_model(model, held=None, input_shapes=None):
     check_declared_shapes(proto, label)
     check_opset_imports(proto, label)
     proto = sort_nodes(proto, label)
+    # before the checker: it does not know SimplifiedLayerNormalization, which ORT registers in the standard domain
+    proto = expand_fused_ops(proto, label)
     proto, repairs = declare_output_shapes(proto, label)
     check_model(proto, label)
     for repair in repairs:  # only once the whole model has passed: a refused one is not "converting"

@@ -47,7 +47,7 @@ def dequantize(q, scale, zero_point=None, axis=1, block_size=0):
     difference (q − zero_point) in int32, converted to float32 and times the float32 scale."""
     scale, zero_point = _broadcast(q, scale, axis, block_size), _broadcast(q, zero_point, axis, block_size)
     difference = q.astype(np.int32) - (0 if zero_point is None else zero_point.astype(np.int32))
-    return difference.astype(np.float32) * scale.astype(np.float32)
+    return np.asarray(difference.astype(np.float32) * scale.astype(np.float32))  # an array even for a scalar
 
 
 def quantize(x, scale, zero_point, axis=1, block_size=0, saturate=1):
@@ -59,7 +59,7 @@ def quantize(x, scale, zero_point, axis=1, block_size=0, saturate=1):
         (0 if zero_point is None else zero_point.astype(np.float64))
     if dtype.kind not in "iu":
         raise ValueError(f"QuantizeLinear to {dtype} is not supported")
-    return np.clip(shifted, np.iinfo(dtype).min, np.iinfo(dtype).max).astype(dtype)
+    return np.asarray(np.clip(shifted, np.iinfo(dtype).min, np.iinfo(dtype).max).astype(dtype))
 
 
 def _broadcast(x, parameter, axis, block_size):

@@ -182,8 +182,9 @@ def padded_tokens(batch=2, length=7, seed=3):
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def export_text(model, feeds, path, exporter):
-    """Export ``model`` taking ``feeds`` (input_ids, attention_mask), batch and length dynamic."""
+def export_text(model, feeds, path, exporter, opset=17):
+    """Export ``model`` taking ``feeds`` (input_ids, attention_mask), batch and length dynamic;
+    ``opset``: TorchScript's."""
     import torch
     names = list(feeds)
     args = tuple(torch.tensor(feeds[k]) for k in names)
@@ -195,7 +196,7 @@ def export_text(model, feeds, path, exporter):
             torch.onnx.export(model, args, path, dynamo=True, input_names=names, output_names=["logits"],
                               dynamic_shapes={k: dims for k in names})
         else:
-            torch.onnx.export(model, args, path, dynamo=False, opset_version=17, input_names=names,
+            torch.onnx.export(model, args, path, dynamo=False, opset_version=opset, input_names=names,
                               output_names=["logits"], dynamic_axes={k: {0: "N", 1: "T"} for k in names})
 
 

@@ -648,6 +648,37 @@ CASES += [
          dict(QUANTIZE, p_scale=np.float32(1 / 256), p_zero=np.uint8(0), one=np.float32(1)), conserves=False),
 ]
 
+# ONNX Runtime's fused ops (fused.py writes each out in standard ops). ORT runs the original, so
+# run_explainer's forward check is against ORT's own kernels. The residual and bias are constants
+# here: shifts, through which R passes. Constants from their own generator: the cases above keep their data.
+FUSED_RNG = np.random.default_rng(29)
+TOKENS = (6, 8)  # [sequence, hidden] per sample
+FUSED = {"bias": FUSED_RNG.standard_normal(8), "skip": FUSED_RNG.standard_normal(TOKENS),
+         "gamma": FUSED_RNG.uniform(0.5, 2, 8), "beta": FUSED_RNG.standard_normal(8)}
+
+
+def fused(op, inputs, **attrs):
+    return [node(op, inputs, domain="com.microsoft", **attrs)]
+
+
+def skip_normed(x, z, r):
+    """SkipLayerNormalization: LXT's LayerNorm rule at s = x + bias + skip, which passes R to x."""
+    return ref.layer_norm_rule(x + FUSED["bias"] + FUSED["skip"], z, r, FUSED["gamma"], 1e-6, eps=1e-12)
+
+
+CASES += [
+    Case("Gelu-com.microsoft", SHAPE, fused("Gelu", ["x"]), passed),
+    Case("BiasGelu", TOKENS, fused("BiasGelu", ["x", "bias"]), passed, FUSED),
+    Case("FastGelu", TOKENS, fused("FastGelu", ["x", "bias"]), passed, FUSED),
+    Case("QuickGelu", SHAPE, fused("QuickGelu", ["x"], alpha=1.5), passed),
+    Case("SkipLayerNormalization", TOKENS, fused("SkipLayerNormalization", ["x", "skip", "gamma", "beta", "bias"]),
+         skip_normed, FUSED, conserves=False),
+    Case("SkipSimplifiedLayerNormalization", TOKENS,
+         fused("SkipSimplifiedLayerNormalization", ["x", "skip", "gamma", "bias"]), passed, FUSED),
+    Case("SimplifiedLayerNormalization", TOKENS,
+         [node("SimplifiedLayerNormalization", ["x", "gamma"], axis=-1)], passed, FUSED),
+]
+
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_op_matches_numpy(case):
