@@ -625,6 +625,9 @@ CASES += [
     Case("QLinearMul-constant", SHAPE, _quantized("QLinearMul", ["c_q", "c_scale", "c_zero"]), passed,
          dict(OUT, c_q=RNG.integers(0, 255, (6, 1)).astype(np.uint8), c_scale=np.float32(0.01),
               c_zero=np.uint8(128))),
+    # a scalar quantized constant (a GELU's 0.5 in a QOperator transformer) dequantizes to a 0-d array
+    Case("QLinearMul-scalar-constant", SHAPE, _quantized("QLinearMul", ["c_q0", "c_scale", "c_zero"]), passed,
+         dict(OUT, c_q0=np.uint8(200), c_scale=np.float32(0.01), c_zero=np.uint8(128))),
     Case("QLinearConcat", SHAPE,
          [node("QuantizeLinear", ["x", "q_scale", "q_zero"], ["qx"]),
           node("QLinearConcat", ["out_scale", "out_zero", "qx", "q_scale", "q_zero", "qx", "q_scale", "q_zero"], ["qz"],
