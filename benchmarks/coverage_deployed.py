@@ -360,6 +360,9 @@ def main():
     parser.add_argument("--redo", action="store_true", help="measure the selected rows again, even if cached")
     args = parser.parse_args()
     rows = json.load(open(CACHE)) if os.path.exists(CACHE) else {}
+    # ONNX Runtime's quantization tools leave files in the working directory (calibration data,
+    # sym_shape_infer_temp.onnx): not in the checkout
+    os.chdir(tempfile.mkdtemp(prefix="coverage_deployed_"))
     forms = args.forms.split(",") if args.forms else None
     for name, (_, _, model_forms) in MODELS.items():
         if args.only and args.only not in name:
