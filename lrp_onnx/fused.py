@@ -71,6 +71,10 @@ class Expansion:
             return self.op(op_type, x, self.const(axes, np.int64), **attrs)
         return self.op(op_type, x, **{"split" if op_type == "Split" else "axes": list(axes)}, **attrs)
 
+    def thirds(self, x, axis):
+        """x split in three equal parts along ``axis``: opset 18 on asks for the count."""
+        return self.op("Split", x, axis=axis, outputs=3, **({"num_outputs": 3} if self.opset >= 18 else {}))
+
     @property
     def epsilon(self):
         return self.attrs.get("epsilon", DEFAULT_EPSILON[self.node.op_type])
@@ -233,10 +237,7 @@ def expand_attention(e):
     projections = e.op("Add", e.op("MatMul", e.input(0), e.input(1)), e.input(2)) if e.input(2) else \
         e.op("MatMul", e.input(0), e.input(1))
     sizes = e.attrs.get("qkv_hidden_sizes")
-    if sizes:
-        split = e.along("Split", projections, sizes, axis=-1, outputs=3)
-    else:
-        split = e.op("Split", projections, axis=-1, outputs=3, **({"num_outputs": 3} if e.opset >= 18 else {}))
+    split = e.along("Split", projections, sizes, axis=-1, outputs=3) if sizes else e.thirds(projections, -1)
     mask = key_mask_bias(e, e.input(3), split[1]) if e.input(3) else ""
     attend(e, *split, mask, e.input(5))
 
@@ -249,8 +250,7 @@ def expand_multi_head_attention(e):
         e.refuse("packed query, key and value")
     q, k, v = e.input(0), e.input(1), e.input(2)
     if e.input(3):
-        biases = e.op("Split", e.input(3), axis=0, outputs=3, **({"num_outputs": 3} if e.opset >= 18 else {}))
-        q, k, v = (e.op("Add", t, b) for t, b in zip((q, k, v), biases))
+        q, k, v = (e.op("Add", t, b) for t, b in zip((q, k, v), e.thirds(e.input(3), 0)))
     mask = key_mask_bias(e, e.input(4), k) if e.input(4) else ""
     attend(e, q, k, v, mask, e.input(5))
 
@@ -288,12 +288,14 @@ class ModelFacts:
     that follow through the ops ORT's optimizer puts before an attention mask."""
 
     def __init__(self, graph):
-        self.declared = {v.name: len(v.type.tensor_type.shape.dim) for v in
-                         list(graph.input) + list(graph.value_info) + list(graph.output)
-                         if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
+        typed = [v for v in list(graph.input) + list(graph.value_info) + list(graph.output)
+                 if v.type.HasField("tensor_type")]
+        self.declared = {v.name: len(v.type.tensor_type.shape.dim) for v in typed
+                         if v.type.tensor_type.HasField("shape")}
         self.declared.update({t.name: len(t.dims) for t in graph.initializer})
+        self.integer = {v.name for v in typed if _is_integer(v.type.tensor_type.elem_type)}
         self.producer = {name: node for node in graph.node for name in node.output}
-        self.constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        self.initializers = {t.name: t for t in graph.initializer}  # read when needed: weights stay unconverted
         self.read = {name for node in graph.node for name in node.input} | {v.name for v in graph.output}
 
     def rank(self, name):
@@ -308,11 +310,12 @@ class ModelFacts:
             return self.rank(node.input[0])
         if node.op_type in ("ReduceSum", "ReduceMax", "ReduceMin"):
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            axes = attrs.get("axes", self.constants.get(node.input[1]) if len(node.input) > 1 else None)
             rank = self.rank(node.input[0])
-            if attrs.get("keepdims", 1) or rank is None or axes is None:
-                return rank if attrs.get("keepdims", 1) else None
-            return rank - len(np.atleast_1d(axes))
+            if attrs.get("keepdims", 1) or rank is None:
+                return rank
+            axes = node.input[1] if len(node.input) > 1 else None
+            axes = numpy_helper.to_array(self.initializers[axes]) if axes in self.initializers else attrs.get("axes")
+            return None if axes is None else rank - len(np.atleast_1d(axes))
         return None
 
     def uncast(self, name):
@@ -320,12 +323,12 @@ class ModelFacts:
         node = self.producer.get(name)
         if node is None or node.op_type != "Cast":
             return name
-        return node.input[0] if self.rank(node.input[0]) is not None and _casts_integer(node) else name
+        to = next(helper.get_attribute_value(a) for a in node.attribute if a.name == "to")
+        return node.input[0] if node.input[0] in self.integer and _is_integer(to) else name
 
 
-def _casts_integer(node):
-    to = next(helper.get_attribute_value(a) for a in node.attribute if a.name == "to")
-    return np.dtype(helper.tensor_dtype_to_np_dtype(to)).kind in "iu"
+def _is_integer(elem_type):
+    return elem_type != TensorProto.UNDEFINED and np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).kind in "iu"
 
 
 def expand_fused_ops(proto, label):
