@@ -3,7 +3,7 @@
 
     python benchmarks/coverage_deployed.py [--only NAME] [--forms qdq,fp16,...]
 
-Each model is exported from torch (TorchScript, batch 1, random init, no download), then put in
+Each model is exported from torch (TorchScript, or torch.export for swin_t; batch 1, random init, no download), then put in
 each form by the tool that writes it:
 - qdq, qoperator: ``onnxruntime.quantization.quantize_static`` per channel, calibrated on 8
   seeded inputs (tests/quantized_models.py); dynamic: ``quantize_dynamic``;
@@ -14,11 +14,14 @@ each form by the tool that writes it:
 - dynamic-hw: the export with dynamic height and width (images), run at a second size.
 
 Columns: whether it converts; the largest relative deviation of the explainer's logits from ONNX
-Runtime's run of the form (0 = bit for bit); the relevance's relative L2 distance from the
+Runtime's run of the form with the explainer's session options (0 = bit for bit); the relevance's relative L2 distance from the
 reference; conversion and explanation (one batch-1 run) times. The reference, per form:
-- quantized (static, dynamic): Zennit on tests/quantized_models.FloatNetwork, the float network
-  read from the quantized file (dequantized weights, roundings as Pass), at the activations ORT
-  computes; where that reader lacks an op of the model the row says so;
+- quantized (static, dynamic): Zennit in float64 on tests/quantized_models.FloatNetwork, the float
+  network read from the quantized file (dequantized weights, roundings as Pass), at the activations ORT
+  computes with its graph optimisations off, against the explainer run so too (tests/test_quantized.py
+  compares them the same way); where that reader lacks an op of the model the row says so. The
+  notes give how far Zennit's own float32 run lies from that float64 reference: the part of the
+  distance that float32 rounding alone causes;
 - matmulnbits, fp16, bf16: lrp-onnx's explainer of the float32 model holding the same weights
   (dequantized, or rounded to half precision) on the same input: the form must not change the
   explanation. For bf16 the weights are the float32 export's rounded to bfloat16, while torch
@@ -34,6 +37,7 @@ import argparse
 import datetime
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -51,10 +55,12 @@ sys.path.insert(0, HERE)
 import exporters  # noqa: E402
 import lrp_onnx  # noqa: E402
 from coverage import _first_line  # noqa: E402
+from lrp_onnx.runtime import session_options  # noqa: E402
 from sections import write_section  # noqa: E402
 
 COVERAGE = os.path.join(ROOT, "COVERAGE.md")
 CACHE = os.path.join(HERE, "coverage_deployed.json")
+QUANTIZED = ("qdq", "qoperator", "dynamic")
 IMAGE_FORMS = ("qdq", "qoperator", "dynamic", "fp16-keep-io", "fp16", "bf16", "dynamic-hw")
 TRANSFORMER_FORMS = ("qdq", "qoperator", "dynamic", "matmulnbits", "fp16-keep-io", "fp16", "bf16", "ort-optimized")
 # name -> (family, input shape of one sample, forms)
@@ -71,6 +77,9 @@ MODELS = {
     "distilbert": ("text", None, TRANSFORMER_FORMS),
     "roberta": ("text", None, TRANSFORMER_FORMS),
 }
+# exported by torch.export: swin_t's TorchScript export pads each window partition by amounts it
+# computes from shapes, which leaves its Slices without static sizes (COVERAGE.md, Transformers)
+DYNAMO = ("swin_t",)
 # a second size for dynamic-hw rows
 OTHER_SIZE = {"cnn": (3, 160, 192), "video": (3, 8, 96, 128)}
 # Why a form does not apply, where that is known before trying
@@ -121,12 +130,15 @@ def feeds_of(name, shape=None):
 
 def export(model, name, feeds, path, dynamic_size=False, dtype=None):
     """TorchScript, batch dynamic (and height, width, frames where ``dynamic_size``), opset 17, or
-    22 for bfloat16 (its first with bfloat16 Conv)."""
+    22 for bfloat16 (its first with bfloat16 Conv); the float32 models of DYNAMO by torch.export."""
     import torch
     if MODELS[name][0] == "text":
         exporters.export_text(model, feeds, path, "torchscript")
         return path
     x = torch.tensor(feeds["x"])
+    if name in DYNAMO and dtype is None and not dynamic_size:  # batch 2: torch.export specializes a batch of 1
+        exporters.export_torch(model, torch.cat([x, x]), path, "dynamo")
+        return path
     if dtype is not None:
         model, x = model.to(dtype), x.to(dtype)
     axes = {0: "batch"}
@@ -152,14 +164,25 @@ class TokenCalibration:
         return next(self.batches, None)
 
 
-def quantized(name, path, form, out, feeds):
+def quantized(name, path, form, out, feeds, notes):
+    """``path`` quantized as ONNX Runtime's documentation does it, quant_pre_process first. Where
+    ORT's symbolic shape inference fails on the export, again without it, as a user would (and
+    ``notes`` says so)."""
+    try:
+        return quantized_prepared(name, path, form, out, feeds)
+    except Exception as e:
+        notes.append(f"made with quant_pre_process(skip_symbolic_shape=True): with it, {_first_line(e)}")
+        return quantized_prepared(name, path, form, out, feeds, skip_symbolic_shape=True)
+
+
+def quantized_prepared(name, path, form, out, feeds, **preprocess):
     import quantized_models
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
     if MODELS[name][0] != "text" or form == "dynamic":
-        return quantized_models.quantize(path, form, out, "x", MODELS[name][1])
+        return quantized_models.quantize(path, form, out, "x", MODELS[name][1], **preprocess)
     prepared = out + ".prepared.onnx"
-    quant_pre_process(path, prepared)
+    quant_pre_process(path, prepared, **preprocess)
     quantize_static(prepared, out, TokenCalibration(feeds), per_channel=True, weight_type=QuantType.QInt8,
                     quant_format=QuantFormat.QDQ if form == "qdq" else QuantFormat.QOperator,
                     activation_type=QuantType.QInt8 if form == "qdq" else QuantType.QUInt8)
@@ -229,20 +252,46 @@ def optimized(name, path, out):
     return out
 
 
-def zennit_reference(path, feeds, targets):
-    """Zennit's epsilon relevance on the float network read from the quantized file."""
+def zennit_reference(path, feeds, targets, dtype=np.float64):
+    """Zennit's epsilon relevance on the float network read from the quantized file, in float64 by
+    default: with ε = 1e-6 the rounding of a float32 run moves the relevance of a deep network by
+    up to 1e-2 (a dynamically quantized resnet18), and the explainer's integer products are exact."""
     import quantized_models
-    x = feeds["x"]
-    network = quantized_models.FloatNetwork(path, quantized_models.observed_activations(path, x)).eval()
-    return quantized_models.zennit_relevance(network, x, targets, quantized_models.zennit_composite("epsilon"))[1]
+    observed = {k: v.astype(dtype) for k, v in quantized_models.observed_activations(path, feeds["x"]).items()}
+    network = quantized_models.FloatNetwork(path, observed).eval().to(torch_type(dtype))
+    composite = quantized_models.zennit_composite("epsilon")
+    return quantized_models.zennit_relevance(network, feeds["x"].astype(dtype), targets, composite)[1]
+
+
+def torch_type(dtype):
+    import torch
+    return {np.float64: torch.float64, np.float32: torch.float32}[dtype]
+
+
+def loads_in_onnx_runtime(path):
+    """Whether ONNX Runtime's CPU provider creates a session for ``path`` without crashing."""
+    probe = "import sys, onnxruntime; onnxruntime.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])"
+    return subprocess.run([sys.executable, "-c", probe, path], capture_output=True).returncode >= 0
+
+
+def unoptimised_relevance(explainer, feeds, targets):
+    """The explainer's relevance with ONNX Runtime's graph optimisations off: the activations
+    zennit_reference holds are those of such a run (tests/quantized_models.observed_activations);
+    ORT's fused integer kernels round some of them otherwise."""
+    import onnxruntime as ort
+    options = session_options(None)
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(explainer.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(["relevance"], dict(feeds, target=targets))[0]
 
 
 def relative_l2(a, b):
     return float(np.linalg.norm(np.asarray(a, np.float64) - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def build(name, form, folder):
-    """(form file, feeds, reference: a callable giving the reference relevance, or a reason string)."""
+def build(name, form, folder, notes):
+    """(form file, feeds, reference: a callable giving the reference relevance, or a reason string);
+    what the row should say about how the form was made is appended to ``notes``."""
     import torch
     family = MODELS[name][0]
     composite = "epsilon" if family in ("cnn", "video") else "attnlrp"
@@ -255,7 +304,7 @@ def build(name, form, folder):
 
     out = os.path.join(folder, f"{form}.onnx")
     if form in ("qdq", "qoperator", "dynamic"):
-        path = quantized(name, base, form, out, feeds)
+        path = quantized(name, base, form, out, feeds, notes)
         if family == "text":
             return path, feeds, "no independent reference: the float-network reader covers CNN ops"
         return path, feeds, lambda targets: zennit_reference(path, feeds, targets)
@@ -297,14 +346,24 @@ def measure(name, form):
     composite = "epsilon" if family in ("cnn", "video") else "attnlrp"
     with tempfile.TemporaryDirectory() as folder:
         try:
-            path, feeds, reference = build(name, form, folder)
+            notes = []
+            path, feeds, reference = build(name, form, folder, notes)
         except Exception as e:
             return {"converts": "n/a", "why": f"the form could not be made: {_first_line(e)}"}
         if path is None:
             return {"converts": "n/a", "why": reference}
-        row = {"nodes": len(onnx.load(path).graph.node)}
+        row = {"nodes": len(onnx.load(path).graph.node), **({"made": notes[0]} if notes else {})}
+        # ONNX Runtime 1.32's NCHWc layout optimizer segfaults on some float16 forms (vit_b_16): probe
+        # in a subprocess, and where it does, run the form and its explainer without that optimizer
+        disabled = [] if loads_in_onnx_runtime(path) else ["NchwcTransformer"]
+        if disabled:
+            row["own_run"] = ("ONNX Runtime segfaults creating a session for the form, and for its explainer, which "
+                              "runs the form's own forward (its NchwcTransformer); both measured with it disabled")
         try:
-            own_session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+            # the explainer's session options: ORT's weight prepacking, which they turn off, changes how
+            # a float16 model's convolutions round
+            own_session = ort.InferenceSession(path, session_options(None), providers=["CPUExecutionProvider"],
+                                               disabled_optimizers=disabled)
             types = {i.name: i.type for i in own_session.get_inputs()}
             feeds = {k: v.astype(np.float16) if types.get(k) == "tensor(float16)" else v for k, v in feeds.items()}
             own = own_session.run(None, feeds)[0].astype(np.float32)
@@ -312,10 +371,12 @@ def measure(name, form):
             own, row["own_run"] = None, f"ONNX Runtime cannot run the form: {_first_line(e)}"
         try:
             start = time.perf_counter()
-            explainer = lrp_onnx.Explainer(path, composite=composite)
+            explainer = lrp_onnx.convert(path, composite)
+            session = ort.InferenceSession(explainer.SerializeToString(), session_options(None),
+                                           providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
             row["convert_s"] = time.perf_counter() - start
             start = time.perf_counter()
-            run = explainer.run(feeds, -1)  # the predicted class
+            run = dict(zip([o.name for o in session.get_outputs()], session.run(None, dict(feeds, target=np.array([-1])))))
             row["explain_s"] = time.perf_counter() - start
         except Exception as e:
             return dict(row, converts="no", why=_first_line(e))
@@ -328,7 +389,11 @@ def measure(name, form):
         row["largest_logit"] = float(np.abs(logits).max())
         if callable(reference):
             try:
-                row["relevance_error"] = relative_l2(run["relevance"], reference(targets))
+                relevance = unoptimised_relevance(explainer, feeds, targets) if form in QUANTIZED else run["relevance"]
+                expected = reference(targets)
+                row["relevance_error"] = relative_l2(relevance, expected)
+                if form in QUANTIZED:  # how far float32 rounding alone moves the relevance here
+                    row["float32_gap"] = relative_l2(zennit_reference(path, feeds, targets, np.float32), expected)
             except Exception as e:
                 row["reference"] = f"no reference: {_first_line(e)}"
         else:
@@ -344,7 +409,9 @@ def table(rows):
         deviation = "" if "output_deviation" not in row else \
             ("bit for bit" if row["output_deviation"] == 0 else f"{row['output_deviation']:.1e}")
         error = f"{row['relevance_error']:.1e}" if "relevance_error" in row else ""
-        notes = [row.get("why"), row.get("own_run"), row.get("reference"),
+        notes = [row.get("made"), row.get("why"), row.get("own_run"), row.get("reference"),
+                 f"Zennit in float32 is {row['float32_gap']:.1e} from its float64 reference" if "float32_gap" in row
+                 else None,
                  None if row.get("finite", True) else "non-finite relevance",
                  "logits ≈ 0 (random init): the comparison says little" if row.get("largest_logit", 1) < 1e-3 else None]
         note = "; ".join(n for n in notes if n)

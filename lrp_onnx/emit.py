@@ -20,6 +20,7 @@ from .errors import InputError, LrpOnnxError, RuleError, UnsupportedModelError, 
 from .external import without_large_weights
 from .plan import EXPLAINED_CLASS, EXPLAINED_LOGIT, RELEVANCE, RELEVANCE_SEED, TARGET, plan
 from .precision import restore_half_boundary
+from .quantized import MIRROR
 from .registry import lookup
 
 LAYER_PREFIX = "relevance:"  # relevance:NAME, the relevance at tensor NAME (convert(layers=...))
@@ -59,8 +60,8 @@ def convert_held(model, composite=DEFAULT_COMPOSITE, *, input_name=None, rules=N
     layers = _check_layers(p, layers, layer_sum)
     b = Builder(graph)
     with b.scope("seed"):
-        seed, extra_inputs, seed_outputs = _seed(b, p.logits, seed_input, gradient=method != "lrp")
-    relevance, at_layers = reverse_walk(b, p, seed, layers)
+        seed, extra_inputs, seed_outputs = _seed(b, p.logits, p.predicted, seed_input, gradient=method != "lrp")
+    relevance, at_layers = reverse_walk(b, p, seed, {t.name for t in layers.values()})
     with b.scope("method"):
         if method == "sensitivity":
             relevance = b.mul(relevance, relevance)
@@ -73,7 +74,7 @@ def convert_held(model, composite=DEFAULT_COMPOSITE, *, input_name=None, rules=N
     extra_outputs = {RELEVANCE: (relevance, np.float32, shape), **seed_outputs}
     with b.scope("layers"):
         for name, tensor in layers.items():
-            r = at_layers[name] if name in at_layers else b.zeros_like(tensor)
+            r = at_layers[tensor.name] if tensor.name in at_layers else b.zeros_like(tensor)
             if layer_sum == "channel" and len(tensor.shape) > 2:
                 r = b.op("ReduceSum", r, b.ints(list(range(2, len(tensor.shape)))), keepdims=0)
             shape = tensor.shape[:2] if layer_sum == "channel" else tensor.shape
@@ -133,8 +134,10 @@ def read_metadata(proto):
     return {k: json.loads(v) if k in ("rules", "overrides", "parameters") else v for k, v in meta.items()}
 
 
-def _seed(b, logits, seed_input, gradient=False):
-    """R at the logits: logits ⊙ onehot(target), target -1 meaning argmax; or a given seed tensor.
+def _seed(b, logits, predicted, seed_input, gradient=False):
+    """R at the logits: logits ⊙ onehot(target), target -1 meaning the argmax of the model's own
+    logits ``predicted`` (where ``logits`` are their float mirror, the rounding of a near tie would
+    otherwise choose another class than the model's); or a given seed tensor.
     For the gradient methods, ∂f/∂logits: onehot(target) itself.
 
     Returns the seed, the new graph inputs, and the new outputs besides ``relevance``: the class
@@ -146,10 +149,14 @@ def _seed(b, logits, seed_input, gradient=False):
         return seed, [seed], {}
     target = gs.Variable(TARGET, dtype=np.int64, shape=[batch])
     scores = logits  # [N, classes]; Caffe2 models end in [N, classes, 1, 1]
-    if logits.shape is None or len(logits.shape) != 2:
-        logits = b.op("Flatten", logits, axis=1)
-    predicted = b.op("ArgMax", logits, axis=1, keepdims=0)
-    chosen = b.op("Where", b.op("Less", target, b.ints(0)), predicted, target)
+    flat = (lambda t: t if t.shape is not None and len(t.shape) == 2 else b.op("Flatten", t, axis=1))
+    logits = flat(scores)
+    # The model's own logits rank the classes. Where the relevance pass reads a float mirror, in
+    # float64: ONNX Runtime's CPU provider has no float16 ArgMax and runs float16 nodes in float32
+    # between Casts, so a Cast of a float16 result to float32 would cancel the rounding Cast before
+    # it, and a tie in float16 would be ranked unrounded.
+    ranked = logits if predicted is scores else b.op("Cast", flat(predicted), to=onnx.TensorProto.DOUBLE)
+    chosen = b.op("Where", b.op("Less", target, b.ints(0)), b.op("ArgMax", ranked, axis=1, keepdims=0), target)
     count = logits.shape[1] if logits.shape is not None else None
     # a constant depth where the class count is static: TensorRT takes OneHot with a build-time depth only
     classes = b.ints([count]) if isinstance(count, int) else b.op("Gather", b.shape(logits), b.ints([1]))
@@ -164,7 +171,8 @@ def _seed(b, logits, seed_input, gradient=False):
 
 def _check_layers(p, names, layer_sum):
     """{name: tensor} of the requested layers, each a float tensor on the explained path that some
-    unit hands relevance to (not one inside a merged Conv+BatchNorm unit, say)."""
+    unit hands relevance to (not one inside a merged Conv+BatchNorm unit, say); where the relevance
+    pass reads a mirror of the forward (quantized.py, precision.py), the tensor is the mirror's."""
     if layer_sum not in (None,) + LAYER_SUMS:
         raise RuleError(f"layer_sum must be one of {LAYER_SUMS} or None; got {layer_sum!r}")
     reachable = {t.name: t for u in p.units for t in u.outputs}
@@ -173,13 +181,14 @@ def _check_layers(p, names, layer_sum):
               for t in node.outputs}
     layers = {}
     for name in names:
-        if name in merged:
-            raise InputError(f"{p.label}: layer {name!r} is inside the merged unit {merged[name]!r} "
+        name_read = name + MIRROR if name + MIRROR in reachable else name
+        if name_read in merged:
+            raise InputError(f"{p.label}: layer {name!r} is inside the merged unit {merged[name_read]!r} "
                              "(a linear layer and its BatchNorm or bias); ask for the unit's output")
-        if name not in reachable:
+        if name_read not in reachable:
             where = "no such tensor" if name not in p.graph.tensors() else "not on the explained path"
             raise InputError(f"{p.label}: layer {name!r}: {where}")
-        tensor = reachable[name]
+        tensor = reachable[name_read]
         if layer_sum == "channel" and tensor.shape is None:
             raise InputError(f"{p.label}: layer {name!r} has no known rank to sum per channel")
         layers[name] = tensor

@@ -41,6 +41,10 @@ class Expansion:
         self.name = node.name or f"{node.op_type}_{node.output[0]}"
         self.nodes, self.constants = [], []
         self.attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        # the type of the float values the node computes, which its constants take: float16 in a model
+        # converted after optimization (onnxruntime.transformers' convert_float_to_float16)
+        self.float_type = facts.float_type_of(node) or TensorProto.FLOAT
+        self.dtype = helper.tensor_dtype_to_np_dtype(self.float_type)
 
     def input(self, k):
         """The fused node's input k, "" where it is absent."""
@@ -60,7 +64,9 @@ class Expansion:
                                            **attrs))
         return names[0] if outputs == 1 else names
 
-    def const(self, values, dtype=np.float32):
+    def const(self, values, dtype=None):
+        """A constant, of the node's float type unless ``dtype`` says otherwise."""
+        dtype = dtype or self.dtype
         name = f"{self.name}/const_{len(self.constants)}"
         self.constants.append(numpy_helper.from_array(np.asarray(values, dtype), name))
         return name
@@ -199,7 +205,9 @@ def key_mask_bias(e, mask, keys):
         attended = e.op("Cast", mask, to=TensorProto.BOOL)
     else:
         e.refuse(f"a mask of rank {rank if rank is not None else 'unknown'} (supported: [N] lengths, a [N, L] mask)")
-    bias = e.op("Where", attended, e.const(0.0), e.const(e.attrs.get("mask_filter_value", -10000.0)))
+    # float16 models: exporters write float32's lowest (-3.4e38), which float16 rounds to -inf
+    masked = max(e.attrs.get("mask_filter_value", -10000.0), float(np.finfo(e.dtype).min))
+    bias = e.op("Where", attended, e.const(0.0), e.const(masked))
     return e.along("Unsqueeze", bias, [1, 2])
 
 
@@ -217,7 +225,7 @@ def attend(e, q, k, v, mask_bias, attention_bias):
         scores = e.op("Mul", scores, e.const(e.attrs["scale"]))
     else:
         head_size = e.op("Gather", e.op("Shape", queries), e.const(-1, np.int64))
-        scores = e.op("Div", scores, e.op("Sqrt", e.op("Cast", head_size, to=TensorProto.FLOAT)))
+        scores = e.op("Div", scores, e.op("Sqrt", e.op("Cast", head_size, to=e.float_type)))
     scores = add_optional(e, add_optional(e, scores, attention_bias), mask_bias)
     context = e.op("MatMul", e.op("Softmax", scores, axis=-1), split_heads(v, [0, 2, 1, 3]))
     e.op("Reshape", e.op("Transpose", context, perm=[0, 2, 1, 3]), e.const([0, 0, -1], np.int64), out=e.output(0))
@@ -293,10 +301,13 @@ class ModelFacts:
         self.declared = {v.name: len(v.type.tensor_type.shape.dim) for v in typed
                          if v.type.tensor_type.HasField("shape")}
         self.declared.update({t.name: len(t.dims) for t in graph.initializer})
-        self.integer = {v.name for v in typed if _is_integer(v.type.tensor_type.elem_type)}
+        self.types = {v.name: v.type.tensor_type.elem_type for v in typed}
+        self.types.update({t.name: t.data_type for t in graph.initializer})
+        self.integer = {name for name, elem_type in self.types.items() if _is_integer(elem_type)}
         self.producer = {name: node for node in graph.node for name in node.output}
         self.initializers = {t.name: t for t in graph.initializer}  # read when needed: weights stay unconverted
         self.read = {name for node in graph.node for name in node.input} | {v.name for v in graph.output}
+        self.float_types = {}  # first output of a node -> its float type, as float_type_of found it
 
     def rank(self, name):
         if name in self.declared:
@@ -318,6 +329,26 @@ class ModelFacts:
             return None if axes is None else rank - len(np.atleast_1d(axes))
         return None
 
+    def float_type_of(self, node):
+        """The float element type of ``node``'s values, where it can be told before shape inference:
+        that of its first input of a declared float type, else of the first one whose producer's
+        can be told (a Cast's is its target type, a Constant's its value's)."""
+        key = node.output[0]
+        if key not in self.float_types:
+            self.float_types[key] = None  # a cycle, which the checker refuses later, ends here
+            self.float_types[key] = self._float_type_of(node)
+        return self.float_types[key]
+
+    def _float_type_of(self, node):
+        attrs = {a.name: a for a in node.attribute}
+        if node.op_type in ("Cast", "Constant"):
+            told = attrs["to"].i if node.op_type == "Cast" else attrs["value"].t.data_type if "value" in attrs else None
+            return told if told in FLOAT_TYPES else None
+        known = [self.types.get(name) for name in node.input]
+        declared = next((t for t in known if t in FLOAT_TYPES), None)
+        producers = (self.producer[name] for name, t in zip(node.input, known) if t is None and name in self.producer)
+        return declared or next(filter(None, map(self.float_type_of, producers)), None)
+
     def uncast(self, name):
         """The tensor before a Cast between integer types (ids narrowed to int32), else ``name``."""
         node = self.producer.get(name)
@@ -325,6 +356,9 @@ class ModelFacts:
             return name
         to = next(helper.get_attribute_value(a) for a in node.attribute if a.name == "to")
         return node.input[0] if node.input[0] in self.integer and _is_integer(to) else name
+
+
+FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
 
 
 def _is_integer(elem_type):

@@ -23,7 +23,7 @@ from .errors import InputError, ModelLoadError, ModelWarning, UnsupportedModelEr
 from .external import (check_tensor_sizes, holding_large_weights, is_repeated, load_external_data,
                        require_loaded, without_large_weights)
 from .fused import expand_fused_ops
-from .precision import upcast_to_float32
+from .precision import explain_in_float32, release_mirror_outputs
 from .quantized import QUANTIZERS, mirror_qdq_forward, read_quantized_weights, shape_twin
 
 MIN_OPSET = 13
@@ -552,7 +552,7 @@ def _symbolic_shape_inference():
     return module.SymbolicShapeInference
 
 
-PROTO_STEPS = (drop_initializer_inputs, upcast_to_float32, upgrade_opset, infer_shapes)
+PROTO_STEPS = (drop_initializer_inputs, explain_in_float32, upgrade_opset, infer_shapes)
 
 
 def import_graph(proto, held=None):
@@ -670,7 +670,7 @@ def name_nodes(graph):
 
 
 GRAPH_STEPS = (expand_linear_classifiers, fold_constants, read_quantized_weights, drop_identities, name_nodes,
-               mirror_qdq_forward)
+               release_mirror_outputs, mirror_qdq_forward)
 
 
 def _copy(proto):

@@ -19,7 +19,7 @@ from .external import HeldWeights
 from .graph import SMALL_INTEGERS, carries_relevance, casts_to_float, find_units, is_constant, nonnegative_tensors
 from .load import import_graph, load_model, source_digest
 from .precision import upcast_types
-from .quantized import mirrored
+from .quantized import MIRROR, mirrored
 from .registry import lookup, receiving
 from .rules import RuleParams
 
@@ -46,6 +46,8 @@ class Plan:
     at_embedding: bool      # explained is the token ids' embedding: relevance is summed over its last axis
     score: gs.Tensor        # the [N, classes] output
     logits: gs.Tensor       # where relevance starts: the score, or the input of a final softmax
+    predicted: gs.Tensor    # the model's own logits, whose argmax is the class explained by default (logits
+                            # differ where the relevance pass reads a float mirror: quantized.py, precision.py)
     units: list             # units upstream of the logits, topological order, each with its role
     rules: dict             # unit name -> Rule, for the units that take one
     problems: list          # [(node name, op, reason)]: nodes that cannot be explained (by this method)
@@ -54,7 +56,7 @@ class Plan:
     composite: Composite
     method: str
     output_types: dict      # graph output name -> the original TypeProto (sequence and map types included)
-    upcast: dict            # graph input/output name -> the float16/bfloat16 type it had (precision.py)
+    upcast: dict            # graph input/output name -> the bfloat16 type it had (precision.py; float16 stays)
     source_sha256: Optional[str]
     held: HeldWeights       # the large weights, out of the graph's protos (external.py)
 
@@ -96,13 +98,14 @@ def pick_input(graph, label, input_name=None):
     chosen = candidates[0]
     if _is_float(chosen) or _is_image(chosen):
         return chosen, chosen, False
-    lookups = _embedding_of(chosen)
-    if len(lookups) != 1:
+    embeddings = _embedding_of(chosen)
+    if len(embeddings) != 1:
         raise UnsupportedModelError(
             f"{label}: input {chosen.name!r} is not a float tensor, nor token ids feeding one embedding lookup (a "
-            f"Gather of a constant float table on axis 0), nor an 8- or 16-bit image read by a Cast to float; "
-            f"it feeds {len(lookups)} embedding lookups")
-    return chosen, lookups[0].outputs[0], True
+            f"Gather on axis 0 of a constant float table, or of an integer one that a DequantizeLinear reads), nor "
+            f"an 8- or 16-bit image read by a Cast to float; "
+            f"it feeds {len(embeddings)} embedding lookups")
+    return chosen, embeddings[0], True
 
 
 def _default_inputs(inputs):
@@ -135,12 +138,24 @@ def _inner_input(graph, label, name):
 
 
 def _embedding_of(t):
-    """The embedding lookups of integer tensor ``t``: Gather(constant [vocab, D] float table, t), axis 0."""
+    """The embeddings that integer tensor ``t`` looks up: the output of each Gather(constant [vocab, D]
+    table, t) on axis 0, of a float table, or of an integer one that a DequantizeLinear reads (ONNX
+    Runtime's dynamic quantizer keeps the table in int8): then that dequantized output."""
     if t.dtype is None or np.dtype(t.dtype).kind not in "iu":
         return []
-    return [n for n in t.outputs if n.op == "Gather" and len(n.inputs) == 2 and n.inputs[1] is t
-            and n.attrs.get("axis", 0) == 0 and is_constant(n.inputs[0])
-            and n.inputs[0].values.ndim == 2 and n.inputs[0].values.dtype.kind == "f"]
+    embeddings = []
+    for n in t.outputs:
+        if not (n.op == "Gather" and len(n.inputs) == 2 and n.inputs[1] is t and n.attrs.get("axis", 0) == 0
+                and is_constant(n.inputs[0]) and n.inputs[0].values.ndim == 2):
+            continue
+        rows, kind = n.outputs[0], n.inputs[0].values.dtype.kind
+        if kind == "f":
+            embeddings.append(rows)
+        elif kind in "iu" and len(rows.outputs) == 1 and rows.outputs[0].op == "DequantizeLinear":
+            embeddings.append(rows.outputs[0].outputs[0])
+    # the model's own lookup where a float mirror's stands in for it (quantized.py, precision.py) is not a second one
+    found = {e.name for e in embeddings}
+    return [e for e in embeddings if e.name + MIRROR not in found]
 
 
 def find_logits(graph, label):
@@ -258,8 +273,8 @@ def plan(model, composite=DEFAULT_COMPOSITE, *, input_name=None, rules=None, met
         if name in graph.tensors():
             raise UnsupportedModelError(f"{label}: the model already has a tensor named {name!r}")
     explained_input, explained, at_embedding = pick_input(graph, label, input_name)
-    score, logits = find_logits(graph, label)
-    logits = mirrored(graph, logits)  # a QDQ model's relevance pass reads its mirror (quantized.py)
+    score, predicted = find_logits(graph, label)
+    logits = mirrored(graph, predicted)  # a quantized or float16 model's relevance pass may read a mirror
     all_units = find_units(graph, explained, graph.outputs)
     units, reached = _upstream_of(all_units, logits)
     nonnegative = nonnegative_tensors(graph)
@@ -284,8 +299,9 @@ def plan(model, composite=DEFAULT_COMPOSITE, *, input_name=None, rules=None, met
     _check_overrides(composite, units)
     breaks = path_breaks(graph, explained, logits, all_units, reached)
     output_types = {o.name: o.type for o in proto.graph.output}
-    return Plan(graph, label, explained_input, explained, at_embedding, score, logits, units, rules_by_unit, problems,
-                rule_problems, breaks, composite, method, output_types, upcast_types(proto), source_digest(model), held)
+    return Plan(graph, label, explained_input, explained, at_embedding, score, logits, predicted, units, rules_by_unit,
+                problems, rule_problems, breaks, composite, method, output_types, upcast_types(proto),
+                source_digest(model), held)
 
 
 def _check_overrides(composite, units):

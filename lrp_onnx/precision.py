@@ -1,22 +1,27 @@
 """Half-precision models (float16, bfloat16) are explained in float32.
 
-The load step ``upcast_to_float32`` turns every float16 and bfloat16 weight, value type and type
-attribute into float32; the converter then builds the explainer as for any float32 model, and
-``restore_half_boundary`` gives the explainer the original's half-precision inputs and outputs back.
+The load step ``explain_in_float32`` gives the relevance pass a float32 copy of the network:
+- a float16 model keeps its own forward, whose float16 ops compute the explainer's outputs as
+  they compute the model's, and gains a float32 mirror of it (``mirror_float16_forward``: every node
+  again, on the weights upcast, with tensors named ``name + MIRROR`` as quantized.py's mirror
+  names them), which the rules read. The class explained by default is the model's own
+  prediction; its relevance is the float32 mirror's.
+- a bfloat16 model is upcast to float32 throughout (``upcast_to_float32``), and
+  ``restore_half_boundary`` gives the explainer the original's inputs and outputs back: ONNX
+  Runtime's CPU provider has no bfloat16 kernel for Conv, Gemm, MatMul, Add, Mul, Div, Sum, Relu,
+  MaxPool or Softmax ("Could not find an implementation"), only for Cast, so the model's own
+  bfloat16 forward could not run there.
 
-Why float32 and not a float16 relevance pass:
+Why float32 and not a half-precision relevance pass:
 - LRP divides relevance by stabilised pre-activations: R/(z + ε·sign z). float16 spans 6e-8
   (smallest subnormal) to 65504: with Zennit's ε = 1e-6, a z at or near 0 makes the ratio up to
   R·1e6, inf for any R above 0.066. An ε that can never overflow (≥ max|R|/65504) depends on the
   relevance's scale and changes the rule's result, so a float16 pass cannot keep Zennit's
   semantics.
-- Upcasting float16 (or bfloat16) to float32 is exact, so the explainer of a half-precision model
-  is the float32 explainer of the very same weights.
-- ONNX Runtime's CPU provider has few float16 kernels and inserts casts to float32 around the
-  others anyway; it has no bfloat16 kernel for Conv, Gemm, MatMul, Add, Mul, Div, Sum, Relu,
-  MaxPool or Softmax ("Could not find an implementation"), only for Cast, so a bfloat16 pass
-  could not run there.
-The cost: weights are stored in float32, so the explainer file is about twice the original's size.
+- Upcasting float16 (or bfloat16) to float32 is exact, so the relevance of a half-precision model
+  is the float32 explainer's of the very same weights.
+The cost: the explainer holds the weights in float32 too (a float16 one also in float16), so its
+file is two to three times the original's size, and a float16 model's forward runs twice.
 """
 
 import json
@@ -27,6 +32,7 @@ from onnx import TensorProto, numpy_helper
 
 from .errors import UnsupportedModelError
 from .external import graph_tensors, subgraphs
+from .quantized import MIRROR
 
 HALF_TYPES = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
 # Integer attributes of standard ops that name an element type: Cast's ``to``; the ``dtype`` of
@@ -44,6 +50,79 @@ CASTS_IN = {TensorProto.FLOAT16: [TensorProto.FLOAT],
             TensorProto.BFLOAT16: [TensorProto.BFLOAT16, TensorProto.FLOAT]}
 CASTS_OUT = {TensorProto.FLOAT16: [TensorProto.FLOAT16],
              TensorProto.BFLOAT16: [TensorProto.BFLOAT16, TensorProto.FLOAT]}
+
+
+def explain_in_float32(proto, label):
+    """The load step: a float16 model with a float32 mirror of its forward, a bfloat16 one (or one
+    holding both types) upcast to float32; other models as they are (see the module docstring)."""
+    sites = list(_half_sites(proto.graph, label))
+    if not sites:
+        return proto
+    if any(_half_type(site) == TensorProto.BFLOAT16 for site in sites):
+        return upcast_to_float32(proto, label)
+    return mirror_float16_forward(proto, label)
+
+
+def mirror_float16_forward(proto, label):
+    """The float16 model with a float32 copy of every node appended. The copy reads the upcast
+    weights and float16 inputs cast to float32, its tensors are ``name + MIRROR``, and its nodes
+    take the original node names (which rules and messages use) while the originals become
+    ``name + MIRROR``, as in quantized.mirror_qdq_forward."""
+    upcast = upcast_to_float32(proto, label).graph
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    graph = model.graph
+    inputs = [v.name for v in graph.input if v.type.tensor_type.elem_type == TensorProto.FLOAT16]
+    halves = [t for t in graph.initializer if t.data_type == TensorProto.FLOAT16]
+    mirror = {name: name + MIRROR for name in [o for n in graph.node for o in n.output if o] + inputs +
+              [t.name for t in halves] + [s.values.name for s in graph.sparse_initializer
+                                          if s.values.data_type == TensorProto.FLOAT16]}
+    taken = {t for n in graph.node for t in list(n.input) + list(n.output) + [n.name]} | \
+        {v.name for v in list(graph.input) + list(graph.initializer)}
+    if taken & set(mirror.values()):
+        raise UnsupportedModelError(f"{label}: the model already has tensors ending in {MIRROR!r}, which lrp-onnx "
+                                    "gives the float32 copy of a float16 model")
+    casts = [onnx.helper.make_node("Cast", [name], [mirror[name]], name=f"lrp/precision/{name}", to=TensorProto.FLOAT)
+             for name in inputs]
+    copies = []
+    for node in upcast.node:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        _rename_all(copy, mirror)
+        copies.append(copy)
+    for node in graph.node:
+        node.name += MIRROR if node.name else ""
+    upcast_weights = {t.name: t for t in upcast.initializer}
+    for t in halves:
+        graph.initializer.append(upcast_weights[t.name])
+        graph.initializer[-1].name = mirror[t.name]
+    for sparse in upcast.sparse_initializer:
+        if sparse.values.name in mirror:
+            graph.sparse_initializer.append(sparse)
+            graph.sparse_initializer[-1].values.name = mirror[sparse.values.name]
+    for value in list(upcast.value_info) + list(upcast.output):
+        if value.name in mirror:
+            graph.value_info.add().CopyFrom(value)
+            graph.value_info[-1].name = mirror[value.name]
+    # Until release_mirror_outputs, the mirror's outputs are graph outputs too, so that the load
+    # steps' cleanups, which keep only what the graph's outputs need, keep the mirror.
+    graph.output.extend(v for v in graph.value_info if v.name in {mirror[o.name] for o in upcast.output})
+    nodes = casts + list(graph.node) + copies
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return model
+
+
+def release_mirror_outputs(graph):
+    """The graph step that ends what mirror_float16_forward began: the mirror's outputs are graph
+    outputs no more (the relevance pass reads the mirror, the caller the model's own outputs)."""
+    graph.outputs = [t for t in graph.outputs if not t.name.endswith(MIRROR)]
+
+
+def _half_type(site):
+    if isinstance(site, TensorProto):
+        return site.data_type
+    return site.i if isinstance(site, onnx.AttributeProto) else site.elem_type
 
 
 def upcast_to_float32(proto, label):
@@ -125,7 +204,8 @@ def restore_half_boundary(model, upcast):
             if original is None:
                 continue
             inner = _fresh(f"{value.name}/float32", taken)
-            _rename(graph, value.name, inner)
+            for node in graph.node:
+                _rename_all(node, {value.name: inner})
             if inward:
                 entry += _cast_chain(value.name, inner, CASTS_IN[original], taken)
             else:
@@ -151,13 +231,12 @@ def _fresh(name, taken):
     return name
 
 
-def _rename(graph, old, new):
-    """Every node of ``graph`` and its subgraphs that reads or writes ``old`` uses ``new`` instead."""
-    for node in graph.node:
-        for names in (node.input, node.output):
-            for i, name in enumerate(names):
-                if name == old:
-                    names[i] = new
-        for a in node.attribute:
-            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                _rename(g, old, new)
+def _rename_all(node, names):
+    """``node`` and the nodes of its subgraphs read and write ``names[t]`` for each tensor t in ``names``."""
+    for listed in (node.input, node.output):
+        for i, name in enumerate(listed):
+            listed[i] = names.get(name, name)
+    for a in node.attribute:
+        for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+            for inner in g.node:
+                _rename_all(inner, names)

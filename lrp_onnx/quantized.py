@@ -15,11 +15,12 @@ the model's own quantized ops, so its outputs are the quantized model's; rules s
 
 A runtime runs a QDQ group DequantizeLinear → op → QuantizeLinear as one integer kernel only while
 nothing else reads its tensors: ONNX Runtime's x86 build, for one, leaves a layer in float once a
-second reader appears on its int8 input. So that the explainer's outputs stay the QDQ model's bit
-for bit, the relevance pass reads none of them: ``mirror_qdq_forward`` adds a mirror of the
-forward (the same ops, scalar quantization parameters under new names so that no runtime merges
-it with the original), which the runtime computes in float as the QDQ graph defines it, and which
-the rules read instead. The cost is one more forward pass.
+second reader appears on its int8 input; it fuses a DynamicQuantizeLinear and its MatMulInteger
+into DynamicQuantizeMatMul likewise, which rounds otherwise. So that the explainer's outputs stay
+the model's bit for bit, the relevance pass reads none of them: ``mirror_qdq_forward`` adds a
+mirror of the forward (the same ops, scalar quantization parameters under new names so that no
+runtime merges it with the original), which the runtime computes op by op as the graph defines
+it, and which the rules read instead. The cost is one more forward pass.
 """
 
 from dataclasses import dataclass
@@ -40,6 +41,21 @@ class QuantizedWeight(gs.Variable):
     def __init__(self, variable, values):
         super().__init__(variable.name, dtype=variable.dtype, shape=variable.shape)
         self.values = values
+
+
+class StandIn(gs.Variable):
+    """An operand of a quantized op's float view (ops/quantized.py): the float value of the graph
+    tensor ``source`` (its dequantization, emitted when the view is bound). Searches through the
+    graph, as for a gate's signal, start from ``source``."""
+
+    def __init__(self, name, source):
+        super().__init__(name, dtype=np.float32, shape=source.shape)
+        self.source = source
+
+
+def origin(t):
+    """The graph tensor that ``t`` stands for: its source where ``t`` is a StandIn, else ``t``."""
+    return t.source if isinstance(t, StandIn) else t
 
 
 def dequantize(q, scale, zero_point=None, axis=1, block_size=0):
@@ -244,20 +260,25 @@ class _NodeKey:
 MIRROR = "/lrp_float"  # suffix of the mirror's tensors and of the original nodes it stands in for
 
 
-def reads_qdq_activations(graph):
-    """Whether some op other than a QuantizeLinear reads a DequantizeLinear of an activation: a
-    QDQ group that a runtime may fuse into one integer kernel."""
-    return any(node.op == "DequantizeLinear" and not isinstance(node.inputs[0], (gs.Constant, QuantizedWeight))
+def has_fusable_layers(graph):
+    """Whether a runtime may run some of the graph's quantized layers as one kernel, which it does
+    only while nothing else reads their tensors: a QDQ group (some op other than a QuantizeLinear
+    reads a DequantizeLinear of an activation), or a DynamicQuantizeLinear and the MatMulInteger
+    that reads it (ONNX Runtime's DynamicQuantizeMatMul, which rounds otherwise than the two)."""
+    return any(node.op == "DynamicQuantizeLinear" or
+               node.op == "DequantizeLinear" and not isinstance(node.inputs[0], (gs.Constant, QuantizedWeight))
                and any(reader.op != "QuantizeLinear" for reader in node.outputs[0].outputs)
                for node in graph.nodes)
 
 
 def mirror_qdq_forward(graph):
-    """In a QDQ graph, a mirror of every node that depends on a graph input (see the module
-    docstring). The mirror nodes take the original node names, which rules and messages use, and
-    the originals become ``name + MIRROR``; the mirror's tensors are ``name + MIRROR``. Weights are
-    shared; scalar constants (the activations' scales and zero points) are copied."""
-    if not reads_qdq_activations(graph):
+    """In a QDQ or dynamically quantized graph, a mirror of every node that depends on a graph input
+    (see the module docstring). The mirror nodes take the original node names, which rules and
+    messages use, and the originals become ``name + MIRROR``; the mirror's tensors are
+    ``name + MIRROR``. Weights are shared; scalar constants (the activations' scales and zero
+    points) are copied. A float16 model has its float32 mirror already (precision.py), which a
+    runtime cannot fuse: it computes in float."""
+    if not has_fusable_layers(graph) or any(node.name.endswith(MIRROR) for node in graph.nodes):
         return
     mirrored = {t.name: t for t in graph.inputs}
     copies = {}
@@ -270,6 +291,7 @@ def mirror_qdq_forward(graph):
             return copies[t.name]
         return t
 
+    inputs = set(mirrored)
     for node in list(graph.nodes):
         if not any(t.name in mirrored for t in node.inputs):
             continue
@@ -277,8 +299,22 @@ def mirror_qdq_forward(graph):
                    for t in node.outputs]
         mirrored.update((t.name, m) for t, m in zip(node.outputs, outputs) if t.name)
         name, node.name = node.name, node.name + MIRROR
-        graph.nodes.append(gs.Node(node.op, name, dict(node.attrs), [mirror(t) for t in node.inputs], outputs,
-                                   domain=node.domain))
+        copy = gs.Node(node.op, name, dict(node.attrs), [mirror(t) for t in node.inputs], outputs, domain=node.domain)
+        graph.nodes.append(copy)
+        if copy.inputs == node.inputs:  # a DynamicQuantizeLinear of a graph input, say
+            _keep_apart(graph, node, inputs)
+
+
+def _keep_apart(graph, node, inputs):
+    """The original ``node``, whose mirror reads the very same tensors, reads its float graph
+    inputs through Max(x, x) = x: a runtime's common-subexpression elimination would otherwise merge
+    the two, and the relevance pass would read the original's outputs (ONNX Runtime then no longer
+    fuses a DynamicQuantizeLinear with its MatMulInteger)."""
+    for i, t in enumerate(node.inputs):
+        if t.name in inputs and t.dtype is not None and np.dtype(t.dtype).kind == "f":
+            same = gs.Variable(f"{node.name}/input{i}", t.dtype, t.shape)
+            graph.nodes.append(gs.Node("Max", f"{node.name}/Max{i}", inputs=[t, t], outputs=[same]))
+            node.inputs[i] = same
 
 
 def mirrored(graph, tensor):

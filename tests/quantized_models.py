@@ -19,6 +19,7 @@ from torch import nn
 from zennit.composites import LayerMapComposite, layer_map_base
 from zennit.layer import Sum
 from zennit.rules import AlphaBeta, Epsilon, Pass
+from zennit.types import Convolution
 
 FORMS = ("qdq", "qoperator", "dynamic")
 
@@ -34,14 +35,15 @@ class Calibration:
         return next(self.batches, None)
 
 
-def quantize(path, form, out_path, input_name="x", shape=(3, 16, 16)):
+def quantize(path, form, out_path, input_name="x", shape=(3, 16, 16), **preprocess):
     """``path`` quantized: statically, per channel, "qdq" with int8 activations and weights (the
     quantizer's defaults), "qoperator" with uint8 activations (the x86 QOperator layout); or
-    "dynamic" (quantize_dynamic's defaults: uint8 activations quantized at run time, int8 weights)."""
+    "dynamic" (quantize_dynamic's defaults: uint8 activations quantized at run time, int8 weights).
+    ``preprocess``: options of ``quant_pre_process`` (skip_symbolic_shape=True, say)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
     prepared = str(out_path) + ".prepared.onnx"
-    quant_pre_process(str(path), prepared)
+    quant_pre_process(str(path), prepared, **preprocess)
     if form == "dynamic":
         quantize_dynamic(prepared, str(out_path))
         return str(out_path)
@@ -144,16 +146,19 @@ class Residual(nn.Module):
 
 
 class FloatNetwork(nn.Module):
-    """The float network of a quantized (QDQ or QOperator) or float ONNX CNN, node by node."""
+    """The float network of a quantized (QDQ or QOperator) or float ONNX CNN, node by node: 2-D
+    images or 3-D videos, every tensor before the Flatten of the input's rank."""
 
     def __init__(self, path, observed=None):
         super().__init__()
         self.observed = observed
+        self.retain, self.retained = set(), {}  # tensors whose relevance zennit_relevance_at reads
         model = onnx.load(path)
         graph = model.graph
         self.fixed = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
         self.input_name = graph.input[0].name
         self.output_name = graph.output[0].name
+        self.spatial = len(graph.input[0].type.tensor_type.shape.dim) - 2  # nn.Conv2d or nn.Conv3d, ...
         self.layers = nn.ModuleDict()
         self.steps = []  # (module key or None, function, input names, output name)
         # dynamic quantization: the weight part of each scales tensor, the integer products waiting
@@ -167,6 +172,14 @@ class FloatNetwork(nn.Module):
 
     def _dequantized(self, node, triple, axis):
         return dequantize(*[self._value(node.input[i]) if i < len(node.input) else None for i in triple], axis=axis)
+
+    def _spatial_module(self, kind, *args, **kwargs):
+        """torch's ``kind`` module for the network's spatial rank: nn.Conv2d, nn.MaxPool3d..."""
+        return getattr(nn, f"{kind}{self.spatial}d")(*args, **kwargs)
+
+    def _pads(self, attrs):
+        """The leading pads of ONNX's [begin..., end...] (the exporters pad symmetrically)."""
+        return attrs.get("pads", [0] * 2 * self.spatial)[:self.spatial]
 
     def _module(self, node, module):
         key = f"m{len(self.layers)}"
@@ -197,9 +210,10 @@ class FloatNetwork(nn.Module):
             op, inputs, rounding = self._float_form(node, op, inputs, attrs)
         if op == "Conv":
             w, b = self.fixed[inputs[1]], self.fixed.get(inputs[2]) if len(inputs) > 2 else None
-            conv = nn.Conv2d(w.shape[1] * attrs.get("group", 1), w.shape[0], w.shape[2:],
-                             stride=attrs.get("strides", 1), padding=attrs.get("pads", [0, 0])[:2],
-                             dilation=attrs.get("dilations", 1), groups=attrs.get("group", 1), bias=b is not None)
+            conv = self._spatial_module("Conv", w.shape[1] * attrs.get("group", 1), w.shape[0], w.shape[2:],
+                                        stride=attrs.get("strides", 1), padding=self._pads(attrs),
+                                        dilation=attrs.get("dilations", 1), groups=attrs.get("group", 1),
+                                        bias=b is not None)
             self._set(conv, w, b)
             module = conv
         elif op == "Gemm":
@@ -213,9 +227,9 @@ class FloatNetwork(nn.Module):
         elif op == "Relu":
             module = nn.ReLU()
         elif op == "MaxPool":
-            module = nn.MaxPool2d(attrs["kernel_shape"], attrs.get("strides", 1), attrs.get("pads", [0, 0])[:2])
+            module = self._spatial_module("MaxPool", attrs["kernel_shape"], attrs.get("strides", 1), self._pads(attrs))
         elif op == "GlobalAveragePool":
-            module = nn.AdaptiveAvgPool2d(1)
+            module = self._spatial_module("AdaptiveAvgPool", 1)
         elif op == "Flatten":
             module = nn.Flatten()
         else:
@@ -255,8 +269,9 @@ class FloatNetwork(nn.Module):
             w = dequantize(w_q, np.asarray(w_scale).reshape(-1), None if w_zero is None else
                            np.asarray(w_zero).reshape(-1), axis=axis)
             if kind == "ConvInteger":
-                layer = nn.Conv2d(w.shape[1], w.shape[0], w.shape[2:], stride=layer_attrs.get("strides", 1),
-                                  padding=layer_attrs.get("pads", [0, 0])[:2], bias=True)
+                layer = self._spatial_module("Conv", w.shape[1], w.shape[0], w.shape[2:],
+                                             stride=layer_attrs.get("strides", 1), padding=self._pads(layer_attrs),
+                                             bias=True)
             else:
                 w = w.T
                 layer = nn.Linear(w.shape[1], w.shape[0], bias=True)
@@ -315,6 +330,9 @@ class FloatNetwork(nn.Module):
         for key, function, inputs, output in self.steps:
             call = self.layers[key] if key is not None else function
             values[output] = call(*[values[i] for i in inputs])
+            if output in self.retain and values[output].requires_grad:  # not the no_grad probe of the classes
+                values[output].retain_grad()
+                self.retained[output] = values[output]
         return values[self.output_name]
 
 
@@ -351,7 +369,7 @@ def zennit_composite(composite, stabilizer=1e-6, epsilon=1e-6):
     on convolutions and dense layers, Zennit's base map (Pass on activations, Norm on sums and
     average pooling), and Pass on the roundings."""
     rule = {"alpha-beta": AlphaBeta(2.0, 1.0, stabilizer), "epsilon": Epsilon(epsilon)}[composite]
-    return LayerMapComposite(layer_map_base(stabilizer) + [(Rounding, Pass()), (nn.Conv2d, rule), (nn.Linear, rule)])
+    return LayerMapComposite(layer_map_base(stabilizer) + [(Rounding, Pass()), (Convolution, rule), (nn.Linear, rule)])
 
 
 def zennit_relevance(network, x, targets, composite):
@@ -364,6 +382,13 @@ def zennit_relevance(network, x, targets, composite):
     with Gradient(model=network, composite=composite) as attributor:
         out, relevance = attributor(x, lambda out: out * onehot)
     return out.detach().numpy(), relevance.detach().numpy()
+
+
+def zennit_relevance_at(network, x, targets, composite, names):
+    """Zennit's relevance at the FloatNetwork's tensors ``names``: the gradient its rules leave there."""
+    network.retain = set(names)
+    zennit_relevance(network, x, targets, composite)
+    return {name: network.retained[name].grad.numpy() for name in names}
 
 
 # --- weight-only quantization (MatMulNBits) ----------------------------------------------------------

@@ -3,7 +3,8 @@
 
 The reference is the float32 explainer of the same weights. Upcasting float16 and bfloat16 to
 float32 is exact and the relevance pass is the float32 one, so the measured difference is 0 and
-the tolerance is 0: relevance is compared bit for bit.
+the tolerance is 0: relevance is compared bit for bit. A float16 model's outputs are its own run's
+on ONNX Runtime, bit for bit: the explainer keeps its float16 forward.
 """
 
 import warnings
@@ -22,6 +23,7 @@ import lrp_onnx
 from conftest import small_cnn
 from lrp_onnx.load import load_model
 from lrp_onnx.precision import upcast_to_float32
+from lrp_onnx.quantized import MIRROR
 from zennit_reference import export
 
 COMPOSITES = ("epsilon", "alpha-beta", "epsilon-plus-flat", "zplus")
@@ -88,18 +90,39 @@ def test_float16_explainer_keeps_the_models_inputs_and_outputs(cnn):
     outputs = {o.name: o.type.tensor_type.elem_type for o in explainer.graph.output}
     assert outputs == {"logits": TensorProto.FLOAT16, "relevance": TensorProto.FLOAT,
                        "explained_class": TensorProto.INT64, "explained_logit": TensorProto.FLOAT}
-    assert all(t.data_type == TensorProto.FLOAT for t in explainer.graph.initializer
-               if t.data_type in (TensorProto.FLOAT16, TensorProto.FLOAT))
+    # the model's float16 weights, for its own forward, and their float32 twins, for the relevance pass
+    weights = {t.name: numpy_helper.to_array(t) for t in explainer.graph.initializer}
+    originals = {t.name: numpy_helper.to_array(t) for t in original.graph.initializer}
+    assert originals and all(t.dtype == np.float16 for t in originals.values())
+    for name, values in originals.items():
+        np.testing.assert_array_equal(weights[name], values)
+        assert weights[name + MIRROR].dtype == np.float32
+        np.testing.assert_array_equal(weights[name + MIRROR], values.astype(np.float32))
 
 
 def test_float16_forward_outputs_match_the_original_on_onnx_runtime(cnn, images16):
     outputs, relevance = lrp_onnx.Explainer(cnn["float16"]).explain(images16)
     (expected,) = run_onnx_runtime(cnn["float16"], images16)
     assert outputs["logits"].dtype == np.float16 and relevance.dtype == np.float32
-    # Measured: 0. ONNX Runtime's CPU provider computes float16 nodes that lack a float16 kernel
-    # (Conv, Gemm) in float32 too, and both round once to float16 at the end; a build with native
-    # float16 kernels would round each layer, a few units of roundoff more.
-    assert relative_l2(outputs["logits"], expected) <= FLOAT16_UNIT_ROUNDOFF
+    np.testing.assert_array_equal(outputs["logits"], expected)
+
+
+def test_the_class_explained_by_default_is_the_float16_models_own_prediction():
+    """A near tie that float16 rounds to a tie: logits 2048 and 2049, which float16 stores as 2048 and
+    2048 (its spacing there is 2). The model predicts the first class (ArgMax takes the first of
+    equal values); its float32 mirror would predict the second. The explainer explains the model's
+    prediction, with the mirror's logit."""
+    x = np.ones((1, 2), np.float16)
+    weights = np.array([[2048, 0], [2048, 1]], np.float16)
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["logits"])], "tie",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["N", 2])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT16, ["N", 2])],
+        [numpy_helper.from_array(weights.T.copy(), "w")]), opset_imports=[helper.make_opsetid("", 17)])
+    named = lrp_onnx.Explainer(model, composite="epsilon").run(x, -1)
+    assert named["logits"].tolist() == [[2048, 2048]]
+    assert named["explained_class"].tolist() == [0]
+    assert named["explained_logit"].tolist() == [2048]  # the mirror's logit of class 0
 
 
 @pytest.mark.parametrize("composite", COMPOSITES)
@@ -115,11 +138,10 @@ def test_float16_relevance_equals_the_float32_explainer_of_the_same_weights(cnn,
     x16 = x.astype(np.float16)
     params = {"zero_params": ["bias"]} if name == "all-zero" else {}
     out16, relevance16 = lrp_onnx.Explainer(cnn["float16"], composite=composite, **params).explain(x16)
-    out32, relevance32 = lrp_onnx.Explainer(cnn["float32"], composite=composite, **params).explain(
-        x16.astype(np.float32))
+    _, relevance32 = lrp_onnx.Explainer(cnn["float32"], composite=composite, **params).explain(x16.astype(np.float32))
     assert np.isfinite(relevance16).all()
     np.testing.assert_array_equal(relevance16, relevance32)
-    np.testing.assert_array_equal(out16["logits"], out32["logits"].astype(np.float16))
+    np.testing.assert_array_equal(out16["logits"], run_onnx_runtime(cnn["float16"], x16)[0])
 
 
 def test_a_float32_value_beyond_float16s_range_is_an_input_error(cnn, images16):
@@ -195,11 +217,28 @@ def half_values(proto):
     return [t for t in types if t in HALF.values()]
 
 
+def mirror_part(proto):
+    """The float32 mirror that the load step adds to a float16 model: its nodes and tensors."""
+    mirror = onnx.ModelProto()
+    mirror.CopyFrom(proto)
+    graph = mirror.graph
+    for listed in (graph.node, graph.initializer, graph.value_info, graph.input, graph.output):
+        kept = [item for item in listed if (item.output[0] if isinstance(item, onnx.NodeProto) else item.name)
+                .endswith(MIRROR)]
+        del listed[:]
+        listed.extend(kept)
+    assert graph.node and graph.initializer and graph.value_info
+    return mirror
+
+
 @pytest.mark.parametrize("half", HALF)
 def test_hand_built_half_model_is_upcast_and_explained_as_its_float32_twin(half):
     model, twin = hand_built_cnn(HALF[half]), hand_built_cnn(TensorProto.FLOAT, precision=HALF[half])
     loaded, _ = load_model(model)
-    assert half_values(model) and not half_values(loaded)
+    assert half_values(model)
+    # bfloat16: upcast throughout; float16: the model's own forward and a float32 mirror of it
+    assert not half_values(loaded if half == "bfloat16" else mirror_part(loaded))
+    assert (len(loaded.graph.node) > len(model.graph.node)) == (half == "float16")
     x = np.random.default_rng(3).standard_normal((2, 2, 4, 4)).astype(np.float32)
     x_rounded = x.astype(NUMPY_TYPES[HALF[half]]).astype(np.float32)
     x_fed = x.astype(np.float16) if half == "float16" else x
@@ -269,6 +308,8 @@ def test_onnx_runtimes_float16_converter_with_float32_boundary_converts(cnn):
     with pytest.raises(onnx.checker.ValidationError, match="topologically sorted"):
         onnx.checker.check_model(model)
     x = np.random.default_rng(5).standard_normal((2, 3, 12, 12)).astype(np.float32)
-    _, relevance = lrp_onnx.Explainer(model).explain(x)
+    outputs, relevance = lrp_onnx.Explainer(model).explain(x)
     _, expected = lrp_onnx.Explainer(cnn["float32"]).explain(x)
     np.testing.assert_array_equal(relevance, expected)
+    (own,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})
+    np.testing.assert_array_equal(outputs["logits"], own)

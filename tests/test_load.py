@@ -14,7 +14,7 @@ from lrp_onnx.load import (GRAPH_STEPS, PROTO_STEPS, declare_output_shapes, drop
                            expand_linear_classifiers, fold_constants, import_graph, infer_shapes, load_model,
                            name_nodes, upgrade_opset)
 from lrp_onnx.quantized import MIRROR, QuantizedWeight, mirror_qdq_forward, read_quantized_weights
-from lrp_onnx.precision import upcast_to_float32
+from lrp_onnx.precision import explain_in_float32, release_mirror_outputs
 
 
 def run(proto, feeds):
@@ -44,9 +44,9 @@ def caffe2_squeezenet():
 
 
 def test_the_steps_are_listed_in_order():
-    assert PROTO_STEPS == (drop_initializer_inputs, upcast_to_float32, upgrade_opset, infer_shapes)
+    assert PROTO_STEPS == (drop_initializer_inputs, explain_in_float32, upgrade_opset, infer_shapes)
     assert GRAPH_STEPS == (expand_linear_classifiers, fold_constants, read_quantized_weights, drop_identities,
-                           name_nodes, mirror_qdq_forward)
+                           name_nodes, release_mirror_outputs, mirror_qdq_forward)
 
 
 def test_initializers_leave_the_inputs(caffe2_squeezenet):

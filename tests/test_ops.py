@@ -628,6 +628,22 @@ CASES += [
     # a scalar quantized constant (a GELU's 0.5 in a QOperator transformer) dequantizes to a 0-d array
     Case("QLinearMul-scalar-constant", SHAPE, _quantized("QLinearMul", ["c_q0", "c_scale", "c_zero"]), passed,
          dict(OUT, c_q0=np.uint8(200), c_scale=np.float32(0.01), c_zero=np.uint8(128))),
+    # GELU as ONNX Runtime's QOperator quantizer writes it (vit_b_16): the gate Φ(x) = (1 + erf(x/√2))/2
+    # is computed in float between a DequantizeLinear and a QuantizeLinear, then QLinearMul(x, gate):
+    # the gate is found through the quantized operands, so all of R passes to x and Erf needs no rule
+    Case("QLinearMul-GELU-gate", SHAPE,
+         [node("QuantizeLinear", ["x", "q_scale", "q_zero"], ["qx"]),
+          node("DequantizeLinear", ["qx", "q_scale", "q_zero"], ["dx"]),
+          node("Div", ["dx", "sqrt2"], ["scaled"]), node("Erf", ["scaled"], ["erf"]),
+          node("QuantizeLinear", ["erf", "erf_scale", "erf_zero"], ["q_erf"]),
+          node("QLinearAdd", ["q_erf", "erf_scale", "erf_zero", "one_q", "one_scale", "erf_zero", "cdf_scale", "cdf_zero"],
+               ["q_cdf"], domain="com.microsoft"),
+          node("QLinearMul", ["qx", "q_scale", "q_zero", "q_cdf", "cdf_scale", "cdf_zero", "out_scale", "out_zero"],
+               ["qz"], domain="com.microsoft"),
+          node("DequantizeLinear", ["qz", "out_scale", "out_zero"])],
+         passed, dict(OUT, sqrt2=np.float32(np.sqrt(2)), erf_scale=np.float32(1 / 127), erf_zero=np.uint8(128),
+                      one_q=np.uint8(255), one_scale=np.float32(1 / 127), cdf_scale=np.float32(2 / 255),
+                      cdf_zero=np.uint8(0))),
     Case("QLinearConcat", SHAPE,
          [node("QuantizeLinear", ["x", "q_scale", "q_zero"], ["qx"]),
           node("QLinearConcat", ["out_scale", "out_zero", "qx", "q_scale", "q_zero", "qx", "q_scale", "q_zero"], ["qz"],

@@ -80,6 +80,23 @@ def test_relevance_is_zennits_on_the_float_network(models, name, form, composite
 
 
 @pytest.mark.parametrize("form", qm.FORMS)
+def test_layer_relevance_is_asked_for_by_the_models_tensor_names(models, form):
+    """``layers=`` takes the model's own tensor names, also where the relevance pass reads a mirror
+    of the forward (QDQ, dynamic): the relevance there is Zennit's at that tensor."""
+    paths, inputs = models
+    path, x, layer = paths["cnn", form], inputs["cnn"], "/stem/stem.2/Relu_output_0"
+    if form == "qoperator":
+        layer = "/stem/stem.0/Conv_output_0_quantized"  # QLinearConv with its Relu folded in
+    outputs = run(lrp_onnx.convert(path, "epsilon", layers=[layer]), {"x": x, "target": np.full(len(x), -1)},
+                  optimise=False)
+    network = qm.FloatNetwork(path, qm.observed_activations(path, x)).eval()
+    reference = qm.zennit_relevance_at(network, x, outputs["explained_class"], qm.zennit_composite("epsilon"), [layer])
+    ours = outputs["relevance:" + layer]
+    assert np.abs(ours).sum() > 0
+    np.testing.assert_allclose(ours, reference[layer], rtol=1e-4, atol=1e-5 * np.abs(reference[layer]).max())
+
+
+@pytest.mark.parametrize("form", qm.FORMS)
 def test_the_rounding_of_a_folded_relu_marks_activations_nonnegative(models, form):
     """The static quantizer drops the Relus and folds them into the activations' ranges (int8 with
     zero point −128, uint8 with 0): the plan reads that from the quantization parameters, so the
@@ -110,20 +127,83 @@ def test_cli_converts_and_inspects_a_quantized_model(models, tmp_path):
     assert result.returncode == 0 and out.exists(), result.stderr
 
 
-def test_weight_only_4bit_matmuls_are_their_dequantized_weights(tmp_path):
-    """ONNX Runtime's MatMulNBits quantizer (4-bit, blocks of 16): the explainer's outputs are the
-    model's, and its relevance is Zennit's on the torch network holding the dequantized weights."""
+def token_mlp(folder):
+    """(quantized_models.TokenMLP, its TorchScript export, an input [3, 7, 64])."""
     import warnings
-    import onnx
-    from onnx import numpy_helper
     torch.manual_seed(0)
     network = qm.TokenMLP().eval()
     x = torch.randn(3, 7, 64)
-    path = str(tmp_path / "mlp.onnx")
+    path = str(folder / "mlp.onnx")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(network, (x,), path, dynamo=False, input_names=["x"], output_names=["logits"],
                           dynamic_axes={"x": {0: "N"}, "logits": {0: "N"}})
+    return network, path, x
+
+
+def test_dynamically_quantized_matmuls_keep_the_models_outputs(tmp_path):
+    """quantize_dynamic on per-token dense layers: DynamicQuantizeLinear → MatMulInteger → scale,
+    which ONNX Runtime's extended optimisations fuse into one kernel that rounds otherwise (on
+    swin_t: 0.9 % of the logits) while nothing else reads their tensors. The relevance pass reads
+    a mirror, so the explainer's outputs are the optimised model's, bit for bit."""
+    import onnx
+    _, path, x = token_mlp(tmp_path)
+    quantized = qm.quantize(path, "dynamic", tmp_path / "mlp-dynamic.onnx", shape=(7, 64))
+    assert "MatMulInteger" in {n.op_type for n in onnx.load(quantized).graph.node}
+    explainer = tmp_path / "mlp-dynamic.lrp.onnx"
+    onnx.save(lrp_onnx.convert(quantized, "epsilon"), explainer)
+    outputs = run(str(explainer), {"x": x.numpy(), "target": np.full(3, -1)})
+    np.testing.assert_array_equal(outputs["logits"], run(quantized, {"x": x.numpy()})["logits"])
+
+    def fused_kernels(path):  # the kernels ORT runs for the model's three layers
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(path) + ".optimized.onnx"
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return sum(n.op_type == "DynamicQuantizeMatMul" for n in onnx.load(options.optimized_model_filepath).graph.node)
+    assert fused_kernels(quantized) == fused_kernels(explainer) == 3
+
+
+def test_a_dynamically_quantized_bert_is_explained_at_its_dequantized_embedding(tmp_path):
+    """quantize_dynamic keeps a BERT's embedding tables in int8: Gather(int8 table, ids) →
+    DequantizeLinear. Quantizing only those (op_types_to_quantize=["Gather"]) leaves the float
+    model with dequantized tables, which is the reference: the float model holding the tables
+    dequantized in numpy. The whole dynamic form (MatMulInteger too) converts and keeps its outputs."""
+    import onnx
+    from onnx import numpy_helper
+    from onnxruntime.quantization import quantize_dynamic
+    feeds, path = exporters.padded_tokens(), tmp_path / "bert.onnx"
+    exporters.export_text(exporters.hf_text_model("bert"), feeds, str(path), "torchscript")
+    tables = str(tmp_path / "bert-tables.onnx")
+    quantize_dynamic(str(path), tables, op_types_to_quantize=["Gather"])
+    quantized = onnx.load(tables)
+    values = {t.name: numpy_helper.to_array(t) for t in quantized.graph.initializer}
+    reference = onnx.load(str(path))
+    for t in reference.graph.initializer:
+        if t.name + "_quantized" in values:  # the quantizer's names: W_quantized, W_scale, W_zero_point
+            table = qm.dequantize(values[t.name + "_quantized"], values[t.name + "_scale"],
+                                  values[t.name + "_zero_point"], axis=1)
+            t.CopyFrom(numpy_helper.from_array(table, t.name))
+    assert any(n.op_type == "Gather" and n.input[0].endswith("_quantized") for n in quantized.graph.node)
+    targets = np.array([2, 1])
+    ours = lrp_onnx.Explainer(tables, composite="attnlrp").run(feeds, targets)
+    expected = lrp_onnx.Explainer(reference, composite="attnlrp").run(feeds, targets)
+    assert np.abs(expected["relevance"]).sum() > 0
+    np.testing.assert_allclose(ours["relevance"], expected["relevance"], rtol=1e-5,
+                               atol=1e-6 * np.abs(expected["relevance"]).max())
+    whole = qm.quantize(path, "dynamic", tmp_path / "bert-dynamic.onnx", skip_symbolic_shape=True)
+    assert {"MatMulInteger", "DynamicQuantizeLinear"} <= {n.op_type for n in onnx.load(whole).graph.node}
+    outputs = lrp_onnx.Explainer(whole, composite="attnlrp").run(feeds, -1)
+    own = run(whole, feeds)["logits"]
+    np.testing.assert_allclose(outputs["logits"], own, rtol=1e-5, atol=1e-6 * np.abs(own).max())
+    assert np.isfinite(outputs["relevance"]).all() and (np.abs(outputs["relevance"]).sum(axis=1) > 0).all()
+
+
+def test_weight_only_4bit_matmuls_are_their_dequantized_weights(tmp_path):
+    """ONNX Runtime's MatMulNBits quantizer (4-bit, blocks of 16): the explainer's outputs are the
+    model's, and its relevance is Zennit's on the torch network holding the dequantized weights."""
+    import onnx
+    from onnx import numpy_helper
+    network, path, x = token_mlp(tmp_path)
     quantized = qm.nbits_quantized(path, tmp_path / "mlp-nbits.onnx")
     model = onnx.load(quantized)
     packed = [n for n in model.graph.node if n.op_type == "MatMulNBits"]

@@ -7,6 +7,7 @@ import numpy as np
 from ..errors import SHAPE_HINT
 from ..graph import is_constant
 from ..maps import LinearMap, Traits
+from ..quantized import origin
 from ..registry import mapped
 from .linear import first_input_only
 
@@ -122,7 +123,8 @@ def gated_input(unit):
     gates (as in AttnLRP): the gate scales the signal, it does not carry it.
     """
     for k in (0, 1):
-        a, g = unit.inputs[k], unit.inputs[1 - k]
+        # a quantized product's view reads stand-ins for its operands: search from what they stand for
+        a, g = origin(unit.inputs[k]), origin(unit.inputs[1 - k])
         seen, frontier = set(), [g]
         while frontier and len(seen) < GATE_SEARCH_LIMIT:
             t = frontier.pop()

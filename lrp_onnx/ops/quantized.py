@@ -12,7 +12,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..graph import Unit, is_constant
-from ..quantized import QLINEAR_FORMS, dequantize, nbits_weight, qlinear_form
+from ..quantized import QLINEAR_FORMS, StandIn, dequantize, nbits_weight, qlinear_form
 from ..registry import View, viewed
 
 # Attributes of a QOperator op that its float op does not take
@@ -38,7 +38,7 @@ def float_view(unit):
             inputs.append(gs.Constant(f"lrp/{unit.name}/dequantized_{k}", values))
             sources.append(None)
             continue
-        stand_in = gs.Variable(f"lrp/{unit.name}/dequantized_{k}", np.float32, q.shape)
+        stand_in = StandIn(f"lrp/{unit.name}/dequantized_{k}", q)
         dequantizers.append(([q, *parameters], axis, stand_in))
         inputs.append(stand_in)
         sources.append(triple[0])
@@ -112,7 +112,7 @@ def integer_view(unit):
     axis = 0 if float_op == "Conv" else -1
     zero = None if w_zero is None else np.asarray(w_zero.values).reshape(-1)
     weight = dequantize(w_q.values, np.asarray(w_scale.values, np.float32).reshape(-1), zero, axis=axis)
-    stand_in = gs.Variable(f"lrp/{unit.name}/dequantized_0", np.float32, x_q.shape)
+    stand_in = StandIn(f"lrp/{unit.name}/dequantized_0", x_q)
     float_head = gs.Node(float_op, f"lrp/{unit.name}/{float_op}", dict(head.attrs),
                          [stand_in, gs.Constant(f"lrp/{unit.name}/dequantized_1", weight)],
                          [gs.Variable(f"lrp/{unit.name}/float_output", np.float32, scaling.outputs[0].shape)])
@@ -150,7 +150,7 @@ def nbits_view(unit):
     if not all(is_constant(t) for t in head.inputs[1:] if t.name):
         return "MatMulNBits' weights, scales and zero points must be constants"
     a = head.inputs[0]
-    stand_in = gs.Variable(f"lrp/{unit.name}/input", np.float32, a.shape)
+    stand_in = StandIn(f"lrp/{unit.name}/input", a)
     product = gs.Variable(f"lrp/{unit.name}/float_output", np.float32, head.outputs[0].shape)
     matmul = gs.Node("MatMul", f"lrp/{unit.name}/MatMul", {},
                      [stand_in, gs.Constant(f"lrp/{unit.name}/dequantized_1", nbits_weight(head))], [product])
