@@ -42,6 +42,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import lrp_onnx  # noqa: E402
 from lrp_onnx.load import ai_onnx_opset  # noqa: E402
+from lrp_onnx.runtime import session_options  # noqa: E402
 from sections import RELIABILITY, write_section  # noqa: E402
 from zennit_reference import export, relative_errors, torchvision_model  # noqa: E402
 
@@ -75,7 +76,10 @@ def with_half_weights(proto, half, stored_as):
 
 
 def ort_outputs(proto, x):
-    session = onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    """ONNX Runtime's run of ``proto`` with the explainer's session options (weight prepacking off,
+    which changes how float16 convolutions round)."""
+    session = onnxruntime.InferenceSession(proto.SerializeToString(), session_options(None),
+                                           providers=["CPUExecutionProvider"])
     return session.run(None, {session.get_inputs()[0].name: x})[0]
 
 
@@ -160,10 +164,11 @@ def summarize(rows, command, seconds):
         "- Against the original, the error is what rounding the weights (and input) to half precision does to the "
         "explanation. It grows with the rule's conditioning: the ε-rule with ε = 1e-6 divides by "
         "pre-activations near 0, so small weight changes move its relevance most.",
-        "- ONNX Runtime's CPU provider has float16 kernels for few ops and computes the others (Conv, Gemm) in "
-        "float32 between casts it inserts, so its run of a float16 model is close to the explainer's float32 "
-        "forward pass rounded once to float16. It has no bfloat16 kernel for Conv, Gemm, MatMul, Add, Mul, Div, "
-        "Sum, Relu, MaxPool or Softmax.",
+        "- A float16 explainer computes its outputs with the model's own float16 forward, so against ORT's run of "
+        "the model (same session options) they differ only where ORT optimizes the explainer's copy of that "
+        "forward otherwise than the model alone. ORT's CPU provider has no bfloat16 kernel for Conv, Gemm, MatMul, "
+        "Add, Mul, Div, Sum, Relu, MaxPool or Softmax, so a bfloat16 model's explainer computes in float32 and "
+        "rounds its outputs to bfloat16.",
     ]
     return "\n".join(lines)
 
