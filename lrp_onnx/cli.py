@@ -12,6 +12,7 @@ import argparse
 import os
 import sys
 import warnings
+from importlib.metadata import version
 
 import numpy as np
 
@@ -19,7 +20,7 @@ from .analysis.compare import compare, write_grid
 from .analysis.compare import write_json as write_comparison
 from .analysis.evaluate import (context_report, evaluate, parse_method, plot, read_boxes, read_masks, report,
                                  write_json)
-from .composites import COMPOSITES, DEFAULT_COMPOSITE, METHODS
+from .composites import COMPOSITES, DEFAULT_COMPOSITE, METHODS, composite_name
 from .emit import convert_held, is_explainer, read_metadata
 from .errors import (InputError, LrpOnnxError, ModelLoadError, ModelWarning, OutputError, RelevancePathError,
                      RelevanceWarning, RuleError,
@@ -54,6 +55,28 @@ def _floats(text):
         raise argparse.ArgumentTypeError(f"expected a number or comma-separated numbers, got {text!r}") from None
 
 
+OTHER_RUNTIMES = sorted(set(RUNTIMES) - {"ort"})
+
+
+def _runtimes(text):
+    """One runtime name or several, comma-separated. One value per flag, so that a model named
+    after the flag is not taken for a runtime (`check --runtime openvino MODEL`)."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in OTHER_RUNTIMES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown runtime {', '.join(unknown) or repr(text)}; choose from "
+                                         f"{', '.join(OTHER_RUNTIMES)} (several: a,b or the flag again)")
+    return names
+
+
+def _composite(text):
+    """A composite's name, or Zennit's name for it (composites.composite_name)."""
+    try:
+        return composite_name(text)
+    except RuleError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _input_shape(text):
     """NAME=D1,D2,...: each D a size, or a name for a size left dynamic."""
     name, _, dims = text.partition("=")
@@ -86,8 +109,9 @@ def _add_rule_flags(p, composite_default=DEFAULT_COMPOSITE, bounds=("--low", "--
     besides --zbox-low/--zbox-high (evaluate gives --low/--high to its noise range). ``choose``:
     the command takes --composite, --method and --input (evaluate names methods in its own --method)."""
     if choose:
-        p.add_argument("--composite", default=composite_default, choices=sorted(COMPOSITES),
-                       help=f"rule assignment (default: {DEFAULT_COMPOSITE}, as the seed paper)")
+        p.add_argument("--composite", default=composite_default, type=_composite, metavar="NAME",
+                       help=f"rule assignment: {', '.join(COMPOSITES)}, or Zennit's names for them "
+                            f"(epsilon_plus_flat, EpsilonPlusFlat) (default: {DEFAULT_COMPOSITE}, as the seed paper)")
     p.add_argument("--alpha", type=float, help="alpha-beta: alpha (default 2)")
     p.add_argument("--beta", type=float, help="alpha-beta: beta (default 1); alpha - beta must be 1")
     p.add_argument("--epsilon", type=float, help="epsilon rule: epsilon (default 1e-6)")
@@ -110,7 +134,6 @@ def _add_rule_flags(p, composite_default=DEFAULT_COMPOSITE, bounds=("--low", "--
     p.add_argument("--zero-bias", action="store_true",
                    help="layer rules ignore biases, so relevance is conserved (Zennit's zero_params=['bias'])")
     p.add_argument("--rules", metavar="FILE", help="JSON or TOML file: node-name glob or op type -> rule")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
 def rule_params(args):
@@ -272,8 +295,11 @@ def cmd_explain(args):
         print(f"lrp-onnx: warning: {totals.overflowed} relevance value(s) lie past float16's range and are stored "
               "as inf; use --relevance-dtype float32", file=sys.stderr)
     if totals.failed:
-        print(f"lrp-onnx: {totals.failed} input(s) could not be explained; the error column of "
-              f"{args.output}/summary.csv says why", file=sys.stderr)
+        for name, error in totals.errors:  # the reader's errors name the file already
+            print(f"lrp-onnx: error: {error if name in error else f'{name}: {error}'}", file=sys.stderr)
+        more = f" ({totals.failed - len(totals.errors)} more not shown)" if totals.failed > len(totals.errors) else ""
+        print(f"lrp-onnx: {totals.failed} input(s) could not be explained{more}; the error column of "
+              f"{args.output}/summary.csv says why for each", file=sys.stderr)
         return EXIT_SOME_INPUTS_FAILED
     return EXIT_OK
 
@@ -391,10 +417,26 @@ def cmd_export_triton(args):
 DEFAULT_EVALUATION = (f"lrp:{DEFAULT_COMPOSITE}", "lrp:epsilon-plus-flat", "sensitivity", "gradient-x-input")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Bad arguments are bad input like any other: one line on stderr, exit 2 (not argparse's usage
+    block), pointing to the help that has the usage."""
+
+    def error(self, message):
+        self.exit(2, f"lrp-onnx: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(prog="lrp-onnx", description="LRP explainer graphs for ONNX classifiers")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("convert", help="write the explainer graph of MODEL")
+    parser = OneLineParser(prog="lrp-onnx", description="LRP explainer graphs for ONNX classifiers")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('lrp-onnx')}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks (before or after the command)")
+    # every command takes --debug too; SUPPRESS: not given there, it keeps the value given before the command
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name, **options):
+        return sub.add_parser(name, parents=[common], **options)
+    p = command("convert", help="write the explainer graph of MODEL")
     p.add_argument("model")
     p.add_argument("-o", "--output", help="output path (default: MODEL.lrp.onnx beside the model)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
@@ -404,22 +446,23 @@ def build_parser():
     p.add_argument("--external-data", action="store_true",
                    help=f"save initializers over 1 MiB to OUT{DATA_SUFFIX} beside OUT (automatic past "
                         f"{EXTERNAL_DATA_THRESHOLD >> 20} MiB, which ONNX Runtime Web cannot load as one file)")
-    p.add_argument("--check-runtime", nargs="+", choices=sorted(set(RUNTIMES) - {"ort"}), metavar="RUNTIME",
-                   help="then run the explainer on these runtimes against ONNX Runtime (see check)")
+    p.add_argument("--check-runtime", action="extend", type=_runtimes, metavar="RUNTIME[,RUNTIME]",
+                   help="then run the explainer on these runtimes against ONNX Runtime (see check); repeatable")
     _add_rule_flags(p)
     p.set_defaults(run=cmd_convert)
-    p = sub.add_parser("inspect", help="print each node with the rule it would get; list unsupported nodes")
+    p = command("inspect", help="print each node with the rule it would get; list unsupported nodes")
     p.add_argument("model")
     _add_rule_flags(p)
     p.set_defaults(run=cmd_inspect)
-    p = sub.add_parser("explain", help="explain images, folders, arrays or texts: heatmaps, relevance shards, summaries")
+    p = command("explain", help="explain images, folders, arrays or texts: heatmaps, relevance shards, summaries")
     p.add_argument("model", help="an explainer graph, or a classifier (converted in memory)")
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="image files (PNG, JPEG, BMP), folders, .npy, .npz")
     p.add_argument("--text", action="append", metavar="TEXT",
                    help="a text to explain (repeatable), for a model that takes token ids; needs --tokenizer")
     p.add_argument("--tokenizer", metavar="FILE", help="tokenizer.json (Hugging Face tokenizers) for --text")
     p.add_argument("-o", "--output", default="lrp-out", metavar="DIR", help="output folder (default ./lrp-out)")
-    p.add_argument("--target", help="class index, or label name with --labels (default: the predicted class)")
+    p.add_argument("--target", help="class index, label name with --labels, or -1 / predicted (the default: the "
+                                    "predicted class)")
     p.add_argument("--top-k", type=_positive_int, metavar="K", help="explain the K highest-scoring classes")
     p.add_argument("--labels", metavar="FILE", help="class names, one per line")
     p.add_argument("--batch-size", type=_positive_int, default=32, metavar="B",
@@ -448,7 +491,7 @@ def build_parser():
     p.add_argument("--provider", choices=["cpu", "cuda"], help="ONNX Runtime device (default: CUDA if available)")
     _add_rule_flags(p, composite_default=None)
     p.set_defaults(run=cmd_explain)
-    p = sub.add_parser("evaluate", help="perturbation analysis: AOPC of each method against random")
+    p = command("evaluate", help="perturbation analysis: AOPC of each method against random")
     p.add_argument("model", help="a classifier")
     p.add_argument("data", nargs="+", metavar="DATA", help="image files, folders, .npy, .npz (model-ready arrays)")
     p.add_argument("-o", "--output", default="lrp-eval", metavar="DIR", help="output folder (default ./lrp-eval)")
@@ -477,15 +520,15 @@ def build_parser():
     _add_rule_flags(p, bounds=(), choose=False)
     _add_input_flags(p)
     p.set_defaults(run=cmd_evaluate)
-    p = sub.add_parser("compare", help="explain the same inputs with two models and compare the explanations")
+    p = command("compare", help="explain the same inputs with two models and compare the explanations")
     p.add_argument("model_a")
     p.add_argument("model_b")
     p.add_argument("data", nargs="+", metavar="DATA",
                    help="image files, folders, .npy, .npz (arrays model-ready for MODEL_A; moved to B's layout)")
     p.add_argument("-o", "--output", default="lrp-compare", metavar="DIR", help="output folder (default ./lrp-compare)")
-    p.add_argument("--composite", default=DEFAULT_COMPOSITE, choices=sorted(COMPOSITES),
-                   help="for both models, or for MODEL_A with --composite-b")
-    p.add_argument("--composite-b", choices=sorted(COMPOSITES), help="for MODEL_B (default: --composite)")
+    p.add_argument("--composite", default=DEFAULT_COMPOSITE, type=_composite, metavar="NAME",
+                   help="for both models, or for MODEL_A with --composite-b (names as in convert)")
+    p.add_argument("--composite-b", type=_composite, metavar="NAME", help="for MODEL_B (default: --composite)")
     p.add_argument("--aopc-steps", type=int, default=100, metavar="L",
                    help="perturbation steps for each model's AOPC (0: skip)")
     p.add_argument("--batch-size", type=_positive_int, default=32, metavar="B",
@@ -495,10 +538,10 @@ def build_parser():
     _add_rule_flags(p, choose=False)
     _add_input_flags(p)
     p.set_defaults(run=cmd_compare)
-    p = sub.add_parser("check", help="run an explainer on other runtimes and compare with ONNX Runtime Python")
+    p = command("check", help="run an explainer on other runtimes and compare with ONNX Runtime Python")
     p.add_argument("explainer")
-    p.add_argument("--runtime", nargs="+", required=True, choices=sorted(set(RUNTIMES) - {"ort"}),
-                   help="openvino (pip openvino), ort-node (npm onnxruntime-node), ort-web (npm onnxruntime-web "
+    p.add_argument("--runtime", action="extend", required=True, type=_runtimes, metavar="RUNTIME[,RUNTIME]",
+                   help="repeatable: openvino (pip openvino), ort-node (npm onnxruntime-node), ort-web (npm onnxruntime-web "
                         "in headless Chromium), ort-unoptimised (ONNX Runtime with graph optimisations off: "
                         "the rounding floor)")
     p.add_argument("--input", metavar="ARRAY.npy",
@@ -506,9 +549,8 @@ def build_parser():
     p.add_argument("--tolerance", type=float, default=TOLERANCE,
                    help=f"largest relative L2 of any output (default {TOLERANCE:g})")
     p.add_argument("--repeats", type=_positive_int, default=3, help="timed runs after one warm-up (default 3)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(run=cmd_check)
-    p = sub.add_parser("export-triton", help="write an explainer into a Triton Inference Server model repository")
+    p = command("export-triton", help="write an explainer into a Triton Inference Server model repository")
     p.add_argument("model", help="an explainer graph (lrp-onnx convert)")
     p.add_argument("repo", help="the model repository folder (created if missing)")
     p.add_argument("--name", help="model name, the folder REPO/NAME (default: MODEL's file name without .lrp.onnx)")
@@ -518,7 +560,6 @@ def build_parser():
                    help="onnxruntime: Triton's ORT backend runs the graph (default); python: a model.py hosting "
                         "an ONNX Runtime session, for servers without the ORT backend")
     p.add_argument("--force", action="store_true", help="replace an existing REPO/NAME")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(run=cmd_export_triton)
     return parser
 
@@ -532,7 +573,11 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # a bare `lrp-onnx`: what it can do
+        parser.print_help()
+        return EXIT_OK
     with warnings.catch_warnings():  # restores Python's showwarning when main returns
         warnings.showwarning = _show_warning
         return _run(args)
@@ -541,6 +586,11 @@ def main(argv=None):
 def _run(args):
     try:
         return args.run(args)
+    except BrokenPipeError:
+        # The reader stopped reading (`lrp-onnx inspect MODEL | head`), which is not a failure. Later
+        # writes, and Python's flush at exit, go to devnull instead of raising again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except LrpOnnxError as e:
         if args.debug:
             raise

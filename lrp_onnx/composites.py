@@ -17,6 +17,7 @@ overrides, not the base map, as in Zennit.
 """
 
 import fnmatch
+import re
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,15 +92,26 @@ def gradient_composite():
     return Composite("gradient", {}, default=Gradient())
 
 
+def composite_name(name):
+    """The COMPOSITES key that ``name`` means, written as here (``epsilon-plus-flat``), as Zennit
+    registers it (``epsilon_plus_flat``) or as Zennit's class (``EpsilonPlusFlat``); case, ``-``
+    and ``_`` do not matter."""
+    def bare(text):
+        return re.sub(r"[-_\s]", "", str(text)).lower()
+    known = {bare(key): key for key in COMPOSITES}
+    if bare(name) not in known:
+        raise RuleError(f"unknown composite {name!r}; known composites: {', '.join(COMPOSITES)} (Zennit's names "
+                        "and class names, such as epsilon_plus_flat or EpsilonPlusFlat, are accepted too)")
+    return known[bare(name)]
+
+
 def make_composite(name=DEFAULT_COMPOSITE, params=RuleParams(), overrides=None):
-    """A composite by name (Zennit's names, ``-`` or ``_``), its rules filled from ``params``, and
+    """A composite by name (``composite_name``), its rules filled from ``params``, and
     ``overrides`` (a dict or a JSON/TOML file of pattern -> rule spec). A parameter that no rule of
     the composite or its overrides takes is a RuleError."""
     if isinstance(name, Composite):
         return name
-    key = str(name).replace("_", "-").lower()
-    if key not in COMPOSITES:
-        raise RuleError(f"unknown composite {name!r}; known composites: {', '.join(COMPOSITES)}")
+    key = composite_name(name)
     specs = {**BASE_SLOTS, **COMPOSITES[key]}
     filled = RuleParams(**{**COMPOSITE_DEFAULTS.get(key, {}), **params.given()})
     slots, used = {}, set()

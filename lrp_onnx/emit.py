@@ -60,7 +60,8 @@ def convert_held(model, composite=DEFAULT_COMPOSITE, *, input_name=None, rules=N
     layers = _check_layers(p, layers, layer_sum)
     b = Builder(graph)
     with b.scope("seed"):
-        seed, extra_inputs, seed_outputs = _seed(b, p.logits, p.predicted, seed_input, gradient=method != "lrp")
+        seed, extra_inputs, seed_outputs, valid = _seed(b, p.logits, p.predicted, seed_input,
+                                                        gradient=method != "lrp")
     relevance, at_layers = reverse_walk(b, p, seed, {t.name for t in layers.values()})
     with b.scope("method"):
         if method == "sensitivity":
@@ -86,6 +87,9 @@ def convert_held(model, composite=DEFAULT_COMPOSITE, *, input_name=None, rules=N
         graph.outputs.append(p.score)
     graph.inputs.extend(extra_inputs)
     for name, (tensor, dtype, shape) in extra_outputs.items():
+        if valid is not None and (name == RELEVANCE or name.startswith(LAYER_PREFIX)):
+            with b.scope("target"):
+                tensor = invalid_as_nan(b, valid, tensor)
         out = gs.Variable(name, dtype=dtype, shape=shape)
         graph.nodes.append(gs.Node("Identity", name=f"lrp/{name}", inputs=[tensor], outputs=[out]))
         graph.outputs.append(out)
@@ -146,7 +150,7 @@ def _seed(b, logits, predicted, seed_input, gradient=False):
     batch = logits.shape[0] if logits.shape is not None else "N"
     if seed_input:
         seed = gs.Variable(RELEVANCE_SEED, dtype=np.float32, shape=logits.shape)
-        return seed, [seed], {}
+        return seed, [seed], {}, None
     target = gs.Variable(TARGET, dtype=np.int64, shape=[batch])
     scores = logits  # [N, classes]; Caffe2 models end in [N, classes, 1, 1]
     flat = (lambda t: t if t.shape is not None and len(t.shape) == 2 else b.op("Flatten", t, axis=1))
@@ -156,17 +160,30 @@ def _seed(b, logits, predicted, seed_input, gradient=False):
     # between Casts, so a Cast of a float16 result to float32 would cancel the rounding Cast before
     # it, and a tie in float16 would be ranked unrounded.
     ranked = logits if predicted is scores else b.op("Cast", flat(predicted), to=onnx.TensorProto.DOUBLE)
-    chosen = b.op("Where", b.op("Less", target, b.ints(0)), b.op("ArgMax", ranked, axis=1, keepdims=0), target)
     count = logits.shape[1] if logits.shape is not None else None
     # a constant depth where the class count is static: TensorRT takes OneHot with a build-time depth only
     classes = b.ints([count]) if isinstance(count, int) else b.op("Gather", b.shape(logits), b.ints([1]))
+    # A target is -1 (the predicted class) or a class index; any other is invalid (the contract):
+    # explained_class -1, explained_logit and relevance NaN, rather than OneHot's all-zero row for
+    # a target past the classes or its wrap-around for one below -1.
+    valid = b.op("And", b.op("GreaterOrEqual", target, b.ints(-1)), b.op("Less", target, classes))
+    chosen = b.op("Where", b.op("Equal", target, b.ints(-1)), b.op("ArgMax", ranked, axis=1, keepdims=0),
+                  b.op("Where", valid, target, b.ints(0)))
     onehot = b.op("OneHot", chosen, classes, b.const([0.0, 1.0]), axis=-1)
     chosen_logit = b.op("ReduceSum", b.mul(logits, onehot), b.ints([1]), keepdims=0)
     seed = onehot if gradient else b.mul(logits, onehot)
     if logits is not scores:
         seed = b.reshape_like(seed, scores, scores)
-    return seed, [target], {EXPLAINED_CLASS: (chosen, np.int64, [batch]),
-                            EXPLAINED_LOGIT: (chosen_logit, np.float32, [batch])}
+    return seed, [target], {EXPLAINED_CLASS: (b.op("Where", valid, chosen, b.ints(-1)), np.int64, [batch]),
+                            EXPLAINED_LOGIT: (invalid_as_nan(b, valid, chosen_logit), np.float32, [batch])}, valid
+
+
+def invalid_as_nan(b, valid, tensor):
+    """``tensor`` [N, ...] with NaN in every sample whose target is invalid (``valid`` [N] false):
+    compared as [N, everything else], so its rank need not be known."""
+    rows = b.op("Reshape", tensor, b.ints([0, -1]))
+    marked = b.op("Where", b.op("Unsqueeze", valid, b.ints([1])), rows, b.const(np.nan))
+    return b.op("Reshape", marked, b.shape(tensor))
 
 
 def _check_layers(p, names, layer_sum):

@@ -56,9 +56,13 @@ def read_labels(path):
         raise InputError(f"{path}: cannot read labels file ({e})") from None
 
 
+PREDICTED = ("-1", "predicted")  # the target that means the predicted class, as the graph's -1
+
+
 def resolve_target(target, labels, classes):
-    """An int class, a label name (with a labels file), or None (the predicted class)."""
-    if target is None:
+    """An int class, a label name (with a labels file), or None for the predicted class (None, -1
+    or "predicted", as in the explainer graph and the Python API)."""
+    if target is None or str(target) in PREDICTED:
         return None
     if isinstance(target, str) and not target.lstrip("-").isdigit():
         if not labels or target not in labels:

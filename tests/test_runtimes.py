@@ -171,7 +171,8 @@ def test_window_winners_are_the_first_maximum_of_each_window(attrs):
 @needs_javascript
 def test_check_reports_each_runtime_and_fails_on_a_mismatch(tmp_path, capsys):
     out = str(tmp_path / "digits.lrp.onnx")
-    assert main(["convert", os.path.join(MODELS, "digits_cnn.onnx"), "-o", out, "--check-runtime", *OTHER_RUNTIMES]) == 0
+    assert main(["convert", os.path.join(MODELS, "digits_cnn.onnx"), "-o", out,
+                 "--check-runtime", ",".join(OTHER_RUNTIMES)]) == 0
     rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[2:]}
     assert set(rows) == {"ort", *OTHER_RUNTIMES} and all(rows[r].endswith("ok") for r in OTHER_RUNTIMES)
     # OpenVINO's relevance is close but not bit-identical: a zero tolerance must fail, with exit 7
@@ -185,7 +186,7 @@ def test_a_runtime_that_cannot_start_is_a_failed_row_and_exit_7(tmp_path, capsys
     out = str(tmp_path / "digits.lrp.onnx")
     lrp_onnx.save_model(lrp_onnx.convert(os.path.join(MODELS, "digits_cnn.onnx")), out)
     monkeypatch.setenv("LRP_ONNX_CHROMIUM", "/bin/false")  # a real binary that is not a browser
-    assert main(["check", out, "--runtime", "ort-web", "ort-node"]) == 7
+    assert main(["check", out, "--runtime", "ort-web", "--runtime", "ort-node"]) == 7
     captured = capsys.readouterr()
     assert "ort-web" in captured.err and "FAILED" in captured.out and captured.out.count(" ok") == 1
 

@@ -17,7 +17,7 @@ import csv
 import glob
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -57,6 +57,10 @@ class Totals:
     explanations: int = 0
     resumed: int = 0         # inputs already done by an earlier run with the same settings
     overflowed: int = 0      # relevance values past float16's range, stored as ±inf (this run)
+    errors: list = field(default_factory=list)  # (input, error) of the first ERRORS_KEPT that failed
+
+
+ERRORS_KEPT = 3  # failed inputs whose error the CLI prints in full (the rest it counts)
 
 
 class RunFolder:
@@ -164,6 +168,8 @@ class RunFolder:
     def _count(self, rows, inputs):
         self.totals.inputs += inputs
         self.totals.failed += sum(1 for r in rows if r.get("error"))
+        failed = [(r["input"], r["error"]) for r in rows if r.get("error")]
+        self.totals.errors += failed[:ERRORS_KEPT - len(self.totals.errors)]
         self.totals.explanations += sum(1 for r in rows if not r.get("error"))
 
     def _shard_name(self):

@@ -1,0 +1,168 @@
+"""The first hour with lrp-onnx (issue 30): each finding of a new user's first session, as a test
+that failed before it was fixed. The command line runs as users run it, in a subprocess."""
+
+import importlib.metadata
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import lrp_onnx
+from test_cli import assert_bad_input, cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIGITS = os.path.join(ROOT, "models", "digits_cnn.onnx")
+
+
+def long_chain(path, links=1500):
+    """An MLP whose `inspect` listing (a line per node) is larger than a pipe's buffer (64 KiB)."""
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["h0"], name="dense")]
+    nodes += [helper.make_node("Relu", [f"h{i}"], [f"h{i + 1}"], name=f"relu_{i}") for i in range(links)]
+    nodes.append(helper.make_node("Gemm", [f"h{links}", "w", "b"], ["logits"], name="head"))
+    weights = [numpy_helper.from_array(np.eye(4, dtype=np.float32), "w"), numpy_helper.from_array(np.zeros(4, np.float32), "b")]
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])], weights)
+    import onnx
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_a_closed_pipe_is_not_an_error(tmp_path):
+    """`lrp-onnx inspect MODEL | head -1`: the reader leaves after one line, the rest cannot be
+    written, and that is what the user asked for: exit 0, nothing on stderr."""
+    model = long_chain(str(tmp_path / "chain.onnx"))
+    process = subprocess.Popen([sys.executable, "-m", "lrp_onnx", "inspect", model], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    first = process.stdout.readline()
+    process.stdout.close()  # the output is larger than the pipe's buffer: the writer is still writing
+    stderr = process.stderr.read()
+    assert process.wait(timeout=120) == 0, stderr
+    assert "chain.onnx" in first and stderr == ""
+
+
+def test_version_bare_invocation_and_python_dash_m():
+    version = importlib.metadata.version("lrp-onnx")
+    result = subprocess.run([sys.executable, "-m", "lrp_onnx", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == f"lrp-onnx {version}"
+    bare = subprocess.run([sys.executable, "-m", "lrp_onnx"], capture_output=True, text=True)
+    assert bare.returncode == 0 and bare.stdout.startswith("usage: lrp-onnx") and bare.stderr == ""
+    for command in ("convert", "inspect", "explain", "evaluate", "compare", "check", "export-triton"):
+        assert command in bare.stdout
+    assert os.path.exists(os.path.join(os.path.dirname(lrp_onnx.__file__), "py.typed"))
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_goes_before_or_after_the_command(tmp_path, where):
+    """--debug shows the traceback wherever it stands."""
+    missing = str(tmp_path / "missing.onnx")
+    args = ["--debug", "inspect", missing] if where == "before" else ["inspect", missing, "--debug"]
+    result = cli(*args)
+    assert result.returncode != 0 and "Traceback" in result.stderr
+    assert_bad_input(cli("inspect", missing), "missing.onnx", code=3)
+
+
+@pytest.mark.parametrize("name", ["epsilon-plus-flat", "epsilon_plus_flat", "EpsilonPlusFlat"])
+def test_zennits_composite_names_are_accepted(name):
+    result = cli("inspect", DIGITS, "--composite", name)
+    assert result.returncode == 0, result.stderr
+    assert "composite epsilon-plus-flat" in result.stdout.splitlines()[0]
+    assert lrp_onnx.make_composite(name).name == "epsilon-plus-flat"
+
+
+def test_an_unknown_composite_lists_the_known_ones():
+    result = cli("inspect", DIGITS, "--composite", "EpsilonPlusFlatt")
+    assert result.returncode == 2 and "known composites: alpha-beta, epsilon" in result.stderr
+
+
+@pytest.mark.parametrize("target", ["-1", "predicted"])
+def test_target_minus_one_is_the_predicted_class(tmp_path, target):
+    """As in the graph and the Python API."""
+    samples = os.path.join(ROOT, "models", "samples")
+    out = tmp_path / "out"
+    result = cli("explain", DIGITS, samples, "-o", out, "--target", target, "--no-heatmaps", "--json")
+    assert result.returncode == 0, result.stderr
+    import json
+    rows = json.load(open(out / "summary.json"))
+    rows = rows["rows"] if isinstance(rows, dict) else rows
+    assert rows and all(row["target"] == row["predicted"] for row in rows)
+
+
+def test_runtime_flags_leave_the_model_alone(tmp_path):
+    """`check --runtime ort-unoptimised X.lrp.onnx` read the model as a second runtime name: one
+    runtime (or a comma-separated list) per flag."""
+    out = str(tmp_path / "digits.lrp.onnx")
+    assert cli("convert", DIGITS, "-o", out).returncode == 0
+    result = cli("check", "--runtime", "ort-unoptimised", out)
+    assert result.returncode == 0, result.stderr
+    assert_bad_input(cli("check", out, "--runtime", "ort-unoptimised,tensorrtt"), "unknown runtime tensorrtt")
+
+
+def test_an_invalid_target_cannot_pass_for_an_explanation_in_plain_onnx_runtime():
+    """The graph contract: a target other than -1 or a class index gives explained_class -1 and NaN
+    relevance and logit, where OneHot alone gives an all-zero relevance (a target past the classes)
+    or another class's (a target below -1 wraps around). The valid samples of the batch are untouched."""
+    explainer = lrp_onnx.convert(DIGITS)
+    session = ort.InferenceSession(explainer.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).random((5, 1, 8, 8)).astype(np.float32)
+    targets = np.array([-1, 3, 10, -2, 12])
+    names = [o.name for o in session.get_outputs()]
+    out = dict(zip(names, session.run(None, {"image": x, "target": targets})))
+    valid = np.array([True, True, False, False, False])
+    assert out["explained_class"][~valid].tolist() == [-1, -1, -1]
+    assert out["explained_class"][1] == 3 and out["explained_class"][0] == out["logits"][0].argmax()
+    assert np.isnan(out["explained_logit"][~valid]).all() and np.isfinite(out["explained_logit"][valid]).all()
+    assert np.isnan(out["relevance"][~valid]).all() and np.isfinite(out["relevance"][valid]).all()
+    alone = dict(zip(names, session.run(None, {"image": x[:2], "target": targets[:2]})))
+    np.testing.assert_array_equal(alone["relevance"], out["relevance"][:2])
+
+
+def test_zero_bias_conserves_relevance_down_to_the_first_layer_only():
+    """The README's --zero-bias claim, as it holds: with biases out of the rules, Σ R equals the
+    logit at every layer's output, and at the input except for what reaches units that are active
+    through their bias alone. Such a unit (an all-zero receptive field on the digits' background)
+    has a bias-free pre-activation of 0, so its relevance can go to no input: numpy finds those
+    units, and the input's Σ R is the first layer's without their share."""
+    import glob
+
+    import onnx
+    from PIL import Image
+
+    import numpy_reference as ref
+    files = sorted(glob.glob(os.path.join(ROOT, "models", "samples", "*.png")))
+    x = np.stack([np.asarray(Image.open(f).convert("L"), np.float32)[None] / 255 for f in files])
+    first = "/0/Conv_output_0"
+    explainer = lrp_onnx.convert(DIGITS, "epsilon", zero_params=["bias"], epsilon=1e-9, layers=[first])
+    session = ort.InferenceSession(explainer.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    out = dict(zip(names, session.run(None, {"image": x, "target": np.full(len(x), -1)})))
+    at_first = out["relevance:" + first]
+    np.testing.assert_allclose(at_first.reshape(len(x), -1).sum(1), out["explained_logit"], rtol=1e-5)
+    model = onnx.load(DIGITS)
+    conv = model.graph.node[0]
+    weight = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == conv.input[1]))
+    bias_free = np.stack([ref.conv(sample, weight, pads=[1, 1, 1, 1]) for sample in x])
+    takeable = (at_first * (bias_free != 0)).reshape(len(x), -1).sum(1)
+    at_input = out["relevance"].reshape(len(x), -1).sum(1)
+    np.testing.assert_allclose(at_input, takeable, rtol=1e-4)
+    ratios = at_input / out["explained_logit"]
+    assert np.abs(ratios - 1).max() > 0.1  # not conserved at the input: the README says so
+
+
+def test_why_an_input_failed_is_printed_not_only_written(tmp_path):
+    """The first few errors in full on stderr, then a count; every error is still in summary.csv."""
+    from PIL import Image
+    images = []
+    for i in range(5):
+        images.append(tmp_path / f"big{i}.png")
+        Image.fromarray(np.full((28, 28), 40 * i, np.uint8)).save(images[-1])
+    result = cli("explain", DIGITS, *images, os.path.join(ROOT, "models", "samples", "digit1.png"),
+                 "-o", tmp_path / "out", "--no-heatmaps")
+    assert result.returncode == 8
+    errors = [line for line in result.stderr.splitlines() if line.startswith("lrp-onnx: error: ")]
+    assert len(errors) == 3 and all("image is 28x28 (HxW) but the model takes 8x8; pass --size" in e for e in errors)
+    assert str(images[0]) in errors[0]
+    assert "5 input(s) could not be explained (2 more not shown)" in result.stderr
