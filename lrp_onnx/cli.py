@@ -28,6 +28,7 @@ from .errors import (InputError, LrpOnnxError, ModelLoadError, ModelWarning, Out
 from .explain import explain_to_folder, read_labels
 from .external import DATA_SUFFIX, EXTERNAL_DATA_THRESHOLD, external_files, wants_external_data
 from .io.files import writable_folder
+from .io.run_folder import default_run_folder
 from .io.heatmap import COLORMAPS
 from .io.inputs import InputReader, InputSpec, Preprocess, read_inputs
 from .load import read_model
@@ -289,7 +290,7 @@ def cmd_explain(args):
         fail_fast=args.fail_fast, engine=_engine(args))
     resumed = f", {totals.resumed} of them done by the run this one continued" if totals.resumed else ""
     print(f"explained {totals.inputs - totals.failed} of {totals.inputs} input(s){resumed}: {totals.explanations} "
-          f"explanation(s) in {args.output}/ ({'' if args.no_heatmaps else 'heatmaps, '}relevance/, "
+          f"explanation(s) in {totals.folder}/ ({'' if args.no_heatmaps else 'heatmaps, '}relevance/, "
           f"{', '.join(summaries)})")
     if totals.overflowed:
         print(f"lrp-onnx: warning: {totals.overflowed} relevance value(s) lie past float16's range and are stored "
@@ -299,7 +300,7 @@ def cmd_explain(args):
             print(f"lrp-onnx: error: {error if name in error else f'{name}: {error}'}", file=sys.stderr)
         more = f" ({totals.failed - len(totals.errors)} more not shown)" if totals.failed > len(totals.errors) else ""
         print(f"lrp-onnx: {totals.failed} input(s) could not be explained{more}; the error column of "
-              f"{args.output}/summary.csv says why for each", file=sys.stderr)
+              f"{totals.folder}/summary.csv says why for each", file=sys.stderr)
         return EXIT_SOME_INPUTS_FAILED
     return EXIT_OK
 
@@ -320,8 +321,11 @@ def _explain_texts(explainer, args, labels):
     explanations = explainer.explain_text(args.text, args.tokenizer, args.target, args.top_k, labels)
     for e in explanations:
         print(token_table(e))
-    files = write_text_explanations(explanations, args.output, args.cmap)
-    print(f"wrote {len(explanations)} explanation(s) to {args.output}/ ({', '.join(files)})")
+    settings = {"explainer": explainer.metadata, "texts": args.text, "tokenizer": os.path.abspath(args.tokenizer),
+                "target": args.target, "top_k": args.top_k, "labels": labels, "cmap": args.cmap}
+    folder = args.output or default_run_folder(explainer.label, settings)
+    files = write_text_explanations(explanations, folder, args.cmap)
+    print(f"wrote {len(explanations)} explanation(s) to {folder}/ ({', '.join(files)})")
     return EXIT_OK
 
 
@@ -460,7 +464,9 @@ def build_parser():
     p.add_argument("--text", action="append", metavar="TEXT",
                    help="a text to explain (repeatable), for a model that takes token ids; needs --tokenizer")
     p.add_argument("--tokenizer", metavar="FILE", help="tokenizer.json (Hugging Face tokenizers) for --text")
-    p.add_argument("-o", "--output", default="lrp-out", metavar="DIR", help="output folder (default ./lrp-out)")
+    p.add_argument("-o", "--output", metavar="DIR",
+                   help="output folder (default: lrp-out/MODEL-XXXXXXXX, one per model and settings: a run "
+                        "identical to an earlier one continues it, any other gets its own folder)")
     p.add_argument("--target", help="class index, label name with --labels, or -1 / predicted (the default: the "
                                     "predicted class)")
     p.add_argument("--top-k", type=_positive_int, metavar="K", help="explain the K highest-scoring classes")

@@ -181,7 +181,7 @@ def _seed(b, logits, predicted, seed_input, gradient=False):
 def invalid_as_nan(b, valid, tensor):
     """``tensor`` [N, ...] with NaN in every sample whose target is invalid (``valid`` [N] false):
     compared as [N, everything else], so its rank need not be known."""
-    rows = b.op("Reshape", tensor, b.ints([0, -1]))
+    rows = b.op("Flatten", tensor, axis=1)  # not Reshape [0, -1], which cannot infer -1 for an empty batch
     marked = b.op("Where", b.op("Unsqueeze", valid, b.ints([1])), rows, b.const(np.nan))
     return b.op("Reshape", marked, b.shape(tensor))
 

@@ -16,7 +16,7 @@ from .io.heatmap import heatmap
 from .io.inputs import InputReader, InputSpec, Preprocess, Sample, identity, load_samples, read_inputs
 from .io.prefetch import prefetched
 from .io.progress import progress_bar
-from .io.run_folder import RunFolder, default_shard_inputs
+from .io.run_folder import RunFolder, default_run_folder, default_shard_inputs
 
 
 @dataclass
@@ -30,6 +30,15 @@ class Explanation:
 
     def label(self, k):
         return self.labels[k] if self.labels else str(k)
+
+    def __repr__(self):
+        return (f"Explanation({self.sample.name!r}, target={self.label(self.target)!r}, "
+                f"predicted={self.label(self.predicted)!r}, logit={float(self.logit):.4g}, "
+                f"relevance={list(self.relevance.shape)} Σ={float(self.relevance.sum()):.4g})")
+
+    def as_dict(self):
+        """The summary row (``summary``): the same method name as TextExplanation's."""
+        return self.summary()
 
     def summary(self):
         """One row: prediction, target, logit, Σ R, conservation Σ R / logit, positive and negative shares."""
@@ -76,7 +85,10 @@ def resolve_target(target, labels, classes):
 
 
 def check_request(explainer, target=None, top_k=None, labels=None):
-    """The target as a class index (or None), after checking it, top-k and labels against the model."""
+    """(the target as a class index or None, the labels as a list or None), after checking them and
+    top-k against the model. ``labels``: a list of class names, or a file of one name per line."""
+    if isinstance(labels, (str, os.PathLike)):
+        labels = read_labels(labels)
     classes = explainer.class_count
     if labels is not None and classes is not None and len(labels) != classes:
         raise InputError(f"the labels file has {len(labels)} labels but the model has {classes} classes")
@@ -84,7 +96,7 @@ def check_request(explainer, target=None, top_k=None, labels=None):
         raise InputError(f"--top-k {top_k} must be between 1 and the class count ({classes})")
     if top_k is not None and target is not None:
         raise InputError("give --target or --top-k, not both")
-    return resolve_target(target, labels, classes)
+    return resolve_target(target, labels, classes), labels
 
 
 @dataclass
@@ -104,7 +116,7 @@ def explain_stream(explainer, inputs, target=None, top_k=None, labels=None, batc
     explained and handed over in batches, each stage in its own thread, at most ``prefetch``
     batches ahead, so memory depends on ``batch_size``, not on the number of inputs. An input
     that cannot be read or does not fit the model is an Outcome with an error, and the rest go on."""
-    target = check_request(explainer, target, top_k, labels)
+    target, labels = check_request(explainer, target, top_k, labels)
     reader = reader or InputReader(explainer.input_spec, Preprocess())
     loaded = prefetched(_read_batches(explainer, inputs, batch_size, reader), prefetch)
     return _flatten(prefetched(_explained_batches(explainer, loaded, target, top_k, labels), prefetch))
@@ -199,7 +211,8 @@ def explain_to_folder(explainer, inputs, folder, preprocess=None, target=None, t
                       heatmaps=True, relevance_dtype="float32", shard_inputs=None, restart=False, fail_fast=False,
                       prefetch=2, engine=None):
     """The CLI's explain job over image files, folders and arrays, streamed in batches: heatmaps,
-    relevance shards and summaries in ``folder``, laid out as ``io.run_folder`` describes. A folder
+    relevance shards and summaries in ``folder`` (None: ``io.run_folder.default_run_folder``, one
+    per model and settings), laid out as ``io.run_folder`` describes. A folder
     left by a run with the same settings is continued; ``restart`` discards it. An input that
     cannot be explained becomes a summary row with its error (``fail_fast``: an InputError).
     ``engine`` (a ``distributed.RayEngine``) explains on Ray actors instead of in this process;
@@ -210,7 +223,7 @@ def explain_to_folder(explainer, inputs, folder, preprocess=None, target=None, t
     inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     spec = explainer.input_spec
     pending = read_inputs(inputs, spec, preprocess)
-    target = check_request(explainer, target, top_k, labels)  # a label name becomes its class index
+    target, labels = check_request(explainer, target, top_k, labels)  # a label name becomes its class index
     # relevance is laid out as the input, or as the tensor inside the graph it is given at
     layout = spec.layout(preprocess.layout) if explainer.relevance_shape == spec.shape else \
         InputSpec(explainer.relevance_shape).layout()
@@ -222,6 +235,7 @@ def explain_to_folder(explainer, inputs, folder, preprocess=None, target=None, t
                 "preprocess": dataclasses.asdict(preprocess), "target": target, "top_k": top_k, "labels": labels,
                 "heatmaps": {"cmap": cmap, "overlay": overlay, "zoom": zoom} if heatmaps else None,
                 "relevance_dtype": relevance_dtype, "shard_inputs": shard_inputs}
+    folder = folder or default_run_folder(explainer.label, settings)
     run = RunFolder(folder, settings, shard_inputs, relevance_dtype, draw if heatmaps else None, restart)
     completed = False
     try:

@@ -69,6 +69,7 @@ class Explainer:
         elif composite is not None or rule_params:
             raise RuleError(f"{label} is already an explainer graph; composite and rule parameters apply "
                             "only to plain classifiers")
+        self.label = label  # the model's path, or "<model>" for bytes and protos
         self.metadata = meta = read_metadata(proto)
         self.input_name = meta.get("explained_input") or next(
             i.name for i in proto.graph.input if i.name != TARGET)
@@ -118,11 +119,20 @@ class Explainer:
         return dict(zip(SCORE_OUTPUTS, self._scoring.run(list(SCORE_OUTPUTS), feeds)))
 
     def _feeds(self, x, target, other_inputs):
+        model_inputs = sorted(set(self.inputs) - {TARGET})
+        typos = sorted(set(other_inputs) - set(self.inputs))
+        if typos:  # explain(x, top_k=2): a keyword that is no model input, as Python would say it
+            raise TypeError(f"unexpected keyword argument {typos[0]!r}: other keywords name the model's inputs, "
+                            f"which are {model_inputs}")
         feeds = dict(x) if isinstance(x, dict) else {self.input_name: x}
         feeds.update(other_inputs)
         unknown = sorted(set(feeds) - set(self.inputs))
         if unknown:
-            raise InputError(f"unknown input(s) {unknown}; the model takes {sorted(set(self.inputs) - {TARGET})}")
+            raise InputError(f"unknown input(s) {unknown}; the model takes {model_inputs}")
+        missing = [name for name in model_inputs if name not in feeds]
+        if missing:  # explain(input_ids) without its attention_mask
+            raise InputError(f"the model also takes {missing}: pass them as keywords "
+                             f"({', '.join(f'{name}=...' for name in missing)}) or all inputs as a dict")
         feeds = {k: self._as_input_type(k, v) for k, v in feeds.items()}
         for name, value in feeds.items():
             self._check_input(name, value)

@@ -34,6 +34,11 @@ class TextExplanation:
     def label(self, k):
         return self.labels[k] if self.labels else str(k)
 
+    def __repr__(self):
+        return (f"TextExplanation({self.text!r}, target={self.label(self.target)!r}, "
+                f"predicted={self.label(self.predicted)!r}, logit={float(self.logit):.4g}, "
+                f"{len(self.tokens)} tokens Σ={float(self.relevance.sum()):.4g})")
+
     def as_dict(self):
         return {"text": self.text, "predicted": self.predicted, "predicted_label": self.label(self.predicted),
                 "target": self.target, "target_label": self.label(self.target), "logit": self.logit,
@@ -91,7 +96,7 @@ def explain_texts(explainer, texts, tokenizer, target=None, top_k=None, labels=N
     if not explainer.explains_tokens:
         raise InputError(f"the model explains input {explainer.input_name!r}, which is not token ids")
     texts = [texts] if isinstance(texts, str) else list(texts)
-    target = check_request(explainer, target, top_k, labels)
+    target, labels = check_request(explainer, target, top_k, labels)
     feeds, encodings = encode(explainer, tokenizer, texts)
     out = []
     for run, predicted in ranked_runs(explainer, feeds, target, top_k):

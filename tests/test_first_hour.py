@@ -166,3 +166,38 @@ def test_why_an_input_failed_is_printed_not_only_written(tmp_path):
     assert len(errors) == 3 and all("image is 28x28 (HxW) but the model takes 8x8; pass --size" in e for e in errors)
     assert str(images[0]) in errors[0]
     assert "5 input(s) could not be explained (2 more not shown)" in result.stderr
+
+
+def test_a_second_explain_with_other_settings_gets_its_own_folder(tmp_path):
+    """After the quick start, another model or composite works without flags; the same command
+    again continues its own run; nothing is deleted."""
+    samples = os.path.join(ROOT, "models", "samples")
+    vit = os.path.join(ROOT, "models", "digits_vit.onnx")
+    runs = [(DIGITS,), (vit,), (DIGITS, "--composite", "epsilon"), (DIGITS,)]
+    results = [cli("explain", *run[:1], samples, "--no-heatmaps", *run[1:], cwd=tmp_path) for run in runs]
+    assert [r.returncode for r in results] == [0, 0, 0, 0], [r.stderr for r in results]
+    folders = [r.stdout.split(" in ")[-1].split("/ (")[0] for r in results]
+    assert len(set(folders[:3])) == 3 and folders[3] == folders[0]
+    assert all(f.startswith("lrp-out/digits_") for f in folders)
+    assert "10 of them done by the run this one continued" in results[3].stdout
+    for folder in set(folders):
+        assert (tmp_path / folder / "summary.csv").read_text().count("\n") == 11
+
+
+def test_the_python_api_answers_as_python_does():
+    """A keyword that is no model input is a TypeError naming it; a missing model input is named;
+    labels may be a list or a file; Explanation and TextExplanation share as_dict and have short reprs."""
+    explainer = lrp_onnx.Explainer(DIGITS)
+    x = np.random.default_rng(0).random((2, 1, 8, 8)).astype(np.float32)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'top_k'.*\\['image'\\]"):
+        explainer.explain(x, top_k=2)
+    labels_file = os.path.join(ROOT, "models", "digits_labels.txt")
+    image = os.path.join(ROOT, "models", "samples", "digit1.png")
+    from_file = lrp_onnx.explain_images(explainer, [image], target=3, labels=labels_file)
+    from_list = lrp_onnx.explain_images(explainer, [image], target=3, labels=open(labels_file).read().split())
+    assert from_file[0].as_dict() == from_list[0].as_dict() == from_file[0].summary()
+    assert from_file[0].as_dict()["target_label"] == open(labels_file).read().split()[3]
+    assert len(repr(from_file[0])) < 200 and "digit1" in repr(from_file[0])
+    bert = lrp_onnx.Explainer(os.path.join(ROOT, "models", "sentiment_bert.onnx"), composite="attnlrp")
+    with pytest.raises(lrp_onnx.InputError, match="the model also takes \\['attention_mask'\\]"):
+        bert.explain(np.array([[101, 2000, 102]]))

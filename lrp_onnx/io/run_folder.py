@@ -15,8 +15,10 @@ committed parts are skipped, after checking that they are the same inputs in the
 
 import csv
 import glob
+import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,6 +52,18 @@ def default_shard_inputs(sample_shape, dtype, explained_per_input):
     return int(np.clip(SHARD_BYTES // max(row, 1), 1, MAX_SHARD_INPUTS))
 
 
+DEFAULT_ROOT = "lrp-out"
+
+
+def default_run_folder(model_label, settings):
+    """lrp-out/MODEL-XXXXXXXX, XXXXXXXX from the run's settings: an identical run continues in its
+    folder, any other (another model, composite, input or option) gets its own, and none deletes
+    another's results."""
+    stem = re.sub(r"(\.lrp)?\.onnx$", "", os.path.basename(str(model_label))) or "model"
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return os.path.join(DEFAULT_ROOT, f"{re.sub(r'[^A-Za-z0-9_.-]', '_', stem)}-{digest}")
+
+
 @dataclass
 class Totals:
     inputs: int = 0          # every input, in this run and the earlier ones it continued
@@ -58,6 +72,7 @@ class Totals:
     resumed: int = 0         # inputs already done by an earlier run with the same settings
     overflowed: int = 0      # relevance values past float16's range, stored as ±inf (this run)
     errors: list = field(default_factory=list)  # (input, error) of the first ERRORS_KEPT that failed
+    folder: str = ""         # where the run wrote
 
 
 ERRORS_KEPT = 3  # failed inputs whose error the CLI prints in full (the rest it counts)
@@ -92,7 +107,7 @@ class RunFolder:
             self._discard()
         self.parts = self._committed_parts()
         atomic_write(os.path.join(folder, "run.json"), json.dumps(settings, indent=1, sort_keys=True).encode())
-        self.totals = Totals()
+        self.totals = Totals(folder=folder)
         for part in self._read_parts():
             self._count(part["rows"], len(part["sources"]))
         self.totals.resumed = self.totals.inputs
