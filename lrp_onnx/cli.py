@@ -20,7 +20,8 @@ from .analysis.compare import compare, write_grid
 from .analysis.compare import write_json as write_comparison
 from .analysis.evaluate import (context_report, evaluate, parse_method, plot, read_boxes, read_masks, report,
                                  write_json)
-from .composites import COMPOSITES, DEFAULT_COMPOSITE, METHODS, composite_name
+from .composites import (AUTO, CNN_COMPOSITE, COMPOSITES, DEFAULT_COMPOSITE, METHODS, TRANSFORMER_COMPOSITE,
+                         composite_name)
 from .emit import convert_held, is_explainer, read_metadata
 from .errors import (InputError, LrpOnnxError, ModelLoadError, ModelWarning, OutputError, RelevancePathError,
                      RelevanceWarning, RuleError,
@@ -111,8 +112,9 @@ def _add_rule_flags(p, composite_default=DEFAULT_COMPOSITE, bounds=("--low", "--
     the command takes --composite, --method and --input (evaluate names methods in its own --method)."""
     if choose:
         p.add_argument("--composite", default=composite_default, type=_composite, metavar="NAME",
-                       help=f"rule assignment: {', '.join(COMPOSITES)}, or Zennit's names for them "
-                            f"(epsilon_plus_flat, EpsilonPlusFlat) (default: {DEFAULT_COMPOSITE}, as the seed paper)")
+                       help=f"rule assignment: auto (the default: {TRANSFORMER_COMPOSITE} where the model has "
+                            f"attention, else {CNN_COMPOSITE}, the seed paper's), {', '.join(COMPOSITES)}, or "
+                            "Zennit's names for them (epsilon_plus_flat, EpsilonPlusFlat)")
     p.add_argument("--alpha", type=float, help="alpha-beta: alpha (default 2)")
     p.add_argument("--beta", type=float, help="alpha-beta: beta (default 1); alpha - beta must be 1")
     p.add_argument("--epsilon", type=float, help="epsilon rule: epsilon (default 1e-6)")
@@ -186,7 +188,9 @@ def cmd_convert(args):
         save_model(explainer, out, external_data=external, held=held)
     except OSError as e:  # a full disk, say: atomic_write has removed its temporary file
         raise OutputError(f"{out!r}: cannot write ({e.strerror or e})") from None
-    print(f"wrote {out}{f' and {out}{DATA_SUFFIX}' if external else ''} ({args.composite})")
+    made = read_metadata(explainer)
+    print(f"wrote {out}{f' and {out}{DATA_SUFFIX}' if external else ''} "
+          f"({made['composite'] if made['method'] == 'lrp' else made['method']})")
     if args.check_runtime:
         _report_parity(out, args.check_runtime, None, TOLERANCE)
     return EXIT_OK
@@ -251,7 +255,8 @@ def cmd_inspect(args):
     where = f" at its embedding {p.explained.name!r}" if p.at_embedding else \
         f" at tensor {p.explained.name!r} {list(p.explained.shape or [])}" if p.explained is not p.explained_input else ""
     print(f"{p.label}: explaining input {p.explained_input.name!r} {list(p.explained_input.shape or [])}{where}, "
-          f"relevance from {p.logits.name!r}, {'composite ' + p.composite.name if p.method == 'lrp' else p.method}")
+          f"relevance from {p.logits.name!r}, "
+          f"{'composite ' + p.composite.name if p.method == 'lrp' else p.method}{f' ({p.chosen_by})' if p.chosen_by else ''}")
     width = max([len(u.name) for u in p.units] + [4])
     for unit in p.units:
         rule = p.rules.get(unit.name)
@@ -354,7 +359,7 @@ def _input_spec(model):
 
 
 def cmd_evaluate(args):
-    methods = args.method or list(DEFAULT_EVALUATION)
+    methods = _evaluated_methods(args)
     for spec in methods:
         parse_method(spec)  # a bad spec fails before any work
     spec, preprocess = _input_spec(args.model), _preprocess(args)
@@ -418,7 +423,22 @@ def cmd_export_triton(args):
     return EXIT_OK
 
 
-DEFAULT_EVALUATION = (f"lrp:{DEFAULT_COMPOSITE}", "lrp:epsilon-plus-flat", "sensitivity", "gradient-x-input")
+# evaluate's methods unless --method names them: the composite (--composite, auto by default), a
+# second one for the model's kind, and two baselines
+SECOND_COMPOSITE = {CNN_COMPOSITE: "epsilon-plus-flat", TRANSFORMER_COMPOSITE: "cp-lrp"}
+DEFAULT_EVALUATION = ("lrp", "lrp:epsilon-plus-flat or, with attention, lrp:cp-lrp", "sensitivity", "gradient-x-input")
+
+
+def _evaluated_methods(args):
+    """The method specs to evaluate, ``lrp`` and ``lrp:auto`` named by the composite they stand for
+    (--composite, or what auto chooses for this model), each once."""
+    composite = args.composite
+    if composite == AUTO:
+        composite = plan(args.model).composite.name
+    methods = args.method or [f"lrp:{composite}", f"lrp:{SECOND_COMPOSITE.get(composite, 'epsilon-plus-flat')}",
+                              "sensitivity", "gradient-x-input"]
+    named = [f"lrp:{composite}" if spec in ("lrp", f"lrp:{AUTO}") else spec for spec in methods]
+    return list(dict.fromkeys(named))
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -502,9 +522,11 @@ def build_parser():
     p.add_argument("data", nargs="+", metavar="DATA", help="image files, folders, .npy, .npz (model-ready arrays)")
     p.add_argument("-o", "--output", default="lrp-eval", metavar="DIR", help="output folder (default ./lrp-eval)")
     p.add_argument("--method", action="append", metavar="SPEC",
-                   help="lrp (the default composite), lrp:COMPOSITE, gradient, sensitivity or gradient-x-input "
+                   help="lrp (--composite's), lrp:COMPOSITE, gradient, sensitivity or gradient-x-input "
                         f"(repeatable; default: {', '.join(DEFAULT_EVALUATION)}); random is always included. "
                         "The rule flags apply to every lrp method")
+    p.add_argument("--composite", default=DEFAULT_COMPOSITE, type=_composite, metavar="NAME",
+                   help="the composite of method lrp, as in convert (default: auto)")
     p.add_argument("--steps", type=_positive_int, default=100, help="perturbation steps L (default 100, at most "
                    "the number of regions)")
     p.add_argument("--region", type=_positive_int, help="region side r in pixels (default 9 at 224 px, scaled)")

@@ -25,7 +25,12 @@ from pathlib import Path
 from .errors import RuleError, first_line
 from .rules import Gradient, Pass, Rule, RuleParams, make_rule, rule_key, rule_parameters
 
-DEFAULT_COMPOSITE = "alpha-beta"
+# The default, "auto", is chosen per model (plan.auto_composite): AttnLRP where the graph has
+# attention (it beats CP-LRP and the CNN composites on EVALUATION.md's ViT ground truth), else the
+# seed paper's alpha-beta.
+AUTO = "auto"
+DEFAULT_COMPOSITE = AUTO
+CNN_COMPOSITE, TRANSFORMER_COMPOSITE = "alpha-beta", "attnlrp"
 # What the relevance output holds: LRP with a composite, or a baseline built by the same walk
 # with the chain rule (plan.py).
 METHODS = ("lrp", "gradient", "sensitivity", "gradient-x-input")
@@ -98,10 +103,10 @@ def composite_name(name):
     and ``_`` do not matter."""
     def bare(text):
         return re.sub(r"[-_\s]", "", str(text)).lower()
-    known = {bare(key): key for key in COMPOSITES}
+    known = {bare(key): key for key in [AUTO, *COMPOSITES]}
     if bare(name) not in known:
-        raise RuleError(f"unknown composite {name!r}; known composites: {', '.join(COMPOSITES)} (Zennit's names "
-                        "and class names, such as epsilon_plus_flat or EpsilonPlusFlat, are accepted too)")
+        raise RuleError(f"unknown composite {name!r}; known composites: {AUTO}, {', '.join(COMPOSITES)} (Zennit's "
+                        "names and class names, such as epsilon_plus_flat or EpsilonPlusFlat, are accepted too)")
     return known[bare(name)]
 
 
@@ -112,6 +117,8 @@ def make_composite(name=DEFAULT_COMPOSITE, params=RuleParams(), overrides=None):
     if isinstance(name, Composite):
         return name
     key = composite_name(name)
+    if key == AUTO:
+        raise RuleError("composite 'auto' is chosen per model: plan() and convert() resolve it")
     specs = {**BASE_SLOTS, **COMPOSITES[key]}
     filled = RuleParams(**{**COMPOSITE_DEFAULTS.get(key, {}), **params.given()})
     slots, used = {}, set()

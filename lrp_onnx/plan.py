@@ -13,7 +13,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from . import ops  # noqa: F401  (registers every propagator)
-from .composites import DEFAULT_COMPOSITE, METHODS, Composite, gradient_composite, make_composite
+from .composites import (AUTO, CNN_COMPOSITE, DEFAULT_COMPOSITE, METHODS, TRANSFORMER_COMPOSITE, Composite,
+                         composite_name, gradient_composite, make_composite)
 from .errors import RelevancePathError, RuleError, UnsupportedModelError, UnsupportedOpError
 from .external import HeldWeights
 from .graph import SMALL_INTEGERS, carries_relevance, casts_to_float, find_units, is_constant, nonnegative_tensors
@@ -59,6 +60,7 @@ class Plan:
     upcast: dict            # graph input/output name -> the bfloat16 type it had (precision.py; float16 stays)
     source_sha256: Optional[str]
     held: HeldWeights       # the large weights, out of the graph's protos (external.py)
+    chosen_by: str = ""     # why composite "auto" chose the composite (auto_composite); "" when it was named
 
     def raise_problems(self):
         """The errors ``convert`` raises: unsupported nodes first, then rules that do not fit, then
@@ -246,6 +248,21 @@ def describe_breaks(breaks):
     return "; ".join(f"relevance stops at node {name!r} ({op}): {why}" for name, op, why in breaks)
 
 
+# Products of two activations, by the positions of their two operands: attention's q·kᵀ and
+# weights·v (a weight is a constant, or a quantized constant)
+ACTIVATION_PRODUCTS = {"MatMul": (0, 1), "Einsum": (0, 1), "MatMulInteger": (0, 1), "QLinearMatMul": (0, 3)}
+
+
+def auto_composite(graph):
+    """(composite name, why) for composite "auto": the transformer composite where the graph has
+    attention, which shows as a product of two activations; the CNN composite otherwise."""
+    for node in graph.nodes:
+        operands = ACTIVATION_PRODUCTS.get(node.op)
+        if operands and len(node.inputs) > max(operands) and not any(is_constant(node.inputs[k]) for k in operands):
+            return TRANSFORMER_COMPOSITE, f"auto: attention, {node.op} {node.name!r} multiplies two activations"
+    return CNN_COMPOSITE, "auto: no attention, no product of two activations"
+
+
 def choose_composite(composite, method, rules, params):
     """The composite of ``method``: LRP's, its rules filled from ``params`` and ``rules`` (overrides),
     or the chain rule everywhere for the baselines, which take neither."""
@@ -265,10 +282,16 @@ def plan(model, composite=DEFAULT_COMPOSITE, *, input_name=None, rules=None, met
     beta, epsilon, gamma, low, high, stabilizer, zero_params); ``method`` other than "lrp" replaces
     the composite by the chain rule everywhere; ``input_shapes`` ({input name: dims}) pins sizes
     the model leaves dynamic (load.pin_input_shapes)."""
-    composite = choose_composite(composite, method, rules, RuleParams.of(rule_params))
+    params = RuleParams.of(rule_params)
+    auto = method == "lrp" and composite_name(composite or DEFAULT_COMPOSITE) == AUTO
+    composite = None if auto else choose_composite(composite, method, rules, params)  # a bad one fails first
     held = HeldWeights()
     proto, label = load_model(model, held, input_shapes)
     graph = import_graph(proto, held)
+    chosen_by = ""
+    if auto:
+        name, chosen_by = auto_composite(graph)
+        composite = choose_composite(name, method, rules, params)
     for name in ADDED_NAMES:
         if name in graph.tensors():
             raise UnsupportedModelError(f"{label}: the model already has a tensor named {name!r}")
@@ -301,7 +324,7 @@ def plan(model, composite=DEFAULT_COMPOSITE, *, input_name=None, rules=None, met
     output_types = {o.name: o.type for o in proto.graph.output}
     return Plan(graph, label, explained_input, explained, at_embedding, score, logits, predicted, units, rules_by_unit,
                 problems, rule_problems, breaks, composite, method, output_types, upcast_types(proto),
-                source_digest(model), held)
+                source_digest(model), held, chosen_by)
 
 
 def _check_overrides(composite, units):

@@ -75,7 +75,7 @@ def test_zennits_composite_names_are_accepted(name):
 
 def test_an_unknown_composite_lists_the_known_ones():
     result = cli("inspect", DIGITS, "--composite", "EpsilonPlusFlatt")
-    assert result.returncode == 2 and "known composites: alpha-beta, epsilon" in result.stderr
+    assert result.returncode == 2 and "known composites: auto, alpha-beta, epsilon" in result.stderr
 
 
 @pytest.mark.parametrize("target", ["-1", "predicted"])
@@ -201,3 +201,30 @@ def test_the_python_api_answers_as_python_does():
     bert = lrp_onnx.Explainer(os.path.join(ROOT, "models", "sentiment_bert.onnx"), composite="attnlrp")
     with pytest.raises(lrp_onnx.InputError, match="the model also takes \\['attention_mask'\\]"):
         bert.explain(np.array([[101, 2000, 102]]))
+
+
+@pytest.mark.parametrize("model,composite", [("digits_vit", "attnlrp"), ("sentiment_bert", "attnlrp"),
+                                             ("digits_cnn", "alpha-beta")])
+def test_the_default_composite_fits_the_model(model, composite):
+    """auto: AttnLRP where the graph has attention, the seed paper's alpha-beta otherwise; inspect
+    says which and why, and the explainer's metadata records the composite chosen."""
+    path = os.path.join(ROOT, "models", f"{model}.onnx")
+    first = cli("inspect", path).stdout.splitlines()[0]
+    assert f"composite {composite} (auto: " in first
+    assert ("multiplies two activations" in first) == (composite == "attnlrp")
+    assert lrp_onnx.emit.read_metadata(lrp_onnx.convert(path))["composite"] == composite
+
+
+def test_evaluate_takes_a_composite_and_its_defaults_fit_the_model(tmp_path):
+    """On the bundled ViT the default LRP methods are attnlrp and cp-lrp, and attnlrp beats random
+    (with the CNN composites it fell below: EVALUATION.md)."""
+    samples = os.path.join(ROOT, "models", "samples")
+    vit = os.path.join(ROOT, "models", "digits_vit.onnx")
+    result = cli("evaluate", vit, samples, "--steps", "10", "-o", tmp_path / "auto")
+    assert result.returncode == 0, result.stderr
+    rows = {line.split("|")[1].strip(): line for line in result.stdout.splitlines() if line.startswith("| lrp:")}
+    assert list(rows) == ["lrp:attnlrp", "lrp:cp-lrp"]
+    assert float(rows["lrp:attnlrp"].split("|")[3].split("±")[0]) > 0
+    chosen = cli("evaluate", vit, samples, "--steps", "2", "--composite", "epsilon", "--method", "lrp",
+                 "-o", tmp_path / "named")
+    assert chosen.returncode == 0 and "| lrp:epsilon |" in chosen.stdout, chosen.stderr

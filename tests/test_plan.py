@@ -226,13 +226,14 @@ def test_every_registered_op_has_a_row_in_the_per_op_tables():
 
 
 def test_cli_method_lrp_means_the_default_composite(tmp_path):
+    """--method lrp is the composite auto chooses for the model (a CNN: alpha-beta), reported by name."""
     digits = os.path.join(ROOT, "models", "digits_cnn.onnx")
     data = os.path.join(ROOT, "models", "digits_samples.npy")
     result = cli("evaluate", digits, data, "-o", tmp_path / "e", "--method", "lrp", "--steps", "2",
                  "--noise-low", "0", "--noise-high", "1")
     assert result.returncode == 0, result.stderr
-    assert "| lrp |" in result.stdout and result.stderr == ""
-    assert json.load(open(tmp_path / "e" / "evaluate.json"))["methods"][0]["method"] == "lrp"
+    assert "| lrp:alpha-beta |" in result.stdout and result.stderr == ""
+    assert json.load(open(tmp_path / "e" / "evaluate.json"))["methods"][0]["method"] == "lrp:alpha-beta"
 
 
 def test_cli_evaluate_old_noise_flags_still_work_with_a_note(tmp_path):
