@@ -56,8 +56,8 @@ class Explainer:
     """``Explainer(model).explain(x, target)`` -> (original outputs by name, relevance).
 
     ``model`` is an explainer graph, or a plain classifier that is converted in memory with
-    ``composite`` (default alpha-beta) and ``rule_params``, as ``convert``. ``metadata`` says how
-    the explainer was made (emit.metadata). ``providers`` is a list of
+    ``composite`` (default auto: attnlrp with attention, else alpha-beta) and ``rule_params``, as
+    ``convert``. ``metadata`` says how the explainer was made (emit.metadata). ``providers`` is a list of
     ORT execution providers, or "cpu" / "cuda"; it defaults to every provider ONNX Runtime has, CUDA
     first when present. ``threads`` sets ORT's intra-op thread count (default: ORT's own choice).
     """
