@@ -15,7 +15,7 @@ from .explain import explain_images
 from .io.heatmap import heatmap
 from .io.inputs import Preprocess
 from .plan import plan
-from .rules import AlphaBeta, Epsilon, Flat, Gamma, Pass, RuleParams, WSquare, ZBox, ZPlus, make_rule
+from .rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, RuleParams, WSquare, ZBox, ZPlus, make_rule
 from .runtime import Explainer, save_model
 
 _gs.logger.G_LOGGER.severity = _gs.logger.G_LOGGER.ERROR  # graphsurgeon's folding chatter is not for users
@@ -23,6 +23,6 @@ _gs.logger.G_LOGGER.severity = _gs.logger.G_LOGGER.ERROR  # graphsurgeon's foldi
 __version__ = _version("lrp-onnx")
 __all__ = ["convert", "plan", "Explainer", "explain_images", "save_model", "heatmap", "Preprocess", "make_composite",
            "make_rule", "Composite", "COMPOSITES", "DEFAULT_COMPOSITE", "METHODS", "RuleParams",
-           "AlphaBeta", "Epsilon", "Flat", "Gamma", "Pass", "WSquare", "ZBox", "ZPlus",
+           "AlphaBeta", "Epsilon", "Flat", "Gamma", "Norm", "Pass", "WSquare", "ZBox", "ZPlus",
            "LrpOnnxError", "ModelLoadError", "UnsafeModelError", "UnsupportedModelError", "UnsupportedOpError", "RuleError",
            "InputError", "OutputError", "ModelWarning"]

@@ -166,7 +166,8 @@ class Rule:
         return self.propagate(b, layer, layer.x, r)
 
     def params(self):
-        return {k: v for k, v in self.__dict__.items() if k != "zero_params" or v}
+        """The parameters that are set, named as the flags and --rules files name them."""
+        return {k: v for k, v in self._named().items() if k != "zero_params" or v}
 
     def describe(self):
         args = ", ".join(f"{k}={v}" for k, v in self.params().items())
@@ -174,7 +175,13 @@ class Rule:
 
     def as_dict(self):
         """The rule and every parameter, as an override would name them (explainer metadata)."""
-        return {"rule": self.name, **self.__dict__}
+        return {"rule": self.name, **self._named()}
+
+    def _named(self):
+        """{parameter name: value}: a field that reads another parameter (norm's ε is the stabilizer)
+        under that parameter's name."""
+        names = {field: parameter for parameter, field in rule_parameters(self.name).items()}
+        return {names.get(k, k): v for k, v in self.__dict__.items()}
 
 
 @dataclass(frozen=True)
@@ -189,10 +196,7 @@ class _Stabilized(Rule):
 
 @dataclass(frozen=True)
 class Epsilon(Rule):
-    """LRP-ε (Bach et al. 2015): R_i = x_i Σ_j w_ij R_j / (z_j + ε·sign(z_j)).
-
-    Zennit's Norm is this rule with ε only a stabilizer: the proportional split by contribution
-    that sums of activations and average pooling get (the rule name "norm")."""
+    """LRP-ε (Bach et al. 2015): R_i = x_i Σ_j w_ij R_j / (z_j + ε·sign(z_j))."""
     epsilon: float = 1e-6
     name = "epsilon"
     requires = ("affine",)
@@ -210,6 +214,13 @@ class Epsilon(Rule):
 
     def shares(self, layer):
         return layer.shares
+
+
+@dataclass(frozen=True)
+class Norm(Epsilon):
+    """Zennit's Norm: the ε-rule with ε only a stabilizer (the --stabilizer, not --epsilon), the
+    proportional split by contribution that sums of activations and average pooling get."""
+    name = "norm"
 
 
 @dataclass(frozen=True)
@@ -393,7 +404,7 @@ def _part(b, bias, part):
 # the fields that read a parameter of another name; every other field reads its own name.
 NAMED_RULES = {
     "epsilon": (Epsilon, {}),
-    "norm": (Epsilon, {"epsilon": "stabilizer"}),
+    "norm": (Norm, {"epsilon": "stabilizer"}),
     "cp-epsilon": (ConstantAttention, {}),
     "alpha-beta": (AlphaBeta, {}),
     "zplus": (ZPlus, {}),

@@ -106,7 +106,7 @@ def test_global_parameters_fill_rules_named_by_overrides(cnn_path):
     p = lrp_onnx.plan(cnn_path, rules={"GlobalAveragePool": "norm", "Gemm": "zplus"}, stabilizer=0.25,
                       zero_params=["bias"])
     rules = {u.op: p.rules.get(u.name) for u in p.units}
-    assert rules["GlobalAveragePool"] == lrp_onnx.Epsilon(0.25, zero_params=("bias",))
+    assert rules["GlobalAveragePool"] == lrp_onnx.Norm(0.25, zero_params=("bias",))
     assert rules["Gemm"] == lrp_onnx.ZPlus(0.25, zero_params=("bias",))
 
 
@@ -116,7 +116,7 @@ def test_sums_and_layer_norm_take_the_rule_parameters(tmp_path):
     p = lrp_onnx.plan(MIXED, "epsilon", rules={"Add": "epsilon", "LayerNormalization": "epsilon"}, epsilon=0.5)
     assert p.rules["residual"] == p.rules["norm"] == lrp_onnx.Epsilon(0.5)
     p = lrp_onnx.plan(MIXED, "epsilon", epsilon=0.5, stabilizer=0.01)
-    assert p.rules["residual"] == p.rules["norm"] == p.rules["mean"] == lrp_onnx.Epsilon(0.01)
+    assert p.rules["residual"] == p.rules["norm"] == p.rules["mean"] == lrp_onnx.Norm(0.01)
     assert p.rules["head"] == lrp_onnx.Epsilon(0.5)
     # and the parameter changes the numbers: the sum's split with ε = 0.5 is not the one with 1e-6
     _, small = lrp_onnx.Explainer(MIXED, composite="epsilon", rules={"Add": "epsilon"}).explain(X)
@@ -134,10 +134,14 @@ def test_a_parameter_no_rule_takes_is_refused(cnn_path):
         lrp_onnx.plan(cnn_path, epsillon=0.5)
 
 
-def test_norm_is_the_epsilon_rule():
-    """Zennit's Norm and the ε-rule had two classes with the same body; now one."""
-    assert lrp_onnx.make_rule("norm", stabilizer=0.1) == lrp_onnx.Epsilon(0.1)
-    assert not hasattr(lrp_onnx, "Norm")
+def test_norm_is_the_epsilon_rule_named_by_its_stabilizer():
+    """Zennit's Norm is the ε-rule, one body; it only names its ε as the flag that sets it does
+    (inspect showed a GlobalAveragePool's norm as epsilon(epsilon=1e-06), which --epsilon does not change)."""
+    norm = lrp_onnx.make_rule("norm", stabilizer=0.1)
+    assert isinstance(norm, lrp_onnx.Epsilon) and type(norm).propagate is lrp_onnx.Epsilon.propagate
+    assert norm.epsilon == 0.1 and norm.describe() == "norm(stabilizer=0.1)"
+    assert norm.as_dict() == {"rule": "norm", "stabilizer": 0.1, "zero_params": ()}
+    assert lrp_onnx.make_rule(norm.as_dict().pop("rule"), stabilizer=0.1) == norm
 
 
 def test_ops_do_not_test_rule_classes():
