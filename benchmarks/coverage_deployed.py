@@ -3,8 +3,8 @@
 
     python benchmarks/coverage_deployed.py [--only NAME] [--forms qdq,fp16,...]
 
-Each model is exported from torch (TorchScript, or torch.export for swin_t; batch 1, random init, no download), then put in
-each form by the tool that writes it:
+Each model is exported from torch (TorchScript, or torch.export for swin_t; batch 1, random init,
+no download), then put in each form by the tool that writes it:
 - qdq, qoperator: ``onnxruntime.quantization.quantize_static`` per channel, calibrated on 8
   seeded inputs (tests/quantized_models.py); dynamic: ``quantize_dynamic``;
 - matmulnbits: ``MatMulNBitsQuantizer``, 4 bits, blocks of 16 (models with MatMul weights);
@@ -14,8 +14,8 @@ each form by the tool that writes it:
 - dynamic-hw: the export with dynamic height and width (images), run at a second size.
 
 Columns: whether it converts; the largest relative deviation of the explainer's logits from ONNX
-Runtime's run of the form with the explainer's session options (0 = bit for bit); the relevance's relative L2 distance from the
-reference; conversion and explanation (one batch-1 run) times. The reference, per form:
+Runtime's run of the form with the explainer's session options (0 = bit for bit); the relevance's
+relative L2 distance from the reference; conversion and explanation (one batch-1 run) times. The reference, per form:
 - quantized (static, dynamic): Zennit in float64 on tests/quantized_models.FloatNetwork, the float
   network read from the quantized file (dequantized weights, roundings as Pass), at the activations ORT
   computes with its graph optimisations off, against the explainer run so too (tests/test_quantized.py
@@ -376,7 +376,8 @@ def measure(name, form):
                                            providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
             row["convert_s"] = time.perf_counter() - start
             start = time.perf_counter()
-            run = dict(zip([o.name for o in session.get_outputs()], session.run(None, dict(feeds, target=np.array([-1])))))
+            outputs = session.run(None, dict(feeds, target=np.array([-1])))  # the predicted class
+            run = dict(zip([o.name for o in session.get_outputs()], outputs))
             row["explain_s"] = time.perf_counter() - start
         except Exception as e:
             return dict(row, converts="no", why=_first_line(e))

@@ -201,8 +201,12 @@ def cmd_check(args):
     if not is_explainer(proto):
         raise InputError(f"{label}: not an explainer graph; convert it first")
     feeds = None
-    if args.input:
-        feeds = _feeds_with_input(args.explainer, read_metadata(proto).get("explained_input"), args.input)
+    if args.old_input is not None:
+        print("lrp-onnx: warning: check --input is deprecated: use --data (--input names a graph input in every "
+              "other command)", file=sys.stderr)
+    data = args.data or args.old_input
+    if data:
+        feeds = _feeds_with_input(args.explainer, read_metadata(proto).get("explained_input"), data)
     _report_parity(args.explainer, args.runtime, feeds, args.tolerance, args.repeats)
     return EXIT_OK
 
@@ -255,8 +259,8 @@ def cmd_inspect(args):
     where = f" at its embedding {p.explained.name!r}" if p.at_embedding else \
         f" at tensor {p.explained.name!r} {list(p.explained.shape or [])}" if p.explained is not p.explained_input else ""
     print(f"{p.label}: explaining input {p.explained_input.name!r} {list(p.explained_input.shape or [])}{where}, "
-          f"relevance from {p.logits.name!r}, "
-          f"{'composite ' + p.composite.name if p.method == 'lrp' else p.method}{f' ({p.chosen_by})' if p.chosen_by else ''}")
+          f"relevance from {p.logits.name!r}, {'composite ' + p.composite.name if p.method == 'lrp' else p.method}"
+          f"{f' ({p.chosen_by})' if p.chosen_by else ''}")
     width = max([len(u.name) for u in p.units] + [4])
     for unit in p.units:
         rule = p.rules.get(unit.name)
@@ -441,6 +445,18 @@ def _evaluated_methods(args):
     return list(dict.fromkeys(named))
 
 
+# One example per command, at the end of its --help (the bundled models and samples)
+EXAMPLES = {
+    "convert": "lrp-onnx convert models/digits_cnn.onnx -o digits.lrp.onnx --composite epsilon-plus-flat",
+    "inspect": "lrp-onnx inspect models/digits_vit.onnx",
+    "explain": "lrp-onnx explain models/digits_cnn.onnx models/samples/ --labels models/digits_labels.txt --zoom 16",
+    "evaluate": "lrp-onnx evaluate models/digits_cnn.onnx models/digits_samples.npy --steps 20",
+    "compare": "lrp-onnx compare models/digits_cnn.onnx models/digits_vit.onnx models/samples/ --aopc-steps 20",
+    "check": "lrp-onnx check digits.lrp.onnx --runtime ort-unoptimised --data models/digits_samples.npy",
+    "export-triton": "lrp-onnx export-triton digits.lrp.onnx triton-models/ --max-batch-size 16",
+}
+
+
 class OneLineParser(argparse.ArgumentParser):
     """Bad arguments are bad input like any other: one line on stderr, exit 2 (not argparse's usage
     block), pointing to the help that has the usage."""
@@ -459,9 +475,10 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def command(name, **options):
-        return sub.add_parser(name, parents=[common], **options)
+        return sub.add_parser(name, parents=[common], epilog=f"example:\n  {EXAMPLES[name]}",
+                              formatter_class=argparse.RawDescriptionHelpFormatter, **options)
     p = command("convert", help="write the explainer graph of MODEL")
-    p.add_argument("model")
+    p.add_argument("model", help="an ONNX classifier (a .onnx file, with its external data beside it)")
     p.add_argument("-o", "--output", help="output path (default: MODEL.lrp.onnx beside the model)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.add_argument("--layer", action="append", default=[], metavar="TENSOR",
@@ -475,7 +492,7 @@ def build_parser():
     _add_rule_flags(p)
     p.set_defaults(run=cmd_convert)
     p = command("inspect", help="print each node with the rule it would get; list unsupported nodes")
-    p.add_argument("model")
+    p.add_argument("model", help="an ONNX classifier, or an explainer graph (then: how it was made)")
     _add_rule_flags(p)
     p.set_defaults(run=cmd_inspect)
     p = command("explain", help="explain images, folders, arrays or texts: heatmaps, relevance shards, summaries")
@@ -549,8 +566,8 @@ def build_parser():
     _add_input_flags(p)
     p.set_defaults(run=cmd_evaluate)
     p = command("compare", help="explain the same inputs with two models and compare the explanations")
-    p.add_argument("model_a")
-    p.add_argument("model_b")
+    p.add_argument("model_a", help="an ONNX classifier")
+    p.add_argument("model_b", help="another classifier of the same classes (a deployed form of A, say)")
     p.add_argument("data", nargs="+", metavar="DATA",
                    help="image files, folders, .npy, .npz (arrays model-ready for MODEL_A; moved to B's layout)")
     p.add_argument("-o", "--output", default="lrp-compare", metavar="DIR", help="output folder (default ./lrp-compare)")
@@ -567,13 +584,15 @@ def build_parser():
     _add_input_flags(p)
     p.set_defaults(run=cmd_compare)
     p = command("check", help="run an explainer on other runtimes and compare with ONNX Runtime Python")
-    p.add_argument("explainer")
+    p.add_argument("explainer", help="an explainer graph (lrp-onnx convert)")
     p.add_argument("--runtime", action="extend", required=True, type=_runtimes, metavar="RUNTIME[,RUNTIME]",
-                   help="repeatable: openvino (pip openvino), ort-node (npm onnxruntime-node), ort-web (npm onnxruntime-web "
-                        "in headless Chromium), ort-unoptimised (ONNX Runtime with graph optimisations off: "
-                        "the rounding floor)")
-    p.add_argument("--input", metavar="ARRAY.npy",
+                   help="repeatable: openvino (pip openvino), ort-node (npm onnxruntime-node), ort-web "
+                        "(npm onnxruntime-web in headless Chromium), ort-unoptimised (ONNX Runtime with graph "
+                        "optimisations off: the rounding floor)")
+    p.add_argument("--data", metavar="ARRAY.npy",
                    help="values of the explained input (default: 2 random samples, standard normal)")
+    p.add_argument("--input", dest="old_input", metavar="ARRAY.npy", help="deprecated: --data (--input names a "
+                   "graph input in every other command)")
     p.add_argument("--tolerance", type=float, default=TOLERANCE,
                    help=f"largest relative L2 of any output (default {TOLERANCE:g})")
     p.add_argument("--repeats", type=_positive_int, default=3, help="timed runs after one warm-up (default 3)")

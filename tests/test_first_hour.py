@@ -23,7 +23,8 @@ def long_chain(path, links=1500):
     nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["h0"], name="dense")]
     nodes += [helper.make_node("Relu", [f"h{i}"], [f"h{i + 1}"], name=f"relu_{i}") for i in range(links)]
     nodes.append(helper.make_node("Gemm", [f"h{links}", "w", "b"], ["logits"], name="head"))
-    weights = [numpy_helper.from_array(np.eye(4, dtype=np.float32), "w"), numpy_helper.from_array(np.zeros(4, np.float32), "b")]
+    weights = [numpy_helper.from_array(np.eye(4, dtype=np.float32), "w"),
+               numpy_helper.from_array(np.zeros(4, np.float32), "b")]
     graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])], weights)
     import onnx
@@ -228,3 +229,26 @@ def test_evaluate_takes_a_composite_and_its_defaults_fit_the_model(tmp_path):
     chosen = cli("evaluate", vit, samples, "--steps", "2", "--composite", "epsilon", "--method", "lrp",
                  "-o", tmp_path / "named")
     assert chosen.returncode == 0 and "| lrp:epsilon |" in chosen.stdout, chosen.stderr
+
+
+def test_check_takes_its_values_as_data_and_input_still_works_with_a_note(tmp_path):
+    """--input names a graph input in convert, inspect and explain; check's array is --data."""
+    out = str(tmp_path / "digits.lrp.onnx")
+    assert cli("convert", DIGITS, "-o", out).returncode == 0
+    samples = os.path.join(ROOT, "models", "digits_samples.npy")
+    new = cli("check", out, "--runtime", "ort-unoptimised", "--data", samples)
+    old = cli("check", out, "--runtime", "ort-unoptimised", "--input", samples)
+    assert new.returncode == old.returncode == 0, new.stderr + old.stderr
+    assert new.stderr == "" and "check --input is deprecated: use --data" in old.stderr
+
+
+def test_every_commands_help_ends_in_an_example_that_runs(tmp_path):
+    """The examples use the bundled models; run in order (check reads what convert wrote)."""
+    from lrp_onnx.cli import EXAMPLES
+    models = os.path.join(ROOT, "models")
+    for command, example in EXAMPLES.items():
+        help_text = cli(command, "--help").stdout
+        assert help_text.rstrip().endswith(example), command
+        args = [a.replace("models/", models + "/", 1) if a.startswith("models/") else a for a in example.split()[1:]]
+        result = cli(*args, cwd=tmp_path)
+        assert result.returncode == 0, (example, result.stderr)

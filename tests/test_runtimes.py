@@ -177,7 +177,7 @@ def test_check_reports_each_runtime_and_fails_on_a_mismatch(tmp_path, capsys):
     assert set(rows) == {"ort", *OTHER_RUNTIMES} and all(rows[r].endswith("ok") for r in OTHER_RUNTIMES)
     # OpenVINO's relevance is close but not bit-identical: a zero tolerance must fail, with exit 7
     samples = os.path.join(MODELS, "digits_samples.npy")
-    assert main(["check", out, "--runtime", "openvino", "--input", samples, "--tolerance", "0"]) == 7
+    assert main(["check", out, "--runtime", "openvino", "--data", samples, "--tolerance", "0"]) == 7
     assert "DIFFERS" in capsys.readouterr().out
 
 
