@@ -17,6 +17,7 @@ from importlib.metadata import version
 import numpy as np
 
 from .analysis.compare import compare, write_grid
+from .analysis.compare import report as comparison_report
 from .analysis.compare import write_json as write_comparison
 from .analysis.evaluate import (context_report, evaluate, parse_method, plot, read_boxes, read_masks, report,
                                  write_json)
@@ -412,8 +413,7 @@ def cmd_compare(args):
                      reader=InputReader(spec_a, preprocess), **rule_params(args))
     write_grid(result, layout_a, os.path.join(args.output, "compare.png"))
     write_comparison(result, os.path.join(args.output, "compare.json"), args.model_a, args.model_b)
-    for key, value in result.summary().items():
-        print(f"{key}: {value}")
+    print(comparison_report(result, args.model_a, args.model_b))
     print(f"wrote {args.output}/compare.json and {args.output}/compare.png")
     return EXIT_OK
 

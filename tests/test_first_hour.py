@@ -252,3 +252,15 @@ def test_every_commands_help_ends_in_an_example_that_runs(tmp_path):
         args = [a.replace("models/", models + "/", 1) if a.startswith("models/") else a for a in example.split()[1:]]
         result = cli(*args, cwd=tmp_path)
         assert result.returncode == 0, (example, result.stderr)
+
+
+def test_compare_prints_a_table_not_python_lists(tmp_path):
+    samples = os.path.join(ROOT, "models", "samples")
+    vit = os.path.join(ROOT, "models", "digits_vit.onnx")
+    result = cli("compare", DIGITS, vit, samples, "--aopc-steps", "3", "-o", tmp_path / "c")
+    assert result.returncode == 0, result.stderr
+    assert "[" not in result.stdout and "| measure | A | B | A and B |" in result.stdout
+    assert "(alpha-beta)" in result.stdout and "(attnlrp)" in result.stdout  # each model's own auto choice
+    import json
+    mean = json.load(open(tmp_path / "c" / "compare.json"))["mean"]
+    assert f"| relevance Pearson (mean over inputs) | | | {mean['pearson']:.3f} |" in result.stdout

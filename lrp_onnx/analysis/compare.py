@@ -38,6 +38,23 @@ class Comparison:
                 "aopc": None if self.aopc is None else list(self.aopc)}
 
 
+def report(comparison, model_a, model_b):
+    """The comparison's means as a markdown table (what ``lrp-onnx compare`` prints)."""
+    summary = comparison.summary()
+    (gini_a, gini_b), (bytes_a, bytes_b) = summary["gini"], summary["png_bytes"]
+    lines = [f"{summary['inputs']} input(s); A: {model_a} ({comparison.composites[0]}), "
+             f"B: {model_b} ({comparison.composites[1]})", "",
+             "| measure | A | B | A and B |", "|---|---|---|---|",
+             f"| predictions that agree | | | {summary['prediction_agreement']:.1%} |",
+             f"| relevance Pearson (mean over inputs) | | | {summary['pearson']:.3f} |",
+             f"| relevance Spearman (mean over inputs) | | | {summary['spearman']:.3f} |",
+             f"| Gini of abs relevance: sparsity, 0 even to 1 one pixel | {gini_a:.3f} | {gini_b:.3f} | |",
+             f"| heatmap PNG bytes: complexity | {bytes_a:.0f} | {bytes_b:.0f} | |"]
+    if summary["aopc"] is not None:
+        lines.append(f"| AOPC | {summary['aopc'][0]:.3f} | {summary['aopc'][1]:.3f} | |")
+    return "\n".join(lines)
+
+
 def to_layout(x, source, target):
     """A batch moved between NCHW and NHWC (anything else unchanged)."""
     if x.ndim != 4 or source == target:
@@ -100,10 +117,10 @@ def compare(model_a, model_b, inputs, layout_a, layout_b, composite=DEFAULT_COMP
     if aopc_steps and iter(inputs) is inputs:
         raise InputError("compare's AOPC reads the inputs again for each model: give a sequence, not a one-pass "
                          "iterator")
-    composites = (composite, composite_b or composite)
     layouts = (layout_a, layout_b)
     explainers = [Explainer(model, composite=name, **rule_params)
-                  for model, name in zip((model_a, model_b), composites)]
+                  for model, name in zip((model_a, model_b), (composite, composite_b or composite))]
+    composites = tuple(e.composite for e in explainers)  # as run: auto resolved per model
     reader = reader or InputReader(explainers[0].input_spec, Preprocess())
     pearsons, spearmans, names, examples = [], [], [], []
     low, high = np.inf, -np.inf  # the data's range: the AOPC's noise range, measured here to spare evaluate a pass
