@@ -9,6 +9,8 @@ disagrees with ONNX Runtime, 8 (explain) some inputs could not be explained whil
 """
 
 import argparse
+import contextlib
+import csv
 import os
 import sys
 import warnings
@@ -297,11 +299,12 @@ def cmd_explain(args):
         explainer, args.inputs, args.output, _preprocess(args), args.target, args.top_k, labels, args.batch_size,
         args.cmap, args.overlay, args.json, zoom=args.zoom, heatmaps=not args.no_heatmaps,
         relevance_dtype=args.relevance_dtype, shard_inputs=args.shard_size, restart=args.restart,
-        fail_fast=args.fail_fast, engine=_engine(args))
+        fail_fast=args.fail_fast, engine=_engine(args), progress=not args.quiet)
     resumed = f", {totals.resumed} of them done by the run this one continued" if totals.resumed else ""
     print(f"explained {totals.inputs - totals.failed} of {totals.inputs} input(s){resumed}: {totals.explanations} "
           f"explanation(s) in {totals.folder}/ ({'' if args.no_heatmaps else 'heatmaps, '}relevance/, "
           f"{', '.join(summaries)})")
+    _print_predictions(os.path.join(totals.folder, "summary.csv"))
     if totals.overflowed:
         print(f"lrp-onnx: warning: {totals.overflowed} relevance value(s) lie past float16's range and are stored "
               "as inf; use --relevance-dtype float32", file=sys.stderr)
@@ -313,6 +316,27 @@ def cmd_explain(args):
               f"{totals.folder}/summary.csv says why for each", file=sys.stderr)
         return EXIT_SOME_INPUTS_FAILED
     return EXIT_OK
+
+
+PREDICTIONS_SHOWN = 10  # explain prints the first rows of summary.csv; the file has them all
+
+
+def _print_predictions(summary_csv):
+    """The first rows of the summary: each input's prediction, the class explained, its logit, Σ R."""
+    with open(summary_csv, newline="", encoding="utf-8") as f:
+        rows = [row for _, row in zip(range(PREDICTIONS_SHOWN + 1), csv.DictReader(f))]
+    explained = [row for row in rows[:PREDICTIONS_SHOWN] if not row.get("error")]
+    width = max([len(row["input"]) for row in explained] + [5])
+    for row in explained:
+        print(f"  {row['input']:<{width}}  predicted {_class(row, 'predicted')}, explained {_class(row, 'target')}: "
+              f"logit {float(row['logit']):.4g}, Σ R {float(row['relevance_sum']):.4g}")
+    if len(rows) > PREDICTIONS_SHOWN:
+        print(f"  ... (every row: {summary_csv})")
+
+
+def _class(row, key):
+    label = row.get(f"{key}_label")
+    return f"{row[key]} ({label})" if label and label != row[key] else row[key]
 
 
 def _engine(args):
@@ -377,7 +401,7 @@ def cmd_evaluate(args):
     low, high = _noise_range(args)
     results = evaluate(args.model, pending, methods, steps=args.steps, region=args.region, repeats=args.repeats,
                        low=low, high=high, layout=args.layout, batch_size=args.batch_size, seed=args.seed,
-                       progress=True, rule_params=rule_params(args), boxes=boxes, masks=masks,
+                       progress=not args.quiet, rule_params=rule_params(args), boxes=boxes, masks=masks,
                        reader=InputReader(spec, preprocess))
     settings = {"model": args.model, "samples": len(pending), "steps": len(results[0].drops) - 1,
                 "region": args.region, "repeats": args.repeats, "seed": args.seed}
@@ -468,10 +492,13 @@ class OneLineParser(argparse.ArgumentParser):
 def build_parser():
     parser = OneLineParser(prog="lrp-onnx", description="LRP explainer graphs for ONNX classifiers")
     parser.add_argument("--version", action="version", version=f"%(prog)s {version('lrp-onnx')}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks (before or after the command)")
-    # every command takes --debug too; SUPPRESS: not given there, it keeps the value given before the command
+    # --debug and --quiet go before or after the command. In a command's parser their default is
+    # SUPPRESS: not given there, they keep the value given before the command.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    for p, default in ((parser, False), (common, argparse.SUPPRESS)):
+        p.add_argument("--debug", action="store_true", default=default, help="show tracebacks")
+        p.add_argument("-q", "--quiet", action="store_true", default=default,
+                       help="print errors and warnings only: no results, no progress bar")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def command(name, **options):
@@ -632,6 +659,9 @@ def main(argv=None):
 
 def _run(args):
     try:
+        if args.quiet:  # the files are written as ever; stdout goes nowhere
+            with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+                return args.run(args)
         return args.run(args)
     except BrokenPipeError:
         # The reader stopped reading (`lrp-onnx inspect MODEL | head`), which is not a failure. Later

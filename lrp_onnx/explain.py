@@ -222,7 +222,7 @@ def explain_to_folder(explainer, inputs, folder, preprocess=None, target=None, t
     preprocess = preprocess or Preprocess()
     inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     spec = explainer.input_spec
-    pending = read_inputs(inputs, spec, preprocess)
+    pending = list(read_inputs(inputs, spec, preprocess))  # locators only, counted for the progress bar
     target, labels = check_request(explainer, target, top_k, labels)  # a label name becomes its class index
     # relevance is laid out as the input, or as the tensor inside the graph it is given at
     layout = spec.layout(preprocess.layout) if explainer.relevance_shape == spec.shape else \
@@ -240,7 +240,7 @@ def explain_to_folder(explainer, inputs, folder, preprocess=None, target=None, t
     completed = False
     try:
         remaining = run.skip_done(pending)
-        bar = progress_bar(None, progress, unit="input")
+        bar = progress_bar(len(pending) - run.totals.resumed, progress, unit="input")
         if engine is None:
             outcomes = explain_stream(explainer, remaining, target, top_k, labels, batch_size, prefetch,
                                       InputReader(spec, preprocess))

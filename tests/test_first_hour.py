@@ -264,3 +264,20 @@ def test_compare_prints_a_table_not_python_lists(tmp_path):
     import json
     mean = json.load(open(tmp_path / "c" / "compare.json"))["mean"]
     assert f"| relevance Pearson (mean over inputs) | | | {mean['pearson']:.3f} |" in result.stdout
+
+
+def test_explain_prints_the_predictions_and_quiet_prints_nothing(tmp_path):
+    """The first rows of summary.csv on stdout (each input's prediction and the class explained);
+    with --quiet nothing but errors, before or after the command."""
+    import csv
+    samples = os.path.join(ROOT, "models", "samples")
+    result = cli("explain", DIGITS, samples, "--top-k", "2", "-o", tmp_path / "o", "--no-heatmaps")
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(open(tmp_path / "o" / "summary.csv")))
+    shown = [line.split() for line in result.stdout.splitlines() if line.startswith("  digit")]
+    assert len(shown) == 10 and len(rows) == 20
+    for words, row in zip(shown, rows):
+        assert words[0] == row["input"] and words[2] == row["predicted"] + "," and words[4] == row["target"] + ":"
+    for args in (("--quiet", "explain"), ("explain", "-q")):
+        quiet = cli(*args, DIGITS, samples, "-o", tmp_path / "q", "--no-heatmaps")
+        assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == "", quiet.stderr
