@@ -388,6 +388,7 @@ def _input_spec(model):
 
 
 def cmd_evaluate(args):
+    low, high = _noise_range(args)
     methods = _evaluated_methods(args)
     for spec in methods:
         parse_method(spec)  # a bad spec fails before any work
@@ -398,7 +399,6 @@ def cmd_evaluate(args):
     boxes = read_boxes(args.boxes, pending) if args.boxes else None
     masks = read_masks(args.masks, pending) if args.masks else None
     writable_folder(args.output)
-    low, high = _noise_range(args)
     results = evaluate(args.model, pending, methods, steps=args.steps, region=args.region, repeats=args.repeats,
                        low=low, high=high, layout=args.layout, batch_size=args.batch_size, seed=args.seed,
                        progress=not args.quiet, rule_params=rule_params(args), boxes=boxes, masks=masks,
@@ -418,12 +418,13 @@ def cmd_evaluate(args):
 
 
 def _noise_range(args):
-    """--noise-low/--noise-high; evaluate's old --low/--high still set them, with a deprecation note."""
+    """--noise-low/--noise-high. evaluate's --low/--high set them until version 0.1.0; they are
+    refused now rather than read as the zbox bounds they are in every other command, which would
+    change an old command line's meaning without a word."""
     if args.low is not None or args.high is not None:
-        print("lrp-onnx: warning: evaluate --low/--high are deprecated: use --noise-low/--noise-high "
-              "(--low/--high are zbox bounds in every other command)", file=sys.stderr)
-    return (args.noise_low if args.noise_low is not None else args.low,
-            args.noise_high if args.noise_high is not None else args.high)
+        raise InputError("evaluate --low/--high no longer set the noise range: use --noise-low/--noise-high "
+                         "(--low/--high are zbox bounds in every other command; here, --zbox-low/--zbox-high)")
+    return args.noise_low, args.noise_high
 
 
 def cmd_compare(args):
@@ -577,8 +578,8 @@ def build_parser():
     p.add_argument("--repeats", type=_positive_int, default=1, help="noise draws per sample (default 1)")
     p.add_argument("--noise-low", type=float, help="noise range (default: the data's minimum)")
     p.add_argument("--noise-high", type=float, help="noise range (default: the data's maximum)")
-    p.add_argument("--low", type=float, help="deprecated: --noise-low")
-    p.add_argument("--high", type=float, help="deprecated: --noise-high")
+    p.add_argument("--low", type=float, help=argparse.SUPPRESS)  # refused: see _noise_range
+    p.add_argument("--high", type=float, help=argparse.SUPPRESS)
     p.add_argument("--batch-size", type=_positive_int, default=256, metavar="B",
                    help="perturbed copies scored per ONNX Runtime run (default 256); B // (L+1) inputs are "
                         "explained at a time, which sets the memory")
