@@ -17,8 +17,8 @@ overrides, not the base map, as in Zennit.
 """
 
 import fnmatch
-import re
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
