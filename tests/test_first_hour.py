@@ -281,3 +281,15 @@ def test_explain_prints_the_predictions_and_quiet_prints_nothing(tmp_path):
     for args in (("--quiet", "explain"), ("explain", "-q")):
         quiet = cli(*args, DIGITS, samples, "-o", tmp_path / "q", "--no-heatmaps")
         assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == "", quiet.stderr
+
+
+def test_heatmap_takes_the_batch_explain_returns():
+    """explain returns relevance [N, C, H, W]: heatmap gives one image per sample, each the image
+    of that sample alone."""
+    explainer = lrp_onnx.Explainer(DIGITS)
+    x = np.random.default_rng(0).random((3, 1, 8, 8)).astype(np.float32)
+    _, relevance = explainer.explain(x)
+    images = lrp_onnx.heatmap(relevance)
+    assert len(images) == 3
+    for image, r in zip(images, relevance):
+        assert np.array_equal(np.asarray(image), np.asarray(lrp_onnx.heatmap(r)))

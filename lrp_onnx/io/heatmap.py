@@ -41,10 +41,16 @@ def relevance_map(relevance, channel_axis=0):
 
 
 def heatmap(relevance, cmap="bwr", channel_axis=0, overlay=None, alpha=0.5):
-    """A PIL image of one sample's relevance: 0 is the colormap's centre, ±max|R| its ends.
+    """A PIL image of one sample's relevance: 0 is the colormap's centre, ±max|R| its ends; for a
+    batch of images ([N, C, H, W], or [N, H, W, C] with ``channel_axis=-1``, as ``explain``
+    returns it) a list of them, each scaled by its own largest magnitude.
 
-    ``overlay``: an image (PIL, or an array in [0, 1] or [0, 255]) of the same size to blend under it.
+    ``overlay``: an image (PIL, or an array in [0, 1] or [0, 255]) of the same size to blend under
+    it; for a batch, one per sample.
     """
+    if np.ndim(relevance) == 4:
+        overlays = [None] * len(relevance) if overlay is None else overlay
+        return [heatmap(r, cmap, channel_axis, o, alpha) for r, o in zip(relevance, overlays)]
     normalised = relevance_map(relevance, channel_axis)
     image = Image.fromarray(colormap((normalised + 1) / 2, cmap), "RGB")
     if overlay is None:
