@@ -13,6 +13,7 @@ import contextlib
 import csv
 import os
 import sys
+import time
 import warnings
 from importlib.metadata import version
 
@@ -182,7 +183,8 @@ def cmd_convert(args):
     data = external_files(args.model) if os.path.isfile(args.model) else []
     inputs = [args.model] + data
     _check_output(out, args, inputs)
-    explainer, held = convert_held(args.model, layers=args.layer, layer_sum=args.layer_sum, **_conversion(args))
+    with _timed(args, "converted the model"):
+        explainer, held = convert_held(args.model, layers=args.layer, layer_sum=args.layer_sum, **_conversion(args))
     # A model that keeps its weights beside it gets an explainer that does too: OUT and OUT.data.
     external = bool(data) or args.external_data or wants_external_data(explainer, held)
     if external:
@@ -291,15 +293,17 @@ def cmd_explain(args):
                          else "nothing to explain: give INPUT files or --text")
     if bool(args.text) != bool(args.tokenizer):
         raise InputError("--text needs --tokenizer" if args.text else "--tokenizer is for --text")
-    explainer = Explainer(args.model, providers=args.provider, threads=args.threads, **_conversion(args))
+    with _timed(args, "read the model (converted in memory if a classifier) and started ONNX Runtime"):
+        explainer = Explainer(args.model, providers=args.provider, threads=args.threads, **_conversion(args))
     labels = read_labels(args.labels) if args.labels else None
     if args.text:
         return _explain_texts(explainer, args, labels)
-    totals, summaries = explain_to_folder(
-        explainer, args.inputs, args.output, _preprocess(args), args.target, args.top_k, labels, args.batch_size,
-        args.cmap, args.overlay, args.json, zoom=args.zoom, heatmaps=not args.no_heatmaps,
-        relevance_dtype=args.relevance_dtype, shard_inputs=args.shard_size, restart=args.restart,
-        fail_fast=args.fail_fast, engine=_engine(args), progress=not args.quiet)
+    with _timed(args, "explained the inputs"):
+        totals, summaries = explain_to_folder(
+            explainer, args.inputs, args.output, _preprocess(args), args.target, args.top_k, labels, args.batch_size,
+            args.cmap, args.overlay, args.json, zoom=args.zoom, heatmaps=not args.no_heatmaps,
+            relevance_dtype=args.relevance_dtype, shard_inputs=args.shard_size, restart=args.restart,
+            fail_fast=args.fail_fast, engine=_engine(args), progress=not args.quiet)
     resumed = f", {totals.resumed} of them done by the run this one continued" if totals.resumed else ""
     print(f"explained {totals.inputs - totals.failed} of {totals.inputs} input(s){resumed}: {totals.explanations} "
           f"explanation(s) in {totals.folder}/ ({'' if args.no_heatmaps else 'heatmaps, '}relevance/, "
@@ -316,6 +320,15 @@ def cmd_explain(args):
               f"{totals.folder}/summary.csv says why for each", file=sys.stderr)
         return EXIT_SOME_INPUTS_FAILED
     return EXIT_OK
+
+
+@contextlib.contextmanager
+def _timed(args, what):
+    """With --verbose, "lrp-onnx: <what> in <seconds> s" on stderr once the step is done."""
+    start = time.perf_counter()
+    yield
+    if args.verbose:
+        print(f"lrp-onnx: {what} in {time.perf_counter() - start:.2f} s", file=sys.stderr)
 
 
 PREDICTIONS_SHOWN = 10  # explain prints the first rows of summary.csv; the file has them all
@@ -500,6 +513,8 @@ def build_parser():
         p.add_argument("--debug", action="store_true", default=default, help="show tracebacks")
         p.add_argument("-q", "--quiet", action="store_true", default=default,
                        help="print errors and warnings only: no results, no progress bar")
+        p.add_argument("-v", "--verbose", action="store_true", default=default,
+                       help="also print how long each step took (reading and converting the model, explaining)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def command(name, **options):

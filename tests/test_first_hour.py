@@ -293,3 +293,15 @@ def test_heatmap_takes_the_batch_explain_returns():
     assert len(images) == 3
     for image, r in zip(images, relevance):
         assert np.array_equal(np.asarray(image), np.asarray(lrp_onnx.heatmap(r)))
+
+
+def test_verbose_says_how_long_each_step_took(tmp_path):
+    result = cli("explain", DIGITS, os.path.join(ROOT, "models", "samples"), "-o", tmp_path / "v", "--no-heatmaps",
+                 "--verbose")
+    assert result.returncode == 0, result.stderr
+    steps = [line for line in result.stderr.splitlines() if line.startswith("lrp-onnx: ") and line.endswith(" s")]
+    assert [line.split(" in ")[0] for line in steps] == [
+        "lrp-onnx: read the model (converted in memory if a classifier) and started ONNX Runtime",
+        "lrp-onnx: explained the inputs"]
+    converted = cli("-v", "convert", DIGITS, "-o", tmp_path / "d.lrp.onnx")
+    assert converted.returncode == 0 and "lrp-onnx: converted the model in " in converted.stderr
