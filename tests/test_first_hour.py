@@ -300,7 +300,7 @@ def test_verbose_says_how_long_each_step_took(tmp_path):
                  "--verbose")
     assert result.returncode == 0, result.stderr
     steps = [line for line in result.stderr.splitlines() if line.startswith("lrp-onnx: ") and line.endswith(" s")]
-    assert [line.split(" in ")[0] for line in steps] == [
+    assert [line.rsplit(" in ", 1)[0] for line in steps] == [
         "lrp-onnx: read the model (converted in memory if a classifier) and started ONNX Runtime",
         "lrp-onnx: explained the inputs"]
     converted = cli("-v", "convert", DIGITS, "-o", tmp_path / "d.lrp.onnx")
