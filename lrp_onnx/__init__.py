@@ -24,5 +24,6 @@ __version__ = _version("lrp-onnx")
 __all__ = ["convert", "plan", "Explainer", "explain_images", "save_model", "heatmap", "Preprocess", "make_composite",
            "make_rule", "Composite", "COMPOSITES", "DEFAULT_COMPOSITE", "METHODS", "RuleParams",
            "AlphaBeta", "Epsilon", "Flat", "Gamma", "Norm", "Pass", "WSquare", "ZBox", "ZPlus",
-           "LrpOnnxError", "ModelLoadError", "UnsafeModelError", "UnsupportedModelError", "UnsupportedOpError", "RuleError",
+           "LrpOnnxError", "ModelLoadError", "UnsafeModelError", "UnsupportedModelError", "UnsupportedOpError",
+           "RuleError",
            "InputError", "OutputError", "ModelWarning"]

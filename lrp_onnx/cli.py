@@ -262,7 +262,8 @@ def cmd_inspect(args):
     problems = {name: f"UNSUPPORTED: {reason}" for name, _, reason in p.problems}
     problems.update((name, f"RULE DOES NOT FIT: {reason}") for name, _, reason in p.rule_problems)
     where = f" at its embedding {p.explained.name!r}" if p.at_embedding else \
-        f" at tensor {p.explained.name!r} {list(p.explained.shape or [])}" if p.explained is not p.explained_input else ""
+        f" at tensor {p.explained.name!r} {list(p.explained.shape or [])}" \
+        if p.explained is not p.explained_input else ""
     print(f"{p.label}: explaining input {p.explained_input.name!r} {list(p.explained_input.shape or [])}{where}, "
           f"relevance from {p.logits.name!r}, {'composite ' + p.composite.name if p.method == 'lrp' else p.method}"
           f"{f' ({p.chosen_by})' if p.chosen_by else ''}")
@@ -355,7 +356,8 @@ def _class(row, key):
 def _engine(args):
     """None for --engine local; the Ray engine with its flags (which are refused without it)."""
     if args.engine == "local":
-        given = [flag for flag, value in (("--address", args.address), ("--workers", args.workers)) if value is not None]
+        given = [flag for flag, value in (("--address", args.address), ("--workers", args.workers))
+                 if value is not None]
         given += ["--gpus"] if args.gpus else []
         if given:
             raise InputError(f"{', '.join(given)} apply to --engine ray only")

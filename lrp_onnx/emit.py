@@ -115,14 +115,16 @@ def convert_held(model, composite=DEFAULT_COMPOSITE, *, input_name=None, rules=N
         # The model passed the same check, so its graph holds something the checker missed there
         # (a weight whose rank contradicts an attribute, say) that the explainer's ops expose.
         raise UnsupportedModelError(f"{p.label}: the explainer fails the ONNX checker ({first_line(e)}); "
-                                    "the model is likely inconsistent: if ONNX Runtime runs it, please report this") from None
+                                    "the model is likely inconsistent: if ONNX Runtime runs it, please report this") \
+            from None
     return out, p.held
 
 
 def metadata(p):
     """How the explainer was made, as strings: enough to make it again from the source model."""
     slots, overrides = p.composite.describe()
-    return {"explained_input": p.explained_input.name, "explained_tensor": p.explained.name, "score_output": p.score.name, "method": p.method,
+    return {"explained_input": p.explained_input.name, "explained_tensor": p.explained.name,
+            "score_output": p.score.name, "method": p.method,
             "composite": p.composite.name, "rules": json.dumps(slots), "overrides": json.dumps(overrides),
             "parameters": json.dumps(p.composite.params.given()),
             "version": version("lrp-onnx"), "source_sha256": p.source_sha256 or "unknown"}

@@ -27,7 +27,8 @@ from .precision import explain_in_float32, release_mirror_outputs
 from .quantized import QUANTIZERS, mirror_qdq_forward, read_quantized_weights, shape_twin
 
 MIN_OPSET = 13
-# The backward of a Gather with computed indices and of every GatherND scatter-adds into the input (ScatterElements or ScatterND with reduction="add", opset 16).
+# The backward of a Gather with computed indices and of every GatherND scatter-adds into the input
+# (ScatterElements or ScatterND with reduction="add", opset 16).
 SCATTER_OPSET = 16
 
 

@@ -390,7 +390,8 @@ class Gradient(Rule):
     chosen = False
 
     def problem(self, traits):
-        return None if self.fits(traits) else f"the gradient of {traits.kind} is not implemented; explain with method lrp"
+        return None if self.fits(traits) else \
+            f"the gradient of {traits.kind} is not implemented; explain with method lrp"
 
     def propagate(self, b, layer, x, r):
         return layer.gradient(b, r)

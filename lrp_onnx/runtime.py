@@ -188,7 +188,8 @@ class Explainer:
         bad = target[(target < -1) | ((target >= classes) if classes is not None else False)]
         if bad.size:
             limit = f"0..{classes - 1}" if classes is not None else "0 or more"
-            raise InputError(f"target {int(bad[0])} is out of range: classes are {limit}, or -1 for the predicted class")
+            raise InputError(f"target {int(bad[0])} is out of range: classes are {limit}, "
+                             "or -1 for the predicted class")
         return np.broadcast_to(target.reshape(-1), (batch,)).copy()
 
     def _as_input_type(self, name, value):

@@ -159,7 +159,8 @@ def _js_error(stderr):
     return first_line(lines[0] if lines else "exited without a message")
 
 
-RUNTIMES = {"ort": run_ort, "ort-unoptimised": run_ort_unoptimised, "openvino": run_openvino, "ort-node": run_ort_node, "ort-web": run_ort_web}
+RUNTIMES = {"ort": run_ort, "ort-unoptimised": run_ort_unoptimised, "openvino": run_openvino,
+            "ort-node": run_ort_node, "ort-web": run_ort_web}
 
 
 def sample_feeds(path, batch=2, seed=0):
@@ -286,7 +287,8 @@ def _window_winners(node, x, out_shape):
         begin = list(attrs.get("pads", [0] * 2 * rank))[:rank]
     else:  # SAME_UPPER puts the odd padding row at the end, SAME_LOWER at the beginning; VALID none
         total = [max(span - n, 0) for span, n in zip(spans, x.shape[2:])]
-        begin = [0] * rank if auto_pad == "VALID" else [t // 2 if auto_pad == "SAME_UPPER" else t - t // 2 for t in total]
+        begin = [0] * rank if auto_pad == "VALID" else \
+            [t // 2 if auto_pad == "SAME_UPPER" else t - t // 2 for t in total]
     ends = [max(span - p - n, 0) for span, p, n in zip(spans, begin, x.shape[2:])]
     padded = np.pad(x, [(0, 0), (0, 0)] + list(zip(begin, ends)), constant_values=-np.inf)
     views = [padded[(slice(None), slice(None)) + tuple(slice(i * d, i * d + s * (o - 1) + 1, s) for i, d, s, o in

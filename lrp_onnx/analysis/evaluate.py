@@ -403,7 +403,8 @@ def report(results):
     accuracy, rank accuracy and pointing-game hit rate."""
     random = next(r for r in results if r.method == RANDOM)
     located = random.rank is not None
-    lines = ["| method | AOPC | AOPC − random |" + (" mass accuracy | rank accuracy | pointing game |" if located else ""),
+    ground_truth = " mass accuracy | rank accuracy | pointing game |" if located else ""
+    lines = ["| method | AOPC | AOPC − random |" + ground_truth,
              "|---|---|---|" + ("---|---|---|" if located else "")]
     for r in results:
         gain, error = paired_difference(r, random)
@@ -416,7 +417,8 @@ def report(results):
 
 def write_json(results, path, settings, context=None):
     def located(r):
-        return {} if r.rank is None else {"mass_accuracy": float(r.inside.mean()), "rank_accuracy": float(r.rank.mean()),
+        return {} if r.rank is None else {"mass_accuracy": float(r.inside.mean()),
+                                          "rank_accuracy": float(r.rank.mean()),
                                           "pointing_game": float(r.pointing.mean())}
     data = {"settings": settings,
             "methods": [{"method": r.method, "aopc": r.aopc, "aopc_standard_error": r.standard_error,
