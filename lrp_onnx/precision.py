@@ -106,7 +106,8 @@ def mirror_float16_forward(proto, label):
             graph.value_info[-1].name = mirror[value.name]
     # Until release_mirror_outputs, the mirror's outputs are graph outputs too, so that the load
     # steps' cleanups, which keep only what the graph's outputs need, keep the mirror.
-    graph.output.extend(v for v in graph.value_info if v.name in {mirror[o.name] for o in upcast.output})
+    mirror_outputs = {mirror[o.name] for o in upcast.output if o.name in mirror}
+    graph.output.extend(v for v in graph.value_info if v.name in mirror_outputs)
     nodes = casts + list(graph.node) + copies
     del graph.node[:]
     graph.node.extend(nodes)
