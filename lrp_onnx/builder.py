@@ -55,8 +55,12 @@ class Builder:
         while inputs and inputs[-1] is None:
             inputs.pop()
         inputs = [self.const(i) if not isinstance(i, gs.Tensor) and i is not None else i for i in inputs]
-        key = (op_type, tuple(i.name if i is not None else "" for i in inputs), outputs,
-               tuple(sorted((k, _freeze(v)) for k, v in attrs.items())))
+        key = (
+            op_type,
+            tuple(i.name if i is not None else "" for i in inputs),
+            outputs,
+            tuple(sorted((k, _freeze(v)) for k, v in attrs.items())),
+        )
         if key not in self._memo:
             name = self.name(op_type)
             outs = [gs.Variable(f"{name}:{k}") for k in range(outputs)]
@@ -109,8 +113,9 @@ class Builder:
 
     def stabilize(self, z, epsilon):
         """z + ε·sign(z) with sign(0) = +1. ONNX's Sign(0) is 0, so build it from a comparison."""
-        signed_epsilon = self.op("Where", self.op("GreaterOrEqual", z, self.const(0.0)), self.const(epsilon),
-                                 self.const(-epsilon))
+        signed_epsilon = self.op(
+            "Where", self.op("GreaterOrEqual", z, self.const(0.0)), self.const(epsilon), self.const(-epsilon)
+        )
         return self.add(z, signed_epsilon)
 
     def as_float(self, t):
@@ -151,8 +156,14 @@ class Builder:
         shape = like.shape
         if shape is not None and all(isinstance(d, int) for d in shape):
             return self.ints(list(shape))
-        if (shape and source is not None and source.shape and shape[0] is not None and shape[0] == source.shape[0]
-                and all(isinstance(d, int) for d in shape[1:])):
+        if (
+            shape
+            and source is not None
+            and source.shape
+            and shape[0] is not None
+            and shape[0] == source.shape[0]
+            and all(isinstance(d, int) for d in shape[1:])
+        ):
             return self.ints([keep] + list(shape[1:]))
         return self.shape(like)
 

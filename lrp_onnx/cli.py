@@ -22,14 +22,31 @@ import numpy as np
 from .analysis.compare import compare, write_grid
 from .analysis.compare import report as comparison_report
 from .analysis.compare import write_json as write_comparison
-from .analysis.evaluate import (context_report, evaluate, parse_method, plot, read_boxes, read_masks, report,
-                                 write_json)
-from .composites import (AUTO, CNN_COMPOSITE, COMPOSITES, DEFAULT_COMPOSITE, METHODS, TRANSFORMER_COMPOSITE,
-                         composite_name)
+from .analysis.evaluate import context_report, evaluate, parse_method, plot, read_boxes, read_masks, report, write_json
+from .composites import (
+    AUTO,
+    CNN_COMPOSITE,
+    COMPOSITES,
+    DEFAULT_COMPOSITE,
+    METHODS,
+    TRANSFORMER_COMPOSITE,
+    composite_name,
+)
 from .emit import convert_held, is_explainer, read_metadata
-from .errors import (InputError, LrpOnnxError, ModelLoadError, ModelWarning, OutputError, RelevancePathError,
-                     RelevanceWarning, RuleError,
-                     RuntimeMismatchError, UnsafeModelError, UnsupportedModelError, first_line)
+from .errors import (
+    InputError,
+    LrpOnnxError,
+    ModelLoadError,
+    ModelWarning,
+    OutputError,
+    RelevancePathError,
+    RelevanceWarning,
+    RuleError,
+    RuntimeMismatchError,
+    UnsafeModelError,
+    UnsupportedModelError,
+    first_line,
+)
 from .explain import explain_to_folder, read_labels
 from .external import DATA_SUFFIX, EXTERNAL_DATA_THRESHOLD, external_files, wants_external_data
 from .io.files import writable_folder
@@ -45,8 +62,17 @@ from .text import token_table, write_text_explanations
 EXIT_OK, EXIT_INTERNAL = 0, 1
 EXIT_SOME_INPUTS_FAILED = 8  # explain: the other inputs were explained, the failed ones have error rows
 # The most specific class first: UnsafeModelError is a ModelLoadError with its own code.
-EXIT_CODES = ((InputError, 2), (RuleError, 2), (UnsafeModelError, 4), (ModelLoadError, 3), (RelevancePathError, 3),
-              (UnsupportedModelError, 5), (OutputError, 6), (RuntimeMismatchError, 7), (LrpOnnxError, 2))
+EXIT_CODES = (
+    (InputError, 2),
+    (RuleError, 2),
+    (UnsafeModelError, 4),
+    (ModelLoadError, 3),
+    (RelevancePathError, 3),
+    (UnsupportedModelError, 5),
+    (OutputError, 6),
+    (RuntimeMismatchError, 7),
+    (LrpOnnxError, 2),
+)
 
 
 def exit_code(error):
@@ -70,8 +96,10 @@ def _runtimes(text):
     names = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in names if name not in OTHER_RUNTIMES]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown runtime {', '.join(unknown) or repr(text)}; choose from "
-                                         f"{', '.join(OTHER_RUNTIMES)} (several: a,b or the flag again)")
+        raise argparse.ArgumentTypeError(
+            f"unknown runtime {', '.join(unknown) or repr(text)}; choose from "
+            f"{', '.join(OTHER_RUNTIMES)} (several: a,b or the flag again)"
+        )
     return names
 
 
@@ -103,6 +131,7 @@ def _at_least(smallest):
         if value < smallest:
             raise argparse.ArgumentTypeError(f"must be at least {smallest}, got {value}")
         return value
+
     parse.__name__ = "int"  # argparse names the type in its message: "invalid int value: 'x'"
     return parse
 
@@ -115,49 +144,95 @@ def _add_rule_flags(p, composite_default=DEFAULT_COMPOSITE, bounds=("--low", "--
     besides --zbox-low/--zbox-high (evaluate gives --low/--high to its noise range). ``choose``:
     the command takes --composite, --method and --input (evaluate names methods in its own --method)."""
     if choose:
-        p.add_argument("--composite", default=composite_default, type=_composite, metavar="NAME",
-                       help=f"rule assignment: auto (the default: {TRANSFORMER_COMPOSITE} where the model has "
-                            f"attention, else {CNN_COMPOSITE}, the seed paper's), {', '.join(COMPOSITES)}, or "
-                            "Zennit's names for them (epsilon_plus_flat, EpsilonPlusFlat)")
+        p.add_argument(
+            "--composite",
+            default=composite_default,
+            type=_composite,
+            metavar="NAME",
+            help=f"rule assignment: auto (the default: {TRANSFORMER_COMPOSITE} where the model has "
+            f"attention, else {CNN_COMPOSITE}, the seed paper's), {', '.join(COMPOSITES)}, or "
+            "Zennit's names for them (epsilon_plus_flat, EpsilonPlusFlat)",
+        )
     p.add_argument("--alpha", type=float, help="alpha-beta: alpha (default 2)")
     p.add_argument("--beta", type=float, help="alpha-beta: beta (default 1); alpha - beta must be 1")
     p.add_argument("--epsilon", type=float, help="epsilon rule: epsilon (default 1e-6)")
     p.add_argument("--gamma", type=float, help="gamma rule: gamma (default 0.25)")
-    p.add_argument("--zbox-low", *bounds[:1], dest="zbox_low", type=_bound,
-                   help="zbox: lowest input value, scalar or per-channel list (default 0)")
-    p.add_argument("--zbox-high", *bounds[1:], dest="zbox_high", type=_bound,
-                   help="zbox: highest input value, scalar or per-channel list (default 1)")
-    p.add_argument("--stabilizer", type=float,
-                   help="denominator stabilizer of the other rules, and the epsilon of norm (default 1e-6)")
+    p.add_argument(
+        "--zbox-low",
+        *bounds[:1],
+        dest="zbox_low",
+        type=_bound,
+        help="zbox: lowest input value, scalar or per-channel list (default 0)",
+    )
+    p.add_argument(
+        "--zbox-high",
+        *bounds[1:],
+        dest="zbox_high",
+        type=_bound,
+        help="zbox: highest input value, scalar or per-channel list (default 1)",
+    )
+    p.add_argument(
+        "--stabilizer",
+        type=float,
+        help="denominator stabilizer of the other rules, and the epsilon of norm (default 1e-6)",
+    )
     if choose:
-        p.add_argument("--method", default="lrp", choices=METHODS,
-                       help="lrp (default), or a baseline: gradient, sensitivity (gradient²), gradient-x-input")
-        p.add_argument("--input", dest="input_name", metavar="NAME",
-                       help="graph input to explain (default: the first float input, else an integer image, else "
-                            "the token ids), or a float tensor inside the graph to give relevance at")
-        p.add_argument("--shape", action="append", type=_input_shape, metavar="NAME=DIMS",
-                       help="pin a graph input's sizes, e.g. x=1,3,224,224 (a name keeps a size dynamic: "
-                            "x=N,3,224,224); repeatable")
-    p.add_argument("--zero-bias", action="store_true",
-                   help="layer rules ignore biases, so relevance is conserved (Zennit's zero_params=['bias'])")
+        p.add_argument(
+            "--method",
+            default="lrp",
+            choices=METHODS,
+            help="lrp (default), or a baseline: gradient, sensitivity (gradient²), gradient-x-input",
+        )
+        p.add_argument(
+            "--input",
+            dest="input_name",
+            metavar="NAME",
+            help="graph input to explain (default: the first float input, else an integer image, else "
+            "the token ids), or a float tensor inside the graph to give relevance at",
+        )
+        p.add_argument(
+            "--shape",
+            action="append",
+            type=_input_shape,
+            metavar="NAME=DIMS",
+            help="pin a graph input's sizes, e.g. x=1,3,224,224 (a name keeps a size dynamic: "
+            "x=N,3,224,224); repeatable",
+        )
+    p.add_argument(
+        "--zero-bias",
+        action="store_true",
+        help="layer rules ignore biases, so relevance is conserved (Zennit's zero_params=['bias'])",
+    )
     p.add_argument("--rules", metavar="FILE", help="JSON or TOML file: node-name glob or op type -> rule")
 
 
 def rule_params(args):
     """The rule flags as ``convert``'s keyword parameters (RuleParams' fields and the rules file),
     unset ones left out."""
-    values = {"alpha": args.alpha, "beta": args.beta, "epsilon": args.epsilon, "gamma": args.gamma,
-              "low": args.zbox_low, "high": args.zbox_high, "stabilizer": args.stabilizer,
-              "zero_params": ["bias"] if args.zero_bias else None, "rules": args.rules}
+    values = {
+        "alpha": args.alpha,
+        "beta": args.beta,
+        "epsilon": args.epsilon,
+        "gamma": args.gamma,
+        "low": args.zbox_low,
+        "high": args.zbox_high,
+        "stabilizer": args.stabilizer,
+        "zero_params": ["bias"] if args.zero_bias else None,
+        "rules": args.rules,
+    }
     return {k: v for k, v in values.items() if v is not None}
 
 
 def _conversion(args):
     """Everything ``convert`` takes from the rule flags that was set: composite, method, rules,
     input and rule parameters."""
-    values = dict(rule_params(args), composite=args.composite, input_name=args.input_name,
-                  method=None if args.method == "lrp" else args.method,
-                  input_shapes=dict(args.shape) if args.shape else None)
+    values = dict(
+        rule_params(args),
+        composite=args.composite,
+        input_name=args.input_name,
+        method=None if args.method == "lrp" else args.method,
+        input_shapes=dict(args.shape) if args.shape else None,
+    )
     return {k: v for k, v in values.items() if v is not None}
 
 
@@ -194,8 +269,10 @@ def cmd_convert(args):
     except OSError as e:  # a full disk, say: atomic_write has removed its temporary file
         raise OutputError(f"{out!r}: cannot write ({e.strerror or e})") from None
     made = read_metadata(explainer)
-    print(f"wrote {out}{f' and {out}{DATA_SUFFIX}' if external else ''} "
-          f"({made['composite'] if made['method'] == 'lrp' else made['method']})")
+    print(
+        f"wrote {out}{f' and {out}{DATA_SUFFIX}' if external else ''} "
+        f"({made['composite'] if made['method'] == 'lrp' else made['method']})"
+    )
     if args.check_runtime:
         _report_parity(out, args.check_runtime, None, TOLERANCE)
     return EXIT_OK
@@ -207,8 +284,11 @@ def cmd_check(args):
         raise InputError(f"{label}: not an explainer graph; convert it first")
     feeds = None
     if args.old_input is not None:
-        print("lrp-onnx: warning: check --input is deprecated: use --data (--input names a graph input in every "
-              "other command)", file=sys.stderr)
+        print(
+            "lrp-onnx: warning: check --input is deprecated: use --data (--input names a graph input in every "
+            "other command)",
+            file=sys.stderr,
+        )
     data = args.data or args.old_input
     if data:
         feeds = _feeds_with_input(args.explainer, read_metadata(proto).get("explained_input"), data)
@@ -240,14 +320,19 @@ def _report_parity(path, runtimes, feeds, tolerance, repeats=3):
             continue
         verdict = "ok" if parity.passed(tolerance) else f"DIFFERS (tolerance {tolerance:g})"
         if parity.winner_flips:
-            verdict += (f": {parity.winner_flips} max-pool window(s) picked another winner, their largest inputs "
-                        "tied within the runtimes' rounding")
-        print(f"{parity.runtime:<10} {parity.errors.get('relevance', float('nan')):>10.1e} {parity.worst:>13.1e} "
-              f"{parity.seconds * 1e3:>11.2f}  {verdict}")
+            verdict += (
+                f": {parity.winner_flips} max-pool window(s) picked another winner, their largest inputs "
+                "tied within the runtimes' rounding"
+            )
+        print(
+            f"{parity.runtime:<10} {parity.errors.get('relevance', float('nan')):>10.1e} {parity.worst:>13.1e} "
+            f"{parity.seconds * 1e3:>11.2f}  {verdict}"
+        )
     failed = [p.runtime for p in results if not p.passed(tolerance)]
     if failed:
-        raise RuntimeMismatchError(f"{path}: {', '.join(failed)} did not reproduce ONNX Runtime within {tolerance:g} "
-                                   "relative L2")
+        raise RuntimeMismatchError(
+            f"{path}: {', '.join(failed)} did not reproduce ONNX Runtime within {tolerance:g} relative L2"
+        )
 
 
 def cmd_inspect(args):
@@ -261,12 +346,18 @@ def cmd_inspect(args):
     p = plan(args.model, **_conversion(args))
     problems = {name: f"UNSUPPORTED: {reason}" for name, _, reason in p.problems}
     problems.update((name, f"RULE DOES NOT FIT: {reason}") for name, _, reason in p.rule_problems)
-    where = f" at its embedding {p.explained.name!r}" if p.at_embedding else \
-        f" at tensor {p.explained.name!r} {list(p.explained.shape or [])}" \
-        if p.explained is not p.explained_input else ""
-    print(f"{p.label}: explaining input {p.explained_input.name!r} {list(p.explained_input.shape or [])}{where}, "
-          f"relevance from {p.logits.name!r}, {'composite ' + p.composite.name if p.method == 'lrp' else p.method}"
-          f"{f' ({p.chosen_by})' if p.chosen_by else ''}")
+    where = (
+        f" at its embedding {p.explained.name!r}"
+        if p.at_embedding
+        else f" at tensor {p.explained.name!r} {list(p.explained.shape or [])}"
+        if p.explained is not p.explained_input
+        else ""
+    )
+    print(
+        f"{p.label}: explaining input {p.explained_input.name!r} {list(p.explained_input.shape or [])}{where}, "
+        f"relevance from {p.logits.name!r}, {'composite ' + p.composite.name if p.method == 'lrp' else p.method}"
+        f"{f' ({p.chosen_by})' if p.chosen_by else ''}"
+    )
     width = max([len(u.name) for u in p.units] + [4])
     for unit in p.units:
         rule = p.rules.get(unit.name)
@@ -276,8 +367,10 @@ def cmd_inspect(args):
     if p.problems:
         print(f"{len(p.problems)} unsupported node(s): " + ", ".join(f"{n} ({op})" for n, op, _ in p.problems))
     if p.rule_problems:
-        print(f"{len(p.rule_problems)} node(s) whose rule does not fit: "
-              + ", ".join(f"{n} ({op})" for n, op, _ in p.rule_problems))
+        print(
+            f"{len(p.rule_problems)} node(s) whose rule does not fit: "
+            + ", ".join(f"{n} ({op})" for n, op, _ in p.rule_problems)
+        )
     if p.path_breaks:
         print(f"relevance from {p.logits.name!r} cannot reach {p.explained.name!r}: {describe_breaks(p.path_breaks)}")
     try:
@@ -290,8 +383,9 @@ def cmd_inspect(args):
 
 def cmd_explain(args):
     if bool(args.text) == bool(args.inputs):
-        raise InputError("give INPUT files or --text, not both" if args.text
-                         else "nothing to explain: give INPUT files or --text")
+        raise InputError(
+            "give INPUT files or --text, not both" if args.text else "nothing to explain: give INPUT files or --text"
+        )
     if bool(args.text) != bool(args.tokenizer):
         raise InputError("--text needs --tokenizer" if args.text else "--tokenizer is for --text")
     with _timed(args, "read the model (converted in memory if a classifier) and started ONNX Runtime"):
@@ -301,24 +395,48 @@ def cmd_explain(args):
         return _explain_texts(explainer, args, labels)
     with _timed(args, "explained the inputs"):
         totals, summaries = explain_to_folder(
-            explainer, args.inputs, args.output, _preprocess(args), args.target, args.top_k, labels, args.batch_size,
-            args.cmap, args.overlay, args.json, zoom=args.zoom, heatmaps=not args.no_heatmaps,
-            relevance_dtype=args.relevance_dtype, shard_inputs=args.shard_size, restart=args.restart,
-            fail_fast=args.fail_fast, engine=_engine(args), progress=not args.quiet)
+            explainer,
+            args.inputs,
+            args.output,
+            _preprocess(args),
+            args.target,
+            args.top_k,
+            labels,
+            args.batch_size,
+            args.cmap,
+            args.overlay,
+            args.json,
+            zoom=args.zoom,
+            heatmaps=not args.no_heatmaps,
+            relevance_dtype=args.relevance_dtype,
+            shard_inputs=args.shard_size,
+            restart=args.restart,
+            fail_fast=args.fail_fast,
+            engine=_engine(args),
+            progress=not args.quiet,
+        )
     resumed = f", {totals.resumed} of them done by the run this one continued" if totals.resumed else ""
-    print(f"explained {totals.inputs - totals.failed} of {totals.inputs} input(s){resumed}: {totals.explanations} "
-          f"explanation(s) in {totals.folder}/ ({'' if args.no_heatmaps else 'heatmaps, '}relevance/, "
-          f"{', '.join(summaries)})")
+    print(
+        f"explained {totals.inputs - totals.failed} of {totals.inputs} input(s){resumed}: {totals.explanations} "
+        f"explanation(s) in {totals.folder}/ ({'' if args.no_heatmaps else 'heatmaps, '}relevance/, "
+        f"{', '.join(summaries)})"
+    )
     _print_predictions(os.path.join(totals.folder, "summary.csv"))
     if totals.overflowed:
-        print(f"lrp-onnx: warning: {totals.overflowed} relevance value(s) lie past float16's range and are stored "
-              "as inf; use --relevance-dtype float32", file=sys.stderr)
+        print(
+            f"lrp-onnx: warning: {totals.overflowed} relevance value(s) lie past float16's range and are stored "
+            "as inf; use --relevance-dtype float32",
+            file=sys.stderr,
+        )
     if totals.failed:
         for name, error in totals.errors:  # the reader's errors name the file already
             print(f"lrp-onnx: error: {error if name in error else f'{name}: {error}'}", file=sys.stderr)
         more = f" ({totals.failed - len(totals.errors)} more not shown)" if totals.failed > len(totals.errors) else ""
-        print(f"lrp-onnx: {totals.failed} input(s) could not be explained{more}; the error column of "
-              f"{totals.folder}/summary.csv says why for each", file=sys.stderr)
+        print(
+            f"lrp-onnx: {totals.failed} input(s) could not be explained{more}; the error column of "
+            f"{totals.folder}/summary.csv says why for each",
+            file=sys.stderr,
+        )
         return EXIT_SOME_INPUTS_FAILED
     return EXIT_OK
 
@@ -342,8 +460,10 @@ def _print_predictions(summary_csv):
     explained = [row for row in rows[:PREDICTIONS_SHOWN] if not row.get("error")]
     width = max([len(row["input"]) for row in explained] + [5])
     for row in explained:
-        print(f"  {row['input']:<{width}}  predicted {_class(row, 'predicted')}, explained {_class(row, 'target')}: "
-              f"logit {float(row['logit']):.4g}, Σ R {float(row['relevance_sum']):.4g}")
+        print(
+            f"  {row['input']:<{width}}  predicted {_class(row, 'predicted')}, explained {_class(row, 'target')}: "
+            f"logit {float(row['logit']):.4g}, Σ R {float(row['relevance_sum']):.4g}"
+        )
     if len(rows) > PREDICTIONS_SHOWN:
         print(f"  ... (every row: {summary_csv})")
 
@@ -356,13 +476,15 @@ def _class(row, key):
 def _engine(args):
     """None for --engine local; the Ray engine with its flags (which are refused without it)."""
     if args.engine == "local":
-        given = [flag for flag, value in (("--address", args.address), ("--workers", args.workers))
-                 if value is not None]
+        given = [
+            flag for flag, value in (("--address", args.address), ("--workers", args.workers)) if value is not None
+        ]
         given += ["--gpus"] if args.gpus else []
         if given:
             raise InputError(f"{', '.join(given)} apply to --engine ray only")
         return None
     from .distributed import RayEngine  # here, not above: Ray is an extra
+
     return RayEngine(args.address, args.workers or 1, args.threads or 1, args.gpus)
 
 
@@ -370,8 +492,15 @@ def _explain_texts(explainer, args, labels):
     explanations = explainer.explain_text(args.text, args.tokenizer, args.target, args.top_k, labels)
     for e in explanations:
         print(token_table(e))
-    settings = {"explainer": explainer.metadata, "texts": args.text, "tokenizer": os.path.abspath(args.tokenizer),
-                "target": args.target, "top_k": args.top_k, "labels": labels, "cmap": args.cmap}
+    settings = {
+        "explainer": explainer.metadata,
+        "texts": args.text,
+        "tokenizer": os.path.abspath(args.tokenizer),
+        "target": args.target,
+        "top_k": args.top_k,
+        "labels": labels,
+        "cmap": args.cmap,
+    }
     folder = args.output or default_run_folder(explainer.label, settings)
     files = write_text_explanations(explanations, folder, args.cmap)
     print(f"wrote {len(explanations)} explanation(s) to {folder}/ ({', '.join(files)})")
@@ -380,12 +509,22 @@ def _explain_texts(explainer, args, labels):
 
 def _add_input_flags(p):
     """How image inputs are made model-ready (explain, evaluate)."""
-    p.add_argument("--size", type=_positive_int, nargs="+", metavar="N",
-                   help="resize the shorter side and center-crop: S, or H W (default: the model's fixed size)")
+    p.add_argument(
+        "--size",
+        type=_positive_int,
+        nargs="+",
+        metavar="N",
+        help="resize the shorter side and center-crop: S, or H W (default: the model's fixed size)",
+    )
     p.add_argument("--mean", type=_floats, help="per-channel mean to subtract, comma-separated")
     p.add_argument("--std", type=_floats, help="per-channel std to divide by, comma-separated")
-    p.add_argument("--scale", type=float, default=1.0, choices=[1.0, 255.0],
-                   help="pixel range before mean/std: 1 for [0, 1] (default), 255 for [0, 255]")
+    p.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        choices=[1.0, 255.0],
+        help="pixel range before mean/std: 1 for [0, 1] (default), 255 for [0, 255]",
+    )
     p.add_argument("--layout", choices=["nchw", "nhwc"], help="default: read from the model's input shape")
     p.add_argument("--grayscale", action="store_true", help="convert images to grey (repeated if the model wants RGB)")
 
@@ -393,8 +532,9 @@ def _add_input_flags(p):
 def _preprocess(args):
     if args.size is not None and len(args.size) > 2:
         raise InputError(f"--size takes S or H W, got {len(args.size)} numbers")
-    return Preprocess(size=args.size, mean=args.mean, std=args.std, scale=args.scale, layout=args.layout,
-                      grayscale=args.grayscale)
+    return Preprocess(
+        size=args.size, mean=args.mean, std=args.std, scale=args.scale, layout=args.layout, grayscale=args.grayscale
+    )
 
 
 def _input_spec(model):
@@ -414,20 +554,42 @@ def cmd_evaluate(args):
     boxes = read_boxes(args.boxes, pending) if args.boxes else None
     masks = read_masks(args.masks, pending) if args.masks else None
     writable_folder(args.output)
-    results = evaluate(args.model, pending, methods, steps=args.steps, region=args.region, repeats=args.repeats,
-                       low=low, high=high, layout=args.layout, batch_size=args.batch_size, seed=args.seed,
-                       progress=not args.quiet, rule_params=rule_params(args), boxes=boxes, masks=masks,
-                       reader=InputReader(spec, preprocess))
-    settings = {"model": args.model, "samples": len(pending), "steps": len(results[0].drops) - 1,
-                "region": args.region, "repeats": args.repeats, "seed": args.seed}
+    results = evaluate(
+        args.model,
+        pending,
+        methods,
+        steps=args.steps,
+        region=args.region,
+        repeats=args.repeats,
+        low=low,
+        high=high,
+        layout=args.layout,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        progress=not args.quiet,
+        rule_params=rule_params(args),
+        boxes=boxes,
+        masks=masks,
+        reader=InputReader(spec, preprocess),
+    )
+    settings = {
+        "model": args.model,
+        "samples": len(pending),
+        "steps": len(results[0].drops) - 1,
+        "region": args.region,
+        "repeats": args.repeats,
+        "seed": args.seed,
+    }
     context = context_report(results, [p.name for p in pending]) if boxes or masks else None
     write_json(results, os.path.join(args.output, "evaluate.json"), settings, context)
     plot(results, os.path.join(args.output, "aopc.png"))
     print(report(results))
     for method, shares in (context or {}).items():
         ratio = "infinite" if shares["ratio"] is None else f"{shares['ratio']:.3g}"  # None: nothing positive inside
-        print(f"{method}: positive relevance inside the ground truth {shares['inside']:.1%}, outside "
-              f"{shares['outside']:.1%}, median ratio outside/inside {ratio}")
+        print(
+            f"{method}: positive relevance inside the ground truth {shares['inside']:.1%}, outside "
+            f"{shares['outside']:.1%}, median ratio outside/inside {ratio}"
+        )
     print(f"wrote {args.output}/evaluate.json and {args.output}/aopc.png")
     return EXIT_OK
 
@@ -437,8 +599,10 @@ def _noise_range(args):
     refused now rather than read as the zbox bounds they are in every other command, which would
     change an old command line's meaning without a word."""
     if args.low is not None or args.high is not None:
-        raise InputError("evaluate --low/--high no longer set the noise range: use --noise-low/--noise-high "
-                         "(--low/--high are zbox bounds in every other command; here, --zbox-low/--zbox-high)")
+        raise InputError(
+            "evaluate --low/--high no longer set the noise range: use --noise-low/--noise-high "
+            "(--low/--high are zbox bounds in every other command; here, --zbox-low/--zbox-high)"
+        )
     return args.noise_low, args.noise_high
 
 
@@ -448,9 +612,20 @@ def cmd_compare(args):
     preprocess = _preprocess(args)
     pending = list(read_inputs(args.data, spec_a, preprocess))  # locators only: each input is read when it is used
     writable_folder(args.output)
-    result = compare(args.model_a, args.model_b, pending, layout_a, layout_b, args.composite, args.aopc_steps,
-                     args.composite_b, batch_size=args.batch_size, shown=args.grid,
-                     reader=InputReader(spec_a, preprocess), **rule_params(args))
+    result = compare(
+        args.model_a,
+        args.model_b,
+        pending,
+        layout_a,
+        layout_b,
+        args.composite,
+        args.aopc_steps,
+        args.composite_b,
+        batch_size=args.batch_size,
+        shown=args.grid,
+        reader=InputReader(spec_a, preprocess),
+        **rule_params(args),
+    )
     write_grid(result, layout_a, os.path.join(args.output, "compare.png"))
     write_comparison(result, os.path.join(args.output, "compare.json"), args.model_a, args.model_b)
     print(comparison_report(result, args.model_a, args.model_b))
@@ -461,8 +636,14 @@ def cmd_compare(args):
 def cmd_export_triton(args):
     from .triton import export_triton  # here, not above: the other commands never need it
 
-    files = export_triton(args.model, args.repo, name=args.name, max_batch_size=args.max_batch_size,
-                          backend=args.backend, force=args.force)
+    files = export_triton(
+        args.model,
+        args.repo,
+        name=args.name,
+        max_batch_size=args.max_batch_size,
+        backend=args.backend,
+        force=args.force,
+    )
     print(f"wrote {', '.join(files)} ({args.backend} backend, max_batch_size {args.max_batch_size})")
     return EXIT_OK
 
@@ -479,8 +660,12 @@ def _evaluated_methods(args):
     composite = args.composite
     if composite == AUTO:
         composite = plan(args.model).composite.name
-    methods = args.method or [f"lrp:{composite}", f"lrp:{SECOND_COMPOSITE.get(composite, 'epsilon-plus-flat')}",
-                              "sensitivity", "gradient-x-input"]
+    methods = args.method or [
+        f"lrp:{composite}",
+        f"lrp:{SECOND_COMPOSITE.get(composite, 'epsilon-plus-flat')}",
+        "sensitivity",
+        "gradient-x-input",
+    ]
     named = [f"lrp:{composite}" if spec in ("lrp", f"lrp:{AUTO}") else spec for spec in methods]
     return list(dict.fromkeys(named))
 
@@ -513,27 +698,56 @@ def build_parser():
     common = argparse.ArgumentParser(add_help=False)
     for p, default in ((parser, False), (common, argparse.SUPPRESS)):
         p.add_argument("--debug", action="store_true", default=default, help="show tracebacks")
-        p.add_argument("-q", "--quiet", action="store_true", default=default,
-                       help="print errors and warnings only: no results, no progress bar")
-        p.add_argument("-v", "--verbose", action="store_true", default=default,
-                       help="also print how long each step took (reading and converting the model, explaining)")
+        p.add_argument(
+            "-q",
+            "--quiet",
+            action="store_true",
+            default=default,
+            help="print errors and warnings only: no results, no progress bar",
+        )
+        p.add_argument(
+            "-v",
+            "--verbose",
+            action="store_true",
+            default=default,
+            help="also print how long each step took (reading and converting the model, explaining)",
+        )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def command(name, **options):
-        return sub.add_parser(name, parents=[common], epilog=f"example:\n  {EXAMPLES[name]}",
-                              formatter_class=argparse.RawDescriptionHelpFormatter, **options)
+        return sub.add_parser(
+            name,
+            parents=[common],
+            epilog=f"example:\n  {EXAMPLES[name]}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            **options,
+        )
+
     p = command("convert", help="write the explainer graph of MODEL")
     p.add_argument("model", help="an ONNX classifier (a .onnx file, with its external data beside it)")
     p.add_argument("-o", "--output", help="output path (default: MODEL.lrp.onnx beside the model)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
-    p.add_argument("--layer", action="append", default=[], metavar="TENSOR",
-                   help="also output the relevance at this tensor as relevance:TENSOR (repeatable)")
+    p.add_argument(
+        "--layer",
+        action="append",
+        default=[],
+        metavar="TENSOR",
+        help="also output the relevance at this tensor as relevance:TENSOR (repeatable)",
+    )
     p.add_argument("--layer-sum", choices=["channel"], help="sum each --layer output per channel: [N, C]")
-    p.add_argument("--external-data", action="store_true",
-                   help=f"save initializers over 1 MiB to OUT{DATA_SUFFIX} beside OUT (automatic past "
-                        f"{EXTERNAL_DATA_THRESHOLD >> 20} MiB, which ONNX Runtime Web cannot load as one file)")
-    p.add_argument("--check-runtime", action="extend", type=_runtimes, metavar="RUNTIME[,RUNTIME]",
-                   help="then run the explainer on these runtimes against ONNX Runtime (see check); repeatable")
+    p.add_argument(
+        "--external-data",
+        action="store_true",
+        help=f"save initializers over 1 MiB to OUT{DATA_SUFFIX} beside OUT (automatic past "
+        f"{EXTERNAL_DATA_THRESHOLD >> 20} MiB, which ONNX Runtime Web cannot load as one file)",
+    )
+    p.add_argument(
+        "--check-runtime",
+        action="extend",
+        type=_runtimes,
+        metavar="RUNTIME[,RUNTIME]",
+        help="then run the explainer on these runtimes against ONNX Runtime (see check); repeatable",
+    )
     _add_rule_flags(p)
     p.set_defaults(run=cmd_convert)
     p = command("inspect", help="print each node with the rule it would get; list unsupported nodes")
@@ -543,33 +757,69 @@ def build_parser():
     p = command("explain", help="explain images, folders, arrays or texts: heatmaps, relevance shards, summaries")
     p.add_argument("model", help="an explainer graph, or a classifier (converted in memory)")
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="image files (PNG, JPEG, BMP), folders, .npy, .npz")
-    p.add_argument("--text", action="append", metavar="TEXT",
-                   help="a text to explain (repeatable), for a model that takes token ids; needs --tokenizer")
+    p.add_argument(
+        "--text",
+        action="append",
+        metavar="TEXT",
+        help="a text to explain (repeatable), for a model that takes token ids; needs --tokenizer",
+    )
     p.add_argument("--tokenizer", metavar="FILE", help="tokenizer.json (Hugging Face tokenizers) for --text")
-    p.add_argument("-o", "--output", metavar="DIR",
-                   help="output folder (default: lrp-out/MODEL-XXXXXXXX, one per model and settings: a run "
-                        "identical to an earlier one continues it, any other gets its own folder)")
-    p.add_argument("--target", help="class index, label name with --labels, or -1 / predicted (the default: the "
-                                    "predicted class)")
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="DIR",
+        help="output folder (default: lrp-out/MODEL-XXXXXXXX, one per model and settings: a run "
+        "identical to an earlier one continues it, any other gets its own folder)",
+    )
+    p.add_argument(
+        "--target", help="class index, label name with --labels, or -1 / predicted (the default: the predicted class)"
+    )
     p.add_argument("--top-k", type=_positive_int, metavar="K", help="explain the K highest-scoring classes")
     p.add_argument("--labels", metavar="FILE", help="class names, one per line")
-    p.add_argument("--batch-size", type=_positive_int, default=32, metavar="B",
-                   help="inputs per ONNX Runtime run; memory grows with it, not with the number of inputs")
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=32,
+        metavar="B",
+        help="inputs per ONNX Runtime run; memory grows with it, not with the number of inputs",
+    )
     p.add_argument("--no-heatmaps", action="store_true", help="write no PNGs: relevance shards and summaries only")
-    p.add_argument("--relevance-dtype", choices=["float32", "float16"], default="float32",
-                   help="element type of the relevance shards (float16 halves them)")
-    p.add_argument("--shard-size", type=_positive_int, metavar="N",
-                   help="inputs per relevance shard and part (default: about 64 MiB of relevance, at most 1024)")
-    p.add_argument("--restart", action="store_true",
-                   help="discard what an earlier run left in the output folder, instead of continuing it")
-    p.add_argument("--fail-fast", action="store_true",
-                   help="stop at the first input that cannot be explained (default: an error row, and exit 8)")
-    p.add_argument("--engine", choices=["local", "ray"], default="local",
-                   help="local (default): this process; ray: a pool of Ray Data actors (the ray extra)")
+    p.add_argument(
+        "--relevance-dtype",
+        choices=["float32", "float16"],
+        default="float32",
+        help="element type of the relevance shards (float16 halves them)",
+    )
+    p.add_argument(
+        "--shard-size",
+        type=_positive_int,
+        metavar="N",
+        help="inputs per relevance shard and part (default: about 64 MiB of relevance, at most 1024)",
+    )
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="discard what an earlier run left in the output folder, instead of continuing it",
+    )
+    p.add_argument(
+        "--fail-fast",
+        action="store_true",
+        help="stop at the first input that cannot be explained (default: an error row, and exit 8)",
+    )
+    p.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="local (default): this process; ray: a pool of Ray Data actors (the ray extra)",
+    )
     p.add_argument("--address", help="--engine ray: the cluster to join (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--workers", type=_positive_int, help="--engine ray: actors, each with one session (default 1)")
-    p.add_argument("--threads", type=_positive_int, help="ONNX Runtime threads (default: ONNX Runtime's choice); "
-                   "with --engine ray, CPUs and threads per actor (default 1)")
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        help="ONNX Runtime threads (default: ONNX Runtime's choice); "
+        "with --engine ray, CPUs and threads per actor (default 1)",
+    )
     p.add_argument("--gpus", type=float, default=0, help="--engine ray: GPUs per actor (CUDA); default 0")
     _add_input_flags(p)
     p.add_argument("--cmap", default="bwr", choices=sorted(COLORMAPS), help="heatmap colormap (default bwr)")
@@ -583,74 +833,145 @@ def build_parser():
     p.add_argument("model", help="a classifier")
     p.add_argument("data", nargs="+", metavar="DATA", help="image files, folders, .npy, .npz (model-ready arrays)")
     p.add_argument("-o", "--output", default="lrp-eval", metavar="DIR", help="output folder (default ./lrp-eval)")
-    p.add_argument("--method", action="append", metavar="SPEC",
-                   help="lrp (--composite's), lrp:COMPOSITE, gradient, sensitivity or gradient-x-input "
-                        f"(repeatable; default: {', '.join(DEFAULT_EVALUATION)}); random is always included. "
-                        "The rule flags apply to every lrp method")
-    p.add_argument("--composite", default=DEFAULT_COMPOSITE, type=_composite, metavar="NAME",
-                   help="the composite of method lrp, as in convert (default: auto)")
-    p.add_argument("--steps", type=_positive_int, default=100, help="perturbation steps L (default 100, at most "
-                   "the number of regions)")
+    p.add_argument(
+        "--method",
+        action="append",
+        metavar="SPEC",
+        help="lrp (--composite's), lrp:COMPOSITE, gradient, sensitivity or gradient-x-input "
+        f"(repeatable; default: {', '.join(DEFAULT_EVALUATION)}); random is always included. "
+        "The rule flags apply to every lrp method",
+    )
+    p.add_argument(
+        "--composite",
+        default=DEFAULT_COMPOSITE,
+        type=_composite,
+        metavar="NAME",
+        help="the composite of method lrp, as in convert (default: auto)",
+    )
+    p.add_argument(
+        "--steps",
+        type=_positive_int,
+        default=100,
+        help="perturbation steps L (default 100, at most the number of regions)",
+    )
     p.add_argument("--region", type=_positive_int, help="region side r in pixels (default 9 at 224 px, scaled)")
     p.add_argument("--repeats", type=_positive_int, default=1, help="noise draws per sample (default 1)")
     p.add_argument("--noise-low", type=float, help="noise range (default: the data's minimum)")
     p.add_argument("--noise-high", type=float, help="noise range (default: the data's maximum)")
     p.add_argument("--low", type=float, help=argparse.SUPPRESS)  # refused: see _noise_range
     p.add_argument("--high", type=float, help=argparse.SUPPRESS)
-    p.add_argument("--batch-size", type=_positive_int, default=256, metavar="B",
-                   help="perturbed copies scored per ONNX Runtime run (default 256); B // (L+1) inputs are "
-                        "explained at a time, which sets the memory")
-    p.add_argument("--seed", type=_non_negative_int, default=0,
-                   help="noise seed; sample i draws from the generator seeded (SEED, i) (default 0)")
-    p.add_argument("--boxes", metavar="CSV", help="ground truth: input, x0, y0, x1, y1 per input (model-input "
-                   "pixels, end exclusive): report relevance mass accuracy (positive relevance inside and outside), "
-                   "rank accuracy and the pointing game")
-    p.add_argument("--masks", metavar="DIR", help="ground truth as mask images (nonzero inside), one per input with "
-                   "the input's file name: the same measures as --boxes")
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=256,
+        metavar="B",
+        help="perturbed copies scored per ONNX Runtime run (default 256); B // (L+1) inputs are "
+        "explained at a time, which sets the memory",
+    )
+    p.add_argument(
+        "--seed",
+        type=_non_negative_int,
+        default=0,
+        help="noise seed; sample i draws from the generator seeded (SEED, i) (default 0)",
+    )
+    p.add_argument(
+        "--boxes",
+        metavar="CSV",
+        help="ground truth: input, x0, y0, x1, y1 per input (model-input "
+        "pixels, end exclusive): report relevance mass accuracy (positive relevance inside and outside), "
+        "rank accuracy and the pointing game",
+    )
+    p.add_argument(
+        "--masks",
+        metavar="DIR",
+        help="ground truth as mask images (nonzero inside), one per input with "
+        "the input's file name: the same measures as --boxes",
+    )
     _add_rule_flags(p, bounds=(), choose=False)
     _add_input_flags(p)
     p.set_defaults(run=cmd_evaluate)
     p = command("compare", help="explain the same inputs with two models and compare the explanations")
     p.add_argument("model_a", help="an ONNX classifier")
     p.add_argument("model_b", help="another classifier of the same classes (a deployed form of A, say)")
-    p.add_argument("data", nargs="+", metavar="DATA",
-                   help="image files, folders, .npy, .npz (arrays model-ready for MODEL_A; moved to B's layout)")
+    p.add_argument(
+        "data",
+        nargs="+",
+        metavar="DATA",
+        help="image files, folders, .npy, .npz (arrays model-ready for MODEL_A; moved to B's layout)",
+    )
     p.add_argument("-o", "--output", default="lrp-compare", metavar="DIR", help="output folder (default ./lrp-compare)")
-    p.add_argument("--composite", default=DEFAULT_COMPOSITE, type=_composite, metavar="NAME",
-                   help="for both models, or for MODEL_A with --composite-b (names as in convert)")
+    p.add_argument(
+        "--composite",
+        default=DEFAULT_COMPOSITE,
+        type=_composite,
+        metavar="NAME",
+        help="for both models, or for MODEL_A with --composite-b (names as in convert)",
+    )
     p.add_argument("--composite-b", type=_composite, metavar="NAME", help="for MODEL_B (default: --composite)")
-    p.add_argument("--aopc-steps", type=int, default=100, metavar="L",
-                   help="perturbation steps for each model's AOPC (0: skip)")
-    p.add_argument("--batch-size", type=_positive_int, default=32, metavar="B",
-                   help="inputs per ONNX Runtime run; memory grows with it, not with the number of inputs")
-    p.add_argument("--grid", type=_positive_int, default=16, metavar="N",
-                   help="inputs shown in compare.png (default 16; compare.json has every input)")
+    p.add_argument(
+        "--aopc-steps", type=int, default=100, metavar="L", help="perturbation steps for each model's AOPC (0: skip)"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=32,
+        metavar="B",
+        help="inputs per ONNX Runtime run; memory grows with it, not with the number of inputs",
+    )
+    p.add_argument(
+        "--grid",
+        type=_positive_int,
+        default=16,
+        metavar="N",
+        help="inputs shown in compare.png (default 16; compare.json has every input)",
+    )
     _add_rule_flags(p, choose=False)
     _add_input_flags(p)
     p.set_defaults(run=cmd_compare)
     p = command("check", help="run an explainer on other runtimes and compare with ONNX Runtime Python")
     p.add_argument("explainer", help="an explainer graph (lrp-onnx convert)")
-    p.add_argument("--runtime", action="extend", required=True, type=_runtimes, metavar="RUNTIME[,RUNTIME]",
-                   help="repeatable: openvino (pip openvino), ort-node (npm onnxruntime-node), ort-web "
-                        "(npm onnxruntime-web in headless Chromium), ort-unoptimised (ONNX Runtime with graph "
-                        "optimisations off: the rounding floor)")
-    p.add_argument("--data", metavar="ARRAY.npy",
-                   help="values of the explained input (default: 2 random samples, standard normal)")
-    p.add_argument("--input", dest="old_input", metavar="ARRAY.npy", help="deprecated: --data (--input names a "
-                   "graph input in every other command)")
-    p.add_argument("--tolerance", type=float, default=TOLERANCE,
-                   help=f"largest relative L2 of any output (default {TOLERANCE:g})")
+    p.add_argument(
+        "--runtime",
+        action="extend",
+        required=True,
+        type=_runtimes,
+        metavar="RUNTIME[,RUNTIME]",
+        help="repeatable: openvino (pip openvino), ort-node (npm onnxruntime-node), ort-web "
+        "(npm onnxruntime-web in headless Chromium), ort-unoptimised (ONNX Runtime with graph "
+        "optimisations off: the rounding floor)",
+    )
+    p.add_argument(
+        "--data", metavar="ARRAY.npy", help="values of the explained input (default: 2 random samples, standard normal)"
+    )
+    p.add_argument(
+        "--input",
+        dest="old_input",
+        metavar="ARRAY.npy",
+        help="deprecated: --data (--input names a graph input in every other command)",
+    )
+    p.add_argument(
+        "--tolerance", type=float, default=TOLERANCE, help=f"largest relative L2 of any output (default {TOLERANCE:g})"
+    )
     p.add_argument("--repeats", type=_positive_int, default=3, help="timed runs after one warm-up (default 3)")
     p.set_defaults(run=cmd_check)
     p = command("export-triton", help="write an explainer into a Triton Inference Server model repository")
     p.add_argument("model", help="an explainer graph (lrp-onnx convert)")
     p.add_argument("repo", help="the model repository folder (created if missing)")
     p.add_argument("--name", help="model name, the folder REPO/NAME (default: MODEL's file name without .lrp.onnx)")
-    p.add_argument("--max-batch-size", type=_positive_int, default=8, metavar="N",
-                   help="largest batch Triton's dynamic batcher forms (default 8)")
-    p.add_argument("--backend", choices=["onnxruntime", "python"], default="onnxruntime",
-                   help="onnxruntime: Triton's ORT backend runs the graph (default); python: a model.py hosting "
-                        "an ONNX Runtime session, for servers without the ORT backend")
+    p.add_argument(
+        "--max-batch-size",
+        type=_positive_int,
+        default=8,
+        metavar="N",
+        help="largest batch Triton's dynamic batcher forms (default 8)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=["onnxruntime", "python"],
+        default="onnxruntime",
+        help="onnxruntime: Triton's ORT backend runs the graph (default); python: a model.py hosting "
+        "an ONNX Runtime session, for servers without the ORT backend",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing REPO/NAME")
     p.set_defaults(run=cmd_export_triton)
     return parser
@@ -694,8 +1015,11 @@ def _run(args):
     except Exception as e:  # anything else is our bug: still one line, unless --debug
         if args.debug:
             raise
-        print(f"lrp-onnx: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-              "(rerun with --debug for the traceback)", file=sys.stderr)
+        print(
+            f"lrp-onnx: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+            "(rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
         return EXIT_INTERNAL
 
 

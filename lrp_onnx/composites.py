@@ -38,8 +38,16 @@ BASELINE_METHODS = METHODS[1:]
 
 LAYER_SLOTS = ("conv", "dense", "first")
 # role (registry.py) -> slot; roles not listed take pass
-ROLE_SLOTS = {"conv": "conv", "dense": "dense", "sum": "norm", "avgpool": "norm", "layernorm": "norm",
-              "product": "product", "softmax": "softmax", "shift": "shift"}
+ROLE_SLOTS = {
+    "conv": "conv",
+    "dense": "dense",
+    "sum": "norm",
+    "avgpool": "norm",
+    "layernorm": "norm",
+    "product": "product",
+    "softmax": "softmax",
+    "shift": "shift",
+}
 # Slots every composite fills unless it says otherwise: Zennit's Norm, and on attention AttnLRP's
 # rules with the composite's stabilizer as ε (products split R uniformly, the softmax is linearised)
 BASE_SLOTS = {"norm": "norm", "product": "norm", "softmax": "norm"}
@@ -53,15 +61,30 @@ COMPOSITES = {
     "epsilon-alpha2-beta1": {"conv": ("alpha-beta", {"alpha": 2.0, "beta": 1.0}), "dense": "epsilon"},
     "epsilon-plus": {"conv": "zplus", "dense": "epsilon"},
     "epsilon-plus-flat": {"conv": "zplus", "dense": "epsilon", "first": "flat"},
-    "epsilon-alpha2-beta1-flat": {"conv": ("alpha-beta", {"alpha": 2.0, "beta": 1.0}), "dense": "epsilon",
-                                  "first": "flat"},
+    "epsilon-alpha2-beta1-flat": {
+        "conv": ("alpha-beta", {"alpha": 2.0, "beta": 1.0}),
+        "dense": "epsilon",
+        "first": "flat",
+    },
     "epsilon-gamma-box": {"conv": "gamma", "dense": "epsilon", "first": "zbox"},
     # AttnLRP (Achtibat et al. 2024) and CP-LRP (Ali et al. 2022) as LXT 2.1: the ε-rule everywhere,
     # constants added to an activation (position embeddings, masks, biases) absorb their share
-    "attnlrp": {"conv": "epsilon", "dense": "epsilon", "norm": "epsilon", "product": "epsilon",
-                "softmax": "epsilon", "shift": "epsilon"},
-    "cp-lrp": {"conv": "epsilon", "dense": "epsilon", "norm": "epsilon", "product": "cp-epsilon",
-               "softmax": "epsilon", "shift": "epsilon"},
+    "attnlrp": {
+        "conv": "epsilon",
+        "dense": "epsilon",
+        "norm": "epsilon",
+        "product": "epsilon",
+        "softmax": "epsilon",
+        "shift": "epsilon",
+    },
+    "cp-lrp": {
+        "conv": "epsilon",
+        "dense": "epsilon",
+        "norm": "epsilon",
+        "product": "cp-epsilon",
+        "softmax": "epsilon",
+        "shift": "epsilon",
+    },
 }
 # Parameter defaults of a composite, where they differ from its rules' own: LXT divides by no ε at
 # all, and ε = 1e-12 matches it in float32 (1e-6 is off by about 1e-3 relative L2).
@@ -71,7 +94,7 @@ COMPOSITE_DEFAULTS = {"attnlrp": {"epsilon": 1e-12}, "cp-lrp": {"epsilon": 1e-12
 @dataclass(frozen=True)
 class Composite:
     name: str
-    slots: dict            # slot -> Rule
+    slots: dict  # slot -> Rule
     overrides: tuple = ()  # ((pattern, Rule), ...)
     params: RuleParams = RuleParams()
     default: Rule = Pass()  # the rule of roles without a slot (activations, products, BatchNorm)
@@ -87,8 +110,10 @@ class Composite:
 
     def describe(self):
         """{slot: rule as a dict} and {pattern: rule as a dict}, for the explainer's metadata."""
-        return ({slot: rule.as_dict() for slot, rule in self.slots.items()},
-                {pattern: rule.as_dict() for pattern, rule in self.overrides})
+        return (
+            {slot: rule.as_dict() for slot, rule in self.slots.items()},
+            {pattern: rule.as_dict() for pattern, rule in self.overrides},
+        )
 
 
 def gradient_composite():
@@ -101,12 +126,16 @@ def composite_name(name):
     """The COMPOSITES key that ``name`` means, written as here (``epsilon-plus-flat``), as Zennit
     registers it (``epsilon_plus_flat``) or as Zennit's class (``EpsilonPlusFlat``); case, ``-``
     and ``_`` do not matter."""
+
     def bare(text):
         return re.sub(r"[-_\s]", "", str(text)).lower()
+
     known = {bare(key): key for key in [AUTO, *COMPOSITES]}
     if bare(name) not in known:
-        raise RuleError(f"unknown composite {name!r}; known composites: {AUTO}, {', '.join(COMPOSITES)} (Zennit's "
-                        "names and class names, such as epsilon_plus_flat or EpsilonPlusFlat, are accepted too)")
+        raise RuleError(
+            f"unknown composite {name!r}; known composites: {AUTO}, {', '.join(COMPOSITES)} (Zennit's "
+            "names and class names, such as epsilon_plus_flat or EpsilonPlusFlat, are accepted too)"
+        )
     return known[bare(name)]
 
 
@@ -136,8 +165,10 @@ def make_composite(name=DEFAULT_COMPOSITE, params=RuleParams(), overrides=None):
         used.update(takes)
     unused = sorted(set(params.given()) - used)
     if unused:
-        raise RuleError(f"composite {key!r} does not use {', '.join(unused)}: no rule it assigns takes "
-                        f"{'it' if len(unused) == 1 else 'them'}")
+        raise RuleError(
+            f"composite {key!r} does not use {', '.join(unused)}: no rule it assigns takes "
+            f"{'it' if len(unused) == 1 else 'them'}"
+        )
     return Composite(key, slots, tuple(parsed), params)
 
 
@@ -150,7 +181,7 @@ def _rule_from_spec(pattern, spec, params):
     elif isinstance(spec, str):
         name, explicit = spec, {}
     else:
-        raise RuleError(f"override {pattern!r}: expected a rule name or {{\"rule\": NAME, ...params}}, got {spec!r}")
+        raise RuleError(f'override {pattern!r}: expected a rule name or {{"rule": NAME, ...params}}, got {spec!r}')
     return make_rule(name, params, **explicit), set(rule_parameters(rule_key(name))) - set(explicit)
 
 
@@ -163,12 +194,14 @@ def read_overrides(path):
     try:
         if path.suffix.lower() == ".toml":
             import tomllib
+
             data = tomllib.loads(text)
         else:
             data = json.loads(text)
     except ValueError as e:
-        raise RuleError(f"rules file {str(path)!r} is not valid {path.suffix.lstrip('.').upper() or 'JSON'}: "
-                        f"{first_line(e)}") from None
+        raise RuleError(
+            f"rules file {str(path)!r} is not valid {path.suffix.lstrip('.').upper() or 'JSON'}: {first_line(e)}"
+        ) from None
     if not isinstance(data, dict):
         raise RuleError(f"rules file {str(path)!r} must map node-name globs or op types to rules")
     return data

@@ -27,7 +27,7 @@ def _ray():
     try:
         import ray
     except ImportError:
-        raise InputError("--engine ray needs Ray Data: pip install \"lrp-onnx[ray]\"") from None
+        raise InputError('--engine ray needs Ray Data: pip install "lrp-onnx[ray]"') from None
     return ray
 
 
@@ -38,8 +38,7 @@ class ExplainBatches:
     ``predicted`` and ``error`` (empty, or why the input could not be explained, its relevance
     then zeros); with ``top_k`` the first three have a leading axis of k."""
 
-    def __init__(self, explainer, preprocess=None, column=None, target=None, top_k=None, threads=None,
-                 provider=None):
+    def __init__(self, explainer, preprocess=None, column=None, target=None, top_k=None, threads=None, provider=None):
         self.explainer = Explainer(explainer, providers=provider, threads=threads)
         self.reader = InputReader(self.explainer.input_spec, preprocess or Preprocess())
         self.column, self.target, self.top_k = column, target, top_k
@@ -50,8 +49,11 @@ class ExplainBatches:
             inputs = [_pending(batch, i) for i in range(count)]
         else:
             inputs = [Sample(f"input{i}", f"<row {i}>", batch[self.column][i]) for i in range(count)]
-        outcomes = list(explain_stream(self.explainer, inputs, self.target, self.top_k, batch_size=count,
-                                       prefetch=1, reader=self.reader))
+        outcomes = list(
+            explain_stream(
+                self.explainer, inputs, self.target, self.top_k, batch_size=count, prefetch=1, reader=self.reader
+            )
+        )
         k = self.top_k or 1
         blank = np.zeros([d if isinstance(d, int) else 0 for d in self.explainer.input_shape[1:]], np.float32)
         columns = {"relevance": [], "explained_class": [], "explained_logit": [], "predicted": [], "error": []}
@@ -72,12 +74,20 @@ class ExplainBatches:
 def _pending(batch, i):
     """Row ``i`` of a batch of Pending fields; Arrow hands nulls back as None, or NaN in a column
     of numbers."""
+
     def value(field):
         v = batch[field][i]
         return None if v is None or (isinstance(v, (float, np.floating)) and np.isnan(v)) else v
+
     row = value("row")
-    return Pending(str(value("name")), str(value("source")), str(value("path")), value("key"),
-                   None if row is None else int(row), value("error"))
+    return Pending(
+        str(value("name")),
+        str(value("source")),
+        str(value("path")),
+        value("key"),
+        None if row is None else int(row),
+        value("error"),
+    )
 
 
 def _same_shape(arrays):
@@ -97,8 +107,18 @@ def _first(values):
     return values[:, 0]
 
 
-def explain_dataset(data, explainer, column="image", preprocess=None, target=None, top_k=None, batch_size=32,
-                    workers=1, threads=1, gpus=0):
+def explain_dataset(
+    data,
+    explainer,
+    column="image",
+    preprocess=None,
+    target=None,
+    top_k=None,
+    batch_size=32,
+    workers=1,
+    threads=1,
+    gpus=0,
+):
     """``data`` with relevance columns (see ExplainBatches), computed on ``workers`` Ray actors of
     ``threads`` CPUs each (and ``gpus`` GPUs each, which selects ONNX Runtime's CUDA provider).
 
@@ -116,11 +136,22 @@ def explain_dataset(data, explainer, column="image", preprocess=None, target=Non
     # An actor that dies is started again and its batches are run again: Ray Data's actor pools
     # default to max_restarts=-1 and max_task_retries=-1 (tests/test_distributed.py kills one).
     return data.map_batches(
-        ExplainBatches, batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers),
-        num_cpus=threads, num_gpus=gpus or None,
-        fn_constructor_kwargs={"explainer": explainer.model.SerializeToString(), "preprocess": preprocess,
-                               "column": column, "target": target, "top_k": top_k, "threads": threads,
-                               "provider": "cuda" if gpus else "cpu"})
+        ExplainBatches,
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=workers),
+        num_cpus=threads,
+        num_gpus=gpus or None,
+        fn_constructor_kwargs={
+            "explainer": explainer.model.SerializeToString(),
+            "preprocess": preprocess,
+            "column": column,
+            "target": target,
+            "top_k": top_k,
+            "threads": threads,
+            "provider": "cuda" if gpus else "cpu",
+        },
+    )
 
 
 def _fields(pending):
@@ -146,8 +177,9 @@ class RayEngine:
         if not pending:
             return
         data = ray.data.from_items([_fields(p) for p in pending])
-        results = explain_dataset(data, explainer, None, preprocess, target, top_k, batch_size, self.workers,
-                                  self.threads, self.gpus)
+        results = explain_dataset(
+            data, explainer, None, preprocess, target, top_k, batch_size, self.workers, self.threads, self.gpus
+        )
         index = 0
         for batch in results.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2):
             for i in range(len(batch["name"])):
@@ -161,7 +193,8 @@ def _outcome(batch, i, index, top_k, labels):
         return Outcome(index, name, source, [], error)
     sample = Sample(name, source, None)
     per_rank = (lambda column: batch[column][i]) if top_k else (lambda column: [batch[column][i]])
-    explanations = [Explanation(sample, int(c), int(batch["predicted"][i]), float(logit), np.asarray(r), labels)
-                    for c, logit, r in zip(per_rank("explained_class"), per_rank("explained_logit"),
-                                           per_rank("relevance"))]
+    explanations = [
+        Explanation(sample, int(c), int(batch["predicted"][i]), float(logit), np.asarray(r), labels)
+        for c, logit, r in zip(per_rank("explained_class"), per_rank("explained_logit"), per_rank("relevance"))
+    ]
     return Outcome(index, name, source, explanations)

@@ -49,19 +49,30 @@ def convert(model, composite=DEFAULT_COMPOSITE, **options) -> onnx.ModelProto:
     return held.restored(proto)
 
 
-def convert_held(model, composite=DEFAULT_COMPOSITE, *, input_name=None, rules=None, seed_input=False, layers=(),
-                 layer_sum=None, method="lrp", input_shapes=None, **rule_params):
+def convert_held(
+    model,
+    composite=DEFAULT_COMPOSITE,
+    *,
+    input_name=None,
+    rules=None,
+    seed_input=False,
+    layers=(),
+    layer_sum=None,
+    method="lrp",
+    input_shapes=None,
+    **rule_params,
+):
     """``convert``, with the explainer's large weights left out of the proto: (proto, HeldWeights).
     Saving them from there (``runtime.save_model``) copies no weight into a protobuf message."""
-    p = plan(model, composite, input_name=input_name, rules=rules, method=method, input_shapes=input_shapes,
-             **rule_params)
+    p = plan(
+        model, composite, input_name=input_name, rules=rules, method=method, input_shapes=input_shapes, **rule_params
+    )
     p.raise_problems()
     graph = p.graph
     layers = _check_layers(p, layers, layer_sum)
     b = Builder(graph)
     with b.scope("seed"):
-        seed, extra_inputs, seed_outputs, valid = _seed(b, p.logits, p.predicted, seed_input,
-                                                        gradient=method != "lrp")
+        seed, extra_inputs, seed_outputs, valid = _seed(b, p.logits, p.predicted, seed_input, gradient=method != "lrp")
     relevance, at_layers = reverse_walk(b, p, seed, {t.name for t in layers.values()})
     with b.scope("method"):
         if method == "sensitivity":
@@ -98,8 +109,11 @@ def convert_held(model, composite=DEFAULT_COMPOSITE, *, input_name=None, rules=N
     # graph's initializers (not in a subgraph's, where graphsurgeon puts what a subgraph reads).
     main = {id(node) for node in graph.nodes}
     for tensor in graph.tensors().values():
-        if isinstance(tensor, gs.Constant) and p.held.takes(tensor.dtype, tensor.shape) and \
-                all(id(node) in main for node in tensor.outputs):
+        if (
+            isinstance(tensor, gs.Constant)
+            and p.held.takes(tensor.dtype, tensor.shape)
+            and all(id(node) in main for node in tensor.outputs)
+        ):
             tensor.values = LazyValues(p.held.hold_array(tensor.name, tensor.values))
     out = gs.export_onnx(graph, do_type_check=False)
     out.ir_version = max(out.ir_version, 8)
@@ -114,20 +128,28 @@ def convert_held(model, composite=DEFAULT_COMPOSITE, *, input_name=None, rules=N
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         # The model passed the same check, so its graph holds something the checker missed there
         # (a weight whose rank contradicts an attribute, say) that the explainer's ops expose.
-        raise UnsupportedModelError(f"{p.label}: the explainer fails the ONNX checker ({first_line(e)}); "
-                                    "the model is likely inconsistent: if ONNX Runtime runs it, please report this") \
-            from None
+        raise UnsupportedModelError(
+            f"{p.label}: the explainer fails the ONNX checker ({first_line(e)}); "
+            "the model is likely inconsistent: if ONNX Runtime runs it, please report this"
+        ) from None
     return out, p.held
 
 
 def metadata(p):
     """How the explainer was made, as strings: enough to make it again from the source model."""
     slots, overrides = p.composite.describe()
-    return {"explained_input": p.explained_input.name, "explained_tensor": p.explained.name,
-            "score_output": p.score.name, "method": p.method,
-            "composite": p.composite.name, "rules": json.dumps(slots), "overrides": json.dumps(overrides),
-            "parameters": json.dumps(p.composite.params.given()),
-            "version": version("lrp-onnx"), "source_sha256": p.source_sha256 or "unknown"}
+    return {
+        "explained_input": p.explained_input.name,
+        "explained_tensor": p.explained.name,
+        "score_output": p.score.name,
+        "method": p.method,
+        "composite": p.composite.name,
+        "rules": json.dumps(slots),
+        "overrides": json.dumps(overrides),
+        "parameters": json.dumps(p.composite.params.given()),
+        "version": version("lrp-onnx"),
+        "source_sha256": p.source_sha256 or "unknown",
+    }
 
 
 def is_explainer(proto):
@@ -136,7 +158,7 @@ def is_explainer(proto):
 
 def read_metadata(proto):
     """{key: value} of the metadata ``convert`` wrote (JSON values decoded)."""
-    meta = {p.key[len(META_PREFIX):]: p.value for p in proto.metadata_props if p.key.startswith(META_PREFIX)}
+    meta = {p.key[len(META_PREFIX) :]: p.value for p in proto.metadata_props if p.key.startswith(META_PREFIX)}
     return {k: json.loads(v) if k in ("rules", "overrides", "parameters") else v for k, v in meta.items()}
 
 
@@ -155,7 +177,7 @@ def _seed(b, logits, predicted, seed_input, gradient=False):
         return seed, [seed], {}, None
     target = gs.Variable(TARGET, dtype=np.int64, shape=[batch])
     scores = logits  # [N, classes]; Caffe2 models end in [N, classes, 1, 1]
-    flat = (lambda t: t if t.shape is not None and len(t.shape) == 2 else b.op("Flatten", t, axis=1))
+    flat = lambda t: t if t.shape is not None and len(t.shape) == 2 else b.op("Flatten", t, axis=1)
     logits = flat(scores)
     # The model's own logits rank the classes. Where the relevance pass reads a float mirror, in
     # float64: ONNX Runtime's CPU provider has no float16 ArgMax and runs float16 nodes in float32
@@ -169,15 +191,26 @@ def _seed(b, logits, predicted, seed_input, gradient=False):
     # explained_class -1, explained_logit and relevance NaN, rather than OneHot's all-zero row for
     # a target past the classes or its wrap-around for one below -1.
     valid = b.op("And", b.op("GreaterOrEqual", target, b.ints(-1)), b.op("Less", target, classes))
-    chosen = b.op("Where", b.op("Equal", target, b.ints(-1)), b.op("ArgMax", ranked, axis=1, keepdims=0),
-                  b.op("Where", valid, target, b.ints(0)))
+    chosen = b.op(
+        "Where",
+        b.op("Equal", target, b.ints(-1)),
+        b.op("ArgMax", ranked, axis=1, keepdims=0),
+        b.op("Where", valid, target, b.ints(0)),
+    )
     onehot = b.op("OneHot", chosen, classes, b.const([0.0, 1.0]), axis=-1)
     chosen_logit = b.op("ReduceSum", b.mul(logits, onehot), b.ints([1]), keepdims=0)
     seed = onehot if gradient else b.mul(logits, onehot)
     if logits is not scores:
         seed = b.reshape_like(seed, scores, scores)
-    return seed, [target], {EXPLAINED_CLASS: (b.op("Where", valid, chosen, b.ints(-1)), np.int64, [batch]),
-                            EXPLAINED_LOGIT: (invalid_as_nan(b, valid, chosen_logit), np.float32, [batch])}, valid
+    return (
+        seed,
+        [target],
+        {
+            EXPLAINED_CLASS: (b.op("Where", valid, chosen, b.ints(-1)), np.int64, [batch]),
+            EXPLAINED_LOGIT: (invalid_as_nan(b, valid, chosen_logit), np.float32, [batch]),
+        },
+        valid,
+    )
 
 
 def invalid_as_nan(b, valid, tensor):
@@ -196,14 +229,17 @@ def _check_layers(p, names, layer_sum):
         raise RuleError(f"layer_sum must be one of {LAYER_SUMS} or None; got {layer_sum!r}")
     reachable = {t.name: t for u in p.units for t in u.outputs}
     reachable[p.explained.name] = p.explained
-    merged = {t.name: u.name for u in p.units if u.followers for node in [u.head] + u.followers[:-1]
-              for t in node.outputs}
+    merged = {
+        t.name: u.name for u in p.units if u.followers for node in [u.head] + u.followers[:-1] for t in node.outputs
+    }
     layers = {}
     for name in names:
         name_read = name + MIRROR if name + MIRROR in reachable else name
         if name_read in merged:
-            raise InputError(f"{p.label}: layer {name!r} is inside the merged unit {merged[name_read]!r} "
-                             "(a linear layer and its BatchNorm or bias); ask for the unit's output")
+            raise InputError(
+                f"{p.label}: layer {name!r} is inside the merged unit {merged[name_read]!r} "
+                "(a linear layer and its BatchNorm or bias); ask for the unit's output"
+            )
         if name_read not in reachable:
             where = "no such tensor" if name not in p.graph.tensors() else "not on the explained path"
             raise InputError(f"{p.label}: layer {name!r}: {where}")
@@ -223,8 +259,7 @@ def reverse_walk(b, p, seed, layers=()):
     contributions[p.logits.name].append(seed)
     at_layers = {}
     for unit in reversed(p.units):
-        relevance_out = [b.total(contributions.pop(t.name)) if t.name in contributions else None
-                         for t in unit.outputs]
+        relevance_out = [b.total(contributions.pop(t.name)) if t.name in contributions else None for t in unit.outputs]
         at_layers.update((t.name, r) for t, r in zip(unit.outputs, relevance_out) if t.name in layers and r is not None)
         if all(r is None for r in relevance_out):
             continue
@@ -236,8 +271,10 @@ def reverse_walk(b, p, seed, layers=()):
             except Exception as e:  # a propagator bug must still name the node it failed on
                 raise UnsupportedModelError(f"node {unit.name!r} ({unit.op}): {type(e).__name__}: {e}") from e
         if len(relevance_in) != len(unit.inputs):  # zip would drop relevance silently
-            raise UnsupportedModelError(f"node {unit.name!r} ({unit.op}): its propagator returned "
-                                        f"{len(relevance_in)} relevance(s) for {len(unit.inputs)} input(s)")
+            raise UnsupportedModelError(
+                f"node {unit.name!r} ({unit.op}): its propagator returned "
+                f"{len(relevance_in)} relevance(s) for {len(unit.inputs)} input(s)"
+            )
         for t, r, rel in zip(unit.inputs, relevance_in, unit.relevant):
             if r is not None and rel:
                 contributions[t.name].append(r)

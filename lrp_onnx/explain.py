@@ -24,17 +24,19 @@ class Explanation:
     sample: Sample
     target: int
     predicted: int
-    logit: float             # the explained class's logit (pre-softmax): the seed of the relevance
-    relevance: np.ndarray    # one sample, the explained input's shape without the batch axis
+    logit: float  # the explained class's logit (pre-softmax): the seed of the relevance
+    relevance: np.ndarray  # one sample, the explained input's shape without the batch axis
     labels: Optional[list] = None
 
     def label(self, k):
         return self.labels[k] if self.labels else str(k)
 
     def __repr__(self):
-        return (f"Explanation({self.sample.name!r}, target={self.label(self.target)!r}, "
-                f"predicted={self.label(self.predicted)!r}, logit={float(self.logit):.4g}, "
-                f"relevance={list(self.relevance.shape)} Σ={float(self.relevance.sum()):.4g})")
+        return (
+            f"Explanation({self.sample.name!r}, target={self.label(self.target)!r}, "
+            f"predicted={self.label(self.predicted)!r}, logit={float(self.logit):.4g}, "
+            f"relevance={list(self.relevance.shape)} Σ={float(self.relevance.sum()):.4g})"
+        )
 
     def as_dict(self):
         """The summary row (``summary``): the same method name as TextExplanation's."""
@@ -46,10 +48,14 @@ class Explanation:
         positive, negative = r[r > 0].sum(), -r[r < 0].sum()
         total = positive + negative
         return {
-            "input": self.sample.name, "source": self.sample.source,
-            "predicted": self.predicted, "predicted_label": self.label(self.predicted),
-            "target": self.target, "target_label": self.label(self.target),
-            "logit": float(self.logit), "relevance_sum": float(r.sum()),
+            "input": self.sample.name,
+            "source": self.sample.source,
+            "predicted": self.predicted,
+            "predicted_label": self.label(self.predicted),
+            "target": self.target,
+            "target_label": self.label(self.target),
+            "logit": float(self.logit),
+            "relevance_sum": float(r.sum()),
             "conservation": float(r.sum() / self.logit) if self.logit else float("nan"),
             "positive_share": float(positive / total) if total else 0.0,
             "negative_share": float(negative / total) if total else 0.0,
@@ -75,8 +81,10 @@ def resolve_target(target, labels, classes):
         return None
     if isinstance(target, str) and not target.lstrip("-").isdigit():
         if not labels or target not in labels:
-            raise InputError(f"target {target!r} is not a class index" +
-                             (" or a label in the labels file" if labels else "; pass --labels to use names"))
+            raise InputError(
+                f"target {target!r} is not a class index"
+                + (" or a label in the labels file" if labels else "; pass --labels to use names")
+            )
         return labels.index(target)
     index = int(target)
     if classes is not None and not 0 <= index < classes:
@@ -103,6 +111,7 @@ def check_request(explainer, target=None, top_k=None, labels=None):
 class Outcome:
     """One input's result, in input order: its explanations (one per explained class), or the
     reason it has none."""
+
     index: int
     name: str
     source: str
@@ -152,8 +161,16 @@ def _explained_batches(explainer, batches, target, top_k, labels):
         if readable:
             for run, predicted in ranked_runs(explainer, np.stack([s.array for _, s in readable]), target, top_k):
                 for k, (i, sample) in enumerate(readable):
-                    explained[i].append(Explanation(sample, int(run["explained_class"][k]), int(predicted[k]),
-                                                    float(run["explained_logit"][k]), run["relevance"][k], labels))
+                    explained[i].append(
+                        Explanation(
+                            sample,
+                            int(run["explained_class"][k]),
+                            int(predicted[k]),
+                            float(run["explained_logit"][k]),
+                            run["relevance"][k],
+                            labels,
+                        )
+                    )
         yield [Outcome(i, sample.name, sample.source, explained.get(i, []), error) for i, sample, error in batch]
 
 
@@ -190,8 +207,9 @@ def explain_images(explainer, inputs, target=None, top_k=None, labels=None, prep
     class index or label name, ``top_k`` the K highest classes, neither the predicted class.
     Returns a list of ``Explanation`` (sample, target, predicted, logit, relevance, summary()).
     """
-    samples = load_samples(inputs if isinstance(inputs, (list, tuple)) else [inputs],
-                           explainer.input_spec, preprocess or Preprocess())
+    samples = load_samples(
+        inputs if isinstance(inputs, (list, tuple)) else [inputs], explainer.input_spec, preprocess or Preprocess()
+    )
     return list(explain_samples(explainer, samples, target, top_k, labels, batch_size))
 
 
@@ -206,10 +224,28 @@ def write_heatmap(e: Explanation, folder, cmap="bwr", overlay=False, channel_axi
     return name
 
 
-def explain_to_folder(explainer, inputs, folder, preprocess=None, target=None, top_k=None, labels=None,
-                      batch_size=32, cmap="bwr", overlay=False, as_json=False, progress=True, zoom=1,
-                      heatmaps=True, relevance_dtype="float32", shard_inputs=None, restart=False, fail_fast=False,
-                      prefetch=2, engine=None):
+def explain_to_folder(
+    explainer,
+    inputs,
+    folder,
+    preprocess=None,
+    target=None,
+    top_k=None,
+    labels=None,
+    batch_size=32,
+    cmap="bwr",
+    overlay=False,
+    as_json=False,
+    progress=True,
+    zoom=1,
+    heatmaps=True,
+    relevance_dtype="float32",
+    shard_inputs=None,
+    restart=False,
+    fail_fast=False,
+    prefetch=2,
+    engine=None,
+):
     """The CLI's explain job over image files, folders and arrays, streamed in batches: heatmaps,
     relevance shards and summaries in ``folder`` (None: ``io.run_folder.default_run_folder``, one
     per model and settings), laid out as ``io.run_folder`` describes. A folder
@@ -225,16 +261,28 @@ def explain_to_folder(explainer, inputs, folder, preprocess=None, target=None, t
     pending = list(read_inputs(inputs, spec, preprocess))  # locators only, counted for the progress bar
     target, labels = check_request(explainer, target, top_k, labels)  # a label name becomes its class index
     # relevance is laid out as the input, or as the tensor inside the graph it is given at
-    layout = spec.layout(preprocess.layout) if explainer.relevance_shape == spec.shape else \
-        InputSpec(explainer.relevance_shape).layout()
-    draw = functools.partial(write_heatmap, cmap=cmap, overlay=overlay, zoom=zoom,
-                             channel_axis=0 if layout == "nchw" else -1)
+    layout = (
+        spec.layout(preprocess.layout)
+        if explainer.relevance_shape == spec.shape
+        else InputSpec(explainer.relevance_shape).layout()
+    )
+    draw = functools.partial(
+        write_heatmap, cmap=cmap, overlay=overlay, zoom=zoom, channel_axis=0 if layout == "nchw" else -1
+    )
     shard_inputs = shard_inputs or default_shard_inputs(
-        [d if isinstance(d, int) else 224 for d in spec.shape[1:]], relevance_dtype, top_k or 1)
-    settings = {"explainer": explainer.metadata, "inputs": [os.path.abspath(p) for p in inputs],
-                "preprocess": dataclasses.asdict(preprocess), "target": target, "top_k": top_k, "labels": labels,
-                "heatmaps": {"cmap": cmap, "overlay": overlay, "zoom": zoom} if heatmaps else None,
-                "relevance_dtype": relevance_dtype, "shard_inputs": shard_inputs}
+        [d if isinstance(d, int) else 224 for d in spec.shape[1:]], relevance_dtype, top_k or 1
+    )
+    settings = {
+        "explainer": explainer.metadata,
+        "inputs": [os.path.abspath(p) for p in inputs],
+        "preprocess": dataclasses.asdict(preprocess),
+        "target": target,
+        "top_k": top_k,
+        "labels": labels,
+        "heatmaps": {"cmap": cmap, "overlay": overlay, "zoom": zoom} if heatmaps else None,
+        "relevance_dtype": relevance_dtype,
+        "shard_inputs": shard_inputs,
+    }
     folder = folder or default_run_folder(explainer.label, settings)
     run = RunFolder(folder, settings, shard_inputs, relevance_dtype, draw if heatmaps else None, restart)
     completed = False
@@ -242,8 +290,9 @@ def explain_to_folder(explainer, inputs, folder, preprocess=None, target=None, t
         remaining = run.skip_done(pending)
         bar = progress_bar(len(pending) - run.totals.resumed, progress, unit="input")
         if engine is None:
-            outcomes = explain_stream(explainer, remaining, target, top_k, labels, batch_size, prefetch,
-                                      InputReader(spec, preprocess))
+            outcomes = explain_stream(
+                explainer, remaining, target, top_k, labels, batch_size, prefetch, InputReader(spec, preprocess)
+            )
         else:
             outcomes = engine.outcomes(explainer, remaining, target, top_k, labels, batch_size, preprocess)
         for outcome in outcomes:

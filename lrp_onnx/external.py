@@ -90,8 +90,13 @@ def external_files(path):
     except Exception:  # an unreadable file is refused when it is loaded
         return []
     folder = os.path.dirname(os.path.abspath(path))
-    locations = {e.value for t in model_tensors(proto) if is_external(t) for e in t.external_data
-                 if e.key == "location" and "\x00" not in e.value}
+    locations = {
+        e.value
+        for t in model_tensors(proto)
+        if is_external(t)
+        for e in t.external_data
+        if e.key == "location" and "\x00" not in e.value
+    }
     return [os.path.join(folder, location) for location in sorted(locations)]
 
 
@@ -126,18 +131,23 @@ def check_tensor_sizes(proto, label):
             held, unit = len(getattr(tensor, field)), "values"
             expected = _field_values(tensor.data_type, math.prod(tensor.dims))
         if held != expected:
-            raise ModelLoadError(f"{label}: tensor {tensor.name!r} holds {held} {unit} but its dims "
-                                 f"{list(tensor.dims)} call for {expected} (data length does not match dims)")
+            raise ModelLoadError(
+                f"{label}: tensor {tensor.name!r} holds {held} {unit} but its dims "
+                f"{list(tensor.dims)} call for {expected} (data length does not match dims)"
+            )
         if unit == "bytes" and held > PROTOBUF_LIMIT:  # the graph travels in pieces, a tensor never does
-            raise UnsupportedModelError(f"{label}: tensor {tensor.name!r} alone holds {held} bytes; a single "
-                                        "tensor past protobuf's 2 GB limit is not supported")
+            raise UnsupportedModelError(
+                f"{label}: tensor {tensor.name!r} alone holds {held} bytes; a single "
+                "tensor past protobuf's 2 GB limit is not supported"
+            )
 
 
 def is_large(tensor):
     """Raw data over LARGE_TENSOR_BYTES, judged by the dims (which ``check_tensor_sizes`` has matched
     to it): reading ``raw_data`` to measure it would copy the bytes. A held weight is large."""
-    return is_held(tensor) or (tensor.HasField("raw_data") and
-                               (tensor_nbytes(tensor, tensor.name) or 0) > LARGE_TENSOR_BYTES)
+    return is_held(tensor) or (
+        tensor.HasField("raw_data") and (tensor_nbytes(tensor, tensor.name) or 0) > LARGE_TENSOR_BYTES
+    )
 
 
 def _field_values(data_type, count):
@@ -176,8 +186,9 @@ def _read_external(tensor, folder, label):
         raise UnsafeModelError(f"{where}: external data location {location!r} holds a NUL byte")
     parts = location.replace("\\", "/").split("/")
     if os.path.isabs(location) or location[:1] in "/\\" or (len(location) > 1 and location[1] == ":"):
-        raise UnsafeModelError(f"{where}: external data location {location!r} is absolute; it must lie in the "
-                               "model's folder")
+        raise UnsafeModelError(
+            f"{where}: external data location {location!r} is absolute; it must lie in the model's folder"
+        )
     if ".." in parts:
         raise UnsafeModelError(f"{where}: external data location {location!r} leaves the model's folder")
     path = folder
@@ -201,17 +212,23 @@ def _read_external(tensor, folder, label):
         raise UnsafeModelError(f"{where}: external data {location!r} is not a regular file")
     with os.fdopen(fd, "rb") as f:
         if info.st_nlink > 1:
-            raise UnsafeModelError(f"{where}: external data {location!r} has {info.st_nlink} hard links; a "
-                                   "hardlink may be a file from outside the model's folder")
+            raise UnsafeModelError(
+                f"{where}: external data {location!r} has {info.st_nlink} hard links; a "
+                "hardlink may be a file from outside the model's folder"
+            )
         offset = offset or 0
         length = info.st_size - offset if length is None else length
         if offset < 0 or length < 0 or offset + length > info.st_size:
-            raise UnsafeModelError(f"{where}: external data offset {offset} and length {length} fall outside "
-                                   f"{location!r} ({info.st_size} bytes)")
+            raise UnsafeModelError(
+                f"{where}: external data offset {offset} and length {length} fall outside "
+                f"{location!r} ({info.st_size} bytes)"
+            )
         expected = tensor_nbytes(tensor, label)
         if expected is not None and length != expected:
-            raise ModelLoadError(f"{where}: external data holds {length} bytes but dims {list(tensor.dims)} call "
-                                 f"for {expected} (data length does not match dims)")
+            raise ModelLoadError(
+                f"{where}: external data holds {length} bytes but dims {list(tensor.dims)} call "
+                f"for {expected} (data length does not match dims)"
+            )
         f.seek(offset)
         return f.read(length)
 
@@ -221,8 +238,10 @@ def require_loaded(proto, label, held=None):
     references of ``held`` aside)."""
     stray = next((t for t in model_tensors(proto) if is_external(t) and not (held is not None and held.holds(t))), None)
     if stray is not None:
-        raise ModelLoadError(f"{label}: tensor {stray.name!r} keeps its data in an external file; pass the "
-                             "model's path so that the file can be found and checked")
+        raise ModelLoadError(
+            f"{label}: tensor {stray.name!r} keeps its data in an external file; pass the "
+            "model's path so that the file can be found and checked"
+        )
 
 
 # A held weight's location: NUL cannot be in a real one (``_read_external`` refuses it), so no file
@@ -230,13 +249,24 @@ def require_loaded(proto, label, held=None):
 HELD_LOCATION = "\x00held/"
 # Element types held as they are. The others (float16 and bfloat16 ones, which the converter
 # upcasts, 4-bit, strings) stay in the proto.
-HELD_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.INT8, TensorProto.INT16, TensorProto.INT32,
-              TensorProto.INT64, TensorProto.UINT8, TensorProto.UINT16, TensorProto.UINT32, TensorProto.UINT64}
+HELD_TYPES = {
+    TensorProto.FLOAT,
+    TensorProto.DOUBLE,
+    TensorProto.INT8,
+    TensorProto.INT16,
+    TensorProto.INT32,
+    TensorProto.INT64,
+    TensorProto.UINT8,
+    TensorProto.UINT16,
+    TensorProto.UINT32,
+    TensorProto.UINT64,
+}
 
 
 def is_held(tensor):
-    return is_external(tensor) and any(e.key == "location" and e.value.startswith(HELD_LOCATION)
-                                       for e in tensor.external_data)
+    return is_external(tensor) and any(
+        e.key == "location" and e.value.startswith(HELD_LOCATION) for e in tensor.external_data
+    )
 
 
 class HeldWeights:
@@ -245,7 +275,7 @@ class HeldWeights:
     the graph that is built reads them as read-only numpy arrays over the same bytes."""
 
     def __init__(self):
-        self._data = {}    # location -> bytes
+        self._data = {}  # location -> bytes
         self._arrays = {}  # location -> the array over them, once asked for
 
     @property
@@ -274,8 +304,10 @@ class HeldWeights:
         if dtype is None or shape is None or np.dtype(dtype).kind not in "biuf":
             return False
         dtype = np.dtype(dtype)
-        return (onnx.helper.np_dtype_to_tensor_dtype(dtype) in HELD_TYPES and
-                math.prod(shape) * dtype.itemsize > LARGE_TENSOR_BYTES)
+        return (
+            onnx.helper.np_dtype_to_tensor_dtype(dtype) in HELD_TYPES
+            and math.prod(shape) * dtype.itemsize > LARGE_TENSOR_BYTES
+        )
 
     def hold_array(self, name, array):
         """A reference for a graph constant ``name`` with values ``array``: an array of
@@ -338,8 +370,11 @@ def holding_large_weights(proto, held, path=None):
 
 def _data_to_hold(tensor, path, label):
     """The bytes of ``tensor`` if it is to be held, else None."""
-    if tensor.data_type not in HELD_TYPES or tensor.HasField("segment") or \
-            (tensor_nbytes(tensor, label) or 0) <= LARGE_TENSOR_BYTES:
+    if (
+        tensor.data_type not in HELD_TYPES
+        or tensor.HasField("segment")
+        or (tensor_nbytes(tensor, label) or 0) <= LARGE_TENSOR_BYTES
+    ):
         return None
     if is_external(tensor):
         return _read_external(tensor, _folder(path), label) if path is not None else None
@@ -381,8 +416,9 @@ def without_large_weights(step, proto):
     shell.graph.initializer.extend(t for t in graph.initializer if t.name not in names)
     listed = {i.name for i in graph.input}  # IR 3 files list initializers as inputs already
     added = {t.name for t in large if t.name not in listed}
-    shell.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims)
-                             for t in large if t.name in added)
+    shell.graph.input.extend(
+        onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in large if t.name in added
+    )
     result = step(shell)
     if result is None:
         return proto
@@ -435,8 +471,11 @@ def save_with_external_data(proto, path, write, held=None):
         moved.append((tensor, before))
         del tensor.external_data[:]
         tensor.data_location = TensorProto.EXTERNAL
-        for key, value in {"location": os.path.basename(data_path), "offset": str(offset),
-                           "length": str(len(data))}.items():
+        for key, value in {
+            "location": os.path.basename(data_path),
+            "offset": str(offset),
+            "length": str(len(data)),
+        }.items():
             tensor.external_data.add(key=key, value=value)
         offset += len(data)
     try:

@@ -28,8 +28,13 @@ SQRT_2_OVER_PI = float(np.sqrt(2 / np.pi))
 AXES_AS_INPUT = {"Unsqueeze": 13, "ReduceSum": 13, "ReduceMean": 18, "Split": 13}
 LAYER_NORMALIZATION_OPSET = 17
 # ORT's defaults, measured: the schemas' attribute defaults differ from op to op
-DEFAULT_EPSILON = {"SkipLayerNormalization": 1e-12, "SkipSimplifiedLayerNormalization": 1e-12,
-                   "EmbedLayerNormalization": 1e-12, "SimplifiedLayerNormalization": 1e-5, "LayerNormalization": 1e-5}
+DEFAULT_EPSILON = {
+    "SkipLayerNormalization": 1e-12,
+    "SkipSimplifiedLayerNormalization": 1e-12,
+    "EmbedLayerNormalization": 1e-12,
+    "SimplifiedLayerNormalization": 1e-5,
+    "LayerNormalization": 1e-5,
+}
 
 
 class Expansion:
@@ -58,10 +63,12 @@ class Expansion:
     def op(self, op_type, *inputs, out=None, outputs=1, **attrs):
         """Add a standard node; its output names (``out`` names the first), one name if outputs == 1."""
         index = len(self.nodes)
-        names = [out or f"{self.name}/{op_type}_{index}"] + [f"{self.name}/{op_type}_{index}:{k}"
-                                                             for k in range(1, outputs)]
-        self.nodes.append(helper.make_node(op_type, list(inputs), names, name=f"{self.name}/{op_type}_{index}",
-                                           **attrs))
+        names = [out or f"{self.name}/{op_type}_{index}"] + [
+            f"{self.name}/{op_type}_{index}:{k}" for k in range(1, outputs)
+        ]
+        self.nodes.append(
+            helper.make_node(op_type, list(inputs), names, name=f"{self.name}/{op_type}_{index}", **attrs)
+        )
         return names[0] if outputs == 1 else names
 
     def const(self, values, dtype=None):
@@ -86,8 +93,9 @@ class Expansion:
         return self.attrs.get("epsilon", DEFAULT_EPSILON[self.node.op_type])
 
     def refuse(self, what):
-        raise UnsupportedModelError(f"node {self.name!r} ({self.node.op_type}, {self.node.domain or 'ai.onnx'}): "
-                                    f"{what} is not supported")
+        raise UnsupportedModelError(
+            f"node {self.name!r} ({self.node.op_type}, {self.node.domain or 'ai.onnx'}): {what} is not supported"
+        )
 
 
 def add_optional(e, x, y):
@@ -199,8 +207,11 @@ def key_mask_bias(e, mask, keys):
     if rank == 1:
         length = e.op("Gather", e.op("Shape", keys), e.const(1, np.int64))
         index = e.op("Range", e.const(0, np.int32), e.op("Cast", length, to=TensorProto.INT32), e.const(1, np.int32))
-        attended = e.op("Less", e.along("Unsqueeze", index, [0]),
-                        e.along("Unsqueeze", e.op("Cast", mask, to=TensorProto.INT32), [1]))
+        attended = e.op(
+            "Less",
+            e.along("Unsqueeze", index, [0]),
+            e.along("Unsqueeze", e.op("Cast", mask, to=TensorProto.INT32), [1]),
+        )
     elif rank == 2:
         attended = e.op("Cast", mask, to=TensorProto.BOOL)
     else:
@@ -242,8 +253,11 @@ def expand_attention(e):
     """Attention(x, W, bias, mask_index, past, attention_bias): the q, k and v projections
     x·W + bias in one MatMul, split (by qkv_hidden_sizes, else in three), then ``attend``."""
     refuse_decoding(e, past_inputs=(4, 6), past_outputs=(1,))
-    projections = e.op("Add", e.op("MatMul", e.input(0), e.input(1)), e.input(2)) if e.input(2) else \
-        e.op("MatMul", e.input(0), e.input(1))
+    projections = (
+        e.op("Add", e.op("MatMul", e.input(0), e.input(1)), e.input(2))
+        if e.input(2)
+        else e.op("MatMul", e.input(0), e.input(1))
+    )
     sizes = e.attrs.get("qkv_hidden_sizes")
     split = e.along("Split", projections, sizes, axis=-1, outputs=3) if sizes else e.thirds(projections, -1)
     mask = key_mask_bias(e, e.input(3), split[1]) if e.input(3) else ""
@@ -296,10 +310,12 @@ class ModelFacts:
     that follow through the ops ORT's optimizer puts before an attention mask."""
 
     def __init__(self, graph):
-        typed = [v for v in list(graph.input) + list(graph.value_info) + list(graph.output)
-                 if v.type.HasField("tensor_type")]
-        self.declared = {v.name: len(v.type.tensor_type.shape.dim) for v in typed
-                         if v.type.tensor_type.HasField("shape")}
+        typed = [
+            v for v in list(graph.input) + list(graph.value_info) + list(graph.output) if v.type.HasField("tensor_type")
+        ]
+        self.declared = {
+            v.name: len(v.type.tensor_type.shape.dim) for v in typed if v.type.tensor_type.HasField("shape")
+        }
         self.declared.update({t.name: len(t.dims) for t in graph.initializer})
         self.types = {v.name: v.type.tensor_type.elem_type for v in typed}
         self.types.update({t.name: t.data_type for t in graph.initializer})

@@ -63,8 +63,9 @@ def carries_relevance(t):
     """Float tensors (or of unknown type) and small-integer values carry relevance; shape
     sub-graphs, indices, masks and quantization parameters do not."""
     producer = t.inputs[0] if t.inputs else None
-    if producer is not None and any(i < len(producer.outputs) and producer.outputs[i] is t
-                                    for i in PARAMETER_OUTPUTS.get(producer.op, ())):
+    if producer is not None and any(
+        i < len(producer.outputs) and producer.outputs[i] is t for i in PARAMETER_OUTPUTS.get(producer.op, ())
+    ):
         return False
     return t.dtype is None or _dtype_kind(t.dtype) == "f" or _dtype_name(t.dtype) in SMALL_INTEGERS
 
@@ -134,8 +135,9 @@ def casts_to_float(node):
 
 
 def _is_linear_head(node):
-    return node.op in LINEAR_HEADS + INTEGER_HEADS + PACKED_HEADS and len(node.inputs) >= 2 and \
-        is_constant(node.inputs[1])
+    return (
+        node.op in LINEAR_HEADS + INTEGER_HEADS + PACKED_HEADS and len(node.inputs) >= 2 and is_constant(node.inputs[1])
+    )
 
 
 def _absorbable(follower, head, y, position):
@@ -146,8 +148,11 @@ def _absorbable(follower, head, y, position):
             return casts_to_float(follower)
         return follower.op == "Mul" and len(follower.inputs) == 2
     if follower.op == "BatchNormalization":
-        return follower.inputs[0] is y and all(is_constant(t) for t in follower.inputs[1:5]) \
+        return (
+            follower.inputs[0] is y
+            and all(is_constant(t) for t in follower.inputs[1:5])
             and not follower.attrs.get("training_mode", 0)
+        )
     if follower.op not in AFFINE_FOLLOWERS or len(follower.inputs) != 2:
         return False  # PRelu, a 1×1 Conv, a Split with constant sizes: two inputs, but not y ↦ s·y + t
     other = follower.inputs[1] if follower.inputs[0] is y else follower.inputs[0]
@@ -173,8 +178,11 @@ def find_units(graph, explained, outputs):
         unit = Unit(node, relevant=[t.name in relevant for t in node.inputs])
         if _is_linear_head(node) and unit.relevant[0] and not any(unit.relevant[1:]):
             y = node.outputs[0]
-            while len(y.outputs) == 1 and y.name not in graph_outputs and \
-                    _absorbable(y.outputs[0], node, y, len(unit.followers)):
+            while (
+                len(y.outputs) == 1
+                and y.name not in graph_outputs
+                and _absorbable(y.outputs[0], node, y, len(unit.followers))
+            ):
                 follower = y.outputs[0]
                 if any(t.name in relevant for t in follower.inputs if t is not y):
                     break
@@ -191,10 +199,31 @@ def find_units(graph, explained, outputs):
 # Non-negativity, propagated forward so that rules can drop terms of x⁻ = min(x, 0) that are zero.
 # For an integer tensor it is its value's: (q − zero point)·scale for a quantized one.
 MAKE_NONNEGATIVE = ("Relu", "Sigmoid", "Softplus", "HardSigmoid", "Softmax", "Abs", "Exp")
-KEEP_FIRST_INPUT_SIGN = ("MaxPool", "GlobalMaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean", "ReduceSum",
-                         "ReduceMax", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity",
-                         "Dropout", "Slice", "Gather", "Split", "LRN", "Cast", "Expand", "DequantizeLinear",
-                         "DynamicQuantizeLinear", "QuantizeLinear")
+KEEP_FIRST_INPUT_SIGN = (
+    "MaxPool",
+    "GlobalMaxPool",
+    "AveragePool",
+    "GlobalAveragePool",
+    "ReduceMean",
+    "ReduceSum",
+    "ReduceMax",
+    "Reshape",
+    "Flatten",
+    "Squeeze",
+    "Unsqueeze",
+    "Transpose",
+    "Identity",
+    "Dropout",
+    "Slice",
+    "Gather",
+    "Split",
+    "LRN",
+    "Cast",
+    "Expand",
+    "DequantizeLinear",
+    "DynamicQuantizeLinear",
+    "QuantizeLinear",
+)
 KEEP_ALL_INPUTS_SIGN = ("Concat", "Add", "Sum", "Mul", "Min")
 
 
@@ -203,8 +232,11 @@ def nonnegative_tensors(graph):
     constants, unsigned raw inputs (pixels), what pooling, routing, sums and products make of them,
     and quantized values whose zero point is their type's minimum (nothing below 0 representable,
     where a quantizer folded a Relu into the range)."""
-    known = {t.name for t in graph.tensors().values()
-             if is_constant(t) and _dtype_kind(t.dtype) in "fiub" and t.values.size and t.values.min() >= 0}
+    known = {
+        t.name
+        for t in graph.tensors().values()
+        if is_constant(t) and _dtype_kind(t.dtype) in "fiub" and t.values.size and t.values.min() >= 0
+    }
     known.update(t.name for t in graph.inputs if _dtype_kind(t.dtype) == "u")
 
     def nonneg(t):
@@ -218,8 +250,9 @@ def nonnegative_tensors(graph):
             operands = [node.inputs[value] for value, _, _ in form.operand_triples(node)]
             ok = at_type_minimum(form.output_zero_point(node)) or _stays_nonnegative(form.float_op, operands, nonneg)
         else:
-            ok = (node.op == "QuantizeLinear" and len(node.inputs) > 2 and at_type_minimum(node.inputs[2])) or \
-                _stays_nonnegative(node.op, node.inputs, nonneg)
+            ok = (
+                node.op == "QuantizeLinear" and len(node.inputs) > 2 and at_type_minimum(node.inputs[2])
+            ) or _stays_nonnegative(node.op, node.inputs, nonneg)
         if ok:
             known.update(t.name for t in node.outputs if carries_relevance(t))
     return known

@@ -20,8 +20,14 @@ from google.protobuf.message import DecodeError, EncodeError
 from onnx import version_converter
 
 from .errors import InputError, ModelLoadError, ModelWarning, UnsupportedModelError, first_line
-from .external import (check_tensor_sizes, holding_large_weights, is_repeated, load_external_data,
-                       require_loaded, without_large_weights)
+from .external import (
+    check_tensor_sizes,
+    holding_large_weights,
+    is_repeated,
+    load_external_data,
+    require_loaded,
+    without_large_weights,
+)
 from .fused import expand_fused_ops
 from .precision import explain_in_float32, release_mirror_outputs
 from .quantized import QUANTIZERS, mirror_qdq_forward, read_quantized_weights, shape_twin
@@ -63,8 +69,12 @@ def check_strings(proto, label):
 
 # Wire-format field numbers on the way from a ModelProto down to a subgraph: ModelProto.graph,
 # GraphProto.node, NodeProto.attribute, AttributeProto.g and AttributeProto.graphs.
-SUBGRAPH_PATH = {"model": {7: "graph"}, "graph": {1: "node"}, "node": {5: "attribute"},
-                 "attribute": {6: "graph", 11: "graph"}}
+SUBGRAPH_PATH = {
+    "model": {7: "graph"},
+    "graph": {1: "node"},
+    "node": {5: "attribute"},
+    "attribute": {6: "graph", 11: "graph"},
+}
 # The protobuf parser refuses messages nested past its recursion limit of 100; each level of
 # subgraph nests three (graph, node, attribute), so 33 levels is as deep as a file can go.
 PROTOBUF_SUBGRAPH_LIMIT = 33
@@ -113,7 +123,8 @@ def refused_parse(label, error, what, data=b""):
     depth = subgraph_depth(data)
     if depth > PROTOBUF_SUBGRAPH_LIMIT:
         return ModelLoadError(
-            f"{label}: subgraphs nested {depth} deep; protobuf parses at most {PROTOBUF_SUBGRAPH_LIMIT} levels")
+            f"{label}: subgraphs nested {depth} deep; protobuf parses at most {PROTOBUF_SUBGRAPH_LIMIT} levels"
+        )
     return ModelLoadError(f"{label}: {what} ({first_line(error)})")
 
 
@@ -212,12 +223,15 @@ def pin_input_shapes(proto, shapes, label):
             raise InputError(f"{label}: --shape names {name!r}, which is no graph input; inputs are {list(inputs)}")
         declared = inputs[name].type.tensor_type.shape
         if len(declared.dim) != len(dims):
-            raise InputError(f"{label}: --shape gives {name!r} {len(dims)} dims; it has {len(declared.dim)} "
-                             f"{_dims(declared)}")
+            raise InputError(
+                f"{label}: --shape gives {name!r} {len(dims)} dims; it has {len(declared.dim)} {_dims(declared)}"
+            )
         for dim, value in zip(declared.dim, dims):
             if isinstance(value, int) and dim.HasField("dim_value") and dim.dim_value != value:
-                raise InputError(f"{label}: --shape {name}={_listed(dims)} changes the static size {dim.dim_value} "
-                                 f"of {_dims(declared)}")
+                raise InputError(
+                    f"{label}: --shape {name}={_listed(dims)} changes the static size {dim.dim_value} "
+                    f"of {_dims(declared)}"
+                )
             if isinstance(value, int):
                 if value < 1:
                     raise InputError(f"{label}: --shape {name}={_listed(dims)}: sizes must be at least 1")
@@ -246,8 +260,13 @@ def sort_nodes(proto, label):
 def _available(graph, outer):
     """Names a graph's nodes may read before any node runs: its inputs, initializers, the outer
     scope's names (for a subgraph), and the empty name of an absent optional input."""
-    return outer | {""} | {i.name for i in graph.input} | {t.name for t in graph.initializer} | \
-        {t.values.name for t in graph.sparse_initializer}
+    return (
+        outer
+        | {""}
+        | {i.name for i in graph.input}
+        | {t.name for t in graph.initializer}
+        | {t.values.name for t in graph.sparse_initializer}
+    )
 
 
 def _subgraphs(node):
@@ -270,8 +289,11 @@ def _sort_graph(graph, outer, label):
     producer = {o: k for k, node in enumerate(nodes) for o in node.output if o}
     dependents, waiting = [[] for _ in nodes], []
     for k, node in enumerate(nodes):
-        needed = {producer[i] for i in list(node.input) + [r for g in _subgraphs(node) for r in _reads(g)]
-                  if i in producer and producer[i] != k}
+        needed = {
+            producer[i]
+            for i in list(node.input) + [r for g in _subgraphs(node) for r in _reads(g)]
+            if i in producer and producer[i] != k
+        }
         waiting.append(len(needed))
         for j in needed:
             dependents[j].append(k)
@@ -299,8 +321,9 @@ def _sort_graph(graph, outer, label):
 
 def _reads(graph):
     """Every name a graph's nodes read, its subgraphs' included."""
-    return {i for node in graph.node for i in node.input} | {r for node in graph.node for g in _subgraphs(node)
-                                                              for r in _reads(g)}
+    return {i for node in graph.node for i in node.input} | {
+        r for node in graph.node for g in _subgraphs(node) for r in _reads(g)
+    }
 
 
 def _copied_node(node):
@@ -361,9 +384,13 @@ def declare_output_shapes(proto, label):
         return proto, []
     declared = without_large_weights(lambda shell: _declare_inferred_shapes(shell, names, label), proto)
     shapes = {o.name: o.type.tensor_type.shape for o in declared.graph.output}
-    return declared, [f"{label}: output {o.name!r} declares no {'shape' if o.HasField('type') else 'type'}, which the "
-                      "ONNX checker requires (ONNX Runtime does not); converting with the inferred shape "
-                      f"{_dims(shapes[o.name])}" for o in proto.graph.output if o.name in names]
+    return declared, [
+        f"{label}: output {o.name!r} declares no {'shape' if o.HasField('type') else 'type'}, which the "
+        "ONNX checker requires (ONNX Runtime does not); converting with the inferred shape "
+        f"{_dims(shapes[o.name])}"
+        for o in proto.graph.output
+        if o.name in names
+    ]
 
 
 def _declare_inferred_shapes(shell, names, label):
@@ -380,8 +407,10 @@ def _declare_inferred_shapes(shell, names, label):
             continue
         found = types.get(output.name)
         if found is None or not found.tensor_type.HasField("shape"):
-            raise ModelLoadError(f"{label}: output {output.name!r} declares no shape, which the ONNX checker "
-                                 "requires, and shape inference finds none")
+            raise ModelLoadError(
+                f"{label}: output {output.name!r} declares no shape, which the ONNX checker "
+                "requires, and shape inference finds none"
+            )
         if output.HasField("type"):  # its element type stays, for check_model to compare with the graph's
             output.type.tensor_type.shape.CopyFrom(found.tensor_type.shape)
         else:
@@ -390,8 +419,9 @@ def _declare_inferred_shapes(shell, names, label):
 
 
 def _dims(shape):
-    dims = [d.dim_param if d.HasField("dim_param") else d.dim_value if d.HasField("dim_value") else "?"
-            for d in shape.dim]
+    dims = [
+        d.dim_param if d.HasField("dim_param") else d.dim_value if d.HasField("dim_value") else "?" for d in shape.dim
+    ]
     return f"[{', '.join(map(str, dims))}]"
 
 
@@ -427,12 +457,21 @@ def upgrade_opset(proto, label):
     MaxPool on an input with a dynamic size past the batch (a dynamic image)."""
     opset = ai_onnx_opset(proto)
     target = max(opset, MIN_OPSET)
-    constants = {t.name for t in proto.graph.initializer} | \
-        {o for n in proto.graph.node if n.op_type == "Constant" for o in n.output}
-    dynamic_image = any(not d.HasField("dim_value") for i in proto.graph.input if i.name not in constants
-                        for d in i.type.tensor_type.shape.dim[1:])
-    if any(n.op_type == "GatherND" or (n.op_type == "Gather" and n.input[1] not in constants)
-           or (n.op_type == "MaxPool" and dynamic_image) for n in proto.graph.node):
+    constants = {t.name for t in proto.graph.initializer} | {
+        o for n in proto.graph.node if n.op_type == "Constant" for o in n.output
+    }
+    dynamic_image = any(
+        not d.HasField("dim_value")
+        for i in proto.graph.input
+        if i.name not in constants
+        for d in i.type.tensor_type.shape.dim[1:]
+    )
+    if any(
+        n.op_type == "GatherND"
+        or (n.op_type == "Gather" and n.input[1] not in constants)
+        or (n.op_type == "MaxPool" and dynamic_image)
+        for n in proto.graph.node
+    ):
         target = max(target, SCATTER_OPSET)
     if target == opset:
         return proto
@@ -450,6 +489,7 @@ def infer_shapes(proto, label):
     batch, which keeps channel counts static so that folding can turn such shape sub-graphs into
     constants. It needs sympy, whose import alone took 0.4 s of vgg16's conversion. Where it
     cannot infer every shape either, ONNX's result stands."""
+
     def infer(shell):
         try:
             onnx_inferred, failure = _onnx_shapes(shell, label), None
@@ -467,6 +507,7 @@ def infer_shapes(proto, label):
         if failure is not None:
             raise failure
         return onnx_inferred
+
     return without_large_weights(infer, proto)
 
 
@@ -474,18 +515,25 @@ def _shapes_complete(proto):
     """Whether every node output of the main graph has a tensor type whose sizes are numbers or
     symbolic sizes of the graph's inputs."""
     graph = proto.graph
-    given = {d.dim_param for i in graph.input if i.type.HasField("tensor_type")
-             for d in i.type.tensor_type.shape.dim if d.dim_param}
+    given = {
+        d.dim_param
+        for i in graph.input
+        if i.type.HasField("tensor_type")
+        for d in i.type.tensor_type.shape.dim
+        if d.dim_param
+    }
     known = {v.name: v.type for v in list(graph.value_info) + list(graph.output)}
     for node in graph.node:
         for name in node.output:
             if not name:
                 continue
-            if name not in known or not known[name].HasField("tensor_type") or \
-                    not known[name].tensor_type.HasField("shape"):
+            if (
+                name not in known
+                or not known[name].HasField("tensor_type")
+                or not known[name].tensor_type.HasField("shape")
+            ):
                 return False
-            if any(not d.HasField("dim_value") and d.dim_param not in given
-                   for d in known[name].tensor_type.shape.dim):
+            if any(not d.HasField("dim_value") and d.dim_param not in given for d in known[name].tensor_type.shape.dim):
                 return False
     return True
 
@@ -565,8 +613,12 @@ def import_graph(proto, held=None):
     if held is not None:
         references = {t.name: t for t in proto.graph.initializer if held.holds(t)}
         # a weight that only a subgraph reads is not among the main graph's tensors
-        for constant in (t for g in [graph, *graph.subgraphs(recursive=True)] for t in g.tensors().values()
-                         if t.name in references and isinstance(t, gs.Constant)):
+        for constant in (
+            t
+            for g in [graph, *graph.subgraphs(recursive=True)]
+            for t in g.tensors().values()
+            if t.name in references and isinstance(t, gs.Constant)
+        ):
             # the values are in memory: exported again, they are not external data
             constant.values, constant.data_location = held.array_of(references[constant.name]), None
     for step in GRAPH_STEPS:
@@ -589,19 +641,28 @@ def expand_linear_classifiers(graph):
             raise UnsupportedModelError(
                 f"node {node.name!r} (LinearClassifier): post_transform {post} with {len(intercepts)} score "
                 f"column(s) for {len(labels)} labels is not supported; supported: one column per class and "
-                f"post_transform {', '.join(CLASSIFIER_POST_TRANSFORMS)}")
+                f"post_transform {', '.join(CLASSIFIER_POST_TRANSFORMS)}"
+            )
         name = node.name or label.name
         logits = gs.Variable(f"{name}/logits", dtype=np.float32)
-        nodes = [gs.Node("Gemm", f"{name}/gemm", {"transB": 1},
-                         [x, gs.Constant(f"{name}/weight", weight), gs.Constant(f"{name}/intercepts", intercepts)],
-                         [logits])]
+        nodes = [
+            gs.Node(
+                "Gemm",
+                f"{name}/gemm",
+                {"transB": 1},
+                [x, gs.Constant(f"{name}/weight", weight), gs.Constant(f"{name}/intercepts", intercepts)],
+                [logits],
+            )
+        ]
         op = CLASSIFIER_POST_TRANSFORMS[post]
-        nodes.append(gs.Node(op or "Identity", f"{name}/post", {"axis": 1} if op == "Softmax" else {},
-                             [logits], [scores]))
+        nodes.append(
+            gs.Node(op or "Identity", f"{name}/post", {"axis": 1} if op == "Softmax" else {}, [logits], [scores])
+        )
         best = gs.Variable(f"{name}/argmax", dtype=np.int64)
         nodes.append(gs.Node("ArgMax", f"{name}/argmax", {"axis": 1, "keepdims": 0}, [scores], [best]))
-        nodes.append(gs.Node("Gather", f"{name}/label", {}, [_labels_constant(f"{name}/classlabels", labels), best],
-                             [label]))
+        nodes.append(
+            gs.Node("Gather", f"{name}/label", {}, [_labels_constant(f"{name}/classlabels", labels), best], [label])
+        )
         node.outputs.clear()
         node.inputs.clear()
         graph.nodes.extend(nodes)
@@ -647,8 +708,11 @@ def drop_identities(graph):
     for node in [n for n in graph.nodes if n.op in ("Identity", "Dropout")]:
         y = node.outputs[0]
         training = node.inputs[2] if node.op == "Dropout" and len(node.inputs) > 2 else None
-        if any(t.name in outputs for t in node.outputs) or any(t.outputs for t in node.outputs[1:]) or \
-                (training is not None and not (isinstance(training, gs.Constant) and not training.values.any())):
+        if (
+            any(t.name in outputs for t in node.outputs)
+            or any(t.outputs for t in node.outputs[1:])
+            or (training is not None and not (isinstance(training, gs.Constant) and not training.values.any()))
+        ):
             continue
         x = node.inputs[0]
         for reader in list(y.outputs):
@@ -670,8 +734,15 @@ def name_nodes(graph):
         seen.add(name)
 
 
-GRAPH_STEPS = (expand_linear_classifiers, fold_constants, read_quantized_weights, drop_identities, name_nodes,
-               release_mirror_outputs, mirror_qdq_forward)
+GRAPH_STEPS = (
+    expand_linear_classifiers,
+    fold_constants,
+    read_quantized_weights,
+    drop_identities,
+    name_nodes,
+    release_mirror_outputs,
+    mirror_qdq_forward,
+)
 
 
 def _copy(proto):

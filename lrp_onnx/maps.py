@@ -21,6 +21,7 @@ class Traits:
                     gradient baselines).
     kind:           what the map is, for messages ("an activation", "a gate or normalisation").
     """
+
     affine: bool = False
     weighted: bool = False
     elementwise: bool = False
@@ -31,6 +32,7 @@ class Traits:
 class LinearMap:
     """Base: ``x`` the input relevance goes to, ``output`` the forward output z, ``weight``/``bias``
     graph tensors (None where the map has none). ``forward`` reuses ``output`` for F(x; W, b)."""
+
     weight = None
     bias = None
     dropped_bias = None  # the bias zero_params took out of the rules; ``output`` still includes it

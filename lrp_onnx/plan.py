@@ -13,8 +13,17 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from . import ops  # noqa: F401  (registers every propagator)
-from .composites import (AUTO, CNN_COMPOSITE, DEFAULT_COMPOSITE, METHODS, TRANSFORMER_COMPOSITE, Composite,
-                         composite_name, gradient_composite, make_composite)
+from .composites import (
+    AUTO,
+    CNN_COMPOSITE,
+    DEFAULT_COMPOSITE,
+    METHODS,
+    TRANSFORMER_COMPOSITE,
+    Composite,
+    composite_name,
+    gradient_composite,
+    make_composite,
+)
 from .errors import RelevancePathError, RuleError, UnsupportedModelError, UnsupportedOpError
 from .external import HeldWeights
 from .graph import SMALL_INTEGERS, carries_relevance, casts_to_float, find_units, is_constant, nonnegative_tensors
@@ -40,27 +49,28 @@ SCORE_RESHAPES = ("Identity", "Reshape", "Flatten", "Squeeze")
 @dataclass
 class Plan:
     """What the converter decided, before emitting anything: shown by ``inspect``."""
+
     graph: gs.Graph
     label: str
     explained_input: gs.Variable  # the graph input explained
     explained: gs.Variable  # where relevance is gathered: that input, for token ids their embedding, or inside
-    at_embedding: bool      # explained is the token ids' embedding: relevance is summed over its last axis
-    score: gs.Tensor        # the [N, classes] output
-    logits: gs.Tensor       # where relevance starts: the score, or the input of a final softmax
-    predicted: gs.Tensor    # the model's own logits, whose argmax is the class explained by default (logits
-                            # differ where the relevance pass reads a float mirror: quantized.py, precision.py)
-    units: list             # units upstream of the logits, topological order, each with its role
-    rules: dict             # unit name -> Rule, for the units that take one
-    problems: list          # [(node name, op, reason)]: nodes that cannot be explained (by this method)
-    rule_problems: list     # [(node name, op, reason)]: nodes whose rule does not fit them
-    path_breaks: list       # [(node name, op, reason)]: where relevance stops short of the explained input
+    at_embedding: bool  # explained is the token ids' embedding: relevance is summed over its last axis
+    score: gs.Tensor  # the [N, classes] output
+    logits: gs.Tensor  # where relevance starts: the score, or the input of a final softmax
+    predicted: gs.Tensor  # the model's own logits, whose argmax is the class explained by default (logits
+    # differ where the relevance pass reads a float mirror: quantized.py, precision.py)
+    units: list  # units upstream of the logits, topological order, each with its role
+    rules: dict  # unit name -> Rule, for the units that take one
+    problems: list  # [(node name, op, reason)]: nodes that cannot be explained (by this method)
+    rule_problems: list  # [(node name, op, reason)]: nodes whose rule does not fit them
+    path_breaks: list  # [(node name, op, reason)]: where relevance stops short of the explained input
     composite: Composite
     method: str
-    output_types: dict      # graph output name -> the original TypeProto (sequence and map types included)
-    upcast: dict            # graph input/output name -> the bfloat16 type it had (precision.py; float16 stays)
+    output_types: dict  # graph output name -> the original TypeProto (sequence and map types included)
+    upcast: dict  # graph input/output name -> the bfloat16 type it had (precision.py; float16 stays)
     source_sha256: Optional[str]
-    held: HeldWeights       # the large weights, out of the graph's protos (external.py)
-    chosen_by: str = ""     # why composite "auto" chose the composite (auto_composite); "" when it was named
+    held: HeldWeights  # the large weights, out of the graph's protos (external.py)
+    chosen_by: str = ""  # why composite "auto" chose the composite (auto_composite); "" when it was named
 
     def raise_problems(self):
         """The errors ``convert`` raises: unsupported nodes first, then rules that do not fit, then
@@ -71,8 +81,10 @@ class Plan:
             listed = "; ".join(f"node {name!r} ({op}): {why}" for name, op, why in self.rule_problems)
             raise RuleError(f"{len(self.rule_problems)} node(s) with a rule that does not fit: {listed}")
         if self.path_breaks:
-            raise RelevancePathError(f"{self.label}: relevance from {self.logits.name!r} cannot reach "
-                                     f"{self.explained.name!r}: {describe_breaks(self.path_breaks)}")
+            raise RelevancePathError(
+                f"{self.label}: relevance from {self.logits.name!r} cannot reach "
+                f"{self.explained.name!r}: {describe_breaks(self.path_breaks)}"
+            )
 
 
 def _is_float(t):
@@ -91,12 +103,15 @@ def pick_input(graph, label, input_name=None):
     there, and the graph input fed is the one it depends on, chosen as above."""
     if input_name is not None and input_name not in {t.name for t in graph.inputs}:
         return _inner_input(graph, label, input_name)
-    candidates = [t for t in graph.inputs if t.name == input_name] if input_name is not None else \
-        _default_inputs(graph.inputs)
+    candidates = (
+        [t for t in graph.inputs if t.name == input_name] if input_name is not None else _default_inputs(graph.inputs)
+    )
     if not candidates:
         inputs = [(t.name, str(t.dtype)) for t in graph.inputs]
-        raise UnsupportedModelError(f"{label}: the graph has no float input, nor token ids feeding an embedding, nor "
-                                    f"an 8-bit image, to explain; inputs are {inputs}")
+        raise UnsupportedModelError(
+            f"{label}: the graph has no float input, nor token ids feeding an embedding, nor "
+            f"an 8-bit image, to explain; inputs are {inputs}"
+        )
     chosen = candidates[0]
     if _is_float(chosen) or _is_image(chosen):
         return chosen, chosen, False
@@ -106,7 +121,8 @@ def pick_input(graph, label, input_name=None):
             f"{label}: input {chosen.name!r} is not a float tensor, nor token ids feeding one embedding lookup (a "
             f"Gather on axis 0 of a constant float table, or of an integer one that a DequantizeLinear reads), nor "
             f"an 8- or 16-bit image read by a Cast to float; "
-            f"it feeds {len(embeddings)} embedding lookups")
+            f"it feeds {len(embeddings)} embedding lookups"
+        )
     return chosen, embeddings[0], True
 
 
@@ -121,18 +137,27 @@ def _default_inputs(inputs):
 def _is_image(t):
     """An 8- or 16-bit integer tensor (uint8 pixels, which carry relevance) that a Cast turns into
     floats, and no embedding reads. Wider integers are ids and indices, not values."""
-    return t.dtype is not None and np.dtype(t.dtype).name in SMALL_INTEGERS and not _embedding_of(t) and \
-        any(casts_to_float(n) for n in t.outputs)
+    return (
+        t.dtype is not None
+        and np.dtype(t.dtype).name in SMALL_INTEGERS
+        and not _embedding_of(t)
+        and any(casts_to_float(n) for n in t.outputs)
+    )
 
 
 def _inner_input(graph, label, name):
     """``pick_input`` for a tensor inside the graph: it, and the graph input it depends on."""
     tensor = graph.tensors().get(name)
     if tensor is None or is_constant(tensor) or not _is_float(tensor):
-        what = "no graph input and no tensor of the graph" if tensor is None else \
-            "not a float tensor computed from an input"
-        raise UnsupportedModelError(f"{label}: the explained input {name!r} names {what}; graph inputs are "
-                                    f"{[t.name for t in graph.inputs]}, or name a float tensor inside the graph")
+        what = (
+            "no graph input and no tensor of the graph"
+            if tensor is None
+            else "not a float tensor computed from an input"
+        )
+        raise UnsupportedModelError(
+            f"{label}: the explained input {name!r} names {what}; graph inputs are "
+            f"{[t.name for t in graph.inputs]}, or name a float tensor inside the graph"
+        )
     upstream = [t for t in _default_inputs(graph.inputs) if between(graph, t, tensor) is not None]
     if not upstream:
         raise UnsupportedModelError(f"{label}: tensor {name!r} depends on no graph input that can be explained")
@@ -147,8 +172,14 @@ def _embedding_of(t):
         return []
     embeddings = []
     for n in t.outputs:
-        if not (n.op == "Gather" and len(n.inputs) == 2 and n.inputs[1] is t and n.attrs.get("axis", 0) == 0
-                and is_constant(n.inputs[0]) and n.inputs[0].values.ndim == 2):
+        if not (
+            n.op == "Gather"
+            and len(n.inputs) == 2
+            and n.inputs[1] is t
+            and n.attrs.get("axis", 0) == 0
+            and is_constant(n.inputs[0])
+            and n.inputs[0].values.ndim == 2
+        ):
             continue
         rows, kind = n.outputs[0], n.inputs[0].values.dtype.kind
         if kind == "f":
@@ -169,8 +200,10 @@ def find_logits(graph, label):
         raise UnsupportedModelError(f"{label}: the graph has no float output to explain")
     score = floats[0]
     if score.shape is not None and (len(score.shape) < 2 or any(d != 1 for d in score.shape[2:])):
-        raise UnsupportedModelError(f"{label}: output {score.name!r} has shape {list(score.shape)}; "
-                                    "lrp-onnx explains a [N, classes] score tensor (or [N, classes, 1, ...])")
+        raise UnsupportedModelError(
+            f"{label}: output {score.name!r} has shape {list(score.shape)}; "
+            "lrp-onnx explains a [N, classes] score tensor (or [N, classes, 1, ...])"
+        )
     # Relevance starts below a final softmax. Opset upgrades wrap an old 4-D Softmax in
     # Flatten/Reshape, so walk through shape-only ops too, but stop at the score unless a softmax
     # lies above them.
@@ -219,9 +252,13 @@ def path_breaks(graph, explained, logits, units, reached):
         return []
     on_path = between(graph, explained, logits)
     if on_path is None:
-        return [(logits.inputs[0].name if logits.inputs else logits.name,
-                 logits.inputs[0].op if logits.inputs else "input",
-                 f"the output {logits.name!r} does not depend on {explained.name!r}")]
+        return [
+            (
+                logits.inputs[0].name if logits.inputs else logits.name,
+                logits.inputs[0].op if logits.inputs else "input",
+                f"the output {logits.name!r} does not depend on {explained.name!r}",
+            )
+        ]
     carrying = {explained.name} | {t.name for u in units for t in u.outputs if carries_relevance(t)}
     receivers = {u.name: receiving(u) for u in units}
     breaks = []
@@ -275,8 +312,9 @@ def choose_composite(composite, method, rules, params):
     return gradient_composite()
 
 
-def plan(model, composite=DEFAULT_COMPOSITE, *, input_name=None, rules=None, method="lrp", input_shapes=None,
-         **rule_params):
+def plan(
+    model, composite=DEFAULT_COMPOSITE, *, input_name=None, rules=None, method="lrp", input_shapes=None, **rule_params
+):
     """Load the model and decide every unit's rule, listing every node that cannot be explained and
     every rule that does not fit its node. ``rule_params`` are a ``RuleParams``' fields (alpha,
     beta, epsilon, gamma, low, high, stabilizer, zero_params); ``method`` other than "lrp" replaces
@@ -322,9 +360,28 @@ def plan(model, composite=DEFAULT_COMPOSITE, *, input_name=None, rules=None, met
     _check_overrides(composite, units)
     breaks = path_breaks(graph, explained, logits, all_units, reached)
     output_types = {o.name: o.type for o in proto.graph.output}
-    return Plan(graph, label, explained_input, explained, at_embedding, score, logits, predicted, units, rules_by_unit,
-                problems, rule_problems, breaks, composite, method, output_types, upcast_types(proto),
-                source_digest(model), held, chosen_by)
+    return Plan(
+        graph,
+        label,
+        explained_input,
+        explained,
+        at_embedding,
+        score,
+        logits,
+        predicted,
+        units,
+        rules_by_unit,
+        problems,
+        rule_problems,
+        breaks,
+        composite,
+        method,
+        output_types,
+        upcast_types(proto),
+        source_digest(model),
+        held,
+        chosen_by,
+    )
 
 
 def _check_overrides(composite, units):

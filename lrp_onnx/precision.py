@@ -46,10 +46,11 @@ UPCAST_KEY = "lrp_onnx.upcast_from"
 # a bfloat16 input or output is float32 at the boundary, rounded to bfloat16 on the way in (the
 # values the original model would see) and on the way out (the values it would return).
 BOUNDARY_TYPE = {TensorProto.FLOAT16: TensorProto.FLOAT16, TensorProto.BFLOAT16: TensorProto.FLOAT}
-CASTS_IN = {TensorProto.FLOAT16: [TensorProto.FLOAT],
-            TensorProto.BFLOAT16: [TensorProto.BFLOAT16, TensorProto.FLOAT]}
-CASTS_OUT = {TensorProto.FLOAT16: [TensorProto.FLOAT16],
-             TensorProto.BFLOAT16: [TensorProto.BFLOAT16, TensorProto.FLOAT]}
+CASTS_IN = {TensorProto.FLOAT16: [TensorProto.FLOAT], TensorProto.BFLOAT16: [TensorProto.BFLOAT16, TensorProto.FLOAT]}
+CASTS_OUT = {
+    TensorProto.FLOAT16: [TensorProto.FLOAT16],
+    TensorProto.BFLOAT16: [TensorProto.BFLOAT16, TensorProto.FLOAT],
+}
 
 
 def explain_in_float32(proto, label):
@@ -74,16 +75,25 @@ def mirror_float16_forward(proto, label):
     graph = model.graph
     inputs = [v.name for v in graph.input if v.type.tensor_type.elem_type == TensorProto.FLOAT16]
     halves = [t for t in graph.initializer if t.data_type == TensorProto.FLOAT16]
-    mirror = {name: name + MIRROR for name in [o for n in graph.node for o in n.output if o] + inputs +
-              [t.name for t in halves] + [s.values.name for s in graph.sparse_initializer
-                                          if s.values.data_type == TensorProto.FLOAT16]}
-    taken = {t for n in graph.node for t in list(n.input) + list(n.output) + [n.name]} | \
-        {v.name for v in list(graph.input) + list(graph.initializer)}
+    mirror = {
+        name: name + MIRROR
+        for name in [o for n in graph.node for o in n.output if o]
+        + inputs
+        + [t.name for t in halves]
+        + [s.values.name for s in graph.sparse_initializer if s.values.data_type == TensorProto.FLOAT16]
+    }
+    taken = {t for n in graph.node for t in list(n.input) + list(n.output) + [n.name]} | {
+        v.name for v in list(graph.input) + list(graph.initializer)
+    }
     if taken & set(mirror.values()):
-        raise UnsupportedModelError(f"{label}: the model already has tensors ending in {MIRROR!r}, which lrp-onnx "
-                                    "gives the float32 copy of a float16 model")
-    casts = [onnx.helper.make_node("Cast", [name], [mirror[name]], name=f"lrp/precision/{name}", to=TensorProto.FLOAT)
-             for name in inputs]
+        raise UnsupportedModelError(
+            f"{label}: the model already has tensors ending in {MIRROR!r}, which lrp-onnx "
+            "gives the float32 copy of a float16 model"
+        )
+    casts = [
+        onnx.helper.make_node("Cast", [name], [mirror[name]], name=f"lrp/precision/{name}", to=TensorProto.FLOAT)
+        for name in inputs
+    ]
     copies = []
     for node in upcast.node:
         copy = onnx.NodeProto()
@@ -133,8 +143,11 @@ def upcast_to_float32(proto, label):
     as they are."""
     if not any(True for _ in _half_sites(proto.graph, label)):
         return proto
-    upcast = {v.name: v.type.tensor_type.elem_type for v in list(proto.graph.input) + list(proto.graph.output)
-              if v.type.tensor_type.elem_type in HALF_TYPES}
+    upcast = {
+        v.name: v.type.tensor_type.elem_type
+        for v in list(proto.graph.input) + list(proto.graph.output)
+        if v.type.tensor_type.elem_type in HALF_TYPES
+    }
     copy = onnx.ModelProto()
     copy.CopyFrom(proto)
     for site in _half_sites(copy.graph, label):
@@ -163,7 +176,8 @@ def _half_sites(graph, label):
                         raise UnsupportedModelError(
                             f"{label}: node {node.name!r} ({node.domain}.{node.op_type}) has a half-precision "
                             f"attribute {a.name!r}; lrp-onnx upcasts half-precision models to float32 and knows "
-                            "this attribute only on standard ops")
+                            "this attribute only on standard ops"
+                        )
                     yield a
 
 
@@ -196,8 +210,9 @@ def restore_half_boundary(model, upcast):
     if not upcast:
         return
     graph = model.graph
-    taken = {t for n in graph.node for t in list(n.input) + list(n.output) + [n.name]} | \
-        {v.name for v in list(graph.input) + list(graph.output) + list(graph.initializer)}
+    taken = {t for n in graph.node for t in list(n.input) + list(n.output) + [n.name]} | {
+        v.name for v in list(graph.input) + list(graph.output) + list(graph.initializer)
+    }
     entry, exit_ = [], []
     for values, inward in ((graph.input, True), (graph.output, False)):
         for value in values:
@@ -221,8 +236,10 @@ def _cast_chain(source, target, types, taken):
     """Cast nodes source → types[0] → ... → types[-1] = target."""
     between = [_fresh(f"{source}/{TensorProto.DataType.Name(t).lower()}", taken) for t in types[:-1]]
     names = [source] + between + [target]
-    return [onnx.helper.make_node("Cast", [a], [b], name=_fresh(f"lrp/precision/{b}", taken), to=t)
-            for a, b, t in zip(names, names[1:], types)]
+    return [
+        onnx.helper.make_node("Cast", [a], [b], name=_fresh(f"lrp/precision/{b}", taken), to=t)
+        for a, b, t in zip(names, names[1:], types)
+    ]
 
 
 def _fresh(name, taken):
@@ -238,6 +255,6 @@ def _rename_all(node, names):
         for i, name in enumerate(listed):
             listed[i] = names.get(name, name)
     for a in node.attribute:
-        for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+        for g in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
             for inner in g.node:
                 _rename_all(inner, names)

@@ -71,8 +71,9 @@ def quantize(x, scale, zero_point, axis=1, block_size=0, saturate=1):
     saturated to the zero point's integer type."""
     dtype = np.dtype(zero_point.dtype) if zero_point is not None else np.dtype(np.uint8)
     scale, zero_point = _broadcast(x, scale, axis, block_size), _broadcast(x, zero_point, axis, block_size)
-    shifted = np.rint(x.astype(np.float32) / scale.astype(np.float32)) + \
-        (0 if zero_point is None else zero_point.astype(np.float64))
+    shifted = np.rint(x.astype(np.float32) / scale.astype(np.float32)) + (
+        0 if zero_point is None else zero_point.astype(np.float64)
+    )
     if dtype.kind not in "iu":
         raise ValueError(f"QuantizeLinear to {dtype} is not supported")
     return np.asarray(np.clip(shifted, np.iinfo(dtype).min, np.iinfo(dtype).max).astype(dtype))
@@ -114,7 +115,7 @@ def nbits_weight(node):
         zeros = unpack_bits(np.asarray(zero.values).reshape(n, -1), bits)[:, :blocks].astype(np.float32)
     else:
         zeros = np.asarray(zero.values, np.float32).reshape(n, blocks)
-    per_k = (lambda t: np.repeat(t, block, axis=1)[:, :k])
+    per_k = lambda t: np.repeat(t, block, axis=1)[:, :k]
     return ((q - per_k(zeros)) * per_k(scales)).T
 
 
@@ -151,6 +152,7 @@ class QLinearForm:
     (value, scale, zero point) triple per float input (zero point None where absent), ``output``
     the (scale, zero point) its result is requantized with (None for a float result), ``bias`` an
     int32 input whose scale is the first two operands' scales multiplied."""
+
     float_op: str
     operands: tuple
     output: tuple = None
@@ -166,8 +168,10 @@ class QLinearForm:
     def operand_triples(self, node):
         if self.first_operand:
             rest = len(node.inputs) - self.first_operand
-            return tuple((self.first_operand + 3 * k, self.first_operand + 3 * k + 1, self.first_operand + 3 * k + 2)
-                         for k in range(rest // 3))
+            return tuple(
+                (self.first_operand + 3 * k, self.first_operand + 3 * k + 1, self.first_operand + 3 * k + 2)
+                for k in range(rest // 3)
+            )
         return self.operands
 
     def output_zero_point(self, node):
@@ -234,16 +238,20 @@ def shape_twin(proto):
             values.append(node.input[form.bias])
         floats = [f"{node.output[0]}/twin_{k}" for k in range(len(values))]
         nodes += [onnx.helper.make_node("Cast", [v], [f], to=onnx.TensorProto.FLOAT) for v, f in zip(values, floats)]
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute
-                 if a.name not in ("channels_last", "opset")}
+        attrs = {
+            a.name: onnx.helper.get_attribute_value(a)
+            for a in node.attribute
+            if a.name not in ("channels_last", "opset")
+        }
         zero_point = node.input[form.output[1]] if len(node.input) > form.output[1] else ""
         if not zero_point and (len(node.input) <= form.output[0] or not node.input[form.output[0]]):
             nodes.append(onnx.helper.make_node(form.float_op, floats, [node.output[0]], **attrs))  # a float result
             continue
         result = f"{node.output[0]}/twin_float"
         nodes.append(onnx.helper.make_node(form.float_op, floats, [result], **attrs))
-        nodes.append(onnx.helper.make_node("Cast", [result], [node.output[0]],
-                                           to=types.get(zero_point, onnx.TensorProto.UINT8)))
+        nodes.append(
+            onnx.helper.make_node("Cast", [result], [node.output[0]], to=types.get(zero_point, onnx.TensorProto.UINT8))
+        )
     del twin.graph.node[:]
     twin.graph.node.extend(nodes)
     return twin
@@ -265,10 +273,13 @@ def has_fusable_layers(graph):
     only while nothing else reads their tensors: a QDQ group (some op other than a QuantizeLinear
     reads a DequantizeLinear of an activation), or a DynamicQuantizeLinear and the MatMulInteger
     that reads it (ONNX Runtime's DynamicQuantizeMatMul, which rounds otherwise than the two)."""
-    return any(node.op == "DynamicQuantizeLinear" or
-               node.op == "DequantizeLinear" and not isinstance(node.inputs[0], (gs.Constant, QuantizedWeight))
-               and any(reader.op != "QuantizeLinear" for reader in node.outputs[0].outputs)
-               for node in graph.nodes)
+    return any(
+        node.op == "DynamicQuantizeLinear"
+        or node.op == "DequantizeLinear"
+        and not isinstance(node.inputs[0], (gs.Constant, QuantizedWeight))
+        and any(reader.op != "QuantizeLinear" for reader in node.outputs[0].outputs)
+        for node in graph.nodes
+    )
 
 
 def mirror_qdq_forward(graph):
@@ -295,8 +306,9 @@ def mirror_qdq_forward(graph):
     for node in list(graph.nodes):
         if not any(t.name in mirrored for t in node.inputs):
             continue
-        outputs = [gs.Variable(t.name + MIRROR, t.dtype, t.shape) if t.name else gs.Variable.empty()
-                   for t in node.outputs]
+        outputs = [
+            gs.Variable(t.name + MIRROR, t.dtype, t.shape) if t.name else gs.Variable.empty() for t in node.outputs
+        ]
         mirrored.update((t.name, m) for t, m in zip(node.outputs, outputs) if t.name)
         name, node.name = node.name, node.name + MIRROR
         copy = gs.Node(node.op, name, dict(node.attrs), [mirror(t) for t in node.inputs], outputs, domain=node.domain)

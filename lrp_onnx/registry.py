@@ -76,6 +76,7 @@ class View:
     and ``bind(b)`` emits the nodes that compute the stand-ins (once, when the explainer is built).
     A view's own nodes touch no graph tensor: graphsurgeon would count them among its readers or
     writers; the graph's tensors are read through the stand-ins ``bind`` computes."""
+
     unit: object
     sources: Sequence[Optional[int]]
     bind: Callable
@@ -85,6 +86,7 @@ class View:
 class ViewPropagator:
     """The propagator of an op read through ``view(unit)``: a View, or a string saying why this
     node has none. Role, traits, checks and relevance are those of the viewed op's propagator."""
+
     view: Callable
 
     def _view(self, unit):
@@ -147,6 +149,7 @@ def routing(*ops, domain=DEFAULT_DOMAIN, check=None, receivers=None):
     def register(fn):
         _register(ops, domain, Propagator(fn, check=check, receivers=receivers))
         return fn
+
     return register
 
 
@@ -154,6 +157,7 @@ def mapped(*ops, role, traits, domain=DEFAULT_DOMAIN, check=None, receivers=None
     def register(fn):
         _register(ops, domain, Propagator(fn, role, traits, check, receivers))
         return fn
+
     return register
 
 

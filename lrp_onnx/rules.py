@@ -29,6 +29,7 @@ Bound = Union[float, Sequence[float]]
 @dataclass(frozen=True)
 class Term:
     """One summand of z': F(input; weight, bias). ``bias=None`` means no bias."""
+
     input: object
     weight: object
     bias: object = None
@@ -40,6 +41,7 @@ class Share:
     through them. ``sign``: +1 or -1 when every term is of that sign, so that z' ± ε is its
     stabilized form (for -1 that differs from sign(0) = +1 only where every term is 0, and there
     the relevance it divides is 0 anyway). ``gate``: a 0/1 tensor the share applies to (γ's z > 0)."""
+
     terms: Sequence[Term]
     weight: float = 1.0
     sign: Optional[int] = None
@@ -53,8 +55,12 @@ def proportional(b, layer, shares, relevance, stabilizer):
     Fᵀ summed over its terms. Shares of known sign over the same inputs run stacked where the map
     can (``_stacked``).
     """
-    if (len(shares) > 1 and layer.stackable and all(sh.sign is not None and sh.gate is None for sh in shares)
-            and len({tuple(t.input.name for t in sh.terms) for sh in shares}) == 1):
+    if (
+        len(shares) > 1
+        and layer.stackable
+        and all(sh.sign is not None and sh.gate is None for sh in shares)
+        and len({tuple(t.input.name for t in sh.terms) for sh in shares}) == 1
+    ):
         return _stacked(b, layer, shares, relevance, stabilizer)
     by_input = {}  # input name -> (input, [Fᵀ(weight · s; W')])
     for share in shares:
@@ -75,12 +81,16 @@ def _stacked(b, layer, shares, relevance, stabilizer):
     narrow passes each way, plus the elementwise work that combines them (benchmarks/LEVERS.md)."""
     inputs = [t.input for t in shares[0].terms]
     biases = [layer.shifted_bias(b, _bias(b, sh), sh.sign * stabilizer) for sh in shares]
-    z = b.total(layer.forward_stacked(b, x, [sh.terms[i].weight for sh in shares], biases if i == 0 else None)
-                for i, x in enumerate(inputs))
+    z = b.total(
+        layer.forward_stacked(b, x, [sh.terms[i].weight for sh in shares], biases if i == 0 else None)
+        for i, x in enumerate(inputs)
+    )
     s = layer.divide_stacked(b, relevance, z, len(shares))
     factors = [sh.weight for sh in shares]
-    return b.total(b.mul(x, layer.transpose_stacked(b, s, [sh.terms[i].weight for sh in shares], factors))
-                   for i, x in enumerate(inputs))
+    return b.total(
+        b.mul(x, layer.transpose_stacked(b, s, [sh.terms[i].weight for sh in shares], factors))
+        for i, x in enumerate(inputs)
+    )
 
 
 def _bias(b, share):
@@ -136,6 +146,7 @@ class Rule:
     option of the same name: the rule sees the layer without its bias, so the layer hands on all of
     its relevance (Σ R_in = Σ R_out up to the stabilizer).
     """
+
     zero_params: tuple = field(default=(), kw_only=True)
     name = "rule"
     requires = ("affine", "weighted")
@@ -187,6 +198,7 @@ class Rule:
 @dataclass(frozen=True)
 class _Stabilized(Rule):
     """A rule whose only parameter is the denominator stabilizer."""
+
     stabilizer: float = 1e-6
 
     def __post_init__(self):
@@ -197,6 +209,7 @@ class _Stabilized(Rule):
 @dataclass(frozen=True)
 class Epsilon(Rule):
     """LRP-ε (Bach et al. 2015): R_i = x_i Σ_j w_ij R_j / (z_j + ε·sign(z_j))."""
+
     epsilon: float = 1e-6
     name = "epsilon"
     requires = ("affine",)
@@ -220,6 +233,7 @@ class Epsilon(Rule):
 class Norm(Epsilon):
     """Zennit's Norm: the ε-rule with ε only a stabilizer (the --stabilizer, not --epsilon), the
     proportional split by contribution that sums of activations and average pooling get."""
+
     name = "norm"
 
 
@@ -228,6 +242,7 @@ class ConstantAttention(Epsilon):
     """CP-LRP (Ali et al. 2022), as LXT's: the ε-rule, with attention weights held constant. In
     O = A·V with A a Softmax's output, R_V = V ⊙ Aᵀ(R / st(O)) and A gets nothing, so nothing
     flows into the Softmax, Q or K. Other products split R uniformly, as ``Epsilon``."""
+
     name = "cp-epsilon"
 
     def apply(self, b, layer, r):
@@ -244,6 +259,7 @@ class AlphaBeta(Rule):
     R = α·[x⁺ Fᵀ(s⁺; W⁺) + x⁻ Fᵀ(s⁺; W⁻)] − β·[x⁺ Fᵀ(s⁻; W⁻) + x⁻ Fᵀ(s⁻; W⁺)]
     with s⁺ = R / (F(x⁺; W⁺, b⁺) + F(x⁻; W⁻)) and s⁻ = R / (F(x⁺; W⁻, b⁻) + F(x⁻; W⁺)).
     """
+
     alpha: float = 2.0
     beta: float = 1.0
     stabilizer: float = 1e-6
@@ -252,24 +268,28 @@ class AlphaBeta(Rule):
     def __post_init__(self):
         super().__post_init__()
         if not (self.alpha >= 0 and self.beta >= 0 and math.isclose(self.alpha - self.beta, 1.0)):
-            raise RuleError(f"alpha-beta needs alpha, beta >= 0 and alpha - beta = 1; "
-                            f"got alpha={self.alpha}, beta={self.beta}")
+            raise RuleError(
+                f"alpha-beta needs alpha, beta >= 0 and alpha - beta = 1; got alpha={self.alpha}, beta={self.beta}"
+            )
         _check_stabilizer(self.stabilizer)
 
     def propagate(self, b, layer, x, r):
         w, bias = layer.weight, layer.bias
         w_pos, w_neg = b.positive(w), b.negative(w)
         x_pos, x_neg = signed_parts(b, layer, x)
-        positive = Share(present(Term(x_pos, w_pos, _part(b, bias, b.positive)), Term(x_neg, w_neg)),
-                         weight=self.alpha, sign=+1)
-        negative = Share(present(Term(x_pos, w_neg, _part(b, bias, b.negative)), Term(x_neg, w_pos)),
-                         weight=-self.beta, sign=-1)
+        positive = Share(
+            present(Term(x_pos, w_pos, _part(b, bias, b.positive)), Term(x_neg, w_neg)), weight=self.alpha, sign=+1
+        )
+        negative = Share(
+            present(Term(x_pos, w_neg, _part(b, bias, b.negative)), Term(x_neg, w_pos)), weight=-self.beta, sign=-1
+        )
         return proportional(b, layer, [positive, negative] if self.beta else [positive], r, self.stabilizer)
 
 
 @dataclass(frozen=True)
 class ZPlus(_Stabilized):
     """LRP-z⁺ (Montavon et al. 2017) as Zennit implements it: α=1, β=0, negative inputs allowed."""
+
     name = "zplus"
 
     def propagate(self, b, layer, x, r):
@@ -284,6 +304,7 @@ class Gamma(Rule):
     F(x⁺; W+γW⁻, b+γb⁻) + F(x⁻; W+γW⁺). z is the layer's own output, bias included even under
     zero_params (as Zennit selects).
     """
+
     gamma: float = 0.25
     stabilizer: float = 1e-6
     name = "gamma"
@@ -304,32 +325,44 @@ class Gamma(Rule):
         z = layer.output
         zero = b.const(0.0)
         x_pos, x_neg = signed_parts(b, layer, x)
-        up = Share(present(Term(x_pos, w_up, boosted(bias, b.positive)), Term(x_neg, w_down)),
-                   gate=b.op("Cast", b.op("Greater", z, zero), to=1))
-        down = Share(present(Term(x_pos, w_down, boosted(bias, b.negative)), Term(x_neg, w_up)),
-                     gate=b.op("Cast", b.op("Less", z, zero), to=1))
+        up = Share(
+            present(Term(x_pos, w_up, boosted(bias, b.positive)), Term(x_neg, w_down)),
+            gate=b.op("Cast", b.op("Greater", z, zero), to=1),
+        )
+        down = Share(
+            present(Term(x_pos, w_down, boosted(bias, b.negative)), Term(x_neg, w_up)),
+            gate=b.op("Cast", b.op("Less", z, zero), to=1),
+        )
         return proportional(b, layer, [up, down], r, self.stabilizer)
 
 
 @dataclass(frozen=True)
 class Flat(_Stabilized):
     """LRP-flat (Lapuschkin et al. 2019): unit inputs and unit weights, no bias."""
+
     name = "flat"
 
     def propagate(self, b, layer, x, r):
-        return proportional(b, layer, [Share([Term(b.ones_per_sample(x), b.fill_like(layer.weight, 1.0))])], r,
-                            self.stabilizer)
+        return proportional(
+            b, layer, [Share([Term(b.ones_per_sample(x), b.fill_like(layer.weight, 1.0))])], r, self.stabilizer
+        )
 
 
 @dataclass(frozen=True)
 class WSquare(_Stabilized):
     """LRP-w² (Montavon et al. 2017): unit inputs, squared weights and squared bias (as Zennit)."""
+
     name = "wsquare"
 
     def propagate(self, b, layer, x, r):
-        square = (lambda t: None if t is None else b.mul(t, t))
-        return proportional(b, layer, [Share([Term(b.ones_per_sample(x), square(layer.weight), square(layer.bias))])],
-                            r, self.stabilizer)
+        square = lambda t: None if t is None else b.mul(t, t)
+        return proportional(
+            b,
+            layer,
+            [Share([Term(b.ones_per_sample(x), square(layer.weight), square(layer.bias))])],
+            r,
+            self.stabilizer,
+        )
 
 
 @dataclass(frozen=True)
@@ -339,6 +372,7 @@ class ZBox(Rule):
     z' = F(x; W) − F(l; W⁺) − F(h; W⁻) (the biases cancel: b − b⁺ − b⁻ = 0). ``low`` and ``high``
     are scalars or per-channel lists (channel = axis 1 of the layer input).
     """
+
     low: Bound = 0.0
     high: Bound = 1.0
     stabilizer: float = 1e-6
@@ -351,8 +385,10 @@ class ZBox(Rule):
             raise RuleError(f"zbox bounds must be finite numbers; got low={self.low!r}, high={self.high!r}")
         if len(low) != len(high) and 1 not in (len(low), len(high)):
             raise RuleError(f"zbox low and high have different lengths ({len(low)} and {len(high)})")
-        if any(lo > hi for lo, hi in zip(low * len(high) if len(low) == 1 else low,
-                                          high * len(low) if len(high) == 1 else high)):
+        if any(
+            lo > hi
+            for lo, hi in zip(low * len(high) if len(low) == 1 else low, high * len(low) if len(high) == 1 else high)
+        ):
             raise RuleError(f"zbox needs low <= high; got low={self.low!r}, high={self.high!r}")
         _check_stabilizer(self.stabilizer)
 
@@ -374,6 +410,7 @@ class ZBox(Rule):
 @dataclass(frozen=True)
 class Pass(Rule):
     """Relevance passes unchanged (summed back over broadcast axes); for elementwise layers."""
+
     name = "pass"
     requires = ("elementwise",)
 
@@ -385,13 +422,15 @@ class Pass(Rule):
 class Gradient(Rule):
     """Not LRP: the chain rule, ∂f/∂x = Fᵀ(∂f/∂z) with F the layer's own map (its Jacobian), for
     the baseline methods (``method=``). Every unit that takes a rule gets it."""
+
     name = "gradient"
     requires = ("differentiable",)
     chosen = False
 
     def problem(self, traits):
-        return None if self.fits(traits) else \
-            f"the gradient of {traits.kind} is not implemented; explain with method lrp"
+        return (
+            None if self.fits(traits) else f"the gradient of {traits.kind} is not implemented; explain with method lrp"
+        )
 
     def propagate(self, b, layer, x, r):
         return layer.gradient(b, r)
@@ -423,6 +462,7 @@ class RuleParams:
     """The rule parameters of one conversion, parsed and checked once (CLI flags or
     ``convert(**params)``). None leaves a rule's own default. They fill every rule the conversion
     builds, the composite's and those named by overrides, unless the override sets its own."""
+
     alpha: Optional[float] = None
     beta: Optional[float] = None
     epsilon: Optional[float] = None

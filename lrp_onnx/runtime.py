@@ -34,10 +34,18 @@ def session_options(threads=None):
     return options
 
 
-ONNX_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-              "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
-              "tensor(uint8)": np.uint8, "tensor(int8)": np.int8, "tensor(uint16)": np.uint16,
-              "tensor(int16)": np.int16}
+ONNX_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(bool)": np.bool_,
+    "tensor(uint8)": np.uint8,
+    "tensor(int8)": np.int8,
+    "tensor(uint16)": np.uint16,
+    "tensor(int16)": np.int16,
+}
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
@@ -47,8 +55,10 @@ def providers_for(name):
     if name not in PROVIDERS:
         raise InputError(f"unknown provider {name!r}; choose {' or '.join(PROVIDERS)}")
     if PROVIDERS[name][0] not in ort.get_available_providers():
-        raise InputError(f"this onnxruntime has no {PROVIDERS[name][0]} (it has {ort.get_available_providers()}); "
-                         "for CUDA install lrp-onnx[gpu] and remove the CPU onnxruntime")
+        raise InputError(
+            f"this onnxruntime has no {PROVIDERS[name][0]} (it has {ort.get_available_providers()}); "
+            "for CUDA install lrp-onnx[gpu] and remove the CPU onnxruntime"
+        )
     return PROVIDERS[name]
 
 
@@ -67,12 +77,12 @@ class Explainer:
         if not is_explainer(proto):
             proto = convert(proto, composite or DEFAULT_COMPOSITE, **rule_params)
         elif composite is not None or rule_params:
-            raise RuleError(f"{label} is already an explainer graph; composite and rule parameters apply "
-                            "only to plain classifiers")
+            raise RuleError(
+                f"{label} is already an explainer graph; composite and rule parameters apply only to plain classifiers"
+            )
         self.label = label  # the model's path, or "<model>" for bytes and protos
         self.metadata = meta = read_metadata(proto)
-        self.input_name = meta.get("explained_input") or next(
-            i.name for i in proto.graph.input if i.name != TARGET)
+        self.input_name = meta.get("explained_input") or next(i.name for i in proto.graph.input if i.name != TARGET)
         self.composite = meta.get("composite")
         self.model = proto
         if isinstance(providers, str):
@@ -82,8 +92,9 @@ class Explainer:
         self._scoring = None  # made by score() when first needed
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         outputs = {o.name: o for o in self.session.get_outputs()}
-        self.output_names = [name for name in outputs
-                             if name not in EXPLAINER_OUTPUTS and not name.startswith(LAYER_PREFIX)]
+        self.output_names = [
+            name for name in outputs if name not in EXPLAINER_OUTPUTS and not name.startswith(LAYER_PREFIX)
+        ]
         self.score_name = meta.get("score_output") or self.output_names[0]
         classes = outputs[self.score_name].shape[1]
         self.class_count = classes if isinstance(classes, int) else None
@@ -91,8 +102,9 @@ class Explainer:
         self.input_dtype = np.dtype(ONNX_TYPES.get(self.inputs[self.input_name].type, np.float32))
         # token ids, explained at their embedding: relevance is [N, T] (plan.pick_input); an integer
         # image is explained at itself
-        self.explains_tokens = self.input_dtype.kind in "iu" and \
-            meta.get("explained_tensor", self.input_name) != self.input_name
+        self.explains_tokens = (
+            self.input_dtype.kind in "iu" and meta.get("explained_tensor", self.input_name) != self.input_name
+        )
         self.relevance_shape = list(outputs[RELEVANCE].shape)
 
     @property
@@ -122,8 +134,10 @@ class Explainer:
         model_inputs = sorted(set(self.inputs) - {TARGET})
         typos = sorted(set(other_inputs) - set(self.inputs))
         if typos:  # explain(x, top_k=2): a keyword that is no model input, as Python would say it
-            raise TypeError(f"unexpected keyword argument {typos[0]!r}: other keywords name the model's inputs, "
-                            f"which are {model_inputs}")
+            raise TypeError(
+                f"unexpected keyword argument {typos[0]!r}: other keywords name the model's inputs, "
+                f"which are {model_inputs}"
+            )
         feeds = dict(x) if isinstance(x, dict) else {self.input_name: x}
         feeds.update(other_inputs)
         unknown = sorted(set(feeds) - set(self.inputs))
@@ -131,8 +145,10 @@ class Explainer:
             raise InputError(f"unknown input(s) {unknown}; the model takes {model_inputs}")
         missing = [name for name in model_inputs if name not in feeds]
         if missing:  # explain(input_ids) without its attention_mask
-            raise InputError(f"the model also takes {missing}: pass them as keywords "
-                             f"({', '.join(f'{name}=...' for name in missing)}) or all inputs as a dict")
+            raise InputError(
+                f"the model also takes {missing}: pass them as keywords "
+                f"({', '.join(f'{name}=...' for name in missing)}) or all inputs as a dict"
+            )
         feeds = {k: self._as_input_type(k, v) for k, v in feeds.items()}
         for name, value in feeds.items():
             self._check_input(name, value)
@@ -153,6 +169,7 @@ class Explainer:
         target, for a model whose explained input is token ids. ``tokenizer`` is a path to a
         tokenizer.json or a ``tokenizers.Tokenizer``; padding is added and masked for a batch."""
         from . import text
+
         if not hasattr(tokenizer, "encode_batch"):
             tokenizer = text.load_tokenizer(tokenizer)
         return text.explain_texts(self, texts, tokenizer, target, top_k, labels)
@@ -188,8 +205,9 @@ class Explainer:
         bad = target[(target < -1) | ((target >= classes) if classes is not None else False)]
         if bad.size:
             limit = f"0..{classes - 1}" if classes is not None else "0 or more"
-            raise InputError(f"target {int(bad[0])} is out of range: classes are {limit}, "
-                             "or -1 for the predicted class")
+            raise InputError(
+                f"target {int(bad[0])} is out of range: classes are {limit}, or -1 for the predicted class"
+            )
         return np.broadcast_to(target.reshape(-1), (batch,)).copy()
 
     def _as_input_type(self, name, value):
@@ -206,8 +224,10 @@ class Explainer:
             cast = value.astype(dtype)
         overflow = int((np.isinf(cast) & np.isfinite(value)).sum())
         if overflow:
-            raise InputError(f"input {name!r} takes {np.dtype(dtype).name}, whose largest value is "
-                             f"{np.finfo(dtype).max:g}; {overflow} value(s) are beyond it")
+            raise InputError(
+                f"input {name!r} takes {np.dtype(dtype).name}, whose largest value is "
+                f"{np.finfo(dtype).max:g}; {overflow} value(s) are beyond it"
+            )
         return cast
 
 
@@ -221,9 +241,13 @@ def warn_zero_relevance(outputs, where):
     lost = np.flatnonzero(~relevance.reshape(len(logit), -1).any(axis=1) & (logit != 0))
     if lost.size:
         shown = ", ".join(map(str, lost[:5])) + (", ..." if lost.size > 5 else "")
-        warnings.warn(RelevanceWarning(
-            f"{where}: relevance is exactly 0 for {lost.size} of {len(logit)} sample(s) (index {shown}) whose "
-            "explained logit is not 0; no relevance reached the input, so those are not explanations"), stacklevel=3)
+        warnings.warn(
+            RelevanceWarning(
+                f"{where}: relevance is exactly 0 for {lost.size} of {len(logit)} sample(s) (index {shown}) whose "
+                "explained logit is not 0; no relevance reached the input, so those are not explanations"
+            ),
+            stacklevel=3,
+        )
 
 
 def pruned(proto: onnx.ModelProto, outputs):
@@ -243,8 +267,9 @@ def pruned(proto: onnx.ModelProto, outputs):
     part.input.extend(i for i in graph.input if i.name in needed)
     part.output.extend(o for o in graph.output if o.name in outputs)
     part.value_info.extend(v for v in graph.value_info if v.name in needed)
-    return onnx.helper.make_model(part, ir_version=proto.ir_version, opset_imports=proto.opset_import,
-                                  functions=proto.functions)
+    return onnx.helper.make_model(
+        part, ir_version=proto.ir_version, opset_imports=proto.opset_import, functions=proto.functions
+    )
 
 
 def _subgraph_reads(node):

@@ -37,10 +37,16 @@ JS_FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "js")
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NPM_PACKAGES = {"ort-node": ["onnxruntime-node"], "ort-web": ["onnxruntime-web", "playwright-core"]}
 TOLERANCE = 1e-5  # relative L2 against ONNX Runtime Python that `check` accepts
-ELEMENT_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
-                 onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.INT64: np.int64,
-                 onnx.TensorProto.INT32: np.int32, onnx.TensorProto.UINT8: np.uint8,
-                 onnx.TensorProto.INT8: np.int8, onnx.TensorProto.BOOL: np.bool_}
+ELEMENT_TYPES = {
+    onnx.TensorProto.FLOAT: np.float32,
+    onnx.TensorProto.FLOAT16: np.float16,
+    onnx.TensorProto.DOUBLE: np.float64,
+    onnx.TensorProto.INT64: np.int64,
+    onnx.TensorProto.INT32: np.int32,
+    onnx.TensorProto.UINT8: np.uint8,
+    onnx.TensorProto.INT8: np.int8,
+    onnx.TensorProto.BOOL: np.bool_,
+}
 
 
 class RuntimeFailure(Exception):
@@ -81,6 +87,7 @@ def run_openvino(path, feeds, repeats):
     def once():
         results = compiled(feeds)
         return {name: np.asarray(results[compiled.output(name)]) for name in names}
+
     return _timed(once, repeats)
 
 
@@ -103,8 +110,11 @@ def run_ort_web(path, feeds, repeats):
     if not chromium:
         raise InputError("the ort-web runtime needs Chromium: apt-get install chromium, or set LRP_ONNX_CHROMIUM")
     folder = os.path.dirname(os.path.abspath(path))
-    extra = {"repeats": repeats, "threads": os.cpu_count() or 1,
-             "externalData": [os.path.relpath(f, folder) for f in external_files(path)]}
+    extra = {
+        "repeats": repeats,
+        "threads": os.cpu_count() or 1,
+        "externalData": [os.path.relpath(f, folder) for f in external_files(path)],
+    }
     return _run_node("ort-web", "run_ort_web.mjs", path, feeds, extra, LRP_ONNX_CHROMIUM=chromium)
 
 
@@ -122,9 +132,11 @@ def node_root(runtime):
     for folder in candidates:
         if all(os.path.isfile(os.path.join(folder, "node_modules", p, "package.json")) for p in wanted):
             return folder
-    raise InputError(f"the {runtime} runtime needs the npm package(s) {', '.join(wanted)}: run "
-                     f"`ONNXRUNTIME_NODE_INSTALL=skip npm ci` in the lrp-onnx checkout, or set LRP_ONNX_NODE_ROOT "
-                     f"to a folder whose node_modules has them")
+    raise InputError(
+        f"the {runtime} runtime needs the npm package(s) {', '.join(wanted)}: run "
+        f"`ONNXRUNTIME_NODE_INSTALL=skip npm ci` in the lrp-onnx checkout, or set LRP_ONNX_NODE_ROOT "
+        f"to a folder whose node_modules has them"
+    )
 
 
 def _run_node(runtime, script, path, feeds, extra, **env):
@@ -138,13 +150,23 @@ def _run_node(runtime, script, path, feeds, extra, **env):
             value = np.ascontiguousarray(value)
             file = os.path.join(folder, f"input-{k}.bin")
             value.tofile(file)
-            inputs.append({"name": name, "dtype": value.dtype.name.replace("bool_", "bool"), "shape": list(value.shape),
-                           "file": file})
+            inputs.append(
+                {
+                    "name": name,
+                    "dtype": value.dtype.name.replace("bool_", "bool"),
+                    "shape": list(value.shape),
+                    "file": file,
+                }
+            )
         request = os.path.join(folder, "request.json")
         with open(request, "w") as f:
             json.dump({"model": os.path.abspath(path), "inputs": inputs, "folder": folder, **extra}, f)
-        done = subprocess.run(["node", os.path.join(JS_FOLDER, script), request], capture_output=True, text=True,
-                              env={**os.environ, "LRP_ONNX_NODE_ROOT": root, **env})
+        done = subprocess.run(
+            ["node", os.path.join(JS_FOLDER, script), request],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "LRP_ONNX_NODE_ROOT": root, **env},
+        )
         if done.returncode:
             raise RuntimeFailure(f"{runtime}: {_js_error(done.stderr)}")
         result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -159,8 +181,13 @@ def _js_error(stderr):
     return first_line(lines[0] if lines else "exited without a message")
 
 
-RUNTIMES = {"ort": run_ort, "ort-unoptimised": run_ort_unoptimised, "openvino": run_openvino,
-            "ort-node": run_ort_node, "ort-web": run_ort_web}
+RUNTIMES = {
+    "ort": run_ort,
+    "ort-unoptimised": run_ort_unoptimised,
+    "openvino": run_openvino,
+    "ort-node": run_ort_node,
+    "ort-web": run_ort_web,
+}
 
 
 def sample_feeds(path, batch=2, seed=0):
@@ -188,6 +215,7 @@ def sample_feeds(path, batch=2, seed=0):
 @dataclass
 class Parity:
     """One runtime against ONNX Runtime Python: relative L2 per output, or why it did not run."""
+
     runtime: str
     errors: dict = field(default_factory=dict)
     seconds: float = None
@@ -234,8 +262,11 @@ def check(path, runtimes, feeds=None, repeats=3, tolerance=TOLERANCE):
             results.append(Parity(runtime, failure=f"{runtime}: {first_line(e)}"))
             continue
         missing = sorted(set(reference.outputs) - set(run.outputs))
-        errors = {name: relative_l2(run.outputs[name], value) for name, value in reference.outputs.items()
-                  if name in run.outputs}
+        errors = {
+            name: relative_l2(run.outputs[name], value)
+            for name, value in reference.outputs.items()
+            if name in run.outputs
+        }
         parity = Parity(runtime, errors, run.seconds, f"{runtime}: missing outputs {missing}" if missing else None)
         if parity.failure is None and errors.get("relevance", 0.0) > tolerance:
             parity.winner_flips = max_pool_winner_flips(path, feeds, runtime)
@@ -269,9 +300,15 @@ def max_pool_winner_flips(path, feeds, runtime):
         ours = run_ort(probe, feeds, 0).outputs
     finally:
         os.remove(probe)
-    return sum(int(np.count_nonzero(_window_winners(n, ours[n.input[0]], ours[n.output[0]].shape)
-                                    != _window_winners(n, theirs[n.input[0]], ours[n.output[0]].shape)))
-               for n in pools)
+    return sum(
+        int(
+            np.count_nonzero(
+                _window_winners(n, ours[n.input[0]], ours[n.output[0]].shape)
+                != _window_winners(n, theirs[n.input[0]], ours[n.output[0]].shape)
+            )
+        )
+        for n in pools
+    )
 
 
 def _window_winners(node, x, out_shape):
@@ -287,11 +324,18 @@ def _window_winners(node, x, out_shape):
         begin = list(attrs.get("pads", [0] * 2 * rank))[:rank]
     else:  # SAME_UPPER puts the odd padding row at the end, SAME_LOWER at the beginning; VALID none
         total = [max(span - n, 0) for span, n in zip(spans, x.shape[2:])]
-        begin = [0] * rank if auto_pad == "VALID" else \
-            [t // 2 if auto_pad == "SAME_UPPER" else t - t // 2 for t in total]
+        begin = (
+            [0] * rank if auto_pad == "VALID" else [t // 2 if auto_pad == "SAME_UPPER" else t - t // 2 for t in total]
+        )
     ends = [max(span - p - n, 0) for span, p, n in zip(spans, begin, x.shape[2:])]
     padded = np.pad(x, [(0, 0), (0, 0)] + list(zip(begin, ends)), constant_values=-np.inf)
-    views = [padded[(slice(None), slice(None)) + tuple(slice(i * d, i * d + s * (o - 1) + 1, s) for i, d, s, o in
-                                                     zip(index, dilations, strides, out_shape[2:]))]
-             for index in np.ndindex(*kernel)]
+    views = [
+        padded[
+            (slice(None), slice(None))
+            + tuple(
+                slice(i * d, i * d + s * (o - 1) + 1, s) for i, d, s, o in zip(index, dilations, strides, out_shape[2:])
+            )
+        ]
+        for index in np.ndindex(*kernel)
+    ]
     return np.argmax(np.stack(views, axis=-1), axis=-1)

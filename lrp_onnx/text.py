@@ -35,15 +35,23 @@ class TextExplanation:
         return self.labels[k] if self.labels else str(k)
 
     def __repr__(self):
-        return (f"TextExplanation({self.text!r}, target={self.label(self.target)!r}, "
-                f"predicted={self.label(self.predicted)!r}, logit={float(self.logit):.4g}, "
-                f"{len(self.tokens)} tokens Σ={float(self.relevance.sum()):.4g})")
+        return (
+            f"TextExplanation({self.text!r}, target={self.label(self.target)!r}, "
+            f"predicted={self.label(self.predicted)!r}, logit={float(self.logit):.4g}, "
+            f"{len(self.tokens)} tokens Σ={float(self.relevance.sum()):.4g})"
+        )
 
     def as_dict(self):
-        return {"text": self.text, "predicted": self.predicted, "predicted_label": self.label(self.predicted),
-                "target": self.target, "target_label": self.label(self.target), "logit": self.logit,
-                "relevance_sum": float(self.relevance.sum()),
-                "tokens": [{"token": t, "relevance": float(r)} for t, r in zip(self.tokens, self.relevance)]}
+        return {
+            "text": self.text,
+            "predicted": self.predicted,
+            "predicted_label": self.label(self.predicted),
+            "target": self.target,
+            "target_label": self.label(self.target),
+            "logit": self.logit,
+            "relevance_sum": float(self.relevance.sum()),
+            "tokens": [{"token": t, "relevance": float(r)} for t, r in zip(self.tokens, self.relevance)],
+        }
 
 
 def load_tokenizer(path):
@@ -66,8 +74,9 @@ def encode(explainer, tokenizer, texts):
         raise InputError("no text to explain")
     unknown = [name for name in explainer.inputs if name not in ENCODING_FIELDS and name != TARGET]
     if unknown:
-        raise InputError(f"the model takes input(s) {unknown} that a tokenizer does not make; it makes "
-                         f"{', '.join(ENCODING_FIELDS)}")
+        raise InputError(
+            f"the model takes input(s) {unknown} that a tokenizer does not make; it makes {', '.join(ENCODING_FIELDS)}"
+        )
     encodings = tokenizer.encode_batch(list(texts))
     longest = max(len(e.ids) for e in encodings)
     fixed = explainer.input_shape[1] if len(explainer.input_shape) == 2 else None
@@ -102,17 +111,27 @@ def explain_texts(explainer, texts, tokenizer, target=None, top_k=None, labels=N
     for run, predicted in ranked_runs(explainer, feeds, target, top_k):
         for i, (text, encoding) in enumerate(zip(texts, encodings)):
             n = len(encoding.ids)
-            out.append(TextExplanation(text, list(encoding.tokens), run["relevance"][i, :n],
-                                       int(run["explained_class"][i]), int(predicted[i]),
-                                       float(run["explained_logit"][i]), labels))
+            out.append(
+                TextExplanation(
+                    text,
+                    list(encoding.tokens),
+                    run["relevance"][i, :n],
+                    int(run["explained_class"][i]),
+                    int(predicted[i]),
+                    float(run["explained_logit"][i]),
+                    labels,
+                )
+            )
     return out
 
 
 def token_table(e: TextExplanation):
     """The tokens and their relevance as printed lines, with a header naming the class."""
     width = max(len(t) for t in e.tokens)
-    head = (f"{e.text!r}: class {e.label(e.target)} (predicted {e.label(e.predicted)}), logit {e.logit:.4g}, "
-            f"Σ R {e.relevance.sum():.4g}")
+    head = (
+        f"{e.text!r}: class {e.label(e.target)} (predicted {e.label(e.predicted)}), logit {e.logit:.4g}, "
+        f"Σ R {e.relevance.sum():.4g}"
+    )
     return "\n".join([head] + [f"  {t:<{width}}  {r:+.4g}" for t, r in zip(e.tokens, e.relevance)])
 
 
@@ -123,14 +142,20 @@ def token_html(explanations, cmap="bwr"):
     for e in explanations:
         peak = np.abs(e.relevance).max() or 1.0
         colours = colormap((e.relevance / peak + 1) / 2, cmap)
-        spans = " ".join(f'<span title="{r:+.4g}" style="background:rgb({c[0]},{c[1]},{c[2]})">{html.escape(t)}</span>'
-                         for t, r, c in zip(e.tokens, e.relevance, colours))
-        blocks.append(f"<h2>{html.escape(e.text)}</h2>\n<p>class {html.escape(e.label(e.target))} "
-                      f"(predicted {html.escape(e.label(e.predicted))}), logit {e.logit:.4g}, "
-                      f"Σ R {e.relevance.sum():.4g}</p>\n<p class=tokens>{spans}</p>")
+        spans = " ".join(
+            f'<span title="{r:+.4g}" style="background:rgb({c[0]},{c[1]},{c[2]})">{html.escape(t)}</span>'
+            for t, r, c in zip(e.tokens, e.relevance, colours)
+        )
+        blocks.append(
+            f"<h2>{html.escape(e.text)}</h2>\n<p>class {html.escape(e.label(e.target))} "
+            f"(predicted {html.escape(e.label(e.predicted))}), logit {e.logit:.4g}, "
+            f"Σ R {e.relevance.sum():.4g}</p>\n<p class=tokens>{spans}</p>"
+        )
     style = "body{font-family:sans-serif} .tokens span{padding:2px 3px;margin:1px;border-radius:3px;line-height:2}"
-    return (f"<!doctype html>\n<html><head><meta charset=utf-8><title>lrp-onnx: token relevance</title>"
-            f"<style>{style}</style></head><body>\n" + "\n".join(blocks) + "\n</body></html>\n")
+    return (
+        f"<!doctype html>\n<html><head><meta charset=utf-8><title>lrp-onnx: token relevance</title>"
+        f"<style>{style}</style></head><body>\n" + "\n".join(blocks) + "\n</body></html>\n"
+    )
 
 
 def write_text_explanations(explanations, folder, cmap="bwr"):

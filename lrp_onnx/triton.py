@@ -36,11 +36,22 @@ VERSION = "1"
 MODEL_FILE = "model.onnx"
 # Long enough for concurrent clients' requests to meet in one batch, short next to an explainer's run.
 QUEUE_DELAY_US = 500
-DATA_TYPES = {TensorProto.FLOAT: "TYPE_FP32", TensorProto.FLOAT16: "TYPE_FP16", TensorProto.BFLOAT16: "TYPE_BF16",
-              TensorProto.DOUBLE: "TYPE_FP64", TensorProto.INT8: "TYPE_INT8", TensorProto.INT16: "TYPE_INT16",
-              TensorProto.INT32: "TYPE_INT32", TensorProto.INT64: "TYPE_INT64", TensorProto.UINT8: "TYPE_UINT8",
-              TensorProto.UINT16: "TYPE_UINT16", TensorProto.UINT32: "TYPE_UINT32", TensorProto.UINT64: "TYPE_UINT64",
-              TensorProto.BOOL: "TYPE_BOOL", TensorProto.STRING: "TYPE_STRING"}
+DATA_TYPES = {
+    TensorProto.FLOAT: "TYPE_FP32",
+    TensorProto.FLOAT16: "TYPE_FP16",
+    TensorProto.BFLOAT16: "TYPE_BF16",
+    TensorProto.DOUBLE: "TYPE_FP64",
+    TensorProto.INT8: "TYPE_INT8",
+    TensorProto.INT16: "TYPE_INT16",
+    TensorProto.INT32: "TYPE_INT32",
+    TensorProto.INT64: "TYPE_INT64",
+    TensorProto.UINT8: "TYPE_UINT8",
+    TensorProto.UINT16: "TYPE_UINT16",
+    TensorProto.UINT32: "TYPE_UINT32",
+    TensorProto.UINT64: "TYPE_UINT64",
+    TensorProto.BOOL: "TYPE_BOOL",
+    TensorProto.STRING: "TYPE_STRING",
+}
 # Triton's model names are folder names; this keeps them portable and free of path tricks.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
@@ -136,8 +147,9 @@ def export_triton(explainer, repo, name=None, max_batch_size=8, backend="onnxrun
         raise InputError(f"{label}: not an explainer graph; convert it first (lrp-onnx convert)")
     name = name or _default_name(explainer)
     if not NAME_PATTERN.fullmatch(name):
-        raise InputError(f"model name {name!r}: use letters, digits, '_', '.' and '-' (not first), "
-                         "e.g. --name explainer")
+        raise InputError(
+            f"model name {name!r}: use letters, digits, '_', '.' and '-' (not first), e.g. --name explainer"
+        )
     config = config_text(proto, name, max_batch_size, backend, label)
     target = os.path.join(repo, name)
     if os.path.lexists(target) and not force:
@@ -171,7 +183,7 @@ def _default_name(explainer):
         raise InputError("an explainer given as a ModelProto needs a model name")
     base = os.path.basename(os.fspath(explainer))
     for suffix in (".onnx", ".lrp"):
-        base = base[:-len(suffix)] if base.endswith(suffix) else base
+        base = base[: -len(suffix)] if base.endswith(suffix) else base
     return base
 
 
@@ -197,6 +209,7 @@ def tensor_entries(proto, label="model"):
     """(inputs, outputs) of ``proto`` (named ``label`` in errors) as Triton sees them: dicts with
     name, data_type, dims (no batch axis; -1 where dynamic) and reshape (None, or [] for a
     per-sample scalar)."""
+
     def entry(value):
         where = f"{label}: {value.name!r}"
         kind = value.type.WhichOneof("value")
@@ -204,18 +217,28 @@ def tensor_entries(proto, label="model"):
             raise InputError(f"{where} is a {kind or 'typeless value'}; Triton takes tensors only")
         tensor = value.type.tensor_type
         if tensor.elem_type not in DATA_TYPES:
-            raise InputError(f"{where} has ONNX type {TensorProto.DataType.Name(tensor.elem_type)}, which Triton "
-                             "has no data type for")
+            raise InputError(
+                f"{where} has ONNX type {TensorProto.DataType.Name(tensor.elem_type)}, which Triton "
+                "has no data type for"
+            )
         if not tensor.HasField("shape") or not tensor.shape.dim:
-            raise InputError(f"{where} has no batch axis (unknown rank or a scalar); Triton's batching needs "
-                             "the first axis to be the batch")
+            raise InputError(
+                f"{where} has no batch axis (unknown rank or a scalar); Triton's batching needs "
+                "the first axis to be the batch"
+            )
         dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else -1 for d in tensor.shape.dim]
         if dims[0] != -1:
-            raise InputError(f"{where} has a fixed batch axis of {dims[0]}; re-export the classifier with a "
-                             "dynamic batch axis")
+            raise InputError(
+                f"{where} has a fixed batch axis of {dims[0]}; re-export the classifier with a dynamic batch axis"
+            )
         rest = dims[1:]
-        return {"name": value.name, "data_type": DATA_TYPES[tensor.elem_type], "dims": rest or [1],
-                "reshape": None if rest else []}
+        return {
+            "name": value.name,
+            "data_type": DATA_TYPES[tensor.elem_type],
+            "dims": rest or [1],
+            "reshape": None if rest else [],
+        }
+
     return [entry(v) for v in proto.graph.input], [entry(v) for v in proto.graph.output]
 
 
@@ -223,9 +246,13 @@ def config_text(proto, name, max_batch_size, backend, label="model"):
     """config.pbtxt for ``proto`` (protobuf text format of Triton's ModelConfig)."""
     inputs, outputs = tensor_entries(proto, label)
     engine = 'platform: "onnxruntime_onnx"' if backend == "onnxruntime" else 'backend: "python"'
-    lines = [f'name: "{name}"', engine, f"max_batch_size: {max_batch_size}",
-             f"dynamic_batching {{ max_queue_delay_microseconds: {QUEUE_DELAY_US} }}",
-             "instance_group [ { kind: KIND_CPU, count: 1 } ]"]
+    lines = [
+        f'name: "{name}"',
+        engine,
+        f"max_batch_size: {max_batch_size}",
+        f"dynamic_batching {{ max_queue_delay_microseconds: {QUEUE_DELAY_US} }}",
+        "instance_group [ { kind: KIND_CPU, count: 1 } ]",
+    ]
     for field, entries in (("input", inputs), ("output", outputs)):
         blocks = []
         for e in entries:
@@ -270,16 +297,19 @@ def validate_config(path, name=None):
     if config.max_batch_size < 1:
         raise InputError(f"{path}: max_batch_size {config.max_batch_size}; an explainer's first axis is its batch")
     if (config.platform, config.backend) not in (("onnxruntime_onnx", ""), ("", "python"), ("", "onnxruntime")):
-        raise InputError(f"{path}: platform {config.platform!r} / backend {config.backend!r} is not ONNX Runtime "
-                         "or Python")
+        raise InputError(
+            f"{path}: platform {config.platform!r} / backend {config.backend!r} is not ONNX Runtime or Python"
+        )
     try:
         model = onnx.load(os.path.join(folder, VERSION, MODEL_FILE), load_external_data=False)
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: cannot read {VERSION}/{MODEL_FILE} beside it ({str(e).splitlines()[0]})") from None
     inputs, outputs = tensor_entries(model, os.path.join(folder, VERSION, MODEL_FILE))
     for field, written, expected in (("input", config.input, inputs), ("output", config.output, outputs)):
-        found = [(t.name, DataType.Name(t.data_type), list(t.dims),
-                  list(t.reshape.shape) if t.HasField("reshape") else None) for t in written]
+        found = [
+            (t.name, DataType.Name(t.data_type), list(t.dims), list(t.reshape.shape) if t.HasField("reshape") else None)
+            for t in written
+        ]
         wanted = [(e["name"], e["data_type"], e["dims"], e["reshape"]) for e in expected]
         if sorted(found, key=str) != sorted(wanted, key=str):
             diff = sorted(set(map(str, found)) ^ set(map(str, wanted)))

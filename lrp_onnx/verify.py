@@ -11,11 +11,10 @@ from .load import read_model
 from .runtime import ONNX_TYPES, Explainer, inference_session, session_options
 
 
-
 @dataclass
 class Verification:
-    output_deviation: float    # max over outputs of max|explainer − model| / max|model|
-    finite: bool               # every relevance value is finite
+    output_deviation: float  # max over outputs of max|explainer − model| / max|model|
+    finite: bool  # every relevance value is finite
     conservation_error: float  # max over samples of |Σ R − explained logit| / |explained logit|
     convert_seconds: float
     explain_seconds: float
@@ -76,5 +75,4 @@ def verify(model, composite="epsilon-plus-flat", feeds=None, batch=2, threads=No
     totals = relevance.reshape(relevance.shape[0], -1).sum(1)
     logit = named["explained_logit"].astype(np.float64)
     conservation = float(np.max(np.abs(totals - logit) / np.maximum(np.abs(logit), 1e-12)))
-    return Verification(deviation, bool(np.isfinite(relevance).all()), conservation,
-                        converted - start, explained)
+    return Verification(deviation, bool(np.isfinite(relevance).all()), conservation, converted - start, explained)

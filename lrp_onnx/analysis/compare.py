@@ -19,37 +19,45 @@ from .evaluate import channel_summed, evaluate
 
 @dataclass
 class Comparison:
-    names: list              # per input
-    pearson: np.ndarray      # per input, of the two channel-summed relevance maps
+    names: list  # per input
+    pearson: np.ndarray  # per input, of the two channel-summed relevance maps
     spearman: np.ndarray
-    gini: tuple              # (A, B) per input: sparsity of |relevance|, 0 even .. 1 one pixel
-    png_bytes: tuple         # (A, B) per input: compressed heatmap size, the complexity measure
-    predictions: tuple       # (A, B) per input
-    aopc: tuple              # (A, B) over all inputs, or None when not measured
-    examples: list           # (Sample, A's map, B's map) of the first inputs, channel-summed, for the grid
-    composites: tuple        # (A, B): the composite each model was explained with
+    gini: tuple  # (A, B) per input: sparsity of |relevance|, 0 even .. 1 one pixel
+    png_bytes: tuple  # (A, B) per input: compressed heatmap size, the complexity measure
+    predictions: tuple  # (A, B) per input
+    aopc: tuple  # (A, B) over all inputs, or None when not measured
+    examples: list  # (Sample, A's map, B's map) of the first inputs, channel-summed, for the grid
+    composites: tuple  # (A, B): the composite each model was explained with
 
     def summary(self):
         a_pred, b_pred = self.predictions
-        return {"inputs": len(self.pearson), "pearson": float(self.pearson.mean()),
-                "spearman": float(self.spearman.mean()),
-                "gini": [float(g.mean()) for g in self.gini], "png_bytes": [float(p.mean()) for p in self.png_bytes],
-                "prediction_agreement": float(np.mean(a_pred == b_pred)),
-                "aopc": None if self.aopc is None else list(self.aopc)}
+        return {
+            "inputs": len(self.pearson),
+            "pearson": float(self.pearson.mean()),
+            "spearman": float(self.spearman.mean()),
+            "gini": [float(g.mean()) for g in self.gini],
+            "png_bytes": [float(p.mean()) for p in self.png_bytes],
+            "prediction_agreement": float(np.mean(a_pred == b_pred)),
+            "aopc": None if self.aopc is None else list(self.aopc),
+        }
 
 
 def report(comparison, model_a, model_b):
     """The comparison's means as a markdown table (what ``lrp-onnx compare`` prints)."""
     summary = comparison.summary()
     (gini_a, gini_b), (bytes_a, bytes_b) = summary["gini"], summary["png_bytes"]
-    lines = [f"{summary['inputs']} input(s); A: {model_a} ({comparison.composites[0]}), "
-             f"B: {model_b} ({comparison.composites[1]})", "",
-             "| measure | A | B | A and B |", "|---|---|---|---|",
-             f"| predictions that agree | | | {summary['prediction_agreement']:.1%} |",
-             f"| relevance Pearson (mean over inputs) | | | {summary['pearson']:.3f} |",
-             f"| relevance Spearman (mean over inputs) | | | {summary['spearman']:.3f} |",
-             f"| Gini of abs relevance: sparsity, 0 even to 1 one pixel | {gini_a:.3f} | {gini_b:.3f} | |",
-             f"| heatmap PNG bytes: complexity | {bytes_a:.0f} | {bytes_b:.0f} | |"]
+    lines = [
+        f"{summary['inputs']} input(s); A: {model_a} ({comparison.composites[0]}), "
+        f"B: {model_b} ({comparison.composites[1]})",
+        "",
+        "| measure | A | B | A and B |",
+        "|---|---|---|---|",
+        f"| predictions that agree | | | {summary['prediction_agreement']:.1%} |",
+        f"| relevance Pearson (mean over inputs) | | | {summary['pearson']:.3f} |",
+        f"| relevance Spearman (mean over inputs) | | | {summary['spearman']:.3f} |",
+        f"| Gini of abs relevance: sparsity, 0 even to 1 one pixel | {gini_a:.3f} | {gini_b:.3f} | |",
+        f"| heatmap PNG bytes: complexity | {bytes_a:.0f} | {bytes_b:.0f} | |",
+    ]
     if summary["aopc"] is not None:
         lines.append(f"| AOPC | {summary['aopc'][0]:.3f} | {summary['aopc'][1]:.3f} | |")
     return "\n".join(lines)
@@ -103,8 +111,20 @@ def png_size(relevance_2d):
     return len(png_bytes(heatmap(relevance_2d[None], channel_axis=0), optimize=True))
 
 
-def compare(model_a, model_b, inputs, layout_a, layout_b, composite=DEFAULT_COMPOSITE, aopc_steps=None,
-            composite_b=None, batch_size=32, shown=16, reader=None, **rule_params):
+def compare(
+    model_a,
+    model_b,
+    inputs,
+    layout_a,
+    layout_b,
+    composite=DEFAULT_COMPOSITE,
+    aopc_steps=None,
+    composite_b=None,
+    batch_size=32,
+    shown=16,
+    reader=None,
+    **rule_params,
+):
     """Explain ``inputs`` with both models under ``composite`` (B under ``composite_b`` if given: a
     CNN beside a transformer under attnlrp, say) and ``rule_params`` (as ``convert``), each for its
     own prediction; with ``aopc_steps``, also each model's AOPC (``evaluate``) on the same inputs.
@@ -115,11 +135,14 @@ def compare(model_a, model_b, inputs, layout_a, layout_b, composite=DEFAULT_COMP
     depends on the batch size, not on the number of inputs; the maps of the first ``shown`` inputs
     are kept too, for ``write_grid``."""
     if aopc_steps and iter(inputs) is inputs:
-        raise InputError("compare's AOPC reads the inputs again for each model: give a sequence, not a one-pass "
-                         "iterator")
+        raise InputError(
+            "compare's AOPC reads the inputs again for each model: give a sequence, not a one-pass iterator"
+        )
     layouts = (layout_a, layout_b)
-    explainers = [Explainer(model, composite=name, **rule_params)
-                  for model, name in zip((model_a, model_b), (composite, composite_b or composite))]
+    explainers = [
+        Explainer(model, composite=name, **rule_params)
+        for model, name in zip((model_a, model_b), (composite, composite_b or composite))
+    ]
     composites = tuple(e.composite for e in explainers)  # as run: auto resolved per model
     reader = reader or InputReader(explainers[0].input_spec, Preprocess())
     pearsons, spearmans, names, examples = [], [], [], []
@@ -136,21 +159,45 @@ def compare(model_a, model_b, inputs, layout_a, layout_b, composite=DEFAULT_COMP
             measures["predictions"].append(run["explained_class"])
         names += [s.name for s in samples]
         low, high = min(low, float(x.min())), max(high, float(x.max()))
-        examples += list(zip(samples, *maps))[:shown - len(examples)]
+        examples += list(zip(samples, *maps))[: shown - len(examples)]
     if not names:
         raise InputError("compare needs at least one input")
     a, b = ({key: np.concatenate(values) for key, values in measures.items()} for measures in per_model)
     aopc = None
     if aopc_steps:
         relaid = _Relaid(inputs, reader, layout_a, layout_b)
-        aopc = tuple(next(r.aopc for r in evaluate(model, data, [f"lrp:{name}"], steps=aopc_steps, layout=layout,
-                                                   low=low, high=high, rule_params=rule_params, reader=reader)
-                          if r.method == f"lrp:{name}")
-                     for model, data, layout, name in ((model_a, inputs, layout_a, composites[0]),
-                                                       (model_b, relaid, layout_b, composites[1])))
-    return Comparison(names, np.concatenate(pearsons), np.concatenate(spearmans), (a["gini"], b["gini"]),
-                      (a["png_bytes"], b["png_bytes"]), (a["predictions"], b["predictions"]), aopc, examples,
-                      composites)
+        aopc = tuple(
+            next(
+                r.aopc
+                for r in evaluate(
+                    model,
+                    data,
+                    [f"lrp:{name}"],
+                    steps=aopc_steps,
+                    layout=layout,
+                    low=low,
+                    high=high,
+                    rule_params=rule_params,
+                    reader=reader,
+                )
+                if r.method == f"lrp:{name}"
+            )
+            for model, data, layout, name in (
+                (model_a, inputs, layout_a, composites[0]),
+                (model_b, relaid, layout_b, composites[1]),
+            )
+        )
+    return Comparison(
+        names,
+        np.concatenate(pearsons),
+        np.concatenate(spearmans),
+        (a["gini"], b["gini"]),
+        (a["png_bytes"], b["png_bytes"]),
+        (a["predictions"], b["predictions"]),
+        aopc,
+        examples,
+        composites,
+    )
 
 
 class _Relaid:
@@ -164,8 +211,10 @@ class _Relaid:
         return len(self.inputs)
 
     def __iter__(self):
-        return (to_layout(sample.array[None], self.source, self.target)[0]
-                for sample in read_samples(self.inputs, self.reader))
+        return (
+            to_layout(sample.array[None], self.source, self.target)[0]
+            for sample in read_samples(self.inputs, self.reader)
+        )
 
 
 def write_grid(comparison, layout, path, cell=96):
@@ -195,10 +244,30 @@ def _input_tile(sample, layout):
 
 def write_json(comparison, path, model_a, model_b):
     a_pred, b_pred = comparison.predictions
-    rows = [{"input": name, "pearson": float(p), "spearman": float(s), "gini": [float(ga), float(gb)],
-             "png_bytes": [int(pa), int(pb)], "predicted": [int(x), int(y)]}
-            for name, p, s, ga, gb, pa, pb, x, y in zip(comparison.names, comparison.pearson, comparison.spearman,
-                                                         *comparison.gini, *comparison.png_bytes, a_pred, b_pred)]
-    data = {"model_a": model_a, "model_b": model_b, "composites": list(comparison.composites),
-            "mean": comparison.summary(), "inputs": rows}
+    rows = [
+        {
+            "input": name,
+            "pearson": float(p),
+            "spearman": float(s),
+            "gini": [float(ga), float(gb)],
+            "png_bytes": [int(pa), int(pb)],
+            "predicted": [int(x), int(y)],
+        }
+        for name, p, s, ga, gb, pa, pb, x, y in zip(
+            comparison.names,
+            comparison.pearson,
+            comparison.spearman,
+            *comparison.gini,
+            *comparison.png_bytes,
+            a_pred,
+            b_pred,
+        )
+    ]
+    data = {
+        "model_a": model_a,
+        "model_b": model_b,
+        "composites": list(comparison.composites),
+        "mean": comparison.summary(),
+        "inputs": rows,
+    }
     atomic_write(path, json.dumps(data, indent=1).encode())

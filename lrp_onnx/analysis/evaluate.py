@@ -37,6 +37,7 @@ class Perturbation:
     (``localisation``): its shares of positive relevance inside and outside the region (the inside
     share is the relevance mass accuracy), its rank accuracy and its pointing-game hit (None
     without ground truth). The random method's localisation is that of a uniform random map."""
+
     method: str
     drops: np.ndarray  # [L+1]
     aopc: float
@@ -63,14 +64,14 @@ def paired_difference(a: Perturbation, b: Perturbation):
 
 
 def parse_method(spec):
-    """"lrp:alpha-beta" -> {"composite": "alpha-beta"}; "lrp" -> the default composite;
+    """ "lrp:alpha-beta" -> {"composite": "alpha-beta"}; "lrp" -> the default composite;
     "sensitivity" -> {"method": "sensitivity"}."""
     if spec == RANDOM:
         return None
     if spec == "lrp":
         return {"composite": DEFAULT_COMPOSITE}
     if spec.startswith("lrp:"):
-        return {"composite": spec[len("lrp:"):]}
+        return {"composite": spec[len("lrp:") :]}
     if spec in BASELINE_METHODS:
         return {"method": spec}
     raise InputError(f"unknown method {spec!r}; use lrp, lrp:COMPOSITE, {', '.join(BASELINE_METHODS)} or {RANDOM}")
@@ -146,14 +147,17 @@ def scores(explainer, inputs, targets, batch_size):
     n, k = inputs.shape[:2]
     flat = inputs.reshape((n * k,) + inputs.shape[2:])
     repeated = np.repeat(targets, k)
-    out = [explainer.score(flat[i:i + batch_size], repeated[i:i + batch_size])["explained_logit"]
-           for i in range(0, len(flat), batch_size)]
+    out = [
+        explainer.score(flat[i : i + batch_size], repeated[i : i + batch_size])["explained_logit"]
+        for i in range(0, len(flat), batch_size)
+    ]
     return np.concatenate(out).reshape(n, k)
 
 
 @dataclass
 class _Geometry:
     """How the inputs are cut into regions, fixed by the first sample's shape."""
+
     layout: str
     region: int
     steps: int
@@ -167,9 +171,25 @@ class _Geometry:
         return cls(layout, region, min(steps, regions))
 
 
-def evaluate(model, inputs, methods, steps=100, region=None, repeats=1, low=None, high=None, layout=None,
-             batch_size=256, seed=0, threads=None, progress=False, rule_params=None, boxes=None, masks=None,
-             reader=None):
+def evaluate(
+    model,
+    inputs,
+    methods,
+    steps=100,
+    region=None,
+    repeats=1,
+    low=None,
+    high=None,
+    layout=None,
+    batch_size=256,
+    seed=0,
+    threads=None,
+    progress=False,
+    rule_params=None,
+    boxes=None,
+    masks=None,
+    reader=None,
+):
     """AOPC of each method (specs as ``parse_method``; random is always added), explaining each
     sample's predicted class. Returns a list of Perturbation, in the order given, random last.
 
@@ -208,8 +228,9 @@ def evaluate(model, inputs, methods, steps=100, region=None, repeats=1, low=None
     per_sample = {spec: [] for spec in specs}  # each chunk's per-sample AOPC, the mean over the repeats
     located = {spec: [] for spec in specs}  # localisation per chunk, given ground truth
     classes = []
-    bar = progress_bar(len(inputs) * len(specs) * repeats if hasattr(inputs, "__len__") else None, progress,
-                       unit="sample")
+    bar = progress_bar(
+        len(inputs) * len(specs) * repeats if hasattr(inputs, "__len__") else None, progress, unit="sample"
+    )
     for start, _, xs in prefetched(stacked_batches(itertools.chain([first], samples), chunk, "evaluate")):
         targets = scorer.score(xs)["explained_class"]
         indices = range(start, start + len(xs))
@@ -228,8 +249,9 @@ def evaluate(model, inputs, methods, steps=100, region=None, repeats=1, low=None
                 located[spec].append(localisation(maps, regions))
             chunk_aopc = np.zeros(len(xs))
             for _ in range(repeats):
-                perturbed = perturbed_inputs(xs, order, geometry.steps, geometry.region, geometry.layout, low, high,
-                                             rngs)
+                perturbed = perturbed_inputs(
+                    xs, order, geometry.steps, geometry.region, geometry.layout, low, high, rngs
+                )
                 drops = scores(scorer, perturbed, targets, batch_size).astype(np.float64)
                 drops = drops[:, :1] - drops
                 totals[spec] += drops.sum(axis=0)
@@ -243,8 +265,9 @@ def evaluate(model, inputs, methods, steps=100, region=None, repeats=1, low=None
     for spec in specs:
         drops = totals[spec] / (len(classes) * repeats)
         parts = [np.concatenate(p) for p in zip(*located[spec])] if located[spec] else [None] * 4
-        results.append(Perturbation(spec, drops, float(drops.mean()), np.concatenate(per_sample[spec]), classes,
-                                    *parts))
+        results.append(
+            Perturbation(spec, drops, float(drops.mean()), np.concatenate(per_sample[spec]), classes, *parts)
+        )
     return results
 
 
@@ -253,8 +276,10 @@ def _data_range(inputs, reader):
     if isinstance(inputs, np.ndarray):
         return float(inputs.min()), float(inputs.max())
     if iter(inputs) is inputs:
-        raise InputError("the default noise range is the data's, which needs a second pass over the inputs: "
-                         "give low and high when the inputs are a one-pass iterator")
+        raise InputError(
+            "the default noise range is the data's, which needs a second pass over the inputs: "
+            "give low and high when the inputs are a one-pass iterator"
+        )
     low, high = math.inf, -math.inf
     for sample in read_samples(inputs, reader):
         low, high = min(low, float(sample.array.min())), max(high, float(sample.array.max()))
@@ -301,8 +326,10 @@ class GroundTruth:
             else:
                 out[k] = _mask_array(self.sources[start + k], shape)
             if not out[k].any():
-                raise InputError(f"the ground truth of input {start + k} is empty (no pixel inside the model's "
-                                 f"{shape[1]}x{shape[0]} input)")
+                raise InputError(
+                    f"the ground truth of input {start + k} is empty (no pixel inside the model's "
+                    f"{shape[1]}x{shape[0]} input)"
+                )
         return out
 
 
@@ -333,6 +360,7 @@ def read_boxes(path, samples):
     """Boxes from a CSV of input, x0, y0, x1, y1 (a header row is allowed), one per sample in
     order; the input column names a sample (its name or its file's name)."""
     import csv
+
     try:
         with open(path, newline="") as f:
             rows = [r for r in csv.reader(f) if r and not r[0].startswith("#")]
@@ -387,13 +415,20 @@ def context_report(results, names):
             return float(v) if np.isfinite(v) else None
 
         def means(mask):
-            return {"inside": float(share_in[mask].mean()), "outside": float(share_out[mask].mean()),
-                    "ratio": finite(np.median(ratio[mask]))}
+            return {
+                "inside": float(share_in[mask].mean()),
+                "outside": float(share_out[mask].mean()),
+                "ratio": finite(np.median(ratio[mask])),
+            }
+
         summary[r.method] = {
             **means(np.ones(len(ratio), bool)),
             "per_class": {int(c): means(r.classes == c) for c in np.unique(r.classes)},
-            "per_input": [{"input": n, "class": int(c), "inside": float(i), "outside": float(o), "ratio": finite(q)}
-                          for n, c, i, o, q in zip(names, r.classes, share_in, share_out, ratio)]}
+            "per_input": [
+                {"input": n, "class": int(c), "inside": float(i), "outside": float(o), "ratio": finite(q)}
+                for n, c, i, o, q in zip(names, r.classes, share_in, share_out, ratio)
+            ],
+        }
     return summary
 
 
@@ -404,8 +439,7 @@ def report(results):
     random = next(r for r in results if r.method == RANDOM)
     located = random.rank is not None
     ground_truth = " mass accuracy | rank accuracy | pointing game |" if located else ""
-    lines = ["| method | AOPC | AOPC − random |" + ground_truth,
-             "|---|---|---|" + ("---|---|---|" if located else "")]
+    lines = ["| method | AOPC | AOPC − random |" + ground_truth, "|---|---|---|" + ("---|---|---|" if located else "")]
     for r in results:
         gain, error = paired_difference(r, random)
         cells = f"| {r.method} | {r.aopc:.4f} ± {r.standard_error:.4f} | {gain:+.4f} ± {error:.4f} |"
@@ -417,13 +451,29 @@ def report(results):
 
 def write_json(results, path, settings, context=None):
     def located(r):
-        return {} if r.rank is None else {"mass_accuracy": float(r.inside.mean()),
-                                          "rank_accuracy": float(r.rank.mean()),
-                                          "pointing_game": float(r.pointing.mean())}
-    data = {"settings": settings,
-            "methods": [{"method": r.method, "aopc": r.aopc, "aopc_standard_error": r.standard_error,
-                         "mean_drop_per_step": r.drops.tolist(), **located(r)}
-                        for r in results]}
+        return (
+            {}
+            if r.rank is None
+            else {
+                "mass_accuracy": float(r.inside.mean()),
+                "rank_accuracy": float(r.rank.mean()),
+                "pointing_game": float(r.pointing.mean()),
+            }
+        )
+
+    data = {
+        "settings": settings,
+        "methods": [
+            {
+                "method": r.method,
+                "aopc": r.aopc,
+                "aopc_standard_error": r.standard_error,
+                "mean_drop_per_step": r.drops.tolist(),
+                **located(r),
+            }
+            for r in results
+        ],
+    }
     if context is not None:
         data["context"] = context
     atomic_write(path, json.dumps(data, indent=1).encode())
@@ -447,8 +497,10 @@ def plot(results, path, size=(640, 400)):
     steps = len(baseline) - 1
 
     def point(k, v):
-        return (left + (width - left - right) * k / max(steps, 1),
-                height - bottom - (height - top - bottom) * (v - lo) / (hi - lo))
+        return (
+            left + (width - left - right) * k / max(steps, 1),
+            height - bottom - (height - top - bottom) * (v - lo) / (hi - lo),
+        )
 
     draw.rectangle([left, top, width - right, height - bottom], outline="black")
     draw.line([point(0, 0), point(steps, 0)], fill=(160, 160, 160))

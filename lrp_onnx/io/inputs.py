@@ -24,9 +24,9 @@ ARRAY_SUFFIXES = (".npy", ".npz")
 
 @dataclass
 class Sample:
-    name: str                         # unique stem for output files
-    source: str                       # file, with the index or key for arrays
-    array: Optional[np.ndarray]       # one model-ready sample, no batch axis (None: it could not be read)
+    name: str  # unique stem for output files
+    source: str  # file, with the index or key for arrays
+    array: Optional[np.ndarray]  # one model-ready sample, no batch axis (None: it could not be read)
     image: Optional[np.ndarray] = None  # the picture as seen (H×W or H×W×3 in [0, 1]), for overlays
 
 
@@ -36,7 +36,7 @@ class Preprocess:
     mean: Optional[Sequence[float]] = None
     std: Optional[Sequence[float]] = None
     scale: float = 1.0
-    layout: Optional[str] = None           # "nchw" or "nhwc"
+    layout: Optional[str] = None  # "nchw" or "nhwc"
     grayscale: bool = False
 
 
@@ -44,6 +44,7 @@ class Preprocess:
 class InputSpec:
     """What the explained graph input expects: rank, layout, channels, fixed spatial size, and its
     element type (an integer one takes raw pixels, which the model scales itself)."""
+
     shape: list
     dtype: object = np.float32
 
@@ -83,8 +84,9 @@ def expand_paths(paths):
     for path in paths:
         path = os.fspath(path)
         if os.path.isdir(path):
-            inside = sorted(os.path.join(path, f) for f in os.listdir(path)
-                            if f.lower().endswith(IMAGE_SUFFIXES + ARRAY_SUFFIXES))
+            inside = sorted(
+                os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_SUFFIXES + ARRAY_SUFFIXES)
+            )
             if not inside:
                 raise InputError(f"{path}: folder has no image ({', '.join(IMAGE_SUFFIXES)}) or array files")
             files.extend(inside)
@@ -101,12 +103,13 @@ def expand_paths(paths):
 class Pending:
     """One input, located but not read: an image file, or a row of an array in a .npy file or an
     .npz member. Small and picklable, so that another process (a Ray worker) can read it."""
-    name: str                     # unique stem for output files
+
+    name: str  # unique stem for output files
     source: str
     path: str
-    key: Optional[str] = None     # the .npz member
-    row: Optional[int] = None     # the sample's index along the array's axis 0; None for an image
-    error: Optional[str] = None   # why it cannot be read, found while listing the inputs
+    key: Optional[str] = None  # the .npz member
+    row: Optional[int] = None  # the sample's index along the array's axis 0; None for an image
+    error: Optional[str] = None  # why it cannot be read, found while listing the inputs
 
 
 def read_inputs(paths, spec: InputSpec, preprocess: Preprocess):
@@ -172,8 +175,10 @@ def stacked_batches(samples, size, command):
     for index, sample in enumerate(samples):
         shape = shape or sample.array.shape
         if sample.array.shape != shape:
-            raise InputError(f"{command} needs inputs of one shape: input {index} is {list(sample.array.shape)}, "
-                             f"the first is {list(shape)}")
+            raise InputError(
+                f"{command} needs inputs of one shape: input {index} is {list(sample.array.shape)}, "
+                f"the first is {list(shape)}"
+            )
         batch.append(sample)
         if len(batch) == size:
             yield start, batch, np.stack([s.array for s in batch])
@@ -261,13 +266,16 @@ def _batch_of_samples(source, array, spec):
     if array.ndim == spec.rank - 1:
         array = array[None]
     if array.ndim != spec.rank:
-        raise InputError(f"{source}: shape {list(array.shape)} does not fit the model input {spec.shape} "
-                         "(one sample, or a batch along axis 0)")
+        raise InputError(
+            f"{source}: shape {list(array.shape)} does not fit the model input {spec.shape} "
+            "(one sample, or a batch along axis 0)"
+        )
     for axis, (got, want) in enumerate(zip(array.shape[1:], spec.shape[1:]), start=1):
         if isinstance(want, int) and got != want:
             what = "channels" if spec.rank == 4 and axis in (1, 3) and want in (1, 3) else f"axis {axis}"
-            raise InputError(f"{source}: wrong number of {what}: {got}, the model takes {want} "
-                             f"(input shape {spec.shape})")
+            raise InputError(
+                f"{source}: wrong number of {what}: {got}, the model takes {want} (input shape {spec.shape})"
+            )
     return array
 
 
@@ -288,8 +296,7 @@ def resized_and_cropped(image, size, resample=Image.BILINEAR):
     """Scale so the image covers size (H, W) (the shorter side fits), then center-crop."""
     height, width = size
     scale = max(height / image.height, width / image.width)
-    resized = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
-                           resample)
+    resized = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))), resample)
     left, top = (resized.width - width) // 2, (resized.height - height) // 2
     return resized.crop((left, top, left + width, top + height))
 
@@ -304,11 +311,14 @@ def check_preprocess(spec, p: Preprocess):
         raise InputError(f"the model takes {channels} channels; images have 1 (grey) or 3 (RGB)")
     fixed = spec.spatial(layout)
     if p.size is not None and fixed is not None and _size(p) != fixed:
-        raise InputError(f"--size {_size(p)[0]} {_size(p)[1]} does not match the model's fixed input size "
-                         f"{fixed[0]}x{fixed[1]}")
+        raise InputError(
+            f"--size {_size(p)[0]} {_size(p)[1]} does not match the model's fixed input size {fixed[0]}x{fixed[1]}"
+        )
     if spec.integer and (p.mean is not None or p.std is not None or p.scale != 1.0):
-        raise InputError(f"the model takes {np.dtype(spec.dtype).name} pixels and scales them itself; "
-                         "--mean, --std and --scale are for float inputs")
+        raise InputError(
+            f"the model takes {np.dtype(spec.dtype).name} pixels and scales them itself; "
+            "--mean, --std and --scale are for float inputs"
+        )
     c = 1 if (p.grayscale or channels == 1) and channels != 3 else 3
     for name, values in (("mean", p.mean), ("std", p.std)):
         if values is not None and len(values) not in (1, c):
@@ -329,8 +339,10 @@ def _image_sample(path, spec, p: Preprocess):
     if p.size is not None:
         image = resized_and_cropped(image, _size(p))
     elif fixed is not None and (image.height, image.width) != fixed:
-        raise InputError(f"{path}: image is {image.height}x{image.width} (HxW) but the model takes "
-                         f"{fixed[0]}x{fixed[1]}; pass --size to resize and crop")
+        raise InputError(
+            f"{path}: image is {image.height}x{image.width} (HxW) but the model takes "
+            f"{fixed[0]}x{fixed[1]}; pass --size to resize and crop"
+        )
     pixels = np.asarray(image, np.float32) / 255.0
     shown = pixels
     hwc = pixels[..., None] if pixels.ndim == 2 else pixels
@@ -338,8 +350,9 @@ def _image_sample(path, spec, p: Preprocess):
         hwc = np.repeat(hwc, 3, axis=2)
     if spec.integer:  # the raw 8-bit values, as the model reads them
         raw = np.rint(hwc * 255).astype(spec.dtype)
-        return Sample(_stem(path), path, np.ascontiguousarray(raw.transpose(2, 0, 1) if layout == "nchw" else raw),
-                      shown)
+        return Sample(
+            _stem(path), path, np.ascontiguousarray(raw.transpose(2, 0, 1) if layout == "nchw" else raw), shown
+        )
     hwc = hwc * p.scale
     if p.mean is not None:
         hwc = hwc - np.asarray(p.mean, np.float32)

@@ -34,11 +34,22 @@ except ImportError:  # Windows: no advisory lock, and no guard against two runs 
 # The summary's columns and their Parquet types; an input that could not be explained has its name,
 # source and error, and nulls elsewhere.
 SUMMARY_COLUMNS = {
-    "input": "string", "source": "string", "predicted": "int64", "predicted_label": "string",
-    "target": "int64", "target_label": "string", "logit": "float64", "relevance_sum": "float64",
-    "conservation": "float64", "positive_share": "float64", "negative_share": "float64",
-    "positive_negative_ratio": "float64", "heatmap": "string", "relevance_shard": "string",
-    "relevance_row": "int64", "error": "string",
+    "input": "string",
+    "source": "string",
+    "predicted": "int64",
+    "predicted_label": "string",
+    "target": "int64",
+    "target_label": "string",
+    "logit": "float64",
+    "relevance_sum": "float64",
+    "conservation": "float64",
+    "positive_share": "float64",
+    "negative_share": "float64",
+    "positive_negative_ratio": "float64",
+    "heatmap": "string",
+    "relevance_shard": "string",
+    "relevance_row": "int64",
+    "error": "string",
 }
 # A shard's relevance is held in memory until it is written: about this many bytes.
 SHARD_BYTES = 64 << 20
@@ -66,13 +77,13 @@ def default_run_folder(model_label, settings):
 
 @dataclass
 class Totals:
-    inputs: int = 0          # every input, in this run and the earlier ones it continued
-    failed: int = 0          # inputs that could not be explained (their rows hold the error)
+    inputs: int = 0  # every input, in this run and the earlier ones it continued
+    failed: int = 0  # inputs that could not be explained (their rows hold the error)
     explanations: int = 0
-    resumed: int = 0         # inputs already done by an earlier run with the same settings
-    overflowed: int = 0      # relevance values past float16's range, stored as ±inf (this run)
+    resumed: int = 0  # inputs already done by an earlier run with the same settings
+    overflowed: int = 0  # relevance values past float16's range, stored as ±inf (this run)
     errors: list = field(default_factory=list)  # (input, error) of the first ERRORS_KEPT that failed
-    folder: str = ""         # where the run wrote
+    folder: str = ""  # where the run wrote
 
 
 ERRORS_KEPT = 3  # failed inputs whose error the CLI prints in full (the rest it counts)
@@ -95,13 +106,17 @@ class RunFolder:
         remove_temporaries(folder)
         previous = self._read_settings()
         if previous is None and self._committed_parts() and not restart:
-            raise OutputError(f"{folder}: holds parts of a run whose run.json is gone; pass --restart to discard "
-                              "them, or choose another -o")
+            raise OutputError(
+                f"{folder}: holds parts of a run whose run.json is gone; pass --restart to discard "
+                "them, or choose another -o"
+            )
         if previous is not None and previous != settings:
             if not restart:
                 changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
-                raise OutputError(f"{folder}: holds a run with other settings ({', '.join(changed)}); pass "
-                                  "--restart to discard it, or choose another -o")
+                raise OutputError(
+                    f"{folder}: holds a run with other settings ({', '.join(changed)}); pass "
+                    "--restart to discard it, or choose another -o"
+                )
             self._discard()
         elif restart:
             self._discard()
@@ -121,9 +136,11 @@ class RunFolder:
             for expected in part["sources"]:
                 found = next(pending, None)
                 if found is None or found.source != expected:
-                    raise InputError(f"{self.folder}: the inputs are not those of the run being continued "
-                                     f"(expected {expected!r}, found {found.source if found else 'no more inputs'!r}); "
-                                     "pass --restart to start over")
+                    raise InputError(
+                        f"{self.folder}: the inputs are not those of the run being continued "
+                        f"(expected {expected!r}, found {found.source if found else 'no more inputs'!r}); "
+                        "pass --restart to start over"
+                    )
         return pending
 
     def add(self, outcome):
@@ -133,8 +150,9 @@ class RunFolder:
             self._rows.append({"input": outcome.name, "source": outcome.source, "error": outcome.error})
         for e in outcome.explanations:
             png = self.heatmap(e, self.folder) if self.heatmap else None
-            self._rows.append(dict(e.summary(), heatmap=png, relevance_shard=self._shard_name(),
-                                   relevance_row=len(self._relevance)))
+            self._rows.append(
+                dict(e.summary(), heatmap=png, relevance_shard=self._shard_name(), relevance_row=len(self._relevance))
+            )
             self._relevance.append(e.relevance)
         if len(self._sources) == self.shard_inputs:
             self._commit()
@@ -184,7 +202,7 @@ class RunFolder:
         self.totals.inputs += inputs
         self.totals.failed += sum(1 for r in rows if r.get("error"))
         failed = [(r["input"], r["error"]) for r in rows if r.get("error")]
-        self.totals.errors += failed[:ERRORS_KEPT - len(self.totals.errors)]
+        self.totals.errors += failed[: ERRORS_KEPT - len(self.totals.errors)]
         self.totals.explanations += sum(1 for r in rows if not r.get("error"))
 
     def _shard_name(self):
@@ -288,6 +306,7 @@ def _lock(folder):
 
 def _npy_bytes(array):
     import io
+
     out = io.BytesIO()
     np.save(out, array, allow_pickle=False)
     return out.getvalue()

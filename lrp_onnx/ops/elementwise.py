@@ -11,8 +11,24 @@ from ..quantized import origin
 from ..registry import mapped
 from .linear import first_input_only
 
-ACTIVATIONS = ("Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "Tanh", "Elu", "Selu", "Celu", "Softplus",
-               "Softsign", "HardSigmoid", "HardSwish", "Gelu", "Mish", "LRN")
+ACTIVATIONS = (
+    "Relu",
+    "LeakyRelu",
+    "PRelu",
+    "Clip",
+    "Sigmoid",
+    "Tanh",
+    "Elu",
+    "Selu",
+    "Celu",
+    "Softplus",
+    "Softsign",
+    "HardSigmoid",
+    "HardSwish",
+    "Gelu",
+    "Mish",
+    "LRN",
+)
 
 # How far back a gate's inputs are searched for the gated tensor: a squeeze-excitation branch is
 # about ten nodes deep.
@@ -23,8 +39,9 @@ GATE_SEARCH_LIMIT = 64
 # Clip's is 1 where it left x unchanged, min ≤ x ≤ max (as torch's clamp), and 0 elsewhere.
 DERIVATIVES = {
     "Relu": lambda b, x, y, node: b.op("Cast", b.op("Greater", x, b.const(0.0)), to=1),
-    "LeakyRelu": lambda b, x, y, node: b.op("Where", b.op("Greater", x, b.const(0.0)), b.const(1.0),
-                                             b.const(node.attrs.get("alpha", 0.01))),
+    "LeakyRelu": lambda b, x, y, node: b.op(
+        "Where", b.op("Greater", x, b.const(0.0)), b.const(1.0), b.const(node.attrs.get("alpha", 0.01))
+    ),
     "Clip": lambda b, x, y, node: b.op("Cast", b.op("Equal", x, y), to=1),
     "Sigmoid": lambda b, x, y, node: b.mul(y, b.sub(b.const(1.0), y)),
     "Tanh": lambda b, x, y, node: b.sub(b.const(1.0), b.mul(y, y)),
@@ -75,8 +92,9 @@ class SumMap(LinearMap):
     def __init__(self, b, unit, k, receivers):
         super().__init__(unit, x=unit.inputs[k])
         self.sign = _sign(unit, k)
-        fixed = [t if _sign(unit, i) > 0 else b.neg(t) for i, (t, gets) in enumerate(zip(unit.inputs, receivers))
-                 if not gets]
+        fixed = [
+            t if _sign(unit, i) > 0 else b.neg(t) for i, (t, gets) in enumerate(zip(unit.inputs, receivers)) if not gets
+        ]
         self.bias = b.total(fixed) if fixed else None
 
     def emit_forward(self, b, x, weight, bias):
@@ -101,8 +119,12 @@ def _sum_traits(unit):
     """Two or more explained summands share R (norm), so relevance may not pass unchanged to each;
     one explained summand plus fixed ones is an elementwise shift."""
     one = sum(unit.relevant) == 1
-    return Traits(affine=True, elementwise=one, differentiable=True,
-                  kind="a shift by a fixed tensor" if one else "a sum of activations")
+    return Traits(
+        affine=True,
+        elementwise=one,
+        differentiable=True,
+        kind="a shift by a fixed tensor" if one else "a sum of activations",
+    )
 
 
 @mapped("Add", "Sub", "Sum", role=_sum_role, traits=_sum_traits)
@@ -224,7 +246,7 @@ class Normalization:
         if all(isinstance(d, int) for d in sizes):
             return b.const(float(self.groups or 1) / float(np.prod(sizes)))
         grouped = self.grouped(b, x)
-        size = (lambda u: b.op("Cast", b.op("Size", u), to=1))
+        size = lambda u: b.op("Cast", b.op("Size", u), to=1)
         return b.div(size(b.op("ReduceSum", grouped, b.ints(self.axes), keepdims=1)), size(grouped))
 
     def grouped(self, b, t):
@@ -270,8 +292,9 @@ class NormalizationMap(LinearMap):
         super().__init__(unit)
         self.norm = Normalization(unit)
         self.scale = self.norm.per_channel(b, unit, unit.inputs[1])
-        self.bias = self.norm.per_channel(b, unit, unit.inputs[2]) if len(unit.inputs) > 2 and unit.inputs[2].name \
-            else None
+        self.bias = (
+            self.norm.per_channel(b, unit, unit.inputs[2]) if len(unit.inputs) > 2 and unit.inputs[2].name else None
+        )
         self.reciprocal = self.norm.reciprocal_count(b, self.x)
         centred = self._centre(b, self.norm.grouped(b, self.x))
         variance = self._mean(b, b.mul(centred, centred))
@@ -305,8 +328,14 @@ class NormalizationMap(LinearMap):
         return self.norm.ungrouped(b, dx, self.x)
 
 
-@mapped("LayerNormalization", "InstanceNormalization", "GroupNormalization", role="layernorm",
-        traits=lambda unit: Traits(affine=True, differentiable=True, kind=unit.op), check=_check_normalization)
+@mapped(
+    "LayerNormalization",
+    "InstanceNormalization",
+    "GroupNormalization",
+    role="layernorm",
+    traits=lambda unit: Traits(affine=True, differentiable=True, kind=unit.op),
+    check=_check_normalization,
+)
 def normalization(b, unit):
     return first_input_only(unit, NormalizationMap(b, unit))
 
@@ -317,8 +346,13 @@ def _check_scale_only(unit):
     return None
 
 
-@mapped("RMSNormalization", "LpNormalization", role="scale",
-        traits=lambda unit: Traits(elementwise=True, kind=unit.op), check=_check_scale_only)
+@mapped(
+    "RMSNormalization",
+    "LpNormalization",
+    role="scale",
+    traits=lambda unit: Traits(elementwise=True, kind=unit.op),
+    check=_check_scale_only,
+)
 def scale_normalization(b, unit):
     """y = γ ⊙ x / √(mean(x²) + eps), or x / ‖x‖_p along an axis: the normaliser held constant,
     x ↦ x/n is a scaling, so R passes to x unchanged (LXT's identity rule for RMSNorm, which stops

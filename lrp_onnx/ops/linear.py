@@ -26,8 +26,12 @@ def folded_affine(unit, scale=None, bias=None):
         else:  # the constant operand (find_units has checked y ↦ y ± c, c·y, y / c)
             c = per_channel(next(t for t in node.inputs if is_constant(t)), head)
             # lazily: a zero bias is fine to add, not to divide by
-            s, t = {"Add": lambda: (None, c), "Sub": lambda: (None, -c), "Mul": lambda: (c, None),
-                    "Div": lambda: (1.0 / c, None)}[node.op]()
+            s, t = {
+                "Add": lambda: (None, c),
+                "Sub": lambda: (None, -c),
+                "Mul": lambda: (c, None),
+                "Div": lambda: (1.0 / c, None),
+            }[node.op]()
         if s is not None:
             scale = s if scale is None else scale * s
             bias = None if bias is None else bias * s
@@ -47,8 +51,9 @@ class _WeightedMap(LinearMap):
         own_bias = head.inputs[2] if len(head.inputs) > 2 and head.inputs[2].name else None
         base_bias = None
         if own_bias is not None:
-            base_bias = np.broadcast_to(np.asarray(own_bias.values, np.float64).reshape(-1) * bias_factor,
-                                        (self.channels,))
+            base_bias = np.broadcast_to(
+                np.asarray(own_bias.values, np.float64).reshape(-1) * bias_factor, (self.channels,)
+            )
         scale, bias = folded_affine(unit, None if base_scale == 1.0 else np.full(self.channels, base_scale), base_bias)
         self.weight = weight if scale is None else b.mul(weight, b.const(weight_layout_scale(scale)))
         if bias is None:
@@ -80,8 +85,12 @@ class ConvMap(_WeightedMap):
         super().__init__(b, unit, lambda s: s.reshape([-1] + [1] * (w.ndim - 1)))
         # Stacking along the output channels would mix groups; the blocks' views need static sizes.
         shape = self.output.shape
-        self.stackable = (self.attrs["group"] == 1 and shape is not None and all(isinstance(d, int) for d in shape[1:])
-                          and math.prod(shape[1:]) <= STACK_MAX_OUTPUT)
+        self.stackable = (
+            self.attrs["group"] == 1
+            and shape is not None
+            and all(isinstance(d, int) for d in shape[1:])
+            and math.prod(shape[1:]) <= STACK_MAX_OUTPUT
+        )
 
     def emit_forward(self, b, x, weight, bias):
         return b.op("Conv", x, weight, bias, **self.attrs)
@@ -132,11 +141,20 @@ class ConvMap(_WeightedMap):
             swapped = b.op("Transpose", weight, perm=[1, 0] + [a - 1 for a in spatial])
         else:
             grouped = b.op("Reshape", weight, b.ints([group, c_out // group, c_in_per_group] + kernel))
-            swapped = b.op("Reshape", b.op("Transpose", grouped, perm=[0, 2, 1] + spatial),
-                           b.ints([group * c_in_per_group, c_out // group] + kernel))
+            swapped = b.op(
+                "Reshape",
+                b.op("Transpose", grouped, perm=[0, 2, 1] + spatial),
+                b.ints([group * c_in_per_group, c_out // group] + kernel),
+            )
         axes = list(range(2, 2 + len(kernel)))
-        return b.op("Slice", swapped, b.ints([-1] * len(kernel)), b.ints([np.iinfo(np.int64).min] * len(kernel)),
-                    b.ints(axes), b.ints([-1] * len(kernel)))
+        return b.op(
+            "Slice",
+            swapped,
+            b.ints([-1] * len(kernel)),
+            b.ints([np.iinfo(np.int64).min] * len(kernel)),
+            b.ints(axes),
+            b.ints([-1] * len(kernel)),
+        )
 
 
 class ConvTransposeMap(_WeightedMap):
@@ -147,15 +165,19 @@ class ConvTransposeMap(_WeightedMap):
         w = head.inputs[1].values
         group = head.attrs.get("group", 1)
         spatial = w.ndim - 2
-        self.attrs = {"strides": head.attrs.get("strides", [1] * spatial),
-                      "pads": head.attrs.get("pads", [0] * 2 * spatial),
-                      "dilations": head.attrs.get("dilations", [1] * spatial), "group": group}
+        self.attrs = {
+            "strides": head.attrs.get("strides", [1] * spatial),
+            "pads": head.attrs.get("pads", [0] * 2 * spatial),
+            "dilations": head.attrs.get("dilations", [1] * spatial),
+            "group": group,
+        }
         self.forward_attrs = dict(self.attrs, output_padding=head.attrs.get("output_padding", [0] * spatial))
 
         def layout(s):  # weight [C_in, C_out/group, k...]; output channel o = group_index·C_out/group + j
             c_in, per_group = w.shape[0], w.shape[1]
             per_input = s.reshape(group, per_group)[np.arange(c_in) // (c_in // group)]
             return per_input.reshape([c_in, per_group] + [1] * spatial)
+
         super().__init__(b, unit, layout)
 
     def emit_forward(self, b, x, weight, bias):
@@ -176,9 +198,13 @@ class GemmMap(_WeightedMap):
     def __init__(self, b, unit):
         head = unit.head
         self.trans_a, self.trans_b = head.attrs.get("transA", 0), head.attrs.get("transB", 0)
-        super().__init__(b, unit, lambda s: s.reshape(-1, 1) if self.trans_b else s,
-                         base_scale=head.attrs.get("alpha", 1.0),
-                         bias_factor=head.attrs.get("beta", 1.0))
+        super().__init__(
+            b,
+            unit,
+            lambda s: s.reshape(-1, 1) if self.trans_b else s,
+            base_scale=head.attrs.get("alpha", 1.0),
+            bias_factor=head.attrs.get("beta", 1.0),
+        )
 
     def emit_forward(self, b, x, weight, bias):
         return b.op("Gemm", x, weight, bias, transA=self.trans_a, transB=self.trans_b)
@@ -260,8 +286,9 @@ def same_padding_problem(unit):
     """Why auto_pad SAME cannot be resolved to pads (they depend on a size the file leaves dynamic), or None."""
     auto_pad = unit.head.attrs.get("auto_pad", "NOTSET")
     shape = unit.inputs[0].shape
-    if auto_pad in ("SAME_UPPER", "SAME_LOWER", b"SAME_UPPER", b"SAME_LOWER") and \
-            (shape is None or not all(isinstance(d, int) for d in shape[2:])):
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER", b"SAME_UPPER", b"SAME_LOWER") and (
+        shape is None or not all(isinstance(d, int) for d in shape[2:])
+    ):
         return f"auto_pad SAME needs a static spatial input shape, got {shape}; {SHAPE_HINT}"
     return None
 
@@ -284,7 +311,7 @@ def strided_transpose(b, g, weight, attrs, x):
         return b.op("ConvTranspose", g, weight, **attrs, output_padding=unread_rows(sizes, attrs))
     spatial = len(attrs["strides"])
     transposed = b.op("ConvTranspose", g, weight, **dict(attrs, pads=attrs["pads"][:spatial] + [0] * spatial))
-    sizes_of = (lambda t: b.op("Slice", b.shape(t), b.ints([2]), b.ints([2 + spatial])))
+    sizes_of = lambda t: b.op("Slice", b.shape(t), b.ints([2]), b.ints([2 + spatial]))
     missing = b.sub(sizes_of(x), sizes_of(transposed))
     return b.op("Pad", transposed, b.op("Concat", b.ints([0] * (spatial + 4)), missing, axis=0))
 
@@ -294,8 +321,11 @@ def unread_rows(sizes, attrs):
     The transpose needs them as output_padding to land exactly on the input's size."""
     spatial = len(attrs["strides"])
     dilations = attrs.get("dilations", [1] * spatial)
-    return [(n + attrs["pads"][i] + attrs["pads"][i + spatial] - ((attrs["kernel_shape"][i] - 1) * dilations[i] + 1))
-            % attrs["strides"][i] for i, n in enumerate(sizes)]
+    return [
+        (n + attrs["pads"][i] + attrs["pads"][i + spatial] - ((attrs["kernel_shape"][i] - 1) * dilations[i] + 1))
+        % attrs["strides"][i]
+        for i, n in enumerate(sizes)
+    ]
 
 
 LINEAR_MAPS = {"Conv": ConvMap, "ConvTranspose": ConvTransposeMap, "Gemm": GemmMap, "MatMul": MatMulMap}
@@ -331,8 +361,11 @@ def linear_layer(b, unit):
     return first_input_only(unit, linear_map(b, unit))
 
 
-@mapped("BatchNormalization", role="batchnorm", traits=Traits(affine=True, weighted=True, elementwise=True,
-                                                              differentiable=True, kind="a BatchNormalization"))
+@mapped(
+    "BatchNormalization",
+    role="batchnorm",
+    traits=Traits(affine=True, weighted=True, elementwise=True, differentiable=True, kind="a BatchNormalization"),
+)
 def batch_norm(b, unit):
     """A BatchNorm with no linear layer to merge into: the per-channel map y = s·x + t (pass by default)."""
     return first_input_only(unit, ChannelAffineMap(b, unit))

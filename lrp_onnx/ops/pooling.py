@@ -21,8 +21,11 @@ class AveragePoolMap(LinearMap):
         attrs = unit.head.attrs
         kernel = list(attrs["kernel_shape"])
         spatial = len(kernel)
-        self.attrs = {"kernel_shape": kernel, "strides": list(attrs.get("strides", [1] * spatial)),
-                      "pads": list(attrs.get("pads", [0] * 2 * spatial))}
+        self.attrs = {
+            "kernel_shape": kernel,
+            "strides": list(attrs.get("strides", [1] * spatial)),
+            "pads": list(attrs.get("pads", [0] * 2 * spatial)),
+        }
         self.count_include_pad = attrs.get("count_include_pad", 0)
         channels = self.x.shape[1]
         self.ones = b.const(np.ones([channels, 1] + kernel, np.float32))
@@ -55,7 +58,7 @@ class ReduceMap(LinearMap):
 
     def _scale(self, b):
         """1 / (number of reduced elements) = size(output) / size(input)."""
-        size = (lambda t: b.op("Cast", b.op("Size", t), to=1))
+        size = lambda t: b.op("Cast", b.op("Size", t), to=1)
         return b.div(size(self.output), size(self.x))
 
     def transpose(self, b, g, weight):
@@ -109,8 +112,10 @@ def reduction(b, unit):
 
 
 def _static_spatial(unit):
-    return all(s is not None and all(isinstance(d, int) for d in s[2:]) for s in (unit.inputs[0].shape,
-                                                                                  unit.head.outputs[0].shape))
+    return all(
+        s is not None and all(isinstance(d, int) for d in s[2:])
+        for s in (unit.inputs[0].shape, unit.head.outputs[0].shape)
+    )
 
 
 @routing("MaxPool", check=same_padding_problem)
@@ -150,7 +155,7 @@ def _max_pool_by_indices(b, unit, r):
     attrs = {k: v for k, v in unit.head.attrs.items() if k != "storage_order"}
     x = b.as_float(unit.inputs[0])
     _, indices = b.op("MaxPool", x, outputs=2, **attrs)
-    flat = (lambda t: b.op("Reshape", t, b.ints([-1])))
+    flat = lambda t: b.op("Reshape", t, b.ints([-1]))
     scattered = b.op("ScatterElements", flat(b.zeros_like(x)), flat(indices), flat(r), axis=0, reduction="add")
     return b.reshape_like(scattered, unit.inputs[0])
 
@@ -167,9 +172,10 @@ class _Window:
 
     def __init__(self, window, sizes, out_sizes):
         self.strides, self.sizes, self.out_sizes = window["strides"], list(sizes), list(out_sizes)
-        self.begin = window["pads"][:len(sizes)]
-        self.offsets = [[k * d for k, d in zip(index, window["dilations"])]
-                        for index in np.ndindex(*window["kernel_shape"])]
+        self.begin = window["pads"][: len(sizes)]
+        self.offsets = [
+            [k * d for k, d in zip(index, window["dilations"])] for index in np.ndindex(*window["kernel_shape"])
+        ]
         most_shift = [((k - 1) * d) // s for k, d, s in zip(window["kernel_shape"], window["dilations"], self.strides)]
         self.coarse = [o + q for o, q in zip(out_sizes, most_shift)]
         # Padded rows of the phases, p + n plus the end padding; every view reads within them. The
@@ -183,8 +189,11 @@ class _Window:
         if kept != self.sizes:
             x = b.op("Slice", x, b.ints([0] * len(kept)), b.ints(kept), b.ints(self.axes))
         end = [f - p - n for f, p, n in zip(self.frame, self.begin, kept)]
-        padded = x if not any(self.begin + end) else \
-            b.op("Pad", x, b.ints([0, 0] + self.begin + [0, 0] + end), b.const(-np.inf))
+        padded = (
+            x
+            if not any(self.begin + end)
+            else b.op("Pad", x, b.ints([0, 0] + self.begin + [0, 0] + end), b.const(-np.inf))
+        )
         if all(s == 1 for s in self.strides):
             return {tuple(0 for _ in self.strides): padded}
         channels = x.shape[1] if x.shape is not None else None
@@ -192,11 +201,16 @@ class _Window:
             # One SpaceToDepth, whose channel block r_h·s + r_w holds phase (r_h, r_w), then plain
             # Slices of those blocks: ONNX Runtime runs that twice as fast as s² strided Slices.
             blocks = b.op("SpaceToDepth", padded, blocksize=self.strides[0])
-            return {phase: b.op("Slice", blocks, b.ints([k * channels]), b.ints([(k + 1) * channels]), b.ints([1]))
-                    for k, phase in enumerate(np.ndindex(*self.strides))}
-        return {phase: b.op("Slice", padded, b.ints(list(phase)), b.ints(self.frame), b.ints(self.axes),
-                            b.ints(self.strides))
-                for phase in np.ndindex(*self.strides)}
+            return {
+                phase: b.op("Slice", blocks, b.ints([k * channels]), b.ints([(k + 1) * channels]), b.ints([1]))
+                for k, phase in enumerate(np.ndindex(*self.strides))
+            }
+        return {
+            phase: b.op(
+                "Slice", padded, b.ints(list(phase)), b.ints(self.frame), b.ints(self.axes), b.ints(self.strides)
+            )
+            for phase in np.ndindex(*self.strides)
+        }
 
     def view(self, b, phases, offset):
         """The view at ``offset``, [N, C, o…]: rows q … q + o − 1 of phase r."""
@@ -237,8 +251,13 @@ class _Window:
         spatial = 2 + axis
         stacked = b.op("Concat", *[b.op("Unsqueeze", p, b.ints([spatial + 1])) for p in parts], axis=spatial + 1)
         shape = b.op("Shape", stacked)
-        merged = b.op("Concat", b.op("Slice", shape, b.ints([0]), b.ints([spatial])), b.ints([self.frame[axis]]),
-                      b.op("Slice", shape, b.ints([spatial + 2]), b.ints([np.iinfo(np.int64).max])), axis=0)
+        merged = b.op(
+            "Concat",
+            b.op("Slice", shape, b.ints([0]), b.ints([spatial])),
+            b.ints([self.frame[axis]]),
+            b.op("Slice", shape, b.ints([spatial + 2]), b.ints([np.iinfo(np.int64).max])),
+            axis=0,
+        )
         return b.op("Reshape", stacked, merged)
 
 

@@ -64,8 +64,12 @@ def _check_matmul(unit):
     return None
 
 
-@mapped("MatMul", role=lambda unit: "product" if _is_bilinear(unit) else "dense",
-        traits=lambda unit: PRODUCT if _is_bilinear(unit) else WEIGHTED, check=_check_matmul)
+@mapped(
+    "MatMul",
+    role=lambda unit: "product" if _is_bilinear(unit) else "dense",
+    traits=lambda unit: PRODUCT if _is_bilinear(unit) else WEIGHTED,
+    check=_check_matmul,
+)
 def matmul(b, unit):
     """x·W: the linear layer. A·B: one map per explained factor."""
     if not _is_bilinear(unit):

@@ -81,7 +81,7 @@ def _bias(node, form, unit):
 def _bind(b, head, dequantizers):
     """Emit what the stand-ins of a float view stand for: a DequantizeLinear per computed operand,
     and the float op itself, which graph cleanup removes where no rule reads its output."""
-    for (inputs, axis, stand_in) in dequantizers:
+    for inputs, axis, stand_in in dequantizers:
         _dequantize_into(b, inputs, stand_in, axis)
     b.graph.nodes.append(head)
 
@@ -103,8 +103,12 @@ def integer_view(unit):
     scales = next(t for t in scaling.inputs if t is not cast.outputs[0])
     producer = scales.inputs[0] if scales.inputs else None
     w_scale = None
-    if producer is not None and producer.op == "Mul" and x_scale is not None and \
-            any(t is x_scale for t in producer.inputs):
+    if (
+        producer is not None
+        and producer.op == "Mul"
+        and x_scale is not None
+        and any(t is x_scale for t in producer.inputs)
+    ):
         w_scale = next((t for t in producer.inputs if t is not x_scale), None)
     if w_scale is None or not is_constant(w_scale) or (w_zero is not None and not is_constant(w_zero)):
         return f"{unit.op}'s scales are not its input's scale times a constant weight scale"
@@ -113,9 +117,13 @@ def integer_view(unit):
     zero = None if w_zero is None else np.asarray(w_zero.values).reshape(-1)
     weight = dequantize(w_q.values, np.asarray(w_scale.values, np.float32).reshape(-1), zero, axis=axis)
     stand_in = StandIn(f"lrp/{unit.name}/dequantized_0", x_q)
-    float_head = gs.Node(float_op, f"lrp/{unit.name}/{float_op}", dict(head.attrs),
-                         [stand_in, gs.Constant(f"lrp/{unit.name}/dequantized_1", weight)],
-                         [gs.Variable(f"lrp/{unit.name}/float_output", np.float32, scaling.outputs[0].shape)])
+    float_head = gs.Node(
+        float_op,
+        f"lrp/{unit.name}/{float_op}",
+        dict(head.attrs),
+        [stand_in, gs.Constant(f"lrp/{unit.name}/dequantized_1", weight)],
+        [gs.Variable(f"lrp/{unit.name}/float_output", np.float32, scaling.outputs[0].shape)],
+    )
     followers = unit.followers[2:]  # a bias Add, a BatchNorm: folded as for any linear layer
     view_unit = Unit(float_head, followers, relevant=[unit.relevant[0], False])
 
@@ -123,6 +131,7 @@ def integer_view(unit):
         _dequantize_into(b, [x_q, x_scale, x_zero], stand_in)
         if not followers:  # the layer's output is the float layer's, computed again (cleanup drops it if unread)
             b.graph.nodes.append(float_head)
+
     return View(view_unit, [0, None] + [None] * (len(head.inputs) - 2), bind)
 
 
@@ -140,7 +149,6 @@ def _scale_of(q):
 viewed(("", "ConvInteger"), ("", "MatMulInteger"), view=integer_view)
 
 
-
 def nbits_view(unit):
     """The View of MatMulNBits(A, packed B, scales, zero points[, g_idx, bias]) as MatMul(A, W) with
     W its dequantized weight [K, N], and a bias Add where it has one, before its own followers."""
@@ -152,8 +160,13 @@ def nbits_view(unit):
     a = head.inputs[0]
     stand_in = StandIn(f"lrp/{unit.name}/input", a)
     product = gs.Variable(f"lrp/{unit.name}/float_output", np.float32, head.outputs[0].shape)
-    matmul = gs.Node("MatMul", f"lrp/{unit.name}/MatMul", {},
-                     [stand_in, gs.Constant(f"lrp/{unit.name}/dequantized_1", nbits_weight(head))], [product])
+    matmul = gs.Node(
+        "MatMul",
+        f"lrp/{unit.name}/MatMul",
+        {},
+        [stand_in, gs.Constant(f"lrp/{unit.name}/dequantized_1", nbits_weight(head))],
+        [product],
+    )
     followers = list(unit.followers)
     bias = _present(head, 5)
     if bias is not None:  # its own bias as a follower Add, folded as any
@@ -161,12 +174,13 @@ def nbits_view(unit):
         copy = gs.Constant(f"lrp/{unit.name}/bias", bias.values)  # view nodes read no graph tensor
         followers.insert(0, gs.Node("Add", f"lrp/{unit.name}/bias", {}, [product, copy], [biased]))
     view_unit = Unit(matmul, followers, relevant=[unit.relevant[0], False])
-    virtual = [matmul] + followers[:1 if bias is not None else 0]
+    virtual = [matmul] + followers[: 1 if bias is not None else 0]
 
     def bind(b):
         b.graph.nodes.append(gs.Node("Identity", b.name("input"), {}, [a], [stand_in]))
         if not unit.followers:  # the view's output is computed again (cleanup drops what no rule reads)
             b.graph.nodes.extend(virtual)
+
     return View(view_unit, [0] + [None] * (len(head.inputs) - 1), bind)
 
 

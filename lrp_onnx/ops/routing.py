@@ -73,10 +73,16 @@ def _slice_params(unit):
     x = unit.inputs[0]
     starts, ends = (np.asarray(unit.inputs[i].values).reshape(-1) for i in (1, 2))
     rank = len(x.shape)
-    axes = np.asarray(unit.inputs[3].values).reshape(-1) if len(unit.inputs) > 3 and unit.inputs[3].name \
+    axes = (
+        np.asarray(unit.inputs[3].values).reshape(-1)
+        if len(unit.inputs) > 3 and unit.inputs[3].name
         else np.arange(len(starts))
-    steps = np.asarray(unit.inputs[4].values).reshape(-1) if len(unit.inputs) > 4 and unit.inputs[4].name \
+    )
+    steps = (
+        np.asarray(unit.inputs[4].values).reshape(-1)
+        if len(unit.inputs) > 4 and unit.inputs[4].name
         else np.ones(len(starts), np.int64)
+    )
     return starts, ends, [int(a) % rank for a in axes], steps
 
 
@@ -118,8 +124,11 @@ def _pad_params(unit):
     x = unit.inputs[0]
     rank = len(x.shape)
     pads = np.asarray(unit.inputs[1].values).reshape(-1)
-    axes = np.asarray(unit.inputs[3].values).reshape(-1) if len(unit.inputs) > 3 and unit.inputs[3].name \
+    axes = (
+        np.asarray(unit.inputs[3].values).reshape(-1)
+        if len(unit.inputs) > 3 and unit.inputs[3].name
         else np.arange(rank)
+    )
     full = [0] * (2 * rank)
     for i, axis in enumerate(axes):
         full[int(axis) % rank], full[int(axis) % rank + rank] = int(pads[i]), int(pads[i + len(axes)])
@@ -143,8 +152,9 @@ def padded(b, unit, relevance_out):
     pads = _pad_params(unit)
     rank = len(pads) // 2
     ends = [-p if p else np.iinfo(np.int64).max for p in pads[rank:]]
-    return [b.op("Slice", relevance_out[0], b.ints(pads[:rank]), b.ints(ends), b.ints(list(range(rank))))] \
-        + _inputs_after_first(unit)
+    return [
+        b.op("Slice", relevance_out[0], b.ints(pads[:rank]), b.ints(ends), b.ints(list(range(rank))))
+    ] + _inputs_after_first(unit)
 
 
 def _check_gather(unit):
@@ -183,8 +193,17 @@ def gathered(b, unit, relevance_out):
     along = indices.reshape([-1 if i == axis else 1 for i in range(rank)]).astype(np.int64)
     # -1 and T-1 are one place when T is dynamic: add unless the indices cannot meet
     distinct = len(set(indices.reshape(-1).tolist())) == indices.size and (indices >= 0).all()
-    return [b.op("ScatterElements", b.zeros_like(x), b.op("Expand", b.ints(along), b.shape(r)), r, axis=axis,
-                 **({} if distinct else {"reduction": "add"})), None]
+    return [
+        b.op(
+            "ScatterElements",
+            b.zeros_like(x),
+            b.op("Expand", b.ints(along), b.shape(r)),
+            r,
+            axis=axis,
+            **({} if distinct else {"reduction": "add"}),
+        ),
+        None,
+    ]
 
 
 def _check_gather_nd(unit):
