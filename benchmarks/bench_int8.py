@@ -81,10 +81,10 @@ def main():
                 rows.append((form, batch, forward, explain))
                 print(rows[-1], flush=True)
     float_forward = {b: f for form, b, f, _ in rows if form == "float"}
-    lines = [f"## int8 (issue 29)\n\nWritten by `benchmarks/bench_int8.py`: {args.model} at 224×224, epsilon "
+    lines = [f"## int8\n\nWritten by `benchmarks/bench_int8.py`: {args.model} at 224×224, epsilon "
              f"composite, {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), ONNX Runtime "
              f"{ort.__version__} CPU, median of {args.repeats} runs. The QDQ explainer also computes a float "
-             "mirror of the forward for the relevance pass (README, *Supported models*).\n",
+             "mirror of the forward for the relevance pass (docs/reference/supported-models.md).\n",
              "| form | batch | forward ms | forward / float forward | explainer ms | explainer / its forward |",
              "|---|---|---|---|---|---|"]
     for form, batch, forward, explain in rows:

@@ -149,7 +149,7 @@ def targets(rows):
     faster = [r["lxt"] / r["explainer"] for r in rows]
     frozen = [r["lxt_frozen"] / r["explainer"] for r in rows]
     return "\n".join([
-        "### Targets (issue 13) against the table above", "",
+        "### Targets against the table above", "",
         f"- Explainer ≤ 4× the ORT forward pass: {span(over)}×, met in {sum(o <= 4 for o in over)} of {len(over)} rows.",
         f"- Explainer ≥ 2× faster than LXT: LXT takes {span(faster)}× the explainer's time ({span(frozen)}× with "
         f"its weights frozen): met in {sum(f >= 2 for f in faster)} of {len(faster)} rows.",
@@ -176,7 +176,7 @@ def main():
         rows += bench(f"bert-base, T={SEQUENCE}", bert, tokens, ("attnlrp",), "bert", args.batches, args.repeats,
                       args.threads, workdir)
     text = "\n".join([
-        "## Transformers (issue 13)", "",
+        "## Transformers", "",
         environment(args.threads, args.repeats, f"random-init vit_b_16 at 224×224 and BERT-base at sequence length "
                     f"{SEQUENCE}, dynamo export", "benchmarks/bench_transformers.py", reference="LXT 2.1"), "",
         "LXT 2.1 (efficient mode: one forward and one backward pass) runs in a subprocess of its own, on the same "

@@ -446,7 +446,7 @@ def main():
     unmeasured = {"converts": "not run", "why": "not measured yet: run this script with --only NAME"}
     ordered = {f"{n}/{f}": rows.get(f"{n}/{f}", unmeasured) for n, (_, _, fs) in MODELS.items() for f in fs}
     converted = sum(r["converts"] == "yes" for r in ordered.values())
-    text = (f"## Deployed forms (issue 29)\n\nWritten by `benchmarks/coverage_deployed.py` on "
+    text = (f"## Deployed forms\n\nWritten by `benchmarks/coverage_deployed.py` on "
             f"{datetime.date.today()} (2 CPU cores, ONNX Runtime CPU): {converted} of {len(ordered)} rows convert; "
             f"every other row says why, or that it was not measured. The script's docstring defines each form, column and reference.\n\n"
             + table(ordered))

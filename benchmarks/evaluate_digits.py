@@ -99,7 +99,7 @@ def section():
         f"- **Flat first layer.** epsilon-plus-flat's AOPC at L = 16 is {by_method[16]['lrp:epsilon-plus-flat']:.2f}, "
         f"against {by_method[16]['lrp:alpha-beta']:.2f} for alpha-beta. The flat rule spreads each first-layer "
         "neuron's relevance evenly over its 3×3 receptive field, so with one-pixel regions it cannot say which "
-        "pixel of a stroke matters (the README says as much). The paper's 9×9 regions on 224 px images hide this.",
+        "pixel of a stroke matters (docs/reference/composites.md says as much). The paper's 9×9 regions on 224 px images hide this.",
         f"- **Background flips.** {everywhere:.0%} of all pixels are background, exactly 0. A decomposition gives a zero pixel no relevance (its contribution x·w is "
         "0), so alpha-beta and gradient × input almost never flip one early. Sensitivity ranks by (∂f/∂x)² "
         "whatever the value, and uniform noise on a background pixel draws ink (mean 0.5) where the class may "

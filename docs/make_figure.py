@@ -1,4 +1,4 @@
-"""Make docs/digits_heatmaps.png, the README's picture: the bundled digits and their LRP heatmaps.
+"""Make docs/digits_heatmaps.png, the README's and the docs' picture: the bundled digits and their LRP heatmaps.
 
     python docs/make_figure.py
 

@@ -1,4 +1,4 @@
-"""The explainer graph contract (README, "The explainer graph"): inputs, outputs, seed, opset, size."""
+"""The explainer graph contract (docs/reference/explainer-graph.md): inputs, outputs, seed, opset, size."""
 
 import os
 

@@ -122,7 +122,7 @@ def test_an_invalid_target_cannot_pass_for_an_explanation_in_plain_onnx_runtime(
 
 
 def test_zero_bias_conserves_relevance_down_to_the_first_layer_only():
-    """The README's --zero-bias claim, as it holds: with biases out of the rules, Σ R equals the
+    """The documented --zero-bias claim (docs/reference/commands.md), as it holds: with biases out of the rules, Σ R equals the
     logit at every layer's output, and at the input except for what reaches units that are active
     through their bias alone. Such a unit (an all-zero receptive field on the digits' background)
     has a bias-free pre-activation of 0, so its relevance can go to no input: numpy finds those
@@ -150,7 +150,7 @@ def test_zero_bias_conserves_relevance_down_to_the_first_layer_only():
     at_input = out["relevance"].reshape(len(x), -1).sum(1)
     np.testing.assert_allclose(at_input, takeable, rtol=1e-4)
     ratios = at_input / out["explained_logit"]
-    assert np.abs(ratios - 1).max() > 0.1  # not conserved at the input: the README says so
+    assert np.abs(ratios - 1).max() > 0.1  # not conserved at the input: the docs say so
 
 
 def test_why_an_input_failed_is_printed_not_only_written(tmp_path):
