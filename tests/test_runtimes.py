@@ -98,6 +98,22 @@ def test_explainers_are_portable_by_default(tmp_path, composite):
     assert onehot.input[1] in constants
 
 
+@needs_javascript
+@pytest.mark.parametrize("runtime", OTHER_RUNTIMES)
+def test_an_invalid_target_is_flagged_on_every_runtime(runtime, tmp_path):
+    """The graph contract on the deploy runtimes as on ONNX Runtime (tests/test_first_hour.py): a target
+    past the classes or below -1 gives explained_class -1 and NaN logit and relevance, and the valid
+    samples of the batch get what they get alone."""
+    path = explainer_file(os.path.join(MODELS, "digits_cnn.onnx"), "alpha-beta", tmp_path)
+    images = np.load(os.path.join(MODELS, "digits_samples.npy"))[:4]
+    run = {"openvino": runtimes.run_openvino, "ort-node": runtimes.run_ort_node, "ort-web": runtimes.run_ort_web}
+    out = run[runtime](str(path), {"image": images, "target": np.array([-1, 10, 3, -2], np.int64)}, repeats=0).outputs
+    assert out["explained_class"].tolist() == [0, -1, 3, -1]
+    assert np.isnan(out["explained_logit"][[1, 3]]).all() and np.isnan(out["relevance"][[1, 3]]).all()
+    alone = run[runtime](str(path), {"image": images[[0, 2]], "target": np.array([-1, 3], np.int64)}, repeats=0).outputs
+    np.testing.assert_allclose(out["relevance"][[0, 2]], alone["relevance"], rtol=1e-5, atol=1e-7)
+
+
 # The issue's matrix: the digits CNN, resnet18 (64 px) and vgg11_bn (224 px, 531 MB: saved with
 # external data, which ONNX Runtime Web needs), both exporters, the default composite and the
 # epsilon-plus-flat one.

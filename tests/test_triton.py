@@ -213,5 +213,9 @@ def test_a_real_server_answers_concurrent_requests_as_onnx_runtime(tmp_path):
         for t in threads:
             t.join()
         inferences, executions = triton_load.model_statistics(url)
+        # the graph contract through the server: a target past the classes or below -1 is flagged, not explained
+        invalid = triton_load.request(grpcclient.InferenceServerClient(url), samples[:3], np.array([10, 3, -2]))
     assert failures == []
+    assert invalid["explained_class"].tolist() == [-1, 3, -1]
+    assert np.isnan(invalid["relevance"][[0, 2]]).all() and np.isnan(invalid["explained_logit"][[0, 2]]).all()
     assert inferences == sum(1 + i % 3 for i in range(12)) * 4 and 0 < executions <= 48
