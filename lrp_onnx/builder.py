@@ -5,6 +5,7 @@ Every node the converter adds is named ``lrp/<forward node>/<op>_<k>``, so that 
 """
 
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -27,7 +28,7 @@ class Builder:
         self._scope = "lrp"
         self._counter = 0
         # Pure ops on the same inputs are emitted once: W+ = Relu(W) is shared by every term that needs it.
-        self._memo = {}
+        self._memo: dict[tuple, Any] = {}  # key -> a graphsurgeon tensor, or a tuple of them
 
     @contextmanager
     def scope(self, name):

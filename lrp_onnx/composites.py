@@ -16,14 +16,27 @@ overrides', unless an override sets its own; ``zero_params`` reaches the layer r
 overrides, not the base map, as in Zennit.
 """
 
+from __future__ import annotations
+
 import fnmatch
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 
 from .errors import RuleError, first_line
 from .rules import Gradient, Pass, Rule, RuleParams, make_rule, rule_key, rule_parameters
+
+if TYPE_CHECKING:
+    from .graph import Unit
+
+# A slot's rule: its name, or (name, the parameters it fixes)
+SlotSpec = Union[str, tuple[str, dict[str, Any]]]
+# An override's rule: a Rule, its name, or {"rule": name, **parameters}
+RuleSpec = Union[Rule, str, dict[str, Any]]
+# Overrides: {node-name glob or op type: rule}, or a JSON or TOML file of them
+Overrides = Union[Mapping[str, RuleSpec], str, Path]
 
 # The default, "auto", is chosen per model (plan.auto_composite): AttnLRP where the graph has
 # attention (it beats CP-LRP and the CNN composites on EVALUATION.md's ViT ground truth), else the
@@ -54,7 +67,7 @@ BASE_SLOTS = {"norm": "norm", "product": "norm", "softmax": "norm"}
 
 # name -> {slot: rule name, or (rule name, fixed parameters)}; "first" defaults to the layer's own
 # slot and "norm" to Zennit's Norm.
-COMPOSITES = {
+COMPOSITES: dict[str, dict[str, SlotSpec]] = {
     "alpha-beta": {"conv": "alpha-beta", "dense": "alpha-beta"},
     "epsilon": {"conv": "epsilon", "dense": "epsilon"},
     "zplus": {"conv": "zplus", "dense": "zplus"},
@@ -88,27 +101,27 @@ COMPOSITES = {
 }
 # Parameter defaults of a composite, where they differ from its rules' own: LXT divides by no ε at
 # all, and ε = 1e-12 matches it in float32 (1e-6 is off by about 1e-3 relative L2).
-COMPOSITE_DEFAULTS = {"attnlrp": {"epsilon": 1e-12}, "cp-lrp": {"epsilon": 1e-12}}
+COMPOSITE_DEFAULTS: dict[str, dict[str, Any]] = {"attnlrp": {"epsilon": 1e-12}, "cp-lrp": {"epsilon": 1e-12}}
 
 
 @dataclass(frozen=True)
 class Composite:
     name: str
-    slots: dict  # slot -> Rule
-    overrides: tuple = ()  # ((pattern, Rule), ...)
+    slots: dict[str, Rule]  # slot -> Rule
+    overrides: tuple[tuple[str, Rule], ...] = ()  # ((pattern, Rule), ...)
     params: RuleParams = RuleParams()
     default: Rule = Pass()  # the rule of roles without a slot (activations, products, BatchNorm)
 
-    def rule_for(self, unit, role, is_first):
+    def rule_for(self, unit: Unit, role: str, is_first: bool) -> Rule:
         """The rule of a unit that takes one (its role is not "route")."""
         by_name = [rule for pattern, rule in self.overrides if fnmatch.fnmatchcase(unit.name, pattern)]
         by_op = [rule for pattern, rule in self.overrides if pattern == unit.op]
         if by_name or by_op:
             return (by_name or by_op)[0]
         slot = "first" if is_first and "first" in self.slots else ROLE_SLOTS.get(role)
-        return self.slots.get(slot, self.default)
+        return self.slots.get(slot, self.default) if slot is not None else self.default
 
-    def describe(self):
+    def describe(self) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
         """{slot: rule as a dict} and {pattern: rule as a dict}, for the explainer's metadata."""
         return (
             {slot: rule.as_dict() for slot, rule in self.slots.items()},
@@ -116,13 +129,13 @@ class Composite:
         )
 
 
-def gradient_composite():
+def gradient_composite() -> Composite:
     """Every unit gets the chain rule: the graph of the baseline methods (gradient, sensitivity,
     gradient × input), built by the same reverse walk as LRP."""
     return Composite("gradient", {}, default=Gradient())
 
 
-def composite_name(name):
+def composite_name(name: str) -> str:
     """The COMPOSITES key that ``name`` means, written as here (``epsilon-plus-flat``), as Zennit
     registers it (``epsilon_plus_flat``) or as Zennit's class (``EpsilonPlusFlat``); case, ``-``
     and ``_`` do not matter."""
@@ -139,7 +152,11 @@ def composite_name(name):
     return known[bare(name)]
 
 
-def make_composite(name=DEFAULT_COMPOSITE, params=RuleParams(), overrides=None):
+def make_composite(
+    name: Union[str, Composite] = DEFAULT_COMPOSITE,
+    params: RuleParams = RuleParams(),
+    overrides: Optional[Overrides] = None,
+) -> Composite:
     """A composite by name (``composite_name``), its rules filled from ``params``, and
     ``overrides`` (a dict or a JSON/TOML file of pattern -> rule spec). A parameter that no rule of
     the composite or its overrides takes is a RuleError."""
@@ -150,7 +167,9 @@ def make_composite(name=DEFAULT_COMPOSITE, params=RuleParams(), overrides=None):
         raise RuleError("composite 'auto' is chosen per model: plan() and convert() resolve it")
     specs = {**BASE_SLOTS, **COMPOSITES[key]}
     filled = RuleParams(**{**COMPOSITE_DEFAULTS.get(key, {}), **params.given()})
-    slots, used = {}, set()
+    slots: dict[str, Rule] = {}
+    used: set[str] = set()
+    fixed: dict[str, Any]
     for slot, spec in specs.items():
         rule_name, fixed = (spec, {}) if isinstance(spec, str) else spec
         slot_params = filled if slot in LAYER_SLOTS else filled.without("zero_params")
@@ -158,9 +177,9 @@ def make_composite(name=DEFAULT_COMPOSITE, params=RuleParams(), overrides=None):
         used.update(set(rule_parameters(rule_name)) - set(fixed))
     if isinstance(overrides, (str, Path)):
         overrides = read_overrides(overrides)
-    parsed = []
-    for pattern, spec in (overrides or {}).items():
-        rule, takes = _rule_from_spec(pattern, spec, filled)
+    parsed: list[tuple[str, Rule]] = []
+    for pattern, override in (overrides or {}).items():
+        rule, takes = _rule_from_spec(pattern, override, filled)
         parsed.append((pattern, rule))
         used.update(takes)
     unused = sorted(set(params.given()) - used)
@@ -185,7 +204,7 @@ def _rule_from_spec(pattern, spec, params):
     return make_rule(name, params, **explicit), set(rule_parameters(rule_key(name))) - set(explicit)
 
 
-def read_overrides(path):
+def read_overrides(path: Union[str, Path]) -> dict[str, Any]:
     path = Path(path)
     try:
         text = path.read_text()

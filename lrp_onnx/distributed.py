@@ -11,14 +11,22 @@ Needs the ``ray`` extra (``pip install "lrp-onnx[ray]"``) on the driver and on e
 the inputs at the same paths on every worker (a shared file system).
 """
 
+from __future__ import annotations
+
 import logging
+from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Sequence, Union, cast
 
 import numpy as np
 
 from .errors import InputError
-from .explain import Explanation, Outcome, explain_stream
+from .explain import ClassTarget, Explanation, Outcome, explain_stream
+from .io.files import StrPath
 from .io.inputs import InputReader, Pending, Preprocess, Sample, read_inputs
+from .load import ModelSource
 from .runtime import Explainer
+
+if TYPE_CHECKING:
+    from ray.data import Dataset
 
 PENDING_FIELDS = ("name", "source", "path", "key", "row", "error")
 
@@ -108,17 +116,17 @@ def _first(values):
 
 
 def explain_dataset(
-    data,
-    explainer,
-    column="image",
-    preprocess=None,
-    target=None,
-    top_k=None,
-    batch_size=32,
-    workers=1,
-    threads=1,
-    gpus=0,
-):
+    data: Union[Dataset, Iterable[StrPath]],
+    explainer: Union[Explainer, ModelSource],
+    column: Optional[str] = "image",
+    preprocess: Optional[Preprocess] = None,
+    target: ClassTarget = None,
+    top_k: Optional[int] = None,
+    batch_size: int = 32,
+    workers: int = 1,
+    threads: int = 1,
+    gpus: float = 0,
+) -> Dataset:
     """``data`` with relevance columns (see ExplainBatches), computed on ``workers`` Ray actors of
     ``threads`` CPUs each (and ``gpus`` GPUs each, which selects ONNX Runtime's CUDA provider).
 
@@ -133,9 +141,10 @@ def explain_dataset(
     if not isinstance(data, ray.data.Dataset):
         pending = read_inputs(list(data), explainer.input_spec, preprocess or Preprocess())
         data, column = ray.data.from_items([_fields(p) for p in pending]), None
+    dataset = cast("Dataset", data)  # ray is imported when called: mypy cannot narrow by its isinstance
     # An actor that dies is started again and its batches are run again: Ray Data's actor pools
     # default to max_restarts=-1 and max_task_retries=-1 (tests/test_distributed.py kills one).
-    return data.map_batches(
+    return dataset.map_batches(
         ExplainBatches,
         batch_size=batch_size,
         batch_format="numpy",
@@ -162,10 +171,19 @@ class RayEngine:
     """``explain --engine ray``: Outcomes in input order from a pool of Ray actors. ``address``:
     an existing cluster (``ray.init(address)``, or RAY_ADDRESS); None starts Ray on this machine."""
 
-    def __init__(self, address=None, workers=1, threads=1, gpus=0):
+    def __init__(self, address: Optional[str] = None, workers: int = 1, threads: int = 1, gpus: float = 0) -> None:
         self.address, self.workers, self.threads, self.gpus = address, workers, threads, gpus
 
-    def outcomes(self, explainer, pending, target, top_k, labels, batch_size, preprocess):
+    def outcomes(
+        self,
+        explainer: Explainer,
+        pending: Iterable[Pending],
+        target: ClassTarget,
+        top_k: Optional[int],
+        labels: Optional[Sequence[str]],
+        batch_size: int,
+        preprocess: Optional[Preprocess],
+    ) -> Iterator[Outcome]:
         ray = _ray()
         if not ray.is_initialized():
             ray.init(address=self.address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)

@@ -8,6 +8,7 @@ file → canonical graph (load.py) → units and a rule per unit (plan.py) → e
 import json
 from collections import defaultdict
 from importlib.metadata import version
+from typing import Any
 
 import numpy as np
 import onnx
@@ -18,6 +19,7 @@ from .builder import Builder
 from .composites import DEFAULT_COMPOSITE
 from .errors import InputError, LrpOnnxError, RuleError, UnsupportedModelError, first_line
 from .external import without_large_weights
+from .load import ModelSource
 from .plan import EXPLAINED_CLASS, EXPLAINED_LOGIT, RELEVANCE, RELEVANCE_SEED, TARGET, plan
 from .precision import restore_half_boundary
 from .quantized import MIRROR
@@ -28,7 +30,7 @@ LAYER_SUMS = ("channel",)
 META_PREFIX = "lrp_onnx."
 
 
-def convert(model, composite=DEFAULT_COMPOSITE, **options) -> onnx.ModelProto:
+def convert(model: ModelSource, composite: str = DEFAULT_COMPOSITE, **options: Any) -> onnx.ModelProto:
     """The explainer of ``model`` (a path, bytes or ModelProto) as a checked ModelProto.
 
     Inputs: the original inputs plus ``target`` (int64 [N], -1 = predicted class); with
@@ -152,11 +154,11 @@ def metadata(p):
     }
 
 
-def is_explainer(proto):
+def is_explainer(proto: onnx.ModelProto) -> bool:
     return any(o.name == RELEVANCE for o in proto.graph.output) and any(i.name == TARGET for i in proto.graph.input)
 
 
-def read_metadata(proto):
+def read_metadata(proto: onnx.ModelProto) -> dict[str, Any]:
     """{key: value} of the metadata ``convert`` wrote (JSON values decoded)."""
     meta = {p.key[len(META_PREFIX) :]: p.value for p in proto.metadata_props if p.key.startswith(META_PREFIX)}
     return {k: json.loads(v) if k in ("rules", "overrides", "parameters") else v for k, v in meta.items()}

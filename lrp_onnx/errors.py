@@ -18,12 +18,13 @@ and two warnings (UserWarnings), each shown by the CLI as one line on stderr bef
 """
 
 from collections import Counter
+from typing import Iterable, Union
 
 # What an error about a dynamic size suggests
 SHAPE_HINT = "pin the size with convert --shape NAME=DIMS (Python: input_shapes={NAME: DIMS})"
 
 
-def first_line(error):
+def first_line(error: Union[BaseException, str]) -> str:
     """An exception's message cut to its first line, for one-line errors that quote another library."""
     text = str(error).strip().splitlines()
     return text[0] if text else type(error).__name__
@@ -49,7 +50,7 @@ class UnsupportedModelError(LrpOnnxError):
 class UnsupportedOpError(UnsupportedModelError):
     """One or more nodes have no propagator; lists all of them at once."""
 
-    def __init__(self, nodes):
+    def __init__(self, nodes: Iterable[tuple[str, str, str]]) -> None:
         self.nodes = list(nodes)  # [(node name, op type, reason)]
         counts = Counter(op for _, op, _ in self.nodes)
         by_op = ", ".join(f"{op} ×{n}" for op, n in counts.most_common())

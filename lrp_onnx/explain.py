@@ -1,22 +1,33 @@
 """The ``explain`` job: image files or arrays → batches → explainer → Explanations, heatmaps,
 relevance shards and summaries, streamed."""
 
+from __future__ import annotations
+
 import dataclasses
 import functools
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence, Union, cast
 
 import numpy as np
 from PIL import Image
 
 from .errors import InputError
-from .io.files import atomic_write, png_bytes
+from .io.files import StrPath, atomic_write, png_bytes
 from .io.heatmap import heatmap
 from .io.inputs import InputReader, InputSpec, Preprocess, Sample, identity, load_samples, read_inputs
 from .io.prefetch import prefetched
 from .io.progress import progress_bar
-from .io.run_folder import RunFolder, default_run_folder, default_shard_inputs
+from .io.run_folder import RunFolder, Totals, default_run_folder, default_shard_inputs
+
+if TYPE_CHECKING:
+    from .distributed import RayEngine
+    from .runtime import Explainer
+
+# The class to explain: an index, a label name (with labels), or None (also -1 or "predicted") for the predicted one
+ClassTarget = Union[int, str, None]
+# Class names: a list, or a file of one name per line
+Labels = Union[Sequence[str], StrPath, None]
 
 
 @dataclass
@@ -26,23 +37,23 @@ class Explanation:
     predicted: int
     logit: float  # the explained class's logit (pre-softmax): the seed of the relevance
     relevance: np.ndarray  # one sample, the explained input's shape without the batch axis
-    labels: Optional[list] = None
+    labels: Optional[Sequence[str]] = None
 
-    def label(self, k):
+    def label(self, k: int) -> str:
         return self.labels[k] if self.labels else str(k)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (
             f"Explanation({self.sample.name!r}, target={self.label(self.target)!r}, "
             f"predicted={self.label(self.predicted)!r}, logit={float(self.logit):.4g}, "
             f"relevance={list(self.relevance.shape)} Σ={float(self.relevance.sum()):.4g})"
         )
 
-    def as_dict(self):
+    def as_dict(self) -> dict[str, Any]:
         """The summary row (``summary``): the same method name as TextExplanation's."""
         return self.summary()
 
-    def summary(self):
+    def summary(self) -> dict[str, Any]:
         """One row: prediction, target, logit, Σ R, conservation Σ R / logit, positive and negative shares."""
         r = self.relevance.astype(np.float64)
         positive, negative = r[r > 0].sum(), -r[r < 0].sum()
@@ -63,7 +74,7 @@ class Explanation:
         }
 
 
-def read_labels(path):
+def read_labels(path: StrPath) -> list[str]:
     try:
         with open(path, encoding="utf-8") as f:
             return [line.strip() for line in f if line.strip()]
@@ -74,7 +85,7 @@ def read_labels(path):
 PREDICTED = ("-1", "predicted")  # the target that means the predicted class, as the graph's -1
 
 
-def resolve_target(target, labels, classes):
+def resolve_target(target: ClassTarget, labels: Optional[Sequence[str]], classes: Optional[int]) -> Optional[int]:
     """An int class, a label name (with a labels file), or None for the predicted class (None, -1
     or "predicted", as in the explainer graph and the Python API)."""
     if target is None or str(target) in PREDICTED:
@@ -92,7 +103,9 @@ def resolve_target(target, labels, classes):
     return index
 
 
-def check_request(explainer, target=None, top_k=None, labels=None):
+def check_request(
+    explainer: Explainer, target: ClassTarget = None, top_k: Optional[int] = None, labels: Labels = None
+) -> tuple[Optional[int], Optional[Sequence[str]]]:
     """(the target as a class index or None, the labels as a list or None), after checking them and
     top-k against the model. ``labels``: a list of class names, or a file of one name per line."""
     if isinstance(labels, (str, os.PathLike)):
@@ -200,7 +213,15 @@ def ranked_runs(explainer, feeds, target=None, top_k=None):
         yield (first if rank == 0 else explainer.run(feeds, ranked[:, rank])), ranked[:, 0]
 
 
-def explain_images(explainer, inputs, target=None, top_k=None, labels=None, preprocess=None, batch_size=32):
+def explain_images(
+    explainer: Explainer,
+    inputs: Union[StrPath, Sequence[StrPath]],
+    target: ClassTarget = None,
+    top_k: Optional[int] = None,
+    labels: Labels = None,
+    preprocess: Optional[Preprocess] = None,
+    batch_size: int = 32,
+) -> list[Explanation]:
     """Explanations of image files, folders, ``.npy``/``.npz`` files, preprocessed for ``explainer``.
 
     ``preprocess`` is an ``io.inputs.Preprocess``; ``labels`` a list of class names; ``target`` a
@@ -213,39 +234,43 @@ def explain_images(explainer, inputs, target=None, top_k=None, labels=None, prep
     return list(explain_samples(explainer, samples, target, top_k, labels, batch_size))
 
 
-def write_heatmap(e: Explanation, folder, cmap="bwr", overlay=False, channel_axis=0, zoom=1):
+def write_heatmap(
+    e: Explanation, folder: StrPath, cmap: str = "bwr", overlay: bool = False, channel_axis: int = 0, zoom: int = 1
+) -> str:
     """<input>_class<k>.png: the heatmap, the input's size × zoom; returns the file's name."""
     name = f"{e.sample.name}_class{e.target}.png"
-    image = heatmap(e.relevance, cmap, channel_axis, overlay=e.sample.image if overlay else None)
+    # one sample's relevance: one image
+    image = cast(Image.Image, heatmap(e.relevance, cmap, channel_axis, overlay=e.sample.image if overlay else None))
     if zoom > 1:
-        image = image.resize((image.width * zoom, image.height * zoom), Image.NEAREST)
+        # Pillow sets Image.NEAREST with setattr (Image.Resampling needs Pillow 9.1; the floor is 9)
+        image = image.resize((image.width * zoom, image.height * zoom), Image.NEAREST)  # type: ignore[attr-defined]
     # renamed into place, not flushed to disk: the part that lists it is (io.run_folder)
     atomic_write(os.path.join(folder, name), png_bytes(image), durable=False)
     return name
 
 
 def explain_to_folder(
-    explainer,
-    inputs,
-    folder,
-    preprocess=None,
-    target=None,
-    top_k=None,
-    labels=None,
-    batch_size=32,
-    cmap="bwr",
-    overlay=False,
-    as_json=False,
-    progress=True,
-    zoom=1,
-    heatmaps=True,
-    relevance_dtype="float32",
-    shard_inputs=None,
-    restart=False,
-    fail_fast=False,
-    prefetch=2,
-    engine=None,
-):
+    explainer: Explainer,
+    inputs: Union[StrPath, Iterable[StrPath]],
+    folder: Optional[StrPath],
+    preprocess: Optional[Preprocess] = None,
+    target: ClassTarget = None,
+    top_k: Optional[int] = None,
+    labels: Labels = None,
+    batch_size: int = 32,
+    cmap: str = "bwr",
+    overlay: bool = False,
+    as_json: bool = False,
+    progress: bool = True,
+    zoom: int = 1,
+    heatmaps: bool = True,
+    relevance_dtype: str = "float32",
+    shard_inputs: Optional[int] = None,
+    restart: bool = False,
+    fail_fast: bool = False,
+    prefetch: int = 2,
+    engine: Optional[RayEngine] = None,
+) -> tuple[Totals, list[str]]:
     """The CLI's explain job over image files, folders and arrays, streamed in batches: heatmaps,
     relevance shards and summaries in ``folder`` (None: ``io.run_folder.default_run_folder``, one
     per model and settings), laid out as ``io.run_folder`` describes. A folder

@@ -8,6 +8,7 @@ weights are derived in the graph from the original initializers.
 """
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import onnx
@@ -31,7 +32,7 @@ class Unit:
     head: gs.Node
     followers: list = field(default_factory=list)
     relevant: list = field(default_factory=list)  # per head input: does it depend on the explained input?
-    role: str = None  # set by the plan: "conv", "dense", "activation", ... (see registry.py)
+    role: Optional[str] = None  # set by the plan: "conv", "dense", "activation", ... (see registry.py)
     x_nonnegative: bool = False  # set by the plan: the first input is provably >= 0 (e.g. after a Relu)
     view: object = None  # registry.View of a unit read as another op (a quantized op as its float op)
 

@@ -11,6 +11,7 @@ import math
 import mmap
 import os
 import warnings
+from typing import Union
 
 import numpy as np
 import onnx
@@ -31,6 +32,9 @@ from .external import (
 from .fused import expand_fused_ops
 from .precision import explain_in_float32, release_mirror_outputs
 from .quantized import QUANTIZERS, mirror_qdq_forward, read_quantized_weights, shape_twin
+
+# A model as the API takes it: a path, the file's bytes, or a ModelProto
+ModelSource = Union[str, "os.PathLike[str]", bytes, onnx.ModelProto]
 
 MIN_OPSET = 13
 # The backward of a Gather with computed indices and of every GatherND scatter-adds into the input

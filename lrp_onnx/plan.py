@@ -7,7 +7,7 @@ plan) and ``convert`` (which emits it, emit.py) agree on every node.
 
 import fnmatch
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -20,6 +20,7 @@ from .composites import (
     METHODS,
     TRANSFORMER_COMPOSITE,
     Composite,
+    Overrides,
     composite_name,
     gradient_composite,
     make_composite,
@@ -27,11 +28,11 @@ from .composites import (
 from .errors import RelevancePathError, RuleError, UnsupportedModelError, UnsupportedOpError
 from .external import HeldWeights
 from .graph import SMALL_INTEGERS, carries_relevance, casts_to_float, find_units, is_constant, nonnegative_tensors
-from .load import import_graph, load_model, source_digest
+from .load import ModelSource, import_graph, load_model, source_digest
 from .precision import upcast_types
 from .quantized import MIRROR, mirrored
 from .registry import lookup, receiving
-from .rules import RuleParams
+from .rules import Rule, RuleParams
 
 TARGET = "target"
 RELEVANCE = "relevance"
@@ -72,7 +73,7 @@ class Plan:
     held: HeldWeights  # the large weights, out of the graph's protos (external.py)
     chosen_by: str = ""  # why composite "auto" chose the composite (auto_composite); "" when it was named
 
-    def raise_problems(self):
+    def raise_problems(self) -> None:
         """The errors ``convert`` raises: unsupported nodes first, then rules that do not fit, then
         a relevance path that breaks before the explained input."""
         if self.problems:
@@ -313,8 +314,15 @@ def choose_composite(composite, method, rules, params):
 
 
 def plan(
-    model, composite=DEFAULT_COMPOSITE, *, input_name=None, rules=None, method="lrp", input_shapes=None, **rule_params
-):
+    model: ModelSource,
+    composite: str = DEFAULT_COMPOSITE,
+    *,
+    input_name: Optional[str] = None,
+    rules: Optional[Overrides] = None,
+    method: str = "lrp",
+    input_shapes: Optional[Mapping[str, Sequence[Union[int, str]]]] = None,
+    **rule_params: Any,
+) -> Plan:
     """Load the model and decide every unit's rule, listing every node that cannot be explained and
     every rule that does not fit its node. ``rule_params`` are a ``RuleParams``' fields (alpha,
     beta, epsilon, gamma, low, high, stabilizer, zero_params); ``method`` other than "lrp" replaces
@@ -322,14 +330,15 @@ def plan(
     the model leaves dynamic (load.pin_input_shapes)."""
     params = RuleParams.of(rule_params)
     auto = method == "lrp" and composite_name(composite or DEFAULT_COMPOSITE) == AUTO
-    composite = None if auto else choose_composite(composite, method, rules, params)  # a bad one fails first
+    if not auto:  # a bad composite fails first, before the model is read
+        chosen: Composite = choose_composite(composite, method, rules, params)
     held = HeldWeights()
     proto, label = load_model(model, held, input_shapes)
     graph = import_graph(proto, held)
     chosen_by = ""
     if auto:
         name, chosen_by = auto_composite(graph)
-        composite = choose_composite(name, method, rules, params)
+        chosen = choose_composite(name, method, rules, params)
     for name in ADDED_NAMES:
         if name in graph.tensors():
             raise UnsupportedModelError(f"{label}: the model already has a tensor named {name!r}")
@@ -339,7 +348,9 @@ def plan(
     all_units = find_units(graph, explained, graph.outputs)
     units, reached = _upstream_of(all_units, logits)
     nonnegative = nonnegative_tensors(graph)
-    rules_by_unit, problems, rule_problems = {}, [], []
+    rules_by_unit: dict[str, Rule] = {}
+    problems: list[tuple[str, str, str]] = []
+    rule_problems: list[tuple[str, str, str]] = []
     first_seen = False
     for unit in units:
         prop = lookup(unit)
@@ -353,11 +364,11 @@ def plan(
             continue
         is_first = role in ("conv", "dense") and not first_seen
         first_seen = first_seen or is_first
-        rule = rules_by_unit[unit.name] = composite.rule_for(unit, role, is_first)
+        rule = rules_by_unit[unit.name] = chosen.rule_for(unit, role, is_first)
         misfit = rule.problem(prop.traits_of(unit))
         if misfit:
             (rule_problems if rule.chosen else problems).append((unit.name, unit.op, misfit))
-    _check_overrides(composite, units)
+    _check_overrides(chosen, units)
     breaks = path_breaks(graph, explained, logits, all_units, reached)
     output_types = {o.name: o.type for o in proto.graph.output}
     return Plan(
@@ -374,7 +385,7 @@ def plan(
         problems,
         rule_problems,
         breaks,
-        composite,
+        chosen,
         method,
         output_types,
         upcast_types(proto),

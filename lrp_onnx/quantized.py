@@ -24,6 +24,7 @@ it, and which the rules read instead. The cost is one more forward pass.
 """
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import onnx
@@ -155,8 +156,8 @@ class QLinearForm:
 
     float_op: str
     operands: tuple
-    output: tuple = None
-    bias: int = None
+    output: Optional[tuple] = None
+    bias: Optional[int] = None
     first_operand: int = 0  # QLinearConcat: its operand triples start after the output's parameters
     # per operand, the axis a 1-D (per-channel) scale runs along; "transB": Gemm's B, by its layout
     axes: tuple = ()

@@ -34,7 +34,7 @@ from .maps import Traits
 
 ROUTE = "route"
 DEFAULT_DOMAIN = ""
-PROPAGATORS = {}  # (domain, op) -> Propagator, filled by importing lrp_onnx.ops
+PROPAGATORS: dict[tuple[str, str], "Propagator"] = {}  # (domain, op) -> Propagator, filled by importing lrp_onnx.ops
 
 
 @dataclass(frozen=True)

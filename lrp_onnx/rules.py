@@ -15,13 +15,21 @@ as graph ops on the original initializer and constant-folded by the runtime at s
 so the explainer file stores no weight copies.
 """
 
+from __future__ import annotations
+
 import math
 from dataclasses import dataclass, field, fields, replace
-from typing import Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 from .errors import RuleError
+
+if TYPE_CHECKING:
+    import onnx_graphsurgeon as gs
+
+    from .builder import Builder
+    from .maps import LinearMap, Traits
 
 Bound = Union[float, Sequence[float]]
 
@@ -147,12 +155,12 @@ class Rule:
     its relevance (Σ R_in = Σ R_out up to the stabilizer).
     """
 
-    zero_params: tuple = field(default=(), kw_only=True)
-    name = "rule"
-    requires = ("affine", "weighted")
+    zero_params: Union[str, Sequence[str]] = field(default=(), kw_only=True)  # a tuple once made
+    name: ClassVar[str] = "rule"
+    requires: ClassVar[tuple[str, ...]] = ("affine", "weighted")
     # A rule the user or their composite chose: a node it does not fit is their RuleError. (The
     # chain rule is the method's own: a node it cannot differentiate is unsupported.)
-    chosen = True
+    chosen: ClassVar[bool] = True
 
     def __post_init__(self):
         names = (self.zero_params,) if isinstance(self.zero_params, str) else tuple(self.zero_params or ())
@@ -161,30 +169,34 @@ class Rule:
         object.__setattr__(self, "zero_params", names)
 
     @classmethod
-    def fits(cls, traits):
+    def fits(cls, traits: Traits) -> bool:
         return all(getattr(traits, t) for t in cls.requires)
 
-    def problem(self, traits):
+    def problem(self, traits: Traits) -> Optional[str]:
         """Why this rule cannot map relevance through a layer with ``traits``, or None."""
         if self.fits(traits):
             return None
         fitting = sorted({name for name, (cls, _) in NAMED_RULES.items() if cls.fits(traits)})
         return f"rule {self.name!r} does not fit {traits.kind}; it takes {', '.join(fitting) or 'no rule'}"
 
-    def apply(self, b, layer, r):
+    def apply(self, b: Builder, layer: LinearMap, r: gs.Tensor) -> Optional[gs.Tensor]:
         if "bias" in self.zero_params:
             layer.drop_bias()
         return self.propagate(b, layer, layer.x, r)
 
-    def params(self):
+    def propagate(self, b: Builder, layer: LinearMap, x: gs.Tensor, r: gs.Tensor) -> gs.Tensor:
+        """The relevance at ``x``, the layer's input, of the relevance ``r`` at its output: each rule's own."""
+        raise NotImplementedError(f"rule {self.name!r} does not propagate relevance")
+
+    def params(self) -> dict[str, Any]:
         """The parameters that are set, named as the flags and --rules files name them."""
         return {k: v for k, v in self._named().items() if k != "zero_params" or v}
 
-    def describe(self):
+    def describe(self) -> str:
         args = ", ".join(f"{k}={v}" for k, v in self.params().items())
         return f"{self.name}({args})" if args else self.name
 
-    def as_dict(self):
+    def as_dict(self) -> dict[str, Any]:
         """The rule and every parameter, as an override would name them (explainer metadata)."""
         return {"rule": self.name, **self._named()}
 
@@ -218,14 +230,14 @@ class Epsilon(Rule):
         super().__post_init__()
         _check_stabilizer(self.epsilon, "epsilon")
 
-    def propagate(self, b, layer, x, r):
+    def propagate(self, b: Builder, layer: LinearMap, x: gs.Tensor, r: gs.Tensor) -> gs.Tensor:
         # A factor of a product of n explained activations gets the ε-rule on R/n: AttnLRP's
         # uniform split (Achtibat et al. 2024), R_A = A ⊙ (R / (n·st(AB)))·Bᵀ for a MatMul.
         shares = self.shares(layer)
         r = r if shares == 1 else b.div(r, b.const(float(shares)))
         return proportional(b, layer, [Share([Term(x, layer.weight, layer.bias)])], r, self.epsilon)
 
-    def shares(self, layer):
+    def shares(self, layer: LinearMap) -> int:
         return layer.shares
 
 
@@ -245,10 +257,10 @@ class ConstantAttention(Epsilon):
 
     name = "cp-epsilon"
 
-    def apply(self, b, layer, r):
+    def apply(self, b: Builder, layer: LinearMap, r: gs.Tensor) -> Optional[gs.Tensor]:
         return None if layer.attention else super().apply(b, layer, r)
 
-    def shares(self, layer):
+    def shares(self, layer: LinearMap) -> int:
         return 1 if layer.attention_partner else layer.shares
 
 
@@ -273,7 +285,7 @@ class AlphaBeta(Rule):
             )
         _check_stabilizer(self.stabilizer)
 
-    def propagate(self, b, layer, x, r):
+    def propagate(self, b: Builder, layer: LinearMap, x: gs.Tensor, r: gs.Tensor) -> gs.Tensor:
         w, bias = layer.weight, layer.bias
         w_pos, w_neg = b.positive(w), b.negative(w)
         x_pos, x_neg = signed_parts(b, layer, x)
@@ -292,7 +304,7 @@ class ZPlus(_Stabilized):
 
     name = "zplus"
 
-    def propagate(self, b, layer, x, r):
+    def propagate(self, b: Builder, layer: LinearMap, x: gs.Tensor, r: gs.Tensor) -> gs.Tensor:
         return AlphaBeta(1.0, 0.0, self.stabilizer).propagate(b, layer, x, r)
 
 
@@ -315,7 +327,7 @@ class Gamma(Rule):
             raise RuleError(f"gamma must be a finite number >= 0; got {self.gamma!r}")
         _check_stabilizer(self.stabilizer)
 
-    def propagate(self, b, layer, x, r):
+    def propagate(self, b: Builder, layer: LinearMap, x: gs.Tensor, r: gs.Tensor) -> gs.Tensor:
         w, bias = layer.weight, layer.bias
 
         def boosted(t, part):  # t + γ·part(t)
@@ -342,7 +354,7 @@ class Flat(_Stabilized):
 
     name = "flat"
 
-    def propagate(self, b, layer, x, r):
+    def propagate(self, b: Builder, layer: LinearMap, x: gs.Tensor, r: gs.Tensor) -> gs.Tensor:
         return proportional(
             b, layer, [Share([Term(b.ones_per_sample(x), b.fill_like(layer.weight, 1.0))])], r, self.stabilizer
         )
@@ -354,7 +366,7 @@ class WSquare(_Stabilized):
 
     name = "wsquare"
 
-    def propagate(self, b, layer, x, r):
+    def propagate(self, b: Builder, layer: LinearMap, x: gs.Tensor, r: gs.Tensor) -> gs.Tensor:
         square = lambda t: None if t is None else b.mul(t, t)
         return proportional(
             b,
@@ -399,7 +411,7 @@ class ZBox(Rule):
             value = value.reshape([len(value)] + [1] * max(layer.input_rank - 2, 0))
         return b.op("Expand", b.const(value), b.shape(x))
 
-    def propagate(self, b, layer, x, r):
+    def propagate(self, b: Builder, layer: LinearMap, x: gs.Tensor, r: gs.Tensor) -> gs.Tensor:
         w = layer.weight
         minus_low = b.neg(self._bound(b, self.low, x, layer))
         minus_high = b.neg(self._bound(b, self.high, x, layer))
@@ -414,7 +426,7 @@ class Pass(Rule):
     name = "pass"
     requires = ("elementwise",)
 
-    def propagate(self, b, layer, x, r):
+    def propagate(self, b: Builder, layer: LinearMap, x: gs.Tensor, r: gs.Tensor) -> gs.Tensor:
         return layer.to_input(b, r)
 
 
@@ -427,12 +439,12 @@ class Gradient(Rule):
     requires = ("differentiable",)
     chosen = False
 
-    def problem(self, traits):
+    def problem(self, traits: Traits) -> Optional[str]:
         return (
             None if self.fits(traits) else f"the gradient of {traits.kind} is not implemented; explain with method lrp"
         )
 
-    def propagate(self, b, layer, x, r):
+    def propagate(self, b: Builder, layer: LinearMap, x: gs.Tensor, r: gs.Tensor) -> gs.Tensor:
         return layer.gradient(b, r)
 
 
@@ -442,7 +454,7 @@ def _part(b, bias, part):
 
 # Rule names (as --rules files and make_rule spell them) -> (class, {field: parameter name}) for
 # the fields that read a parameter of another name; every other field reads its own name.
-NAMED_RULES = {
+NAMED_RULES: dict[str, tuple[type[Rule], dict[str, str]]] = {
     "epsilon": (Epsilon, {}),
     "norm": (Norm, {"epsilon": "stabilizer"}),
     "cp-epsilon": (ConstantAttention, {}),
@@ -470,7 +482,7 @@ class RuleParams:
     low: Optional[Bound] = None
     high: Optional[Bound] = None
     stabilizer: Optional[float] = None
-    zero_params: tuple = ()
+    zero_params: Union[str, Sequence[str]] = ()
 
     def __post_init__(self):
         # Each value is checked here under its own name (norm reads the stabilizer as its ε); the
@@ -481,7 +493,7 @@ class RuleParams:
                 _check_stabilizer(getattr(self, name), name)
 
     @classmethod
-    def of(cls, params):
+    def of(cls, params: Mapping[str, Any]) -> RuleParams:
         """From keyword parameters; an unknown name is a RuleError naming the known ones."""
         known = [f.name for f in fields(cls)]
         unknown = sorted(set(params) - set(known))
@@ -492,12 +504,13 @@ class RuleParams:
             given["zero_params"] = Rule(zero_params=given["zero_params"]).zero_params
         return cls(**given)
 
-    def given(self):
+    def given(self) -> dict[str, Any]:
         """{name: value} of the parameters that were set."""
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) not in (None, ())}
 
-    def without(self, *names):
-        return replace(self, **{n: () if n == "zero_params" else None for n in names})
+    def without(self, *names: str) -> RuleParams:
+        cleared: dict[str, Any] = {n: () if n == "zero_params" else None for n in names}
+        return replace(self, **cleared)
 
 
 def rule_key(name):
@@ -514,7 +527,7 @@ def rule_parameters(name):
     return {sources.get(f.name, f.name): f.name for f in fields(cls)}
 
 
-def make_rule(name, params=RuleParams(), **explicit):
+def make_rule(name: str, params: RuleParams = RuleParams(), **explicit: Any) -> Rule:
     """A rule by name, e.g. ``make_rule("gamma", gamma=0.5)``. ``params`` fills the parameters
     that are not given explicitly; the rule's defaults fill the rest."""
     key = rule_key(name)

@@ -1,10 +1,14 @@
 """Run an explainer graph on ONNX Runtime."""
 
+from __future__ import annotations
+
 import os
 import tempfile
 import warnings
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
+import numpy.typing as npt
 import onnx
 import onnxruntime as ort
 from google.protobuf.message import EncodeError
@@ -12,11 +16,24 @@ from google.protobuf.message import EncodeError
 from .composites import DEFAULT_COMPOSITE
 from .emit import LAYER_PREFIX, convert, is_explainer, read_metadata
 from .errors import InputError, RelevanceWarning, RuleError
-from .external import save_with_external_data, wants_external_data
-from .io.files import atomic_write
+from .external import HeldWeights, save_with_external_data, wants_external_data
+from .io.files import StrPath, atomic_write
 from .io.inputs import InputSpec
-from .load import read_model
+from .load import ModelSource, read_model
 from .plan import EXPLAINED_CLASS, EXPLAINED_LOGIT, RELEVANCE, TARGET
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+    from .text import TextExplanation
+
+# ORT execution providers: names, or (name, {option: value}) pairs
+Providers = Sequence[Union[str, tuple[str, Mapping[str, Any]]]]
+# The explained input's array, or {input name: array} of every model input (a dict: another
+# mapping would be read as an array)
+Feeds = Union[npt.ArrayLike, dict[str, Any]]
+# A class index per sample (or one for all), -1 or None meaning the predicted class
+Targets = Optional[npt.ArrayLike]
 
 EXPLAINER_OUTPUTS = (RELEVANCE, EXPLAINED_CLASS, EXPLAINED_LOGIT)
 SCORE_OUTPUTS = (EXPLAINED_CLASS, EXPLAINED_LOGIT)
@@ -34,7 +51,7 @@ def session_options(threads=None):
     return options
 
 
-ONNX_TYPES = {
+ONNX_TYPES: dict[str, type[np.generic]] = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
     "tensor(double)": np.float64,
@@ -72,7 +89,14 @@ class Explainer:
     first when present. ``threads`` sets ORT's intra-op thread count (default: ORT's own choice).
     """
 
-    def __init__(self, model, providers=None, composite=None, threads=None, **rule_params):
+    def __init__(
+        self,
+        model: ModelSource,
+        providers: Union[str, Providers, None] = None,
+        composite: Optional[str] = None,
+        threads: Optional[int] = None,
+        **rule_params: Any,
+    ) -> None:
         proto, label = read_model(model)
         if not is_explainer(proto):
             proto = convert(proto, composite or DEFAULT_COMPOSITE, **rule_params)
@@ -89,7 +113,7 @@ class Explainer:
             providers = providers_for(providers)
         self._options, self._providers = session_options(threads), providers or ort.get_available_providers()
         self.session = inference_session(proto, self._options, self._providers)
-        self._scoring = None  # made by score() when first needed
+        self._scoring: Optional[ort.InferenceSession] = None  # made by score() when first needed
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         outputs = {o.name: o for o in self.session.get_outputs()}
         self.output_names = [
@@ -108,18 +132,18 @@ class Explainer:
         self.relevance_shape = list(outputs[RELEVANCE].shape)
 
     @property
-    def input_spec(self):
+    def input_spec(self) -> InputSpec:
         """What the explained input takes, for reading images and arrays (io.inputs.InputSpec)."""
         return InputSpec(self.input_shape, self.input_dtype)
 
-    def run(self, x, target=None, **other_inputs):
+    def run(self, x: Feeds, target: Targets = None, **other_inputs: npt.ArrayLike) -> dict[str, Any]:
         """Every output by name: the original ones, ``relevance``, ``explained_class``, ``explained_logit``."""
         results = self.session.run(None, self._feeds(x, target, other_inputs))
         named = dict(zip([o.name for o in self.session.get_outputs()], results))
         warn_zero_relevance(named, f"input {self.input_name!r}")
         return named
 
-    def score(self, x, target=None, **other_inputs):
+    def score(self, x: Feeds, target: Targets = None, **other_inputs: npt.ArrayLike) -> dict[str, np.ndarray]:
         """``explained_class`` and ``explained_logit`` as ``run`` gives them, from the forward pass
         alone: ONNX Runtime runs every node of a graph whatever outputs are fetched, so this runs
         a copy of the explainer pruned to those two outputs, about one forward pass where the
@@ -156,7 +180,9 @@ class Explainer:
         feeds[TARGET] = self._targets(target, batch)
         return feeds
 
-    def explain(self, x, target=None, **other_inputs):
+    def explain(
+        self, x: Feeds, target: Targets = None, **other_inputs: npt.ArrayLike
+    ) -> tuple[dict[str, Any], np.ndarray]:
         """Relevance of ``x`` for ``target`` (int, one int per sample, or None/-1 for the predicted class).
 
         ``x`` is an array for the explained input, or a dict of every model input.
@@ -164,7 +190,14 @@ class Explainer:
         named = self.run(x, target, **other_inputs)
         return {k: named[k] for k in self.output_names}, named[RELEVANCE]
 
-    def explain_text(self, texts, tokenizer, target=None, top_k=None, labels=None):
+    def explain_text(
+        self,
+        texts: Union[str, Iterable[str]],
+        tokenizer: Union[StrPath, Tokenizer],
+        target: Union[int, str, None] = None,
+        top_k: Optional[int] = None,
+        labels: Union[Sequence[str], StrPath, None] = None,
+    ) -> list[TextExplanation]:
         """A ``text.TextExplanation`` (tokens, one relevance per token, class, logit) per text and
         target, for a model whose explained input is token ids. ``tokenizer`` is a path to a
         tokenizer.json or a ``tokenizers.Tokenizer``; padding is added and masked for a batch."""
@@ -174,7 +207,7 @@ class Explainer:
             tokenizer = text.load_tokenizer(tokenizer)
         return text.explain_texts(self, texts, tokenizer, target, top_k, labels)
 
-    def check_sample(self, array):
+    def check_sample(self, array: npt.ArrayLike) -> None:
         """An InputError if one sample (no batch axis) of the explained input would be refused by ``run``."""
         name = self.input_name
         self._check_input(name, self._as_input_type(name, np.asarray(array)[None]))
@@ -297,7 +330,12 @@ def inference_session(proto, options, providers):
         return ort.InferenceSession(path, options, providers=providers)
 
 
-def save_model(proto: onnx.ModelProto, path, external_data=None, held=None):
+def save_model(
+    proto: onnx.ModelProto,
+    path: StrPath,
+    external_data: Optional[bool] = None,
+    held: Optional[HeldWeights] = None,
+) -> None:
     """Serialise ``proto`` to ``path`` atomically: a temporary file beside it, then a rename. With
     ``external_data`` (by default: past EXTERNAL_DATA_THRESHOLD, 256 MiB, which ONNX Runtime Web
     cannot load as one file, or protobuf's 2 GB limit), initializers over 1 MiB go to

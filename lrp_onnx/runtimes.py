@@ -23,6 +23,7 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import onnx
@@ -218,10 +219,10 @@ class Parity:
 
     runtime: str
     errors: dict = field(default_factory=dict)
-    seconds: float = None
-    failure: str = None
+    seconds: Optional[float] = None
+    failure: Optional[str] = None
     # max-pool windows whose winner differs from the reference's (counted where the relevance differs)
-    winner_flips: int = None
+    winner_flips: Optional[int] = None
 
     @property
     def worst(self):

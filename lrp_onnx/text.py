@@ -6,7 +6,7 @@ import html
 import json
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -24,24 +24,24 @@ PAD_TOKENS = ("[PAD]", "<pad>")
 @dataclass
 class TextExplanation:
     text: str
-    tokens: list
+    tokens: list[str]
     relevance: np.ndarray  # one value per token, padding removed
     target: int
     predicted: int
     logit: float
-    labels: Optional[list] = None
+    labels: Optional[Sequence[str]] = None
 
-    def label(self, k):
+    def label(self, k: int) -> str:
         return self.labels[k] if self.labels else str(k)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (
             f"TextExplanation({self.text!r}, target={self.label(self.target)!r}, "
             f"predicted={self.label(self.predicted)!r}, logit={float(self.logit):.4g}, "
             f"{len(self.tokens)} tokens Σ={float(self.relevance.sum()):.4g})"
         )
 
-    def as_dict(self):
+    def as_dict(self) -> dict[str, Any]:
         return {
             "text": self.text,
             "predicted": self.predicted,

@@ -3,11 +3,12 @@ finite, and Σ relevance is compared with the explained logit (conservation)."""
 
 import time
 from dataclasses import dataclass
+from typing import Any, Optional
 
 import numpy as np
 
 from .emit import convert
-from .load import read_model
+from .load import ModelSource, read_model
 from .runtime import ONNX_TYPES, Explainer, inference_session, session_options
 
 
@@ -53,7 +54,14 @@ def _relative_deviation(actual, expected):
     return float(np.abs(actual.astype(np.float64) - expected).max(initial=0.0)) / scale
 
 
-def verify(model, composite="epsilon-plus-flat", feeds=None, batch=2, threads=None, **rule_params):
+def verify(
+    model: ModelSource,
+    composite: str = "epsilon-plus-flat",
+    feeds: Optional[dict[str, np.ndarray]] = None,
+    batch: int = 2,
+    threads: Optional[int] = None,
+    **rule_params: Any,
+) -> Verification:
     """Convert ``model`` and run it against the original on ``feeds`` (random ones by default).
 
     Both run on ONNX Runtime's CPU provider with ``Explainer``'s session options; every original

@@ -4,8 +4,12 @@ import contextlib
 import io
 import os
 import tempfile
+from typing import Union
 
 from ..errors import OutputError
+
+# A file or folder path, as str or os.PathLike
+StrPath = Union[str, "os.PathLike[str]"]
 
 TEMPORARY_PREFIX = ".lrp-onnx-"
 

@@ -135,7 +135,7 @@ class InputReader:
 
     def __init__(self, spec: InputSpec, preprocess: Preprocess):
         self.spec, self.preprocess = spec, preprocess
-        self._open = (None, None)
+        self._open: Optional[tuple[tuple[str, Optional[str]], np.ndarray]] = None  # (path, .npz key), its array
 
     def sample(self, pending: Pending):
         """The Sample of ``pending``, or the InputError that says why it cannot be explained."""
@@ -146,7 +146,7 @@ class InputReader:
             sample.name = pending.name
             return sample
         location = (pending.path, pending.key)
-        if self._open[0] != location:
+        if self._open is None or self._open[0] != location:
             self._open = (location, _batch_of_samples(pending.source, _array(*location), self.spec))
         row = self._open[1][pending.row]
         # integer arrays stay integers for an integer input (the explainer refuses floats there)
@@ -345,7 +345,8 @@ def _image_sample(path, spec, p: Preprocess):
         )
     pixels = np.asarray(image, np.float32) / 255.0
     shown = pixels
-    hwc = pixels[..., None] if pixels.ndim == 2 else pixels
+    # np.ndarray: numpy's stubs type floating[Any] / float32 as complex128
+    hwc: np.ndarray = pixels[..., None] if pixels.ndim == 2 else pixels
     if grey and channels == 3:
         hwc = np.repeat(hwc, 3, axis=2)
     if spec.integer:  # the raw 8-bit values, as the model reads them

@@ -20,12 +20,15 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Optional
 
 import numpy as np
 
 from ..errors import InputError, OutputError
 from .files import atomic_path, atomic_write, remove_temporaries, writable_folder
 
+fcntl: Optional[ModuleType]
 try:
     import fcntl
 except ImportError:  # Windows: no advisory lock, and no guard against two runs in one folder
