@@ -61,21 +61,31 @@ def test_outputs_are_the_quantized_models_bit_for_bit(models, name, form):
 @pytest.mark.parametrize("name", ["cnn", "resnet18"])
 def test_relevance_is_zennits_on_the_float_network(models, name, form, composite):
     """Both sides run with the activations the quantized model has with optimisations off (the
-    explainer session too, so that its float mirror rounds exactly as that run)."""
+    explainer session too, so that its float mirror rounds exactly as that run). The reference is
+    Zennit in float64: with ε = 1e-6 a deep network's float32 rounding alone moves the relevance,
+    by an amount that depends on the CPU's kernels, so the bound is 1e-5 or, where float32 Zennit
+    itself lies further from float64, twice its distance."""
     paths, inputs = models
     path, x = paths[name, form], inputs[name]
     logits = run(path, {"x": x})["logits"]
     ranked = np.argsort(logits, axis=1)[:, ::-1]
     targets = ranked[np.arange(len(x)), np.arange(len(x)) % 3]  # sample i explains its (i % 3 + 1)-th class
-    network = qm.FloatNetwork(path, qm.observed_activations(path, x)).eval()
-    reference_logits, reference = qm.zennit_relevance(network, x, targets, qm.zennit_composite(composite))
+    observed = qm.observed_activations(path, x)
+    single = qm.FloatNetwork(path, observed).eval()
+    reference_logits, single_reference = qm.zennit_relevance(single, x, targets, qm.zennit_composite(composite))
+    double = qm.FloatNetwork(path, {k: v.astype(np.float64) for k, v in observed.items()}).eval().double()
+    _, reference = qm.zennit_relevance(double, x.astype(np.float64), targets, qm.zennit_composite(composite))
     outputs = run(lrp_onnx.convert(path, composite), {"x": x, "target": targets}, optimise=False)
     relevance = outputs[RELEVANCE]
     np.testing.assert_allclose(outputs[EXPLAINED_LOGIT], reference_logits[np.arange(len(x)), targets], rtol=1e-6,
                                atol=1e-6 * np.abs(reference_logits).max())
-    errors = np.linalg.norm((relevance - reference).reshape(len(x), -1), axis=1) / \
-        np.linalg.norm(reference.reshape(len(x), -1), axis=1)
-    assert errors.max() <= 1e-5, errors
+
+    def distance(a):
+        return np.linalg.norm((a - reference).reshape(len(x), -1), axis=1) / \
+            np.linalg.norm(reference.reshape(len(x), -1), axis=1)
+
+    errors, zennit_float32 = distance(relevance), distance(single_reference)
+    assert (errors <= np.maximum(1e-5, 2 * zennit_float32)).all(), (errors, zennit_float32)
     assert np.isfinite(relevance).all() and (np.abs(relevance).reshape(len(x), -1).sum(axis=1) > 0).all()
 
 
