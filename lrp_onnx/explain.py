@@ -15,7 +15,16 @@ from PIL import Image
 from .errors import InputError
 from .io.files import StrPath, atomic_write, png_bytes
 from .io.heatmap import heatmap
-from .io.inputs import InputReader, InputSpec, Preprocess, Sample, identity, load_samples, read_inputs
+from .io.inputs import (
+    InputItem,
+    InputReader,
+    InputSpec,
+    Preprocess,
+    Sample,
+    identity,
+    load_samples,
+    read_inputs,
+)
 from .io.prefetch import prefetched
 from .io.progress import progress_bar
 from .io.run_folder import RunFolder, Totals, default_run_folder, default_shard_inputs
@@ -215,22 +224,24 @@ def ranked_runs(explainer, feeds, target=None, top_k=None):
 
 def explain_images(
     explainer: Explainer,
-    inputs: Union[StrPath, Sequence[StrPath]],
+    inputs: Union[InputItem, Sequence[InputItem]],
     target: ClassTarget = None,
     top_k: Optional[int] = None,
     labels: Labels = None,
     preprocess: Optional[Preprocess] = None,
     batch_size: int = 32,
 ) -> list[Explanation]:
-    """Explanations of image files, folders, ``.npy``/``.npz`` files, preprocessed for ``explainer``.
-
-    ``preprocess`` is an ``io.inputs.Preprocess``; ``labels`` a list of class names; ``target`` a
-    class index or label name, ``top_k`` the K highest classes, neither the predicted class.
-    Returns a list of ``Explanation`` (sample, target, predicted, logit, relevance, summary()).
+    """Explanations of ``inputs``, one or a list of: image files, folders, ``.npy``/``.npz`` files,
+    PIL images, and numpy arrays. Images (files or PIL) are preprocessed for ``explainer`` as
+    ``lrp-onnx explain`` does (``preprocess``, an ``io.inputs.Preprocess``); arrays are model-ready,
+    one sample or a batch along axis 0, as ``.npy`` files are. ``labels`` is a list of class names
+    or a file of them; ``target`` a class index or label name, ``top_k`` the K highest classes,
+    neither the predicted class. Returns a list of ``Explanation`` (sample, target, predicted,
+    logit, relevance, summary()), in the order of the inputs.
     """
-    samples = load_samples(
-        inputs if isinstance(inputs, (list, tuple)) else [inputs], explainer.input_spec, preprocess or Preprocess()
-    )
+    # a list is several inputs; a bare array is one input (one sample, or a batch)
+    items = list(inputs) if isinstance(inputs, (list, tuple)) else [cast(InputItem, inputs)]
+    samples = load_samples(items, explainer.input_spec, preprocess or Preprocess())
     return list(explain_samples(explainer, samples, target, top_k, labels, batch_size))
 
 

@@ -283,6 +283,31 @@ def test_explain_prints_the_predictions_and_quiet_prints_nothing(tmp_path):
         assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == "", quiet.stderr
 
 
+def test_explain_images_takes_paths_pil_images_and_arrays():
+    """Paths, PIL images and arrays in one list, explained in their order: a PIL image is preprocessed
+    as its file is (grey, [0, 1]: the numpy re-derivation below), an array is model-ready, a batch
+    array is one input per row."""
+    from PIL import Image
+
+    explainer = lrp_onnx.Explainer(DIGITS)
+    path = os.path.join(ROOT, "models", "samples", "digit3.png")
+    pixels = np.asarray(Image.open(path).convert("L"), np.float32)[None] / 255  # [1, 8, 8] in [0, 1]
+    rgb = Image.open(path).convert("RGB")  # converted to grey for the one-channel model, as a file would be
+    batch = np.load(os.path.join(ROOT, "models", "digits_samples.npy"))[[3, 7]]
+    found = lrp_onnx.explain_images(explainer, [path, rgb, pixels, batch], target=3)
+    assert [e.sample.name for e in found] == ["digit3", "image1", "array2", "array3_0", "array3_1"]
+    for e in found[1:3]:
+        np.testing.assert_array_equal(e.relevance, found[0].relevance)
+    _, expected = explainer.explain(batch, target=3)
+    np.testing.assert_array_equal(np.stack([e.relevance for e in found[3:]]), expected)
+    (alone,) = lrp_onnx.explain_images(explainer, pixels)  # a bare array is one input
+    assert alone.sample.name == "array0"
+    with pytest.raises(lrp_onnx.InputError, match=r"<image 0>: image is 28x28 \(HxW\) but the model takes 8x8"):
+        lrp_onnx.explain_images(explainer, Image.new("L", (28, 28)))
+    with pytest.raises(lrp_onnx.InputError, match=r"<array 0>: wrong number of channels: 3"):
+        lrp_onnx.explain_images(explainer, np.zeros((2, 3, 8, 8), np.float32))
+
+
 def test_heatmap_takes_the_batch_explain_returns():
     """explain returns relevance [N, C, H, W]: heatmap gives one image per sample, each the image
     of that sample alone."""

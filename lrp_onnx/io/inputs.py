@@ -11,7 +11,7 @@ import os
 import warnings
 import zipfile
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
@@ -123,10 +123,43 @@ def read_inputs(paths, spec: InputSpec, preprocess: Preprocess):
     return _unique_names(p for path in files for p in _file_inputs(path, spec))
 
 
-def load_samples(paths, spec: InputSpec, preprocess: Preprocess):
-    """Every input as model-ready samples, all read now; the first bad one is an InputError."""
+# An input given in Python: a file or folder path, a decoded image, or a model-ready array
+InputItem = Union[str, "os.PathLike[str]", Image.Image, np.ndarray]
+
+
+def load_samples(items: Sequence[InputItem], spec: InputSpec, preprocess: Preprocess) -> list[Sample]:
+    """Every input as model-ready samples, in order and all read now; the first bad one is an
+    InputError. Names are unique over all of them (a repeated one gets -1, -2, ...)."""
     reader = InputReader(spec, preprocess)
-    return [reader.sample(p) for p in read_inputs(paths, spec, preprocess)]
+
+    def samples():
+        for index, item in enumerate(items):
+            if isinstance(item, (str, os.PathLike)):
+                yield from (reader.sample(p) for p in read_inputs([item], spec, preprocess))
+            else:
+                yield from object_samples(item, index, spec, preprocess)
+
+    return list(_unique_names(samples()))
+
+
+def object_samples(item: Union[Image.Image, np.ndarray], index: int, spec: InputSpec, p: Preprocess) -> list[Sample]:
+    """An input given as an object rather than a file, named by its ``index`` among the inputs: a
+    PIL image goes through the image pipeline as an image file does; an array is model-ready, one
+    sample or a batch along axis 0, as a .npy file is."""
+    if isinstance(item, Image.Image):
+        check_preprocess(spec, p)
+        return [image_sample(item, f"image{index}", f"<image {index}>", spec, p)]
+    source = f"<array {index}>"
+    batch = _batch_of_samples(source, np.asarray(item), spec)
+    if len(batch) == 1:
+        return [Sample(f"array{index}", source, _model_ready(batch[0], spec))]
+    return [Sample(f"array{index}_{i}", f"{source}[{i}]", _model_ready(row, spec)) for i, row in enumerate(batch)]
+
+
+def _model_ready(row: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """A row of an array input: float32, except that integer arrays stay integers for an integer
+    input (the explainer refuses floats there)."""
+    return np.array(row, None if spec.integer and row.dtype.kind in "iu" else np.float32)
 
 
 class InputReader:
@@ -148,10 +181,7 @@ class InputReader:
         location = (pending.path, pending.key)
         if self._open is None or self._open[0] != location:
             self._open = (location, _batch_of_samples(pending.source, _array(*location), self.spec))
-        row = self._open[1][pending.row]
-        # integer arrays stay integers for an integer input (the explainer refuses floats there)
-        keep = self.spec.integer and row.dtype.kind in "iu"
-        return Sample(pending.name, pending.source, np.array(row, None if keep else np.float32))
+        return Sample(pending.name, pending.source, _model_ready(self._open[1][pending.row], self.spec))
 
     def read(self, item, index):
         """The Sample of an input given as a Pending (read now), a Sample, or a model-ready array
@@ -331,16 +361,22 @@ def _size(p):
 
 def _image_sample(path, spec, p: Preprocess):
     """The image at ``path`` as the model takes it (settings already passed ``check_preprocess``)."""
+    return image_sample(_open_image(path), _stem(path), path, spec, p)
+
+
+def image_sample(image: Image.Image, name: str, source: str, spec: InputSpec, p: Preprocess) -> Sample:
+    """A decoded image as the model takes it: grey or RGB as the model's channels, resized and
+    cropped to ``p.size``, scaled, normalised and laid out (settings already passed ``check_preprocess``)."""
     layout = spec.layout(p.layout)
     channels = spec.channels(layout)
     grey = p.grayscale or channels == 1
-    image = _open_image(path).convert("L" if grey else "RGB")
+    image = image.convert("L" if grey else "RGB")
     fixed = spec.spatial(layout)
     if p.size is not None:
         image = resized_and_cropped(image, _size(p))
     elif fixed is not None and (image.height, image.width) != fixed:
         raise InputError(
-            f"{path}: image is {image.height}x{image.width} (HxW) but the model takes "
+            f"{source}: image is {image.height}x{image.width} (HxW) but the model takes "
             f"{fixed[0]}x{fixed[1]}; pass --size to resize and crop"
         )
     pixels = np.asarray(image, np.float32) / 255.0
@@ -351,13 +387,11 @@ def _image_sample(path, spec, p: Preprocess):
         hwc = np.repeat(hwc, 3, axis=2)
     if spec.integer:  # the raw 8-bit values, as the model reads them
         raw = np.rint(hwc * 255).astype(spec.dtype)
-        return Sample(
-            _stem(path), path, np.ascontiguousarray(raw.transpose(2, 0, 1) if layout == "nchw" else raw), shown
-        )
+        return Sample(name, source, np.ascontiguousarray(raw.transpose(2, 0, 1) if layout == "nchw" else raw), shown)
     hwc = hwc * p.scale
     if p.mean is not None:
         hwc = hwc - np.asarray(p.mean, np.float32)
     if p.std is not None:
         hwc = hwc / np.asarray(p.std, np.float32)
     array = hwc.transpose(2, 0, 1) if layout == "nchw" else hwc
-    return Sample(_stem(path), path, np.ascontiguousarray(array, np.float32), shown)
+    return Sample(name, source, np.ascontiguousarray(array, np.float32), shown)
