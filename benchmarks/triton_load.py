@@ -1,12 +1,12 @@
 """Load test of an exported explainer on a real Triton Inference Server.
 
-    python benchmarks/triton_load.py [--clients 8] [--requests 200] [--venv /tmp/triton-venv]
+    python benchmarks/triton_load.py [--clients 8] [--requests 200] [--venv .triton-venv]
 
 The server is the ``tritonserver`` binary that pip's nvidia-pytriton ships (Python backend only, no
 ORT backend), installed in its own virtual environment with numpy<2 (the backend stub broke every
 request under numpy 2) and onnxruntime:
 
-    python3 -m venv /tmp/triton-venv && /tmp/triton-venv/bin/pip install "numpy<2" onnxruntime nvidia-pytriton
+    python3 -m venv .triton-venv && .triton-venv/bin/pip install "numpy<2" onnxruntime nvidia-pytriton
 
 The bundled digits CNN is converted, exported with ``backend="python"`` and served from a
 temporary model repository on 127.0.0.1. CLIENTS threads each send REQUESTS single-sample
@@ -37,7 +37,8 @@ ROOT = os.path.dirname(HERE)
 OUT = os.path.join(HERE, "out")
 sys.path.insert(0, ROOT)
 
-DEFAULT_VENV = os.environ.get("LRP_ONNX_TRITON_VENV", "/tmp/triton-venv")
+# the test command installs it there (README, CONTRIBUTING.md)
+DEFAULT_VENV = os.environ.get("LRP_ONNX_TRITON_VENV", os.path.join(ROOT, ".triton-venv"))
 MODEL = "digits_cnn"
 # ONNX shape [N]; Triton's config gives them dims [1] with reshape [], so they come back as [N, 1]
 SCALAR_OUTPUTS = ("explained_class", "explained_logit")

@@ -253,9 +253,11 @@ def dynamic_qdq(x):
 def _integer_case(id, op, x_shape, w, axis, affine_of, **attrs):
     """x → DynamicQuantizeLinear → ``op`` with int8 weights → Cast → Mul(x_scale · w_scale) → Add(bias):
     ONNX Runtime's dynamic quantization of a layer, which reads dynamic_qdq(x)."""
-    w_q, w_scale, w_float = quantized(w, axis=axis)
-    w_scale = np.float32(w_scale.max())  # per tensor, as quantize_dynamic writes it by default
-    w_q = np.clip(np.rint(w / w_scale), -127, 127).astype(np.int8)
+    # 7-bit weights, per tensor, as quantize_dynamic writes them with reduce_range=True: on CPUs without
+    # VNNI, ONNX Runtime's u8s8 kernels add pairs of products in int16 with saturation (vpmaddubsw),
+    # and 255·127·2 overflows it, so full-range weights give a CPU-dependent product
+    w_scale = np.float32(np.abs(w).max() / 63)
+    w_q = np.clip(np.rint(w / w_scale), -63, 63).astype(np.int8)
     bias = RNG.standard_normal(w.shape[axis])
     bias_shape = [-1] + [1] * (len(x_shape) - 1) if op == "ConvInteger" else [-1]
     nodes = [helper.make_node("DynamicQuantizeLinear", ["x"], ["qx", "x_scale", "x_zero"], name="quantize"),
