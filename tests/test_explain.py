@@ -212,3 +212,32 @@ def test_provider_flag(tmp_path):
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         assert_bad_input(cli("explain", CNN, SAMPLES, "-o", tmp_path / "gpu", "--provider", "cuda"),
                          "no CUDAExecutionProvider")
+
+
+@pytest.mark.parametrize("flags", [["--mean", "0.5,0.4,0.3", "--std", "0.2,0.25,0.3"], ["--scale", "255"],
+                                   ["--grayscale", "--mean", "0.45", "--std", "0.25"]],
+                         ids=["mean-std", "scale", "grayscale"])
+def test_rgb_images_are_preprocessed_as_a_numpy_re_derivation_says(tmp_path, flags):
+    """RGB PNGs through explain's image pipeline on the bundled RGB model: center crop (64×80 to 64×64,
+    no interpolation), grey as Pillow's ITU-R 601 luma repeated over the three channels, [0, 1] or
+    0..255, minus the mean, divided by the std, NCHW. The relevance the CLI writes must be the
+    explainer's on the array this numpy re-derivation makes."""
+    model = os.path.join(ROOT, "models", "shapes_cnn.onnx")
+    rng = np.random.default_rng(11)
+    pixels = rng.integers(0, 256, (2, 64, 80, 3), dtype=np.uint8)
+    for i, image in enumerate(pixels):
+        Image.fromarray(image).save(tmp_path / f"img{i}.png")
+    result = cli("explain", model, tmp_path / "img0.png", tmp_path / "img1.png", "--size", "64", *flags,
+                 "--no-heatmaps", "-o", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    value = dict(zip(flags[::2], flags[1::2])) if "--grayscale" not in flags else dict(zip(flags[1::2], flags[2::2]))
+    x = pixels[:, :, 8:72].astype(np.float64)  # the center 64 of 80 columns
+    if "--grayscale" in flags:
+        luma = (x[..., 0] * 19595 + x[..., 1] * 38470 + x[..., 2] * 7471 + 0x8000) // 65536  # Pillow's convert("L")
+        x = np.repeat(luma[..., None], 3, axis=3)
+    x = x / 255 * float(value.get("--scale", 1))
+    x = (x - np.array(value.get("--mean", "0").split(","), float)) / np.array(value.get("--std", "1").split(","), float)
+    expected_input = x.transpose(0, 3, 1, 2).astype(np.float32)
+    _, expected = lrp_onnx.Explainer(model).explain(expected_input)
+    written = np.load(tmp_path / "out" / "relevance" / "part-00000.npy")
+    np.testing.assert_allclose(written, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
