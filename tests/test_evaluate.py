@@ -174,6 +174,27 @@ def test_evaluate_command_with_boxes(tmp_path):
     assert not (tmp_path / "e2").exists()
 
 
+def test_boxes_are_read_as_x_then_y(tmp_path):
+    """Asymmetric boxes (columns x0..x1, rows y0..y1, different per input) against a numpy
+    re-derivation from the explainer's own relevance map: the share of positive relevance inside.
+    Reading x and y swapped, or an end inclusive, moves every figure."""
+    x = np.load(os.path.join(ROOT, "models", "digits_samples.npy"))[:3]
+    data = tmp_path / "digits.npy"
+    np.save(data, x)
+    boxes = [(1, 0, 4, 6), (0, 3, 8, 5), (5, 1, 7, 8)]  # x0, y0, x1, y1: none equals its transpose
+    (tmp_path / "boxes.csv").write_text("".join(f"digits_{i},{','.join(map(str, b))}\n" for i, b in enumerate(boxes)))
+    out = tmp_path / "eval"
+    result = cli("evaluate", DIGITS_CNN, data, "-o", out, "--method", "lrp:zplus", "--steps", "2",
+                 "--boxes", tmp_path / "boxes.csv")
+    assert result.returncode == 0, result.stderr
+    per_input = json.loads((out / "evaluate.json").read_text())["context"]["lrp:zplus"]["per_input"]
+    _, relevance = lrp_onnx.Explainer(DIGITS_CNN, composite="zplus").explain(x)
+    positive = np.maximum(relevance.sum(1), 0)  # [N, H, W]
+    expected = [positive[i, y0:y1, x0:x1].sum() / positive[i].sum() for i, (x0, y0, x1, y1) in enumerate(boxes)]
+    np.testing.assert_allclose([row["inside"] for row in per_input], expected, rtol=1e-5)
+    assert len(set(np.round(expected, 3))) == 3 and 0 < min(expected) and max(expected) < 1
+
+
 def test_evaluate_streams_a_generator_with_a_few_chunks_alive():
     """Samples are pulled as they are scored, and each sample's noise is its own: a generator of
     400 inputs gives the batch's figures with no more than the prefetch queue's chunks alive."""
