@@ -261,10 +261,39 @@ def test_cli_evaluate_and_compare_take_the_rule_flags(tmp_path):
                      "epsilon must be")
     assert_bad_input(cli("compare", digits, digits, data, "-o", tmp_path / "b", "--alpha", "3", "--beta", "1"),
                      "alpha - beta = 1")
-    result = cli("compare", digits, digits, data, "-o", tmp_path / "c", "--composite", "epsilon", "--epsilon", "0.1",
-                 "--aopc-steps", "0")
+
+
+def test_the_epsilon_flag_reaches_the_rules_as_a_numpy_re_derivation_says(tmp_path):
+    """``explain --composite epsilon --epsilon 0.1`` on the bundled scikit-learn MLP (three dense
+    layers): the relevance the CLI writes is the ε-rule's with ε = 0.1, re-derived in numpy from the
+    model's own weights, and differs from the default ε's by far more than the tolerance."""
+    import numpy_reference as ref
+
+    model = os.path.join(ROOT, "models", "digits_mlp.onnx")
+    x = np.load(os.path.join(ROOT, "models", "digits_samples.npy")).reshape(10, 64)
+    np.save(tmp_path / "x.npy", x)
+    result = cli("explain", model, tmp_path / "x.npy", "--composite", "epsilon", "--epsilon", "0.1", "--no-heatmaps",
+                 "-o", tmp_path / "out")
     assert result.returncode == 0, result.stderr
-    assert json.load(open(tmp_path / "c" / "compare.json"))["mean"]["pearson"] == pytest.approx(1.0)
+    written = np.load(tmp_path / "out" / "relevance" / "part-00000.npy")
+    weights = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in onnx.load(model).graph.initializer}
+    layers = [(weights[f"coefficient{k}"], weights[f"intercepts{k}"].ravel()) for k in ("", "1", "2")]
+
+    def relevance(sample, epsilon):
+        activations = [sample.astype(np.float64)]
+        for k, (w, b) in enumerate(layers):
+            z = activations[-1] @ w + b
+            activations.append(z if k == len(layers) - 1 else np.maximum(z, 0))
+        logits = activations[-1]  # relevance starts below the Softmax, at the predicted class's logit
+        r = np.where(np.arange(len(logits)) == logits.argmax(), logits, 0)
+        for (w, b), a in zip(layers[::-1], activations[-2::-1]):
+            r = ref.lrp("epsilon", {"epsilon": epsilon}, w.T, a, b, r)
+        return r
+
+    expected = np.stack([relevance(s, 0.1) for s in x])
+    default = np.stack([relevance(s, 1e-6) for s in x])
+    np.testing.assert_allclose(written, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+    assert np.abs(expected - default).max() > 100 * 1e-5 * np.abs(expected).max()
 
 
 def test_cli_float_lists_are_parsed_once_with_a_clear_error(tmp_path, cnn_path):
