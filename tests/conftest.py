@@ -1,5 +1,6 @@
 import os
 import sys
+import zlib
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -32,6 +33,12 @@ def cnn_path(tmp_path_factory):
     """A small CNN exported by torch.onnx (TorchScript), symbolic batch; shared read-only by tests."""
     path = tmp_path_factory.mktemp("cnn") / "cnn.onnx"
     return str(export(small_cnn(), torch.randn(2, 3, 12, 12), str(path), dynamo=False))
+
+
+@pytest.fixture
+def rng(request):
+    """A generator seeded by the test's own id: its data do not depend on which tests ran before it."""
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
 
 
 @pytest.fixture

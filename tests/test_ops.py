@@ -14,6 +14,7 @@ import lrp_onnx
 import numpy_reference as ref
 import quantized_models as qm
 
+# the cases' constants, drawn once at import; a test's own data come from its rng fixture (conftest.py)
 RNG = np.random.default_rng(7)
 
 
@@ -303,12 +304,12 @@ def _bound(value, x_shape):
 
 @pytest.mark.parametrize("case,rule,params", LINEAR_CASES,
                          ids=[f"{c.id}-{r}-{p}" if p else f"{c.id}-{r}" for c, r, p in LINEAR_CASES])
-def test_linear_rule_matches_numpy(case, rule, params):
-    x = RNG.standard_normal((2,) + case.x_shape).astype(np.float32)
+def test_linear_rule_matches_numpy(case, rule, params, rng):
+    x = rng.standard_normal((2,) + case.x_shape).astype(np.float32)
     zero = np.zeros(case.x_shape)
     m = ref.dense_matrix(lambda s: case.affine(s) - case.affine(zero), case.x_shape)
     bias = case.affine(zero).reshape(-1)
-    seed = RNG.standard_normal((2, m.shape[0])).astype(np.float32)
+    seed = rng.standard_normal((2, m.shape[0])).astype(np.float32)
     rule_obj = lrp_onnx.make_rule(rule, **params)
     _, relevance = run_explainer(case.nodes, x, case.weights, seed, rules={case.op: rule_obj})
     ones = ref.dense_matrix(case.structure, case.x_shape) if case.structure else None
@@ -322,12 +323,12 @@ def test_linear_rule_matches_numpy(case, rule, params):
                                    atol=2e-4 * np.abs(expected).max())
 
 
-def test_conservation_of_bias_free_rules():
+def test_conservation_of_bias_free_rules(rng):
     """Σ R_x = Σ R_z for a bias-free layer on non-negative (post-ReLU) inputs under alpha-beta and zplus.
     (The ε-rule's conservation is tested on whole ReLU networks, in test_conservation.py.)"""
     case = _conv_case("conv-nobias", (3, 6, 6), (4, 3, 3, 3), {"pads": [1, 1, 1, 1]}, bias=False)
-    x = np.abs(RNG.standard_normal((2,) + case.x_shape)).astype(np.float32)
-    seed = RNG.uniform(0.1, 1.0, (2, 4 * 36)).astype(np.float32)
+    x = np.abs(rng.standard_normal((2,) + case.x_shape)).astype(np.float32)
+    seed = rng.uniform(0.1, 1.0, (2, 4 * 36)).astype(np.float32)
     for rule in (lrp_onnx.AlphaBeta(), lrp_onnx.ZPlus(), lrp_onnx.AlphaBeta(1.5, 0.5)):
         _, relevance = run_explainer(case.nodes, x, case.weights, seed, rules={"Conv": rule})
         np.testing.assert_allclose(relevance.reshape(2, -1).sum(1), seed.sum(1), rtol=1e-5)
@@ -344,6 +345,7 @@ class Case:
     weights: dict = field(default_factory=dict)
     opset: int = 17
     conserves: bool = True  # Σ R_x = Σ R_z exactly (routing and pass; not the stabilised norm splits)
+    rtol: float = 1e-4  # against the float64 reference; wider only where the rule amplifies float32 rounding
 
 
 def node(op, inputs, outputs=("z",), **attrs):
@@ -502,7 +504,10 @@ CASES = ACTIVATION_CASES + [
           node("Add", ["scaled", "ln_bias"])],
          lambda x, z, r: ref.centred_rule(x, r, 1e-6),
          {"two_f": np.array(2.0, np.float32), "ln_eps": np.array(1e-5, np.float32), "ln_scale": LN_SCALE,
-          "ln_bias": LN_BIAS}, conserves=False),
+          "ln_bias": LN_BIAS}, conserves=False,
+         # R / st(x − mean): the test's x has an element 8e-5 from its row's mean, where float32's rounding of
+         # x − mean (3e-5 relative) is amplified onto the whole row (measured 1.5e-4)
+         rtol=5e-4),
     # RMSNorm as Llama writes it, x·rsqrt(mean(x²) + eps)·w: the normaliser is a gate of x, so R passes
     # to x unchanged (LXT's identity rule for RMSNorm)
     Case("RMSNorm-decomposed", SHAPE,
@@ -553,6 +558,15 @@ CASES = ACTIVATION_CASES + [
     # a gated MLP's a ⊙ b, neither computed from the other: each factor gets R/2 by the ε-rule
     Case("Mul-two-activations", SHAPE, [node("Relu", ["x"], ["a"]), node("Sigmoid", ["x"], ["s"]),
                                         node("Mul", ["a", "s"])], normed, conserves=False),
+    # the same with factors from different channels of x (a = relu(x₀), b = sigmoid(x₁)), so that each
+    # factor's share lands apart: R_x₀ = R_x₁ = a·b·R / (2·st(a·b)), channel 2 none
+    Case("Mul-two-activations-apart", SHAPE,
+         [node("Slice", ["x", "c0", "c1", "cax"], ["x0"]), node("Slice", ["x", "c1", "c2", "cax"], ["x1"]),
+          node("Relu", ["x0"], ["a"]), node("Sigmoid", ["x1"], ["b"]), node("Mul", ["a", "b"])],
+         lambda x, z, r: np.concatenate([np.repeat(r * z / (2 * ref.stabilize(z, 1e-6)), 2, axis=0),
+                                         np.zeros_like(r)]),
+         {"c0": np.array([0], np.int64), "c1": np.array([1], np.int64), "c2": np.array([2], np.int64),
+          "cax": np.array([1], np.int64)}, conserves=False),
     # attention scores Q·Kᵀ with K broadcast along the head axis: Q = sigmoid(x), K its head 0 (positive,
     # so that no score is near 0, where float32 would amplify rounding)
     Case("MatMul-two-activations-broadcast", SHAPE,
@@ -702,15 +716,15 @@ CASES += [
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_op_matches_numpy(case):
-    x = RNG.standard_normal((2,) + case.x_shape).astype(np.float32)
+def test_op_matches_numpy(case, rng):
+    x = rng.standard_normal((2,) + case.x_shape).astype(np.float32)
     model_z = _forward_z(case, x)
-    seed = RNG.uniform(-1, 1, (2, model_z[0].size)).astype(np.float32)
+    seed = rng.uniform(-1, 1, (2, model_z[0].size)).astype(np.float32)
     _, relevance = run_explainer(case.nodes, x, case.weights, seed, opset=case.opset, composite="alpha-beta")
     for n in range(2):
         expected = case.reference(x[n].astype(np.float64), model_z[n].astype(np.float64),
                                   seed[n].reshape(model_z[n].shape).astype(np.float64))
-        np.testing.assert_allclose(relevance[n], expected, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(relevance[n], expected, rtol=case.rtol, atol=1e-5)
         if case.conserves:
             np.testing.assert_allclose(relevance[n].sum(), seed[n].sum(), rtol=1e-4, atol=1e-5)
 
@@ -741,14 +755,14 @@ def _forward_z(case, x):
     ("Gemm", {"transB": 1}, (3, 6), (5, 6)),
     ("Gemm", {"transA": 1, "transB": 1}, (6, 3), (5, 6)),
 ])
-def test_linear_map_adjoint(op, attrs, x_shape, w_shape):
+def test_linear_map_adjoint(op, attrs, x_shape, w_shape, rng):
     """⟨F(x), g⟩ = ⟨x, Fᵀ(g)⟩ for the transposes the converter emits (catches pad/stride/shape slips)."""
     from lrp_onnx.builder import Builder
     from lrp_onnx.graph import find_units
     from lrp_onnx.load import import_graph, load_model
     from lrp_onnx.ops.linear import linear_map
     import onnx_graphsurgeon as gs
-    w = RNG.standard_normal(w_shape).astype(np.float32)
+    w = rng.standard_normal(w_shape).astype(np.float32)
     graph = helper.make_graph([helper.make_node(op, ["x", "w"], ["z"], name="layer", **attrs)], "adj",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
                               [helper.make_tensor_value_info("z", TensorProto.FLOAT, [None] * len(x_shape))],
@@ -766,8 +780,8 @@ def test_linear_map_adjoint(op, attrs, x_shape, w_shape):
     g.outputs = [z, out]
     session = ort.InferenceSession(gs.export_onnx(g.cleanup().toposort()).SerializeToString(),
                                    providers=["CPUExecutionProvider"])
-    x = RNG.standard_normal(x_shape).astype(np.float32)
-    gv = RNG.standard_normal(z.shape).astype(np.float32)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    gv = rng.standard_normal(z.shape).astype(np.float32)
     zv, xt = session.run(None, {"x": x, "g": gv})
     assert xt.shape == x.shape
     # float32 rounding scales with the terms, not with the (possibly cancelling) inner product
@@ -797,7 +811,7 @@ def test_max_pool_backward_needs_no_indices_and_no_scatter():
     onnx.checker.check_model(explainer, full_check=True)
 
 
-def test_shapes_computed_by_a_constant_sub_graph_are_known_after_folding():
+def test_shapes_computed_by_a_constant_sub_graph_are_known_after_folding(rng):
     """torch's ZeroPad2d computes its pads by Transpose of a constant, which shape inference cannot
     see through; the strided Conv after it needs its spatial sizes, known once constants are folded."""
     pads = np.array([[0, 0, 0, 0], [0, 0, 1, 1]], np.int64).T  # Transpose, then Reshape: [0, 0, 0, 0, 0, 0, 1, 1]
@@ -806,9 +820,9 @@ def test_shapes_computed_by_a_constant_sub_graph_are_known_after_folding():
              helper.make_node("Reshape", ["pt", "flat"], ["p"], name="reshape"),
              helper.make_node("Pad", ["x", "p"], ["xp"], name="pad"),
              helper.make_node("Conv", ["xp", "w"], ["z"], name="layer", strides=[2, 2])]
-    x = RNG.standard_normal((2, 2, 6, 6)).astype(np.float32)
-    seed = RNG.standard_normal((2, 3 * 3 * 3)).astype(np.float32)
-    weights = {"flat": np.array([-1], np.int64), "w": RNG.standard_normal((3, 2, 3, 3))}
+    x = rng.standard_normal((2, 2, 6, 6)).astype(np.float32)
+    seed = rng.standard_normal((2, 3 * 3 * 3)).astype(np.float32)
+    weights = {"flat": np.array([-1], np.int64), "w": rng.standard_normal((3, 2, 3, 3))}
     _, relevance = run_explainer(nodes, x, weights, seed, composite="epsilon", epsilon=1e-9, stabilizer=1e-9)
     np.testing.assert_allclose(relevance.reshape(2, -1).sum(1), seed.sum(1), rtol=1e-4)
 
@@ -823,22 +837,22 @@ DYNAMIC = ["conv2d", "conv-strided-dilated-grouped", "conv1d", "conv-transpose",
 @pytest.mark.parametrize("case", [c for c in CASES if c.id in DYNAMIC] +
                          [c for c, rule, p in LINEAR_CASES if c.id in DYNAMIC and rule == "alpha-beta" and not p],
                          ids=lambda c: c.id)
-def test_window_ops_take_their_sizes_from_the_run(case):
+def test_window_ops_take_their_sizes_from_the_run(case, rng):
     """Strided and padded windows and their transposes (the rows a window never reads, MaxPool's
     winners, the count of a normalisation) on sizes the file leaves dynamic: the same relevance as
     the numpy reference, as with the sizes in the file."""
-    x = RNG.standard_normal((2,) + case.x_shape).astype(np.float32)
+    x = rng.standard_normal((2,) + case.x_shape).astype(np.float32)
     if isinstance(case, Linear):
         zero = np.zeros(case.x_shape)
         m = ref.dense_matrix(lambda s: case.affine(s) - case.affine(zero), case.x_shape)
-        seed = RNG.standard_normal((2, m.shape[0])).astype(np.float32)
+        seed = rng.standard_normal((2, m.shape[0])).astype(np.float32)
         rules = {case.op: lrp_onnx.make_rule("alpha-beta")}
         _, relevance = run_explainer(case.nodes, x, case.weights, seed, rules=rules, dynamic=True)
         expected = [ref.lrp("alpha-beta", {}, m, x[n].reshape(-1).astype(np.float64), case.affine(zero).reshape(-1),
                             seed[n].astype(np.float64)) for n in range(2)]
     else:
         z = _forward_z(case, x)
-        seed = RNG.uniform(-1, 1, (2, z[0].size)).astype(np.float32)
+        seed = rng.uniform(-1, 1, (2, z[0].size)).astype(np.float32)
         _, relevance = run_explainer(case.nodes, x, case.weights, seed, opset=case.opset, composite="alpha-beta",
                                      dynamic=True)
         expected = [case.reference(x[n].astype(np.float64), z[n].astype(np.float64),
