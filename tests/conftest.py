@@ -1,3 +1,4 @@
+import importlib
 import os
 import sys
 import zlib
@@ -26,6 +27,15 @@ def small_cnn(softmax=False):
         model[1].running_mean.uniform_(-0.5, 0.5)
         model[1].running_var.uniform_(0.5, 1.5)
     return model
+
+
+def extra_module(name):
+    """A module of the test extra, for a test module that needs it: imported, or outside CI the test
+    module is skipped. In CI (CI set) the test command has installed it, so a broken install fails
+    instead of hiding as skipped tests."""
+    if os.environ.get("CI"):
+        return importlib.import_module(name)
+    return pytest.importorskip(name)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,9 @@ import time
 import numpy as np
 import pytest
 
-ray = pytest.importorskip("ray")
+from conftest import extra_module
+
+ray = extra_module("ray")
 
 import lrp_onnx  # noqa: E402
 from lrp_onnx.distributed import RayEngine, explain_dataset  # noqa: E402
@@ -79,8 +81,10 @@ def test_a_killed_actor_is_restarted_and_no_input_is_lost_or_repeated():
     for batch in results.iter_batches(batch_size=2, batch_format="numpy"):
         seen.extend(batch["id"].tolist())
         if killed is None and len(seen) >= 100:
-            while not _actor_pids():
+            deadline = time.monotonic() + 60  # the actors serve batches already: they exist, or the test fails
+            while not _actor_pids() and time.monotonic() < deadline:
                 time.sleep(0.01)
+            assert _actor_pids(), "no explain actor found to kill"
             killed = _actor_pids()[0]
             os.kill(killed, signal.SIGKILL)
         elif killed is not None:

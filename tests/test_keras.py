@@ -18,9 +18,11 @@ import exporters  # noqa: E402
 # TensorFlow was imported first: the PyTorch side comes first.
 from zennit_reference import export as torch_export  # noqa: E402
 
-tf = pytest.importorskip("tensorflow")
-keras = pytest.importorskip("keras")
-tf2onnx = pytest.importorskip("tf2onnx")
+from conftest import extra_module  # noqa: E402
+
+tf = extra_module("tensorflow")
+keras = extra_module("keras")
+tf2onnx = extra_module("tf2onnx")
 
 import lrp_onnx  # noqa: E402
 from lrp_onnx.verify import verify  # noqa: E402

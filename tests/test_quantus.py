@@ -16,7 +16,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "models"))
 import synthetic_shapes as shapes  # noqa: E402
 from train_shapes_cnn import as_input, network  # noqa: E402
 
-quantus = pytest.importorskip("quantus")
+import torchvision  # noqa: E402, F401  (quantus segfaults on import unless torchvision was imported first)
+from conftest import extra_module  # noqa: E402
+
+quantus = extra_module("quantus")
 
 STEPS, PATCH = 12, 8
 

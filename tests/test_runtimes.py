@@ -13,11 +13,12 @@ import torch
 from torch import nn
 
 import exporters
+from conftest import extra_module
 import lrp_onnx
 from lrp_onnx import runtimes
 from lrp_onnx.cli import main
 
-pytest.importorskip("openvino")
+extra_module("openvino")
 TOLERANCE = 1e-5  # relative L2 of the relevance against ONNX Runtime
 FLIPPED_TOLERANCE = 1e-3  # where max-pool windows picked another winner (see test_every_runtime_matches_ort)
 MODELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
