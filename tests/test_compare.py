@@ -96,7 +96,9 @@ def test_a_generator_is_compared_with_a_few_batches_alive(twins):
     result = compare(nchw, nhwc, inputs(), "nchw", "nhwc", batch_size=8, shown=2)
     assert len(result.names) == len(result.pearson) == 200 and len(result.examples) == 2
     assert result.pearson.min() > 0.9999
-    assert most_alive[0] <= (2 + 1 + 1) * 8 + 2, most_alive[0]  # queued, being stacked, being explained; shown
+    # queued, being stacked, being explained, and the one before it until its results are recorded (under
+    # CPU load the reader runs ahead: 36 were seen against 34 without that last batch); shown
+    assert most_alive[0] <= (2 + 1 + 1 + 1) * 8 + 2, most_alive[0]
 
 
 def test_refusals(twins):
