@@ -56,8 +56,11 @@ OPS = sorted({n.op_type for n in MIXED.graph.node})
 @pytest.mark.parametrize("rule", sorted(NAMED_RULES))
 @pytest.mark.parametrize("op", OPS)
 def test_convert_succeeds_exactly_where_the_plan_has_no_problem(op, rule):
-    """Every rule on every op: the plan lists a problem, and convert raises, for the same cases;
-    what the plan accepts converts and runs to finite relevance."""
+    """Every rule on every op: the plan lists a problem, and convert raises, for the same cases. What
+    the plan accepts gets the rule on every node of that op, and its relevance moves exactly where
+    the rule does: it differs from the default composite's wherever the override changes a rule's
+    formula, and is the same where it does not (the default's rule, or an ε-rule with the same ε:
+    norm is epsilon with ε = the stabilizer)."""
     rules = {op: rule}
     p = lrp_onnx.plan(MIXED, rules=rules)
     if p.problems or p.rule_problems:
@@ -69,6 +72,18 @@ def test_convert_succeeds_exactly_where_the_plan_has_no_problem(op, rule):
     explainer = lrp_onnx.convert(MIXED, rules=rules)
     _, relevance = lrp_onnx.Explainer(explainer).explain(X)
     assert np.isfinite(relevance).all()
+    default = lrp_onnx.plan(MIXED)
+    # the nodes of that op that take a rule (an Add that is a MatMul's bias is part of that layer)
+    nodes = [n.name for n in MIXED.graph.node if n.op_type == op and n.name in p.rules]
+    assert nodes and all(p.rules[n].name == rule for n in nodes)
+
+    def same_formula(a, b):
+        both_epsilon = isinstance(a, lrp_onnx.Epsilon) and isinstance(b, lrp_onnx.Epsilon)
+        return a == b or (both_epsilon and a.epsilon == b.epsilon)
+
+    _, default_relevance = lrp_onnx.Explainer(lrp_onnx.convert(MIXED)).explain(X)
+    moved = not np.allclose(relevance, default_relevance, rtol=1e-6, atol=1e-9)
+    assert moved == any(not same_formula(p.rules[n], default.rules[n]) for n in nodes)
 
 
 @pytest.mark.parametrize("method", lrp_onnx.METHODS)
