@@ -5,7 +5,9 @@ import csv
 import os
 
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 import lrp_onnx
@@ -241,3 +243,29 @@ def test_rgb_images_are_preprocessed_as_a_numpy_re_derivation_says(tmp_path, fla
     _, expected = lrp_onnx.Explainer(model).explain(expected_input)
     written = np.load(tmp_path / "out" / "relevance" / "part-00000.npy")
     np.testing.assert_allclose(written, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
+
+
+def test_layout_nhwc_is_read_as_the_flag_says(tmp_path):
+    """An NHWC model whose input [N, 3, 8, 3] could be either layout: `--layout nhwc` makes a 3×8 RGB
+    image height 3, width 8, channels last, and its relevance is the explainer's on that array."""
+    rng = np.random.default_rng(12)
+    initializers = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
+                    numpy_helper.from_array(rng.standard_normal((4, 5)).astype(np.float32), "v")]
+    nodes = [helper.make_node("Transpose", ["image"], ["nchw"], perm=[0, 3, 1, 2]),
+             helper.make_node("Conv", ["nchw", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]), helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["f"]), helper.make_node("Gemm", ["f", "v"], ["logits"])]
+    inputs = [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 8, 3])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])]
+    graph = helper.make_graph(nodes, "nhwc", inputs, outputs, initializers)
+    model = tmp_path / "nhwc.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model)
+    pixels = rng.integers(0, 256, (3, 8, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "wide.png")
+    result = cli("explain", model, tmp_path / "wide.png", "--layout", "nhwc", "--no-heatmaps", "-o", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    _, expected = lrp_onnx.Explainer(str(model)).explain((pixels / 255).astype(np.float32)[None])
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "relevance" / "part-00000.npy"), expected, rtol=1e-5,
+                               atol=1e-7)
+    refused = cli("explain", model, tmp_path / "wide.png", "--layout", "nchw", "--no-heatmaps", "-o", tmp_path / "o2")
+    assert refused.returncode == 8 and "image is 3x8 (HxW) but the model takes 8x3" in refused.stderr
