@@ -1,8 +1,8 @@
 """MkDocs hook: adds the files that live at the repository root to the site.
 
-The reports (BENCHMARKS.md, ...) are written by benchmarks/ scripts at the root, and CONTRIBUTING.md
-and CHANGELOG.md sit where people look for them; copying them into docs/ would leave two versions
-to drift. Their links to pictures (``docs/x.png``) are made relative to the page's place in the site.
+The reports (BENCHMARKS.md, ...) are written by benchmarks/ scripts at the root, and CONTRIBUTING.md,
+TESTING.md and CHANGELOG.md sit where people look for them; copying them into docs/ would leave two
+versions to drift. Their links to pictures (``docs/x.png``) are made relative to the page's place in the site.
 """
 
 import os
@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPORTS = ("BENCHMARKS.md", "COVERAGE.md", "DEPLOYMENT.md", "EVALUATION.md", "RELIABILITY.md", "SCALE.md")
 # site path -> file at the root
 ROOT_PAGES = {**{f"results/{name}": name for name in REPORTS}, "CONTRIBUTING.md": "CONTRIBUTING.md",
-              "CHANGELOG.md": "CHANGELOG.md"}
+              "TESTING.md": "TESTING.md", "CHANGELOG.md": "CHANGELOG.md"}
 
 
 def on_files(files, config):

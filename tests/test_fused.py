@@ -167,12 +167,12 @@ FUSED_FORMS = {
 
 
 @pytest.mark.parametrize("form", sorted(FUSED_FORMS))
-def test_fused_attention_is_explained_as_standard_ops(form):
+def test_fused_attention_is_explained_as_standard_ops(form, rng):
     weights = dict(WEIGHTS, wqkv=np.concatenate([WEIGHTS["wq"], WEIGHTS["wk"], WEIGHTS["wv"]], 1), mask=RAW_MASK)
     fused = model(FUSED_FORMS[form], weights)  # the mask a constant: the model's one input stays x
     project, biases = projections()
     plain = model(project + standard_attention("q", "k", "v", "mask_bias"), {**WEIGHTS, **biases, **STANDARD})
-    x = RNG.standard_normal((BATCH, TOKENS, HIDDEN)).astype(np.float32)
+    x = rng.standard_normal((BATCH, TOKENS, HIDDEN)).astype(np.float32)
     targets = np.array([0, 2])
     own = ort.InferenceSession(fused.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     plain_logits = ort.InferenceSession(plain.SerializeToString()).run(None, {"x": x})[0]
@@ -184,13 +184,13 @@ def test_fused_attention_is_explained_as_standard_ops(form):
         assert relative_l2(ours["logits"], own) <= 1e-5
 
 
-def test_bias_add_runs_where_ort_has_no_kernel():
+def test_bias_add_runs_where_ort_has_no_kernel(rng):
     """ORT's CPU provider has no BiasAdd; the explainer, in standard ops, runs, and gives X + bias + skip's
     relevance: x + b + s with the skip s a constant is a shift, so R at x is R at the sum."""
-    weights = {"b": RNG.standard_normal(HIDDEN), "s": RNG.standard_normal((BATCH, TOKENS, HIDDEN)),
+    weights = {"b": rng.standard_normal(HIDDEN), "s": rng.standard_normal((BATCH, TOKENS, HIDDEN)),
                "head": WEIGHTS["head"]}
     fused = model([helper.make_node("BiasAdd", ["x", "b", "s"], ["a"], domain=MICROSOFT)], weights)
-    x = RNG.standard_normal((BATCH, TOKENS, HIDDEN)).astype(np.float32)
+    x = rng.standard_normal((BATCH, TOKENS, HIDDEN)).astype(np.float32)
     run = lrp_onnx.Explainer(fused, composite="epsilon").run({"x": x}, [1, 2])
     a = (x + weights["b"] + weights["s"]).reshape(BATCH, -1)
     np.testing.assert_allclose(run["logits"], a @ WEIGHTS["head"], rtol=1e-5)

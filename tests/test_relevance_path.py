@@ -70,13 +70,13 @@ def test_a_score_that_does_not_depend_on_the_input_is_refused():
     assert lrp_onnx.convert(model, input_name="other") is not None  # the other input is explained as before
 
 
-def test_one_broken_branch_beside_a_working_one_is_not_refused():
+def test_one_broken_branch_beside_a_working_one_is_not_refused(rng):
     """Relevance that reaches the input along one path is an explanation (the other path's share is
     lost, as a bias's is); only a graph where every path breaks is refused."""
     model = text_model("best = ArgMax <axis = 1, keepdims = 1> (x)\n f = Cast <to = 1> (best)\n"
                        "shifted = Add (x, f)\n y = Gemm (shifted, W, B)", weights=W)
     explainer = lrp_onnx.Explainer(model)
-    _, relevance = explainer.explain(RNG.standard_normal((2, 4)).astype(np.float32))
+    _, relevance = explainer.explain(rng.standard_normal((2, 4)).astype(np.float32))
     assert np.abs(relevance).sum(axis=1).min() > 0
 
 
