@@ -151,9 +151,13 @@ def object_samples(item: Union[Image.Image, np.ndarray], index: int, spec: Input
         return [image_sample(item, f"image{index}", f"<image {index}>", spec, p)]
     source = f"<array {index}>"
     batch = _batch_of_samples(source, np.asarray(item), spec)
-    if len(batch) == 1:
-        return [Sample(f"array{index}", source, _model_ready(batch[0], spec))]
-    return [Sample(f"array{index}_{i}", f"{source}[{i}]", _model_ready(row, spec)) for i, row in enumerate(batch)]
+    rows = _row_names(f"array{index}", source, len(batch))
+    return [Sample(name, where, _model_ready(row, spec)) for (name, where), row in zip(rows, batch)]
+
+
+def _row_names(stem: str, source: str, count: int) -> list[tuple[str, str]]:
+    """(name, source) of each sample of an array input: the input's own where it holds one."""
+    return [(stem, source)] if count == 1 else [(f"{stem}_{i}", f"{source}[{i}]") for i in range(count)]
 
 
 def _model_ready(row: np.ndarray, spec: InputSpec) -> np.ndarray:
@@ -240,8 +244,7 @@ def _file_inputs(path, spec):
         except InputError as e:
             yield Pending(stem, source, path, key, error=str(e))
             continue
-        for i in range(count):
-            name, where = (f"{stem}_{i}", f"{source}[{i}]") if count > 1 else (stem, source)
+        for i, (name, where) in enumerate(_row_names(stem, source, count)):
             yield Pending(name, where, path, key, i)
 
 
