@@ -56,13 +56,11 @@ def blocks(page):
 
 
 def console_steps(code):
-    """A console block as (command, expected output lines): `$ ` starts a command, `\\` continues it."""
-    steps = []
+    """A console block as (command, expected output lines): a line starting with `$ ` is a command."""
+    steps: list[tuple[str, list[str]]] = []
     for line in code.rstrip("\n").split("\n"):
         if line.startswith("$ "):
-            steps.append([line[2:], []])
-        elif steps and steps[-1][0].endswith("\\") and not steps[-1][1]:
-            steps[-1][0] = steps[-1][0][:-1] + " " + line.strip()
+            steps.append((line[2:], []))
         else:
             steps[-1][1].append(line)
     return steps
